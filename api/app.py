@@ -1,0 +1,187 @@
+"""The Quart-trio application: OpenAI routes, the lifecycle view, auth."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from api import errors, sse
+from api.catalog import Catalog
+from api.generation import Delta, Prepared, Usage, deltas, prepare
+from api.schemas import ChatRequest, CompletionRequest
+from config.settings import Settings
+from scheduler.errors import InvalidRequest, RunnerCrashed, Unauthorized
+from scheduler.pool import Scheduler
+
+Shape = Callable[[Delta, bool], dict[str, Any]]
+
+
+def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> QuartTrio:
+    app = QuartTrio("mlxd")
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        RESPONSE_TIMEOUT=None,  # Quart's default (60 s) would cut long streams
+        BODY_TIMEOUT=60,
+    )
+    errors.install(app)
+
+    @app.before_request
+    async def _check_key() -> None:
+        if not settings.api_keys or request.path == "/health":
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or key not in settings.api_keys:
+            raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(name) for name in catalog.models]}
+
+    @app.get("/v1/models/<path:name>")
+    async def get_model(name: str) -> dict[str, Any]:
+        return _model_card(catalog.get(name).name)
+
+    @app.get("/api/ps")
+    async def ps() -> dict[str, Any]:
+        models = scheduler.status()
+        for m in models:
+            runner = scheduler.runner(m["model"])
+            if m["state"] == "ready" and runner is not None:
+                try:
+                    m["runner"] = await runner.stats()
+                except RunnerCrashed:
+                    m["runner"] = None
+        return {"models": models}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        req = ChatRequest.from_openai(await _json_body())
+        job = await prepare(catalog, req)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(d: Delta, first: bool) -> dict[str, Any]:
+            delta: dict[str, Any] = {"role": "assistant", "content": d.text} if first else (
+                {"content": d.text} if d.text else {})
+            return {
+                "id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": job.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": d.finish}],
+            }
+
+        if job.params.stream:
+            return await _stream(scheduler, job, chunk, opening=chunk(Delta(""), True))
+        usage = Usage(len(job.prompt))
+        text, finish = await _collect(scheduler, job, usage)
+        return _json_response({
+            "id": rid, "object": "chat.completion", "created": created, "model": job.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": usage.as_dict(),
+        })
+
+    @app.post("/v1/completions")
+    async def completions() -> Response:
+        req = CompletionRequest.from_openai(await _json_body())
+        job = await prepare(catalog, req)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(d: Delta, first: bool) -> dict[str, Any]:
+            return {
+                "id": rid, "object": "text_completion", "created": created, "model": job.model,
+                "choices": [{"index": 0, "text": d.text, "logprobs": None,
+                             "finish_reason": d.finish}],
+            }
+
+        if job.params.stream:
+            return await _stream(scheduler, job, chunk, opening=None)
+        usage = Usage(len(job.prompt))
+        text, finish = await _collect(scheduler, job, usage)
+        return _json_response({
+            "id": rid, "object": "text_completion", "created": created, "model": job.model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": usage.as_dict(),
+        })
+
+    def _model_card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}
+
+    return app
+
+
+async def _json_body() -> Any:
+    raw = await request.get_data(cache=False)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+
+
+def _json_response(body: dict[str, Any]) -> Response:
+    return Response(json.dumps(body), content_type="application/json")
+
+
+async def _collect(scheduler: Scheduler, job: Prepared, usage: Usage) -> tuple[str, str | None]:
+    parts, finish = [], None
+    async for d in deltas(scheduler, job, usage):
+        parts.append(d.text)
+        finish = d.finish
+    return "".join(parts), finish
+
+
+async def _stream(
+    scheduler: Scheduler, job: Prepared, shape: Shape, opening: dict[str, Any] | None
+) -> Response:
+    """Start generating and answer with an SSE stream.
+
+    The first delta is awaited before the response starts, so that a failure
+    to queue, load or begin (the common failures) is an ordinary HTTP error
+    rather than an error inside a 200 stream. From then on the body generator
+    owns the generation and the model's lease, until its last byte is sent or
+    the client goes away.
+    """
+    usage = Usage(len(job.prompt))
+    gen = deltas(scheduler, job, usage)
+    try:
+        first = await anext(gen)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await gen.aclose()
+        raise
+
+    extra: dict[str, Any] = {"usage": None} if job.params.include_usage else {}
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            if opening is not None:
+                yield sse.event(opening | extra)
+            d: Delta | None = first
+            while d is not None:
+                if d.text or d.finish:
+                    yield sse.event(shape(d, False) | extra)
+                d = None if d.finish else await anext(gen, None)
+            if job.params.include_usage:
+                final = shape(Delta(""), False) | {"choices": [], "usage": usage.as_dict()}
+                yield sse.event(final)
+            yield sse.DONE
+        except RunnerCrashed as exc:
+            yield sse.event(errors.describe(exc)[1])
+        finally:
+            with trio.CancelScope(shield=True):
+                await gen.aclose()
+
+    return Response(body(), content_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+

@@ -1,0 +1,73 @@
+"""The configured models, by name and alias, and their prepared files.
+
+Preparing a model (finding its directory, converting the bundled model on
+first use, loading its tokenizer) happens once per model, on first need; a
+per-model lock makes concurrent first requests share that work.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import trio
+
+from api.texts import Texts
+from config.settings import ModelConfig, Settings
+from runner import sources
+from runner.client import RunnerProcess, RunnerSpec
+from scheduler.errors import ModelLoadFailed, ModelNotFound
+
+log = logging.getLogger("mlxd.catalog")
+
+
+class Catalog:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models = {m.name: m for m in settings.models}
+        self._by_name = {n: m for m in settings.models for n in m.names}
+        self._dirs: dict[str, Path] = {}
+        self._texts: dict[str, Texts] = {}
+        self._locks = {m.name: trio.Lock() for m in settings.models}
+
+    def get(self, name: str) -> ModelConfig:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models))
+            raise ModelNotFound(
+                f"the model {name!r} does not exist; available models: {known}", param="model"
+            ) from None
+
+    async def texts(self, name: str) -> Texts:
+        model = self.get(name)
+        if (texts := self._texts.get(model.name)) is not None:
+            return texts
+        async with self._locks[model.name]:
+            if model.name not in self._texts:
+                model_dir = await self._model_dir(model)
+                try:
+                    texts = await trio.to_thread.run_sync(Texts, model_dir, model.max_context)
+                except (OSError, ValueError) as e:
+                    raise ModelLoadFailed(
+                        f"cannot load the tokenizer of {model.name!r} from {model_dir}: {e}"
+                    ) from e
+                self._texts[model.name] = texts
+            return self._texts[model.name]
+
+    async def make_runner(self, name: str) -> RunnerProcess:
+        model = self.get(name)
+        async with self._locks[model.name]:
+            model_dir = await self._model_dir(model)
+        return RunnerProcess(
+            RunnerSpec(model.name, model_dir, model.max_concurrency),
+            stop_grace_s=self.settings.shutdown_grace_s,
+        )
+
+    async def _model_dir(self, model: ModelConfig) -> Path:
+        if model.name not in self._dirs:
+            try:
+                self._dirs[model.name] = await sources.resolve(model.source, self.settings.cache_dir)
+            except sources.SourceError as e:
+                raise ModelLoadFailed(f"model {model.name!r}: {e}") from e
+        return self._dirs[model.name]

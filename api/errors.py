@@ -1,0 +1,72 @@
+"""The one place errors become HTTP responses, always in OpenAI's shape:
+``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Quart, Response
+from werkzeug.exceptions import HTTPException
+
+from scheduler import errors as e
+
+log = logging.getLogger("mlxd.api")
+
+# class -> (HTTP status, OpenAI error type, code). Subclasses are looked up
+# before their bases (the walk below follows the MRO).
+STATUS: dict[type[e.MlxdError], tuple[int, str, str | None]] = {
+    e.InvalidRequest: (400, "invalid_request_error", None),
+    e.ContextLengthExceeded: (400, "invalid_request_error", "context_length_exceeded"),
+    e.Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
+    e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    e.ModelLoadFailed: (500, "server_error", "model_load_failed"),
+    e.RunnerCrashed: (502, "server_error", "runner_crashed"),
+    e.ShuttingDown: (503, "server_error", "shutting_down"),
+}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def describe(exc: e.MlxdError) -> tuple[int, dict[str, Any]]:
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            status, type_, code = STATUS[cls]  # type: ignore[index]
+            return status, error_body(exc.message, type_, exc.param, code)
+    raise TypeError(f"{type(exc).__name__} has no HTTP mapping")
+
+
+def _http_error(exc: HTTPException) -> tuple[int, dict[str, Any]]:
+    status = exc.code or 500
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    message = {
+        404: "no such endpoint",
+        413: "the request body is larger than the server accepts",
+    }.get(status, exc.description or exc.name)
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    return status, error_body(message, type_, code=codes.get(status))
+
+
+def install(app: Quart) -> None:
+    @app.errorhandler(e.MlxdError)
+    async def _mlxd(exc: e.MlxdError) -> Response:
+        status, body = describe(exc)
+        return _json(body, status)
+
+    @app.errorhandler(HTTPException)
+    async def _http(exc: HTTPException) -> Response:
+        status, body = _http_error(exc)
+        return _json(body, status)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error", exc_info=exc)
+        return _json(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+
+def _json(body: dict[str, Any], status: int) -> Response:
+    import json
+
+    return Response(json.dumps(body), status=status, content_type="application/json")

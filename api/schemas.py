@@ -1,0 +1,212 @@
+"""OpenAI request bodies, validated once, at the boundary.
+
+``ChatRequest.from_openai`` and ``CompletionRequest.from_openai`` are the only
+places a request body is checked; everything after them works with these
+frozen classes. A field that is present but wrong is an ``InvalidRequest``
+naming the field (``param``), as OpenAI does. Unknown fields are ignored, as
+OpenAI-compatible servers commonly do; known fields that mlxd cannot honour
+are refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+from runner.protocol import Sampling
+from scheduler.errors import InvalidRequest
+
+T = TypeVar("T")
+_ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_STOPS = 16
+
+
+@attrs.frozen
+class GenerationParams:
+    """What chat and completion requests share."""
+
+    model: str
+    max_tokens: int | None
+    sampling: Sampling
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+    @classmethod
+    def from_openai(cls, body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]) -> GenerationParams:
+        model = _field(body, "model", str, "a model name", required=True)
+        max_tokens = None
+        for key in max_tokens_keys:
+            value = _field(body, key, int, "an integer >= 1", check=lambda n: n >= 1)
+            if value is not None:
+                max_tokens = value
+        temperature = _number(body, "temperature", 0.0, 2.0, default=1.0)
+        sampling = Sampling(
+            temperature=temperature,
+            top_p=_number(body, "top_p", 0.0, 1.0, default=1.0, low_open=True),
+            top_k=_field(body, "top_k", int, "an integer >= 0", check=lambda n: n >= 0) or 0,
+            min_p=_number(body, "min_p", 0.0, 1.0, default=0.0),
+            seed=_field(body, "seed", int, "an integer"),
+        )
+        stop = body.get("stop")
+        if stop is None:
+            stops: tuple[str, ...] = ()
+        elif isinstance(stop, str):
+            stops = (stop,)
+        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOPS:
+            stops = tuple(stop)
+        else:
+            raise InvalidRequest(
+                f"'stop' must be a string or a list of at most {MAX_STOPS} strings", param="stop"
+            )
+        stream = _field(body, "stream", bool, "a boolean") or False
+        options = _field(body, "stream_options", dict, "an object")
+        include_usage = False
+        if options is not None:
+            if not stream:
+                raise InvalidRequest("'stream_options' is only allowed when 'stream' is true",
+                                     param="stream_options")
+            include_usage = _field(options, "include_usage", bool, "a boolean") or False
+        _refuse_unsupported(body)
+        return cls(model, max_tokens, sampling, tuple(s for s in stops if s), stream, include_usage)
+
+
+@attrs.frozen
+class ChatRequest:
+    params: GenerationParams
+    messages: tuple[dict[str, Any], ...]
+
+    @classmethod
+    def from_openai(cls, body: Any) -> ChatRequest:
+        body = _object(body)
+        params = GenerationParams.from_openai(body, ("max_tokens", "max_completion_tokens"))
+        raw = body.get("messages")
+        if not isinstance(raw, list) or not raw:
+            raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+        return cls(params, tuple(_message(m, i) for i, m in enumerate(raw)))
+
+
+@attrs.frozen
+class CompletionRequest:
+    params: GenerationParams
+    prompt: str | tuple[int, ...]
+
+    @classmethod
+    def from_openai(cls, body: Any) -> CompletionRequest:
+        body = _object(body)
+        params = GenerationParams.from_openai(body, ("max_tokens",))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("'prompt' must not be empty", param="prompt")
+            return cls(params, prompt)
+        if (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)
+        ):
+            return cls(params, tuple(prompt))
+        raise InvalidRequest(
+            "'prompt' must be a non-empty string or list of token ids (one prompt per request)",
+            param="prompt",
+        )
+
+
+def _object(body: Any) -> Mapping[str, Any]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _message(raw: Any, i: int) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(raw, dict):
+        raise InvalidRequest(f"'{where}' must be an object", param=where)
+    role = raw.get("role")
+    if role not in _ROLES:
+        raise InvalidRequest(
+            f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}", param=f"{where}.role"
+        )
+    if raw.get("tool_calls") or role == "tool":
+        raise InvalidRequest("tool calls are not supported yet", param=where)
+    return {"role": "system" if role == "developer" else role,
+            "content": _content(raw.get("content"), where)}
+
+
+def _content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                part.get("text"), str
+            ):
+                raise InvalidRequest(
+                    "only text content parts are supported", param=f"{where}.content[{j}]"
+                )
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts",
+                         param=f"{where}.content")
+
+
+def _refuse_unsupported(body: Mapping[str, Any]) -> None:
+    n = body.get("n", 1)
+    if n != 1:
+        raise InvalidRequest("only n=1 is supported", param="n")
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key) not in (None, 0, 0.0):
+            raise InvalidRequest(f"'{key}' is not supported", param=key)
+    for key in ("logit_bias", "tools", "functions", "response_format"):
+        value = body.get(key)
+        if value and value != {"type": "text"}:
+            raise InvalidRequest(f"'{key}' is not supported yet", param=key)
+    for key in ("logprobs", "echo"):
+        if body.get(key) not in (None, False, 0):
+            raise InvalidRequest(f"'{key}' is not supported yet", param=key)
+    if body.get("suffix") is not None:
+        raise InvalidRequest("'suffix' is not supported", param="suffix")
+    if body.get("best_of") not in (None, 1):
+        raise InvalidRequest("'best_of' is not supported", param="best_of")
+
+
+def _field(
+    body: Mapping[str, Any],
+    key: str,
+    kind: type[T],
+    expected: str,
+    *,
+    required: bool = False,
+    check: Callable[[T], bool] = lambda _: True,
+) -> T | None:
+    value = body.get(key)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"'{key}' is required", param=key)
+        return None
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or not check(value):
+        raise InvalidRequest(f"'{key}' must be {expected}, got {value!r}", param=key)
+    return value
+
+
+def _number(
+    body: Mapping[str, Any], key: str, low: float, high: float, *, default: float,
+    low_open: bool = False,
+) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise InvalidRequest(
+            f"'{key}' must be a number in {bracket}{low:g}, {high:g}], got {value!r}", param=key
+        )
+    return float(value)

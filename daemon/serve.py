@@ -1,0 +1,88 @@
+"""``mlxd serve``: the daemon's process tree and its orderly shutdown.
+
+    trio.run(serve)
+    ├─ signal watcher          SIGTERM / SIGINT → stop
+    ├─ model preparation       tokenizers (and the bundled model) ready early
+    └─ inner nursery
+       ├─ scheduler.run        owns the policy; runners are its children
+       └─ hypercorn serve      until stop, then drains open requests
+
+On stop, Hypercorn stops accepting and lets open responses finish (up to
+``shutdown_grace_s``); then the scheduler stops every runner, each of which
+is killed if it has not exited within the same grace.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from api.app import create_app
+from api.catalog import Catalog
+from config.settings import Settings
+from scheduler.errors import MlxdError
+from scheduler.pool import Scheduler
+
+log = logging.getLogger("mlxd")
+
+
+async def serve(
+    settings: Settings,
+    stop: trio.Event | None = None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    catalog = Catalog(settings)
+    scheduler = Scheduler(settings.models, catalog.make_runner)
+    app = create_app(settings, catalog, scheduler)
+    config = hypercorn.config.Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.accesslog = None
+    config.errorlog = logging.getLogger("mlxd.http")
+    watch_signals = stop is None
+    stop = stop or trio.Event()
+
+    async with trio.open_nursery() as outer:
+        if watch_signals:
+            outer.start_soon(_stop_on_signal, stop)
+        outer.start_soon(_prepare_all, catalog)
+        async with trio.open_nursery() as inner:
+            await inner.start(scheduler.run)
+
+            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn.trio.serve(
+                    app, config, shutdown_trigger=stop.wait, task_status=task_status
+                )
+                # Hypercorn returns once open requests have drained; only then
+                # are the runners stopped (scheduler.run returns when they are).
+                scheduler.shutdown()
+
+            binds = await inner.start(http)
+            log.info("serving %s on %s", ", ".join(m.name for m in settings.models), ", ".join(binds))
+            task_status.started(binds)
+        outer.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _stop_on_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+async def _prepare_all(catalog: Catalog) -> None:
+    """Load every model's tokenizer (converting the bundled model if needed) in
+    the background, so that the first request does not pay for it."""
+    for name in catalog.models:
+        try:
+            await catalog.texts(name)
+        except MlxdError as e:
+            log.error("%s", e.message)

@@ -1,0 +1,141 @@
+"""Runner process: ``python -m runner MODEL_DIR [--max-batch N]``.
+
+Loads one MLX model and serves the protocol in ``runner/protocol.py`` over its
+stdin and stdout. A reader thread turns stdin lines into commands on a queue;
+the main thread does all MLX work, draining the queue between decoding steps
+(and blocking on it when there is nothing to decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import attrs
+
+from runner import protocol
+
+_BLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "libopenblas.so.0",
+)
+
+
+def preload_blas() -> None:
+    """On Linux, load a system OpenBLAS before MLX so that MLX's CPU matmuls use
+    it instead of the wheel's slow reference BLAS (about 30x on float32)."""
+    if sys.platform != "linux" or os.environ.get("MLXD_SYSTEM_BLAS") == "0":
+        return
+    for path in _BLAS_CANDIDATES:
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return
+        except OSError:
+            continue
+
+
+def _protocol_stdout() -> BinaryIO:
+    """Keep fd 1 for protocol messages only: anything a library prints goes to
+    stderr instead."""
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def _read_commands(q: queue.Queue[dict[str, Any]]) -> None:
+    for line in sys.stdin.buffer:
+        if line.strip():
+            q.put(protocol.decode(line))
+    q.put({"op": "shutdown"})  # EOF: the daemon is gone
+
+
+def memory() -> dict[str, int]:
+    import mlx.core as mx
+
+    return {
+        "active": mx.get_active_memory(),
+        "peak": mx.get_peak_memory(),
+        "cache": mx.get_cache_memory(),
+    }
+
+
+def serve(model_dir: str, max_batch: int, out: BinaryIO) -> int:
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    from runner.engine import Engine
+
+    def send(msg: dict[str, Any]) -> None:
+        out.write(protocol.encode(msg))
+
+    try:
+        model, _ = load_model(Path(model_dir).resolve())
+        # Warm up: compiles kernels now rather than on the first request.
+        for _ in zip(range(2), generate_step(mx.array([0, 1]), model, max_tokens=2)):
+            pass
+    except Exception as e:
+        send({"ev": "fatal", "message": f"{type(e).__name__}: {e}"})
+        return 1
+
+    commands: queue.Queue[dict[str, Any]] = queue.Queue()
+    threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
+    engine = Engine(model, max_batch)
+    send({"ev": "ready", "pid": os.getpid(), "memory": memory()})
+
+    while True:
+        msgs = [] if engine.active else [commands.get()]
+        while True:
+            try:
+                msgs.append(commands.get_nowait())
+            except queue.Empty:
+                break
+        for msg in msgs:
+            op = msg.get("op")
+            if op == "generate":
+                engine.add(protocol.Generate.from_message(msg))
+            elif op == "cancel":
+                engine.cancel(msg["id"])
+            elif op == "stats":
+                send({"ev": "stats", "active": engine.active, **attrs.asdict(engine.stats),
+                      "memory": memory()})
+            elif op == "shutdown":
+                mx.synchronize()
+                return 0
+        if not engine.active:
+            continue
+        try:
+            outputs = engine.step()
+        except Exception as e:
+            send({"ev": "error", "ids": engine.request_ids(),
+                  "message": f"{type(e).__name__}: {e}"})
+            engine.reset()
+            continue
+        if outputs:
+            send({"ev": "tokens", "batch": len(outputs), "out": outputs})
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__)
+    parser.add_argument("model_dir")
+    parser.add_argument("--max-batch", type=int, default=8)
+    args = parser.parse_args()
+    out = _protocol_stdout()
+    preload_blas()
+    return serve(args.model_dir, args.max_batch, out)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stderr.flush()
+    # Skip interpreter teardown: the stdin reader thread may be blocked in a
+    # read, and finalizing around it can abort the process.
+    os._exit(code)

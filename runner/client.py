@@ -1,0 +1,236 @@
+"""The daemon's handle on one runner process.
+
+``RunnerProcess.run`` is a long-lived task (started with ``nursery.start``) that
+spawns the process, waits for it to report ``ready``, and then pumps its
+events to the requests that are generating on it. It returns when the process
+exits, after failing every stream still open on it with ``RunnerCrashed``
+(unless the exit was asked for and nothing was left running).
+
+Commands go through an unbounded outbox drained by a writer task, so that
+``cancel`` can be sent synchronously, even from a cancelled scope.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from runner import protocol
+from scheduler.errors import ModelLoadFailed, RunnerCrashed
+
+log = logging.getLogger("mlxd.runner")
+
+
+@attrs.frozen
+class RunnerSpec:
+    model: str
+    model_dir: Path
+    max_batch: int
+
+
+@attrs.frozen
+class Chunk:
+    """Tokens for one request from one decoding step (or a final error)."""
+
+    tokens: tuple[int, ...]
+    finish: str | None = None
+    error: Exception | None = None
+
+
+class RunnerProcess:
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        *,
+        load_timeout_s: float = 600.0,
+        stop_grace_s: float = 10.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.spec = spec
+        self.pid: int | None = None
+        self.memory: dict[str, int] = {}
+        self._load_timeout_s = load_timeout_s
+        self._stop_grace_s = stop_grace_s
+        self._python = python
+        self._ids = itertools.count(1)
+        self._streams: dict[int, trio.MemorySendChannel[Chunk]] = {}
+        self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._stats: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._stop_requested = trio.Event()
+        self.exit_code: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[RunnerProcess] = trio.TASK_STATUS_IGNORED) -> None:
+        """Spawn, load, serve until the process exits. Raises ``ModelLoadFailed``
+        (before ``started``) if the model cannot be loaded."""
+        cmd = [self._python, "-m", "runner", str(self.spec.model_dir),
+               "--max-batch", str(self.spec.max_batch)]
+        env = {**os.environ, "PYTHONPATH": package_root()}
+        proc = await trio.lowlevel.open_process(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+        self.pid = proc.pid
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            async with aclosing(_lines(proc.stdout)) as lines:
+                with trio.move_on_after(self._load_timeout_s) as load_scope:
+                    first = await anext(lines, None)
+                if load_scope.cancelled_caught or first is None or first.get("ev") != "ready":
+                    proc.kill()
+                    await proc.wait()
+                    raise ModelLoadFailed(_load_error(self.spec, first, proc.returncode))
+                self.memory = first.get("memory", {})
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write, proc.stdin)
+                    nursery.start_soon(self._kill_after_grace, proc)
+                    task_status.started(self)
+                    async for msg in lines:
+                        self._dispatch(msg)
+                    nursery.cancel_scope.cancel()  # stdout closed: the process is ending
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._reap(proc)
+            self._fail_all(RunnerCrashed(
+                f"the runner for model {self.spec.model!r} exited "
+                f"(code {proc.returncode}) while generating"
+            ))
+
+    def stop(self) -> None:
+        """Ask the runner to exit; it is killed if it has not within the grace period."""
+        self._send_nowait({"op": "shutdown"})
+        self._stop_requested.set()
+
+    async def _kill_after_grace(self, proc: trio.Process) -> None:
+        await self._stop_requested.wait()
+        await trio.sleep(self._stop_grace_s)
+        if proc.poll() is None:
+            log.warning("runner for %s did not exit in time; killing it", self.spec.model)
+            proc.kill()
+
+    async def _reap(self, proc: trio.Process) -> None:
+        # Closing stdin tells the runner to exit, if nothing has yet.
+        assert proc.stdin is not None
+        await proc.stdin.aclose()
+        with trio.move_on_after(self._stop_grace_s):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        self.exit_code = proc.returncode
+        log.info("runner for %s (pid %s) exited with %s", self.spec.model, proc.pid, proc.returncode)
+
+    async def _write(self, stdin: trio.abc.SendStream) -> None:
+        try:
+            async for msg in self._outbox:
+                await stdin.send_all(protocol.encode(msg))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the process is gone; run() notices through stdout
+
+    # -- requests ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def generate(
+        self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
+        stop_ids: tuple[int, ...] = (),
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Chunk]]:
+        """Start generating; yields a channel of chunks ending with one whose
+        ``finish`` (or ``error``) is set. Leaving early cancels the generation."""
+        req_id = next(self._ids)
+        send, recv = trio.open_memory_channel[Chunk](math.inf)  # bounded by max_tokens
+        self._streams[req_id] = send
+        req = protocol.Generate(req_id, tuple(prompt), max_tokens, sampling, stop_ids)
+        try:
+            self._outbox_send.send_nowait(req.to_message())
+        except trio.ClosedResourceError:
+            raise RunnerCrashed(f"the runner for model {self.spec.model!r} has exited") from None
+        try:
+            yield recv
+        finally:
+            if self._streams.pop(req_id, None) is not None:
+                self._send_nowait({"op": "cancel", "id": req_id})
+
+    async def stats(self) -> dict[str, Any]:
+        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+        self._stats.append(send)
+        self._send_nowait({"op": "stats"})
+        async with recv:
+            try:
+                return await recv.receive()
+            except trio.EndOfChannel:
+                raise RunnerCrashed(f"the runner for model {self.spec.model!r} has exited") from None
+
+    def _send_nowait(self, msg: dict[str, Any]) -> None:
+        try:
+            self._outbox_send.send_nowait(msg)
+        except trio.ClosedResourceError:
+            pass
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        ev = msg.get("ev")
+        if ev == "tokens":
+            for req_id, token, finish in msg["out"]:
+                stream = self._streams.get(req_id)
+                if stream is None:
+                    continue  # cancelled; the runner drops it at its next step
+                stream.send_nowait(Chunk((token,), finish))
+                if finish is not None:
+                    del self._streams[req_id]
+        elif ev == "error":
+            err = RunnerCrashed(f"generation failed in the runner: {msg.get('message')}")
+            for req_id in msg.get("ids", []):
+                stream = self._streams.pop(req_id, None)
+                if stream is not None:
+                    stream.send_nowait(Chunk((), error=err))
+        elif ev == "stats":
+            self.memory = msg.get("memory", self.memory)
+            if self._stats:
+                self._stats.pop(0).send_nowait(msg)
+        else:
+            log.warning("runner for %s sent an unknown event: %r", self.spec.model, msg)
+
+    def _fail_all(self, err: Exception) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.send_nowait(Chunk((), error=err))
+        for waiter in self._stats:
+            waiter.close()
+        self._stats.clear()
+        self._outbox_send.close()
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[dict[str, Any]]:
+    buf = b""
+    async for data in stream:
+        buf += data
+        *complete, buf = buf.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield protocol.decode(line)
+
+
+def _load_error(spec: RunnerSpec, first: dict[str, Any] | None, code: int | None) -> str:
+    if first is not None and first.get("ev") == "fatal":
+        why = first.get("message", "unknown error")
+    elif first is None:
+        why = f"the runner exited with code {code} before it was ready"
+    else:
+        why = "the runner did not become ready in time"
+    return f"model {spec.model!r} failed to load from {spec.model_dir}: {why}"
+
+
+def package_root() -> str:
+    root = str(Path(__file__).resolve().parent.parent)
+    current = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{current}" if current else root
