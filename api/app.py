@@ -60,7 +60,9 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
             runner = scheduler.runner(m["model"])
             if m["state"] == "ready" and runner is not None:
                 try:
-                    m["runner"] = await runner.stats()
+                    stats = await runner.stats()
+                    stats.pop("ev", None)
+                    m["runner"] = stats
                 except RunnerCrashed:
                     m["runner"] = None
         return {"models": models}

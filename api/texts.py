@@ -67,6 +67,8 @@ class TextStream:
         self.stopped = False
 
     def feed(self, token: int) -> str:
+        if self.stopped:
+            return ""
         piece = self._decode.step(self._tokenizer, token) or ""
         if not self._stops:
             return piece

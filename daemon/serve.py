@@ -46,7 +46,7 @@ async def serve(
     config.accesslog = None
     config.errorlog = logging.getLogger("mlxd.http")
     watch_signals = stop is None
-    stop = stop or trio.Event()
+    stop = trio.Event() if stop is None else stop
 
     async with trio.open_nursery() as outer:
         if watch_signals:

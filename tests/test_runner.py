@@ -1,0 +1,80 @@
+"""A real runner process, driven through the daemon's client."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from api.texts import Texts
+from runner.client import RunnerProcess, RunnerSpec
+from runner.protocol import Sampling
+from scheduler.errors import ModelLoadFailed, RunnerCrashed
+
+GREEDY = Sampling(temperature=0.0)
+
+
+async def tokens_of(runner: RunnerProcess, prompt: list[int], n: int,
+                    started: trio.Event | None = None, after: int = 0) -> list[int]:
+    out: list[int] = []
+    async with runner.generate(prompt, n, GREEDY) as chunks:
+        async for chunk in chunks:
+            assert chunk.error is None
+            out += chunk.tokens
+            if started is not None and len(out) >= after:
+                started.set()
+            if chunk.finish:
+                return out
+    raise AssertionError("stream ended without finishing")
+
+
+async def test_joining_a_batch_and_leaving_it_keeps_greedy_output(
+    nursery: trio.Nursery, smollm2_dir: Path
+) -> None:
+    texts = Texts(smollm2_dir, None)
+    a = texts.chat_prompt([{"role": "user", "content": "List three colours."}])
+    b = texts.chat_prompt([{"role": "user", "content": "Name a fruit."}])
+    runner = await nursery.start(RunnerProcess(RunnerSpec("smol", smollm2_dir, 4)).run)
+    alone = await tokens_of(runner, a, 24)
+
+    joined = trio.Event()
+    results: dict[str, list[int]] = {}
+
+    async def first() -> None:
+        results["a"] = await tokens_of(runner, a, 24, joined, after=4)
+
+    async def second() -> None:
+        await joined.wait()
+        results["b"] = await tokens_of(runner, b, 6)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(first)
+        inner.start_soon(second)
+    stats = await runner.stats()
+    assert stats["max_batch"] == 2 and stats["migrations"] >= 2  # into the batch and out
+    assert results["a"] == alone
+    assert len(results["b"]) == 6
+    runner.stop()
+
+
+async def test_bad_model_directory_fails_to_load_clearly(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelLoadFailed, match="No safetensors found") as info:
+        await RunnerProcess(RunnerSpec("broken", tmp_path, 1)).run()
+    assert "'broken' failed to load" in str(info.value)
+
+
+async def test_killed_runner_fails_its_streams(nursery: trio.Nursery, tiny_dir: Path) -> None:
+    runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 2)).run)
+    assert runner.pid is not None
+    errors = []
+    async with runner.generate([1, 2, 3], 10_000, GREEDY) as chunks:
+        async for chunk in chunks:
+            if chunk.error is not None:
+                errors.append(chunk.error)
+                break
+            os.kill(runner.pid, signal.SIGKILL)
+    assert len(errors) == 1 and isinstance(errors[0], RunnerCrashed)

@@ -1,0 +1,56 @@
+"""The real instruction-tuned model, converted by mlxd, through the official client."""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from config.settings import BUNDLED, ModelConfig
+from tests.conftest import Daemon, running, settings_for
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+async def smol(smollm2_dir: Path, model_cache: Path, tmp_path: Path):
+    settings = settings_for(model_cache, ModelConfig("smollm2", BUNDLED))
+    async with running(settings) as daemon:
+        yield daemon
+
+
+def _tokenizer(smollm2_dir: Path):
+    return AutoTokenizer.from_pretrained(str(smollm2_dir), local_files_only=True)
+
+
+async def test_answers_paris(smol: Daemon, smollm2_dir: Path) -> None:
+    async with smol.client() as client:
+        reply = await client.chat.completions.create(
+            model="smollm2", messages=QUESTION, temperature=0, max_tokens=30
+        )
+    content = reply.choices[0].message.content
+    assert content is not None and "Paris" in content
+    assert reply.choices[0].finish_reason == "stop"
+    tok = _tokenizer(smollm2_dir)
+    prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert reply.usage.completion_tokens == len(tok.encode(content, add_special_tokens=False))
+
+
+async def test_streams_paris(smol: Daemon) -> None:
+    pieces, finish, usage = [], None, None
+    async with smol.client() as client:
+        stream = await client.chat.completions.create(
+            model="smollm2", messages=QUESTION, temperature=0, max_tokens=30, stream=True,
+            stream_options={"include_usage": True},
+        )
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            if chunk.usage:
+                usage = chunk.usage
+    assert "Paris" in "".join(pieces)
+    assert len([p for p in pieces if p]) > 1  # really streamed, piece by piece
+    assert finish == "stop"
+    assert usage is not None and usage.prompt_tokens > 30
