@@ -74,25 +74,42 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(d: Delta, first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = {"role": "assistant", "content": d.text} if first else (
-                {"content": d.text} if d.text else {})
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": d.text}
+                if first
+                else ({"content": d.text} if d.text else {})
+            )
             return {
-                "id": rid, "object": "chat.completion.chunk", "created": created,
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
                 "model": job.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": d.finish}],
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": d.finish}
+                ],
             }
 
         if job.params.stream:
             return await _stream(scheduler, job, chunk, opening=chunk(Delta(""), True))
         usage = Usage(len(job.prompt))
         text, finish = await _collect(scheduler, job, usage)
-        return _json_response({
-            "id": rid, "object": "chat.completion", "created": created, "model": job.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": usage.as_dict(),
-        })
+        return _json_response(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": job.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage.as_dict(),
+            }
+        )
 
     @app.post("/v1/completions")
     async def completions() -> Response:
@@ -102,20 +119,29 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
 
         def chunk(d: Delta, first: bool) -> dict[str, Any]:
             return {
-                "id": rid, "object": "text_completion", "created": created, "model": job.model,
-                "choices": [{"index": 0, "text": d.text, "logprobs": None,
-                             "finish_reason": d.finish}],
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": job.model,
+                "choices": [
+                    {"index": 0, "text": d.text, "logprobs": None, "finish_reason": d.finish}
+                ],
             }
 
         if job.params.stream:
             return await _stream(scheduler, job, chunk, opening=None)
         usage = Usage(len(job.prompt))
         text, finish = await _collect(scheduler, job, usage)
-        return _json_response({
-            "id": rid, "object": "text_completion", "created": created, "model": job.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": usage.as_dict(),
-        })
+        return _json_response(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": job.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "usage": usage.as_dict(),
+            }
+        )
 
     def _model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}
@@ -184,6 +210,8 @@ async def _stream(
             with trio.CancelScope(shield=True):
                 await gen.aclose()
 
-    return Response(body(), content_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
+    return Response(
+        body(),
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

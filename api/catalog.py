@@ -67,7 +67,9 @@ class Catalog:
     async def _model_dir(self, model: ModelConfig) -> Path:
         if model.name not in self._dirs:
             try:
-                self._dirs[model.name] = await sources.resolve(model.source, self.settings.cache_dir)
+                self._dirs[model.name] = await sources.resolve(
+                    model.source, self.settings.cache_dir
+                )
             except sources.SourceError as e:
                 raise ModelLoadFailed(f"model {model.name!r}: {e}") from e
         return self._dirs[model.name]

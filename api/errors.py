@@ -26,14 +26,16 @@ STATUS: dict[type[e.MlxdError], tuple[int, str, str | None]] = {
 }
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def describe(exc: e.MlxdError) -> tuple[int, dict[str, Any]]:
     for cls in type(exc).__mro__:
         if cls in STATUS:
-            status, type_, code = STATUS[cls]  # type: ignore[index]
+            status, type_, code = STATUS[cls]
             return status, error_body(exc.message, type_, exc.param, code)
     raise TypeError(f"{type(exc).__name__} has no HTTP mapping")
 

@@ -8,7 +8,7 @@ model, no chat template, prompt too long), so those failures cost no load.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import attrs
 import trio
@@ -73,13 +73,15 @@ async def prepare(catalog: Catalog, req: ChatRequest | CompletionRequest) -> Pre
     return Prepared(model.name, req.params, prompt, wanted or room, texts)
 
 
-async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncIterator[Delta]:
+async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGenerator[Delta, None]:
     """Generate, yielding text as it becomes safe to show; the last delta has
     ``finish`` set. ``usage.completion_tokens`` is kept current."""
     text = job.texts.text_stream(job.params.stop)
     stop_ids = job.texts.stop_ids
     async with scheduler.lease(job.model) as runner:
-        async with runner.generate(job.prompt, job.max_tokens, job.params.sampling, stop_ids) as chunks:
+        async with runner.generate(
+            job.prompt, job.max_tokens, job.params.sampling, stop_ids
+        ) as chunks:
             async for chunk in chunks:
                 if chunk.error is not None:
                     raise chunk.error

@@ -35,8 +35,11 @@ class GenerationParams:
     include_usage: bool
 
     @classmethod
-    def from_openai(cls, body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]) -> GenerationParams:
+    def from_openai(
+        cls, body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]
+    ) -> GenerationParams:
         model = _field(body, "model", str, "a model name", required=True)
+        assert model is not None
         max_tokens = None
         for key in max_tokens_keys:
             value = _field(body, key, int, "an integer >= 1", check=lambda n: n >= 1)
@@ -55,7 +58,11 @@ class GenerationParams:
             stops: tuple[str, ...] = ()
         elif isinstance(stop, str):
             stops = (stop,)
-        elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOPS:
+        elif (
+            isinstance(stop, list)
+            and all(isinstance(s, str) for s in stop)
+            and len(stop) <= MAX_STOPS
+        ):
             stops = tuple(stop)
         else:
             raise InvalidRequest(
@@ -66,8 +73,9 @@ class GenerationParams:
         include_usage = False
         if options is not None:
             if not stream:
-                raise InvalidRequest("'stream_options' is only allowed when 'stream' is true",
-                                     param="stream_options")
+                raise InvalidRequest(
+                    "'stream_options' is only allowed when 'stream' is true", param="stream_options"
+                )
             include_usage = _field(options, "include_usage", bool, "a boolean") or False
         _refuse_unsupported(body)
         return cls(model, max_tokens, sampling, tuple(s for s in stops if s), stream, include_usage)
@@ -133,8 +141,10 @@ def _message(raw: Any, i: int) -> dict[str, Any]:
         )
     if raw.get("tool_calls") or role == "tool":
         raise InvalidRequest("tool calls are not supported yet", param=where)
-    return {"role": "system" if role == "developer" else role,
-            "content": _content(raw.get("content"), where)}
+    return {
+        "role": "system" if role == "developer" else role,
+        "content": _content(raw.get("content"), where),
+    }
 
 
 def _content(content: Any, where: str) -> str:
@@ -143,16 +153,19 @@ def _content(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
-                part.get("text"), str
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
             ):
                 raise InvalidRequest(
                     "only text content parts are supported", param=f"{where}.content[{j}]"
                 )
             parts.append(part["text"])
         return "".join(parts)
-    raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts",
-                         param=f"{where}.content")
+    raise InvalidRequest(
+        f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content"
+    )
 
 
 def _refuse_unsupported(body: Mapping[str, Any]) -> None:
@@ -189,13 +202,22 @@ def _field(
         if required:
             raise InvalidRequest(f"'{key}' is required", param=key)
         return None
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or not check(value):
+    if (
+        (isinstance(value, bool) and kind is not bool)
+        or not isinstance(value, kind)
+        or not check(value)
+    ):
         raise InvalidRequest(f"'{key}' must be {expected}, got {value!r}", param=key)
     return value
 
 
 def _number(
-    body: Mapping[str, Any], key: str, low: float, high: float, *, default: float,
+    body: Mapping[str, Any],
+    key: str,
+    low: float,
+    high: float,
+    *,
+    default: float,
     low_open: bool = False,
 ) -> float:
     value = body.get(key)

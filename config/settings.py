@@ -129,8 +129,7 @@ class Settings:
             alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
             ctx = m.max_context or "from model"
             lines.append(
-                f"model {m.name}{alias}: {m.source}, context {ctx}, "
-                f"concurrency {m.max_concurrency}"
+                f"model {m.name}{alias}: {m.source}, context {ctx}, concurrency {m.max_concurrency}"
             )
         return "\n".join(lines)
 
@@ -158,7 +157,9 @@ def _model(raw: Any, where: str, base: Path) -> ModelConfig:
     t.reject_unknown()
     if kwargs["aliases"] is not None:
         kwargs["aliases"] = tuple(kwargs["aliases"])
-    return ModelConfig(name=name, source=source, **{k: v for k, v in kwargs.items() if v is not None})
+    return ModelConfig(
+        name=name, source=source, **{k: v for k, v in kwargs.items() if v is not None}
+    )
 
 
 def _check_unique_names(models: tuple[ModelConfig, ...]) -> None:

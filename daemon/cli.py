@@ -35,13 +35,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(serve, settings)
     except BaseExceptionGroup as group:
-        in_use, _ = group.split(
-            lambda e: isinstance(e, OSError) and e.errno == errno.EADDRINUSE
-        )
+        in_use, _ = group.split(lambda e: isinstance(e, OSError) and e.errno == errno.EADDRINUSE)
         if in_use is None:
             raise
-        print(f"mlxd: {settings.host}:{settings.port} is already in use "
-              "(is another mlxd running?)", file=sys.stderr)
+        print(
+            f"mlxd: {settings.host}:{settings.port} is already in use (is another mlxd running?)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--config", metavar="FILE",
-                       help=f"TOML config (default: {default_config_path()} if it exists, "
-                       "else the bundled SmolLM2-135M-Instruct on 127.0.0.1:8642)")
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"TOML config (default: {default_config_path()} if it exists, "
+        "else the bundled SmolLM2-135M-Instruct on 127.0.0.1:8642)",
+    )
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8642)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])

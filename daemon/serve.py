@@ -50,7 +50,7 @@ async def serve(
 
     async with trio.open_nursery() as outer:
         if watch_signals:
-            outer.start_soon(_stop_on_signal, stop)
+            outer.start_soon(_stop_on_signal, stop, outer.cancel_scope)
         outer.start_soon(_prepare_all, catalog)
         async with trio.open_nursery() as inner:
             await inner.start(scheduler.run)
@@ -64,18 +64,26 @@ async def serve(
                 scheduler.shutdown()
 
             binds = await inner.start(http)
-            log.info("serving %s on %s", ", ".join(m.name for m in settings.models), ", ".join(binds))
+            log.info(
+                "serving %s on %s", ", ".join(m.name for m in settings.models), ", ".join(binds)
+            )
             task_status.started(binds)
         outer.cancel_scope.cancel()
     log.info("stopped")
 
 
-async def _stop_on_signal(stop: trio.Event) -> None:
+async def _stop_on_signal(stop: trio.Event, everything: trio.CancelScope) -> None:
+    """The first signal drains gracefully; a second one stops at once (runners
+    are still reaped: cancellation closes their stdin and waits for them)."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s: stopping", signal.Signals(signum).name)
-            stop.set()
-            return
+            name = signal.Signals(signum).name
+            if not stop.is_set():
+                log.info("received %s: finishing open requests, then stopping", name)
+                stop.set()
+            else:
+                log.warning("received %s again: stopping now", name)
+                everything.cancel()
 
 
 async def _prepare_all(catalog: Catalog) -> None:

@@ -80,7 +80,7 @@ def serve(model_dir: str, max_batch: int, out: BinaryIO) -> int:
     try:
         model, _ = load_model(Path(model_dir).resolve())
         # Warm up: compiles kernels now rather than on the first request.
-        for _ in zip(range(2), generate_step(mx.array([0, 1]), model, max_tokens=2)):
+        for _ in generate_step(mx.array([0, 1]), model, max_tokens=2):
             pass
     except Exception as e:
         send({"ev": "fatal", "message": f"{type(e).__name__}: {e}"})
@@ -105,8 +105,14 @@ def serve(model_dir: str, max_batch: int, out: BinaryIO) -> int:
             elif op == "cancel":
                 engine.cancel(msg["id"])
             elif op == "stats":
-                send({"ev": "stats", "active": engine.active, **attrs.asdict(engine.stats),
-                      "memory": memory()})
+                send(
+                    {
+                        "ev": "stats",
+                        "active": engine.active,
+                        **attrs.asdict(engine.stats),
+                        "memory": memory(),
+                    }
+                )
             elif op == "shutdown":
                 mx.synchronize()
                 return 0
@@ -115,8 +121,9 @@ def serve(model_dir: str, max_batch: int, out: BinaryIO) -> int:
         try:
             outputs = engine.step()
         except Exception as e:
-            send({"ev": "error", "ids": engine.request_ids(),
-                  "message": f"{type(e).__name__}: {e}"})
+            send(
+                {"ev": "error", "ids": engine.request_ids(), "message": f"{type(e).__name__}: {e}"}
+            )
             engine.reset()
             continue
         if outputs:
@@ -134,7 +141,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:
+        code = 1  # the daemon is gone; nobody is left to tell
     sys.stderr.flush()
     # Skip interpreter teardown: the stdin reader thread may be blocked in a
     # read, and finalizing around it can abort the process.

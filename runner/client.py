@@ -18,7 +18,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -72,11 +72,19 @@ class RunnerProcess:
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[RunnerProcess] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[RunnerProcess] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Spawn, load, serve until the process exits. Raises ``ModelLoadFailed``
         (before ``started``) if the model cannot be loaded."""
-        cmd = [self._python, "-m", "runner", str(self.spec.model_dir),
-               "--max-batch", str(self.spec.max_batch)]
+        cmd = [
+            self._python,
+            "-m",
+            "runner",
+            str(self.spec.model_dir),
+            "--max-batch",
+            str(self.spec.max_batch),
+        ]
         env = {**os.environ, "PYTHONPATH": package_root()}
         proc = await trio.lowlevel.open_process(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
@@ -102,10 +110,12 @@ class RunnerProcess:
         finally:
             with trio.CancelScope(shield=True):
                 await self._reap(proc)
-            self._fail_all(RunnerCrashed(
-                f"the runner for model {self.spec.model!r} exited "
-                f"(code {proc.returncode}) while generating"
-            ))
+            self._fail_all(
+                RunnerCrashed(
+                    f"the runner for model {self.spec.model!r} exited "
+                    f"(code {proc.returncode}) while generating"
+                )
+            )
 
     def stop(self) -> None:
         """Ask the runner to exit; it is killed if it has not within the grace period."""
@@ -129,7 +139,9 @@ class RunnerProcess:
             proc.kill()
             await proc.wait()
         self.exit_code = proc.returncode
-        log.info("runner for %s (pid %s) exited with %s", self.spec.model, proc.pid, proc.returncode)
+        log.info(
+            "runner for %s (pid %s) exited with %s", self.spec.model, proc.pid, proc.returncode
+        )
 
     async def _write(self, stdin: trio.abc.SendStream) -> None:
         try:
@@ -142,7 +154,10 @@ class RunnerProcess:
 
     @asynccontextmanager
     async def generate(
-        self, prompt: list[int], max_tokens: int, sampling: protocol.Sampling,
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        sampling: protocol.Sampling,
         stop_ids: tuple[int, ...] = (),
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Chunk]]:
         """Start generating; yields a channel of chunks ending with one whose
@@ -169,7 +184,9 @@ class RunnerProcess:
             try:
                 return await recv.receive()
             except trio.EndOfChannel:
-                raise RunnerCrashed(f"the runner for model {self.spec.model!r} has exited") from None
+                raise RunnerCrashed(
+                    f"the runner for model {self.spec.model!r} has exited"
+                ) from None
 
     def _send_nowait(self, msg: dict[str, Any]) -> None:
         try:
@@ -210,7 +227,7 @@ class RunnerProcess:
         self._outbox_send.close()
 
 
-async def _lines(stream: trio.abc.ReceiveStream) -> AsyncIterator[dict[str, Any]]:
+async def _lines(stream: trio.abc.ReceiveStream) -> AsyncGenerator[dict[str, Any], None]:
     buf = b""
     async for data in stream:
         buf += data

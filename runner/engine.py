@@ -89,7 +89,7 @@ class Engine:
         self.stats = Stats()
         self._pending: deque[Sequence] = deque()
         self._single: Sequence | None = None
-        self._single_gen: Generator[tuple[int, mx.array], None, None] | None = None
+        self._single_gen: Generator[tuple[Any, mx.array], None, None] | None = None
         self._single_cache: list[Any] = []
         self._batch: BatchGenerator | None = None
         self._in_batch: dict[int, Sequence] = {}  # BatchGenerator uid -> sequence

@@ -66,11 +66,7 @@ def _rename(name: str) -> str:
 def _unpermute(w: Any, n_head: int) -> Any:
     """Undo llama.cpp's interleaving of the rotary halves of each head's rows."""
     rows = w.shape[0]
-    return (
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def model_config(meta: dict[str, Any]) -> dict[str, Any]:
@@ -150,7 +146,7 @@ def tokenizer_files(meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     )
     tok.decoder = decoders.ByteLevel()
     types = meta["tokenizer.ggml.token_type"].tolist()
-    specials = [t for t, kind in zip(tokens, types) if kind == _CONTROL]
+    specials = [t for t, kind in zip(tokens, types, strict=True) if kind == _CONTROL]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     bos = tokens[_scalar(meta, "tokenizer.ggml.bos_token_id")]
     eos = tokens[_scalar(meta, "tokenizer.ggml.eos_token_id")]
@@ -176,7 +172,8 @@ def convert(gguf: Path, out_dir: Path, dequantize: bool | None = None) -> Path:
 
     if dequantize is None:
         dequantize = mx.default_device() == mx.cpu
-    weights, meta = mx.load(str(gguf), return_metadata=True)
+    loaded: Any = mx.load(str(gguf), return_metadata=True)
+    weights, meta = loaded
     config = model_config(meta)
     weights = convert_weights(weights, config, dequantize)
     if not dequantize:

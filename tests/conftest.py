@@ -36,8 +36,9 @@ def smollm2_dir(model_cache: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, str(TESTS / "tiny_model.py"), str(smollm2_dir), str(out)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, str(TESTS / "tiny_model.py"), str(smollm2_dir), str(out)], check=True
+    )
     return out
 
 
@@ -53,8 +54,9 @@ class Daemon:
     settings: Settings
 
     def client(self, **kwargs: object) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
-                                  **kwargs)  # type: ignore[arg-type]
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
+        )  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -67,8 +69,9 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
 
 
 def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: object) -> Settings:
-    return Settings(port=free_port(), models=models, cache_dir=tmp_path, shutdown_grace_s=3.0,
-                    **kwargs)  # type: ignore[arg-type]
+    return Settings(
+        port=free_port(), models=models, cache_dir=tmp_path, shutdown_grace_s=3.0, **kwargs
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -74,9 +74,13 @@ async def test_stop_string_never_leaks(tiny: Daemon) -> None:
 async def test_seed_makes_sampling_reproducible(tiny: Daemon) -> None:
     async with tiny.client() as client:
         runs = [
-            (await client.completions.create(
-                model="tiny", prompt="Pick", max_tokens=16, temperature=1.0, seed=seed
-            )).choices[0].text
+            (
+                await client.completions.create(
+                    model="tiny", prompt="Pick", max_tokens=16, temperature=1.0, seed=seed
+                )
+            )
+            .choices[0]
+            .text
             for seed in (7, 7, 8)
         ]
     assert runs[0] == runs[1]
@@ -88,8 +92,10 @@ async def test_ten_concurrent_requests_are_batched(tiny: Daemon) -> None:
 
     async def one(client: openai.AsyncOpenAI, i: int) -> None:
         reply = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Request {i}"}],
-            max_tokens=40, temperature=0,
+            model="tiny",
+            messages=[{"role": "user", "content": f"Request {i}"}],
+            max_tokens=40,
+            temperature=0,
         )
         assert reply.choices[0].finish_reason == "length"
         results.append(reply.choices[0].message.content or "")
@@ -133,8 +139,11 @@ async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
         ({"model": "tiny", "messages": CHAT, "max_tokens": "ten"}, 400, "max_tokens"),
         ({"model": "tiny", "messages": CHAT, "temperature": 7}, 400, "temperature"),
         ({"model": "tiny", "messages": CHAT, "top_p": 0}, 400, "top_p"),
-        ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400,
-         "messages[0].role"),
+        (
+            {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "messages[0].role",
+        ),
         ({"model": "tiny", "messages": CHAT, "n": 2}, 400, "n"),
         ({"model": "tiny", "messages": CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
         ({"messages": CHAT}, 400, "model"),
@@ -142,8 +151,9 @@ async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
         ({"model": "tiny", "messages": CHAT, "max_tokens": 10_000}, 400, "messages"),
     ],
 )
-async def test_bad_requests_get_openai_errors(tiny: Daemon, body: dict, status: int,
-                                              param: str) -> None:
+async def test_bad_requests_get_openai_errors(
+    tiny: Daemon, body: dict, status: int, param: str
+) -> None:
     async with httpx.AsyncClient() as http:
         resp = await http.post(f"{tiny.url}/v1/chat/completions", json=body)
         assert resp.status_code == status
@@ -151,8 +161,10 @@ async def test_bad_requests_get_openai_errors(tiny: Daemon, body: dict, status: 
         assert set(error) == {"message", "type", "param", "code"}
         assert error["param"] == param and error["message"]
         # The daemon keeps serving.
-        ok = await http.post(f"{tiny.url}/v1/chat/completions",
-                             json={"model": "tiny", "messages": CHAT, "max_tokens": 2})
+        ok = await http.post(
+            f"{tiny.url}/v1/chat/completions",
+            json={"model": "tiny", "messages": CHAT, "max_tokens": 2},
+        )
         assert ok.status_code == 200
 
 
@@ -167,8 +179,11 @@ async def test_context_overflow_names_both_numbers(tiny: Daemon) -> None:
 
 async def test_malformed_and_oversized_bodies(tiny: Daemon) -> None:
     async with httpx.AsyncClient() as http:
-        bad = await http.post(f"{tiny.url}/v1/chat/completions", content=b"{not json",
-                              headers={"content-type": "application/json"})
+        bad = await http.post(
+            f"{tiny.url}/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
         huge = json.dumps({"model": "tiny", "messages": CHAT, "pad": "x" * (9 * 1024 * 1024)})
         big = await http.post(f"{tiny.url}/v1/chat/completions", content=huge)

@@ -23,7 +23,10 @@ def test_defaults_are_safe_and_serve_the_bundled_model() -> None:
 
 def test_reads_models_with_relative_paths(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
-    s = Settings.from_toml(write(tmp_path, """
+    s = Settings.from_toml(
+        write(
+            tmp_path,
+            """
 port = 9000
 [[models]]
 name = "small"
@@ -31,7 +34,9 @@ path = "m"
 aliases = ["s"]
 max_context = 2048
 max_concurrency = 4
-"""))
+""",
+        )
+    )
     (m,) = s.models
     assert s.port == 9000
     assert (m.name, m.aliases, m.max_context, m.max_concurrency) == ("small", ("s",), 2048, 4)
@@ -45,10 +50,15 @@ max_concurrency = 4
         ("port = 70000", "port: expected a port number"),
         ("colour = 1", "colour: unknown key"),
         ("[[models]]\nname = 'a'", "models[0].path: required"),
-        ("[[models]]\nname = 'a'\npath = '/a'\nmax_concurrency = -2",
-         "models[0].max_concurrency: expected a positive integer, got -2"),
-        ("[[models]]\nname = 'a'\npath = '/a'\n[[models]]\nname = 'b'\npath = '/b'\n"
-         "aliases = ['a']", "models[1]: name 'a' is already used"),
+        (
+            "[[models]]\nname = 'a'\npath = '/a'\nmax_concurrency = -2",
+            "models[0].max_concurrency: expected a positive integer, got -2",
+        ),
+        (
+            "[[models]]\nname = 'a'\npath = '/a'\n[[models]]\nname = 'b'\npath = '/b'\n"
+            "aliases = ['a']",
+            "models[1]: name 'a' is already used",
+        ),
         ("port = ", "not valid TOML"),
     ],
 )

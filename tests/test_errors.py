@@ -17,14 +17,21 @@ def test_every_error_maps_to_an_openai_error_object() -> None:
     for cls in classes:
         status, body = describe(cls("boom", param="x"))
         assert 400 <= status < 600
-        assert body == {"error": {"message": "boom", "type": body["error"]["type"],
-                                  "param": "x", "code": body["error"]["code"]}}
+        assert body == {
+            "error": {
+                "message": "boom",
+                "type": body["error"]["type"],
+                "param": "x",
+                "code": body["error"]["code"],
+            }
+        }
         assert body["error"]["type"] in {"invalid_request_error", "server_error"}
 
 
 def test_specific_codes() -> None:
     assert describe(errors.ContextLengthExceeded("m"))[0] == 400
-    assert describe(errors.ContextLengthExceeded("m"))[1]["error"]["code"] == \
-        "context_length_exceeded"
+    assert (
+        describe(errors.ContextLengthExceeded("m"))[1]["error"]["code"] == "context_length_exceeded"
+    )
     assert describe(errors.ModelNotFound("m"))[0] == 404
     assert describe(errors.RunnerCrashed("m"))[0] == 502

@@ -17,8 +17,13 @@ from scheduler.errors import ModelLoadFailed, RunnerCrashed
 GREEDY = Sampling(temperature=0.0)
 
 
-async def tokens_of(runner: RunnerProcess, prompt: list[int], n: int,
-                    started: trio.Event | None = None, after: int = 0) -> list[int]:
+async def tokens_of(
+    runner: RunnerProcess,
+    prompt: list[int],
+    n: int,
+    started: trio.Event | None = None,
+    after: int = 0,
+) -> list[int]:
     out: list[int] = []
     async with runner.generate(prompt, n, GREEDY) as chunks:
         async for chunk in chunks:

@@ -41,7 +41,11 @@ async def test_streams_paris(smol: Daemon) -> None:
     pieces, finish, usage = [], None, None
     async with smol.client() as client:
         stream = await client.chat.completions.create(
-            model="smollm2", messages=QUESTION, temperature=0, max_tokens=30, stream=True,
+            model="smollm2",
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
             stream_options={"include_usage": True},
         )
         async for chunk in stream:

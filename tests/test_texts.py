@@ -32,7 +32,7 @@ def test_stop_string_spanning_tokens_is_cut_and_never_shown(texts: Texts) -> Non
     shown = []
     for t in ids:
         shown.append(stream.feed(t))
-        assert "E" not in "".join(shown)[len("The answer is forty-two. "):]
+        assert "E" not in "".join(shown)[len("The answer is forty-two. ") :]
         if stream.stopped:
             break
     assert "".join(shown) == "The answer is forty-two. "
