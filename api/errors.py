@@ -60,7 +60,12 @@ def install(app: Quart) -> None:
     @app.errorhandler(HTTPException)
     async def _http(exc: HTTPException) -> Response:
         status, body = _http_error(exc)
-        return _json(body, status)
+        response = _json(body, status)
+        if status == 413:
+            # The rest of the body is never read: close the connection, so a
+            # client still sending it gets this answer instead of waiting.
+            response.headers["Connection"] = "close"
+        return response
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> Response:

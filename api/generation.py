@@ -77,7 +77,7 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     """Generate, yielding text as it becomes safe to show; the last delta has
     ``finish`` set. ``usage.completion_tokens`` is kept current."""
     text = job.texts.text_stream(job.params.stop)
-    stop_ids = job.texts.stop_ids
+    stop_ids = () if job.params.ignore_eos else job.texts.stop_ids
     async with scheduler.lease(job.model) as runner:
         async with runner.generate(
             job.prompt, job.max_tokens, job.params.sampling, stop_ids

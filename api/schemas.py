@@ -33,6 +33,7 @@ class GenerationParams:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # an extension (as in vLLM): generate through end-of-text
 
     @classmethod
     def from_openai(
@@ -77,8 +78,17 @@ class GenerationParams:
                     "'stream_options' is only allowed when 'stream' is true", param="stream_options"
                 )
             include_usage = _field(options, "include_usage", bool, "a boolean") or False
+        ignore_eos = _field(body, "ignore_eos", bool, "a boolean") or False
         _refuse_unsupported(body)
-        return cls(model, max_tokens, sampling, tuple(s for s in stops if s), stream, include_usage)
+        return cls(
+            model,
+            max_tokens,
+            sampling,
+            tuple(s for s in stops if s),
+            stream,
+            include_usage,
+            ignore_eos,
+        )
 
 
 @attrs.frozen

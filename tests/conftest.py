@@ -37,7 +37,9 @@ def smollm2_dir(model_cache: Path) -> Path:
 def tiny_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny")
     subprocess.run(
-        [sys.executable, str(TESTS / "tiny_model.py"), str(smollm2_dir), str(out)], check=True
+        [sys.executable, "-m", "bench.random_model", "tiny", str(smollm2_dir), str(out)],
+        check=True,
+        cwd=TESTS.parent,
     )
     return out
 

@@ -178,7 +178,7 @@ async def test_context_overflow_names_both_numbers(tiny: Daemon) -> None:
 
 
 async def test_malformed_and_oversized_bodies(tiny: Daemon) -> None:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=60) as http:
         bad = await http.post(
             f"{tiny.url}/v1/chat/completions",
             content=b"{not json",
