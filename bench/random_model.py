@@ -18,20 +18,36 @@ from pathlib import Path
 from typing import Any
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-             "num_attention_heads": 4, "num_key_value_heads": 2,
-             "max_position_embeddings": 512},
-    "smollm2-135m": {"hidden_size": 576, "num_hidden_layers": 30, "intermediate_size": 1536,
-                     "num_attention_heads": 9, "num_key_value_heads": 3,
-                     "max_position_embeddings": 8192},
-    "llama-1b": {"hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
-                 "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "max_position_embeddings": 8192},
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+    },
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "num_hidden_layers": 30,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 8192,
+    },
+    "llama-1b": {
+        "hidden_size": 2048,
+        "num_hidden_layers": 16,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 8192,
+    },
 }
 
 
-def write(shape: str, tokenizer_dir: Path, out: Path, bits: int | None = None,
-          seed: int = 0) -> Path:
+def write(
+    shape: str, tokenizer_dir: Path, out: Path, bits: int | None = None, seed: int = 0
+) -> Path:
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -40,8 +56,12 @@ def write(shape: str, tokenizer_dir: Path, out: Path, bits: int | None = None,
     mx.random.seed(seed)
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config: dict[str, Any] = {
-        "model_type": "llama", "rms_norm_eps": 1e-5, "vocab_size": vocab,
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "eos_token_id": 2,
+        "model_type": "llama",
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "eos_token_id": 2,
         **SHAPES[shape],
     }
     model = llama.Model(llama.ModelArgs.from_dict(config))
@@ -58,8 +78,9 @@ def write(shape: str, tokenizer_dir: Path, out: Path, bits: int | None = None,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("tokenizer_dir", type=Path)
     parser.add_argument("out", type=Path)

@@ -45,7 +45,9 @@ def main() -> None:
     def batch(n: int) -> dict[str, float]:
         gen = BatchGenerator(model, completion_batch_size=max(n, 8), prefill_batch_size=max(n, 8))
         t0 = time.perf_counter()
-        uids = gen.insert([prompts[i % len(prompts)] for i in range(n)], max_tokens=[args.tokens] * n)
+        uids = gen.insert(
+            [prompts[i % len(prompts)] for i in range(n)], max_tokens=[args.tokens] * n
+        )
         first: dict[int, float] = {}
         total = 0
         live = set(uids)
@@ -58,8 +60,12 @@ def main() -> None:
         wall = time.perf_counter() - t0
         gen.close()
         ttfts = [first[u] - t0 for u in uids]
-        return {"throughput_tok_s": total / wall, "ttft_mean_s": sum(ttfts) / n,
-                "ttft_max_s": max(ttfts), "tokens": total}
+        return {
+            "throughput_tok_s": total / wall,
+            "ttft_mean_s": sum(ttfts) / n,
+            "ttft_max_s": max(ttfts),
+            "tokens": total,
+        }
 
     single()  # warm-up: kernels compile on first use
     batch(args.streams)

@@ -52,15 +52,32 @@ def prompts(texts: Texts, n: int, prompt_tokens: int) -> list[list[int]]:
 
 
 def raw(model_dir: Path, args: argparse.Namespace, ps: list[list[int]]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.raw", str(model_dir), "--tokens", str(args.tokens),
-           "--streams", str(args.streams), "--prompt", json.dumps(ps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.raw",
+        str(model_dir),
+        "--tokens",
+        str(args.tokens),
+        "--streams",
+        str(args.streams),
+        "--prompt",
+        json.dumps(ps),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 async def one_stream(http: httpx.AsyncClient, url: str, prompt: list[int], tokens: int) -> dict:
-    body = {"model": "bench", "prompt": prompt, "max_tokens": tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage = None
@@ -85,16 +102,21 @@ async def through_mlxd(url: str, args: argparse.Namespace, ps: list[list[int]]) 
         await one_stream(http, url, ps[0], 16)
         await asyncio.gather(*(one_stream(http, url, p, 16) for p in ps))
         s = await one_stream(http, url, ps[0], args.tokens)
-        single = {"ttft_s": s["first"] - s["t0"],
-                  "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"])}
+        single = {
+            "ttft_s": s["first"] - s["t0"],
+            "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"]),
+        }
         t0 = time.perf_counter()
         runs = await asyncio.gather(
             *(one_stream(http, url, ps[i % len(ps)], args.tokens) for i in range(args.streams))
         )
         wall = max(r["last"] for r in runs) - t0
         ttfts = [r["first"] - r["t0"] for r in runs]
-        batch = {"throughput_tok_s": sum(r["tokens"] for r in runs) / wall,
-                 "ttft_mean_s": sum(ttfts) / len(ttfts), "ttft_max_s": max(ttfts)}
+        batch = {
+            "throughput_tok_s": sum(r["tokens"] for r in runs) / wall,
+            "ttft_mean_s": sum(ttfts) / len(ttfts),
+            "ttft_max_s": max(ttfts),
+        }
     return {"single": single, "batch": batch}
 
 
@@ -106,8 +128,18 @@ def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subpr
     )
     log = (workdir / "mlxd.log").open("wb")
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config),
-         "--log-level", "warning"], cwd=ROOT, stderr=log,
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        stderr=log,
     )
 
 
@@ -131,15 +163,24 @@ def report(raw_r: dict[str, Any], srv: dict[str, Any], args: argparse.Namespace)
         f"throughput_{n}": srv["batch"]["throughput_tok_s"] / raw_r["batch"]["throughput_tok_s"],
         f"ttft_{n}": srv["batch"]["ttft_mean_s"] / raw_r["batch"]["ttft_mean_s"],
     }
-    targets = {"single_decode": (">=", 0.95), f"throughput_{n}": (">=", 0.90),
-               f"ttft_{n}": ("<=", 1.5)}
-    print(f"device: {raw_r['device']}   tokens/stream: {args.tokens}   "
-          f"prompt tokens: {args.prompt_tokens}")
+    targets = {
+        "single_decode": (">=", 0.95),
+        f"throughput_{n}": (">=", 0.90),
+        f"ttft_{n}": ("<=", 1.5),
+    }
+    print(
+        f"device: {raw_r['device']}   tokens/stream: {args.tokens}   "
+        f"prompt tokens: {args.prompt_tokens}"
+    )
     print(f"{'':28}{'raw mlx-lm':>12}{'mlxd':>12}")
     rows = [
         ("1 stream decode tok/s", raw_r["single"]["decode_tok_s"], srv["single"]["decode_tok_s"]),
         ("1 stream TTFT s", raw_r["single"]["ttft_s"], srv["single"]["ttft_s"]),
-        (f"{n} streams tok/s", raw_r["batch"]["throughput_tok_s"], srv["batch"]["throughput_tok_s"]),
+        (
+            f"{n} streams tok/s",
+            raw_r["batch"]["throughput_tok_s"],
+            srv["batch"]["throughput_tok_s"],
+        ),
         (f"{n} streams mean TTFT s", raw_r["batch"]["ttft_mean_s"], srv["batch"]["ttft_mean_s"]),
         (f"{n} streams max TTFT s", raw_r["batch"]["ttft_max_s"], srv["batch"]["ttft_max_s"]),
     ]
@@ -153,8 +194,9 @@ def report(raw_r: dict[str, Any], srv: dict[str, Any], args: argparse.Namespace)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="MLX model directory (default: bundled SmolLM2)")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--streams", type=int, default=8)
@@ -163,8 +205,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    model_dir = Path(args.model) if args.model else trio.run(
-        sources.resolve, BUNDLED, default_cache_dir()
+    model_dir = (
+        Path(args.model) if args.model else trio.run(sources.resolve, BUNDLED, default_cache_dir())
     )
     texts = Texts(model_dir, None)
     ps = prompts(texts, args.streams, args.prompt_tokens)
