@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 from runner.__main__ import preload_blas
+
+
+def median(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's median over repeated runs (one stall does not decide)."""
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def main() -> None:
@@ -19,6 +25,7 @@ def main() -> None:
     parser.add_argument("model_dir")
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--prompt", required=True, help="JSON list of prompts (token id lists)")
     args = parser.parse_args()
     preload_blas()
@@ -69,7 +76,11 @@ def main() -> None:
 
     single()  # warm-up: kernels compile on first use
     batch(args.streams)
-    result = {"single": single(), "batch": batch(args.streams), "device": str(mx.default_device())}
+    result = {
+        "single": median([single() for _ in range(args.repeat)]),
+        "batch": median([batch(args.streams) for _ in range(args.repeat)]),
+        "device": str(mx.default_device()),
+    }
     print(json.dumps(result))
 
 

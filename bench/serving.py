@@ -3,8 +3,9 @@
     python -m bench.serving [--model DIR] [--tokens 256] [--streams 8]
 
 Runs, in one process tree on one machine: raw ``stream_generate`` and
-``BatchGenerator`` (``bench/raw.py``, a child process), then ``mlxd serve``
-(another child) driven over HTTP by this process. Prints a table and the
+``BatchGenerator`` (``bench/raw.py``, a child process); mlxd's runner process
+alone, driven through its protocol client (what the runner costs before any
+HTTP); then ``mlxd serve`` (another child) driven over HTTP by this process. Prints a table and the
 ratios the project targets:
 
 - one stream through mlxd >= 0.95x raw single-stream decode speed
@@ -22,10 +23,12 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ import trio
 from api.texts import Texts
 from config.settings import BUNDLED, default_cache_dir
 from runner import sources
+from runner.client import RunnerProcess, RunnerSpec
+from runner.protocol import Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (
@@ -61,6 +66,8 @@ def raw(model_dir: Path, args: argparse.Namespace, ps: list[list[int]]) -> dict[
         str(args.tokens),
         "--streams",
         str(args.streams),
+        "--repeat",
+        str(args.repeat),
         "--prompt",
         json.dumps(ps),
     ]
@@ -97,27 +104,90 @@ async def one_stream(http: httpx.AsyncClient, url: str, prompt: list[int], token
 
 async def through_mlxd(url: str, args: argparse.Namespace, ps: list[list[int]]) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=600) as http:
-        # Warm-up (the model is loaded by now): one stream, then a full batch, so
-        # that kernels for both shapes are compiled before anything is timed.
-        await one_stream(http, url, ps[0], 16)
-        await asyncio.gather(*(one_stream(http, url, p, 16) for p in ps))
-        s = await one_stream(http, url, ps[0], args.tokens)
-        single = {
-            "ttft_s": s["first"] - s["t0"],
-            "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"]),
-        }
-        t0 = time.perf_counter()
-        runs = await asyncio.gather(
-            *(one_stream(http, url, ps[i % len(ps)], args.tokens) for i in range(args.streams))
+
+        async def single() -> dict[str, float]:
+            return await one_stream(http, url, ps[0], args.tokens)
+
+        async def batch() -> list[dict[str, float]]:
+            return list(await asyncio.gather(*(one_stream(http, url, p, args.tokens) for p in ps)))
+
+        return await measure(single, batch, args.repeat, time.perf_counter)
+
+
+async def through_runner(
+    model_dir: Path, args: argparse.Namespace, ps: list[list[int]]
+) -> dict[str, Any]:
+    """The runner process alone, driven through its protocol client: what the
+    daemon's runner costs before any HTTP is involved."""
+    greedy = Sampling(temperature=0.0)
+    async with trio.open_nursery() as nursery:
+        spec = RunnerSpec("bench", model_dir, max(args.streams, 8))
+        runner = await nursery.start(RunnerProcess(spec).run)
+
+        async def one(prompt: list[int]) -> dict[str, float]:
+            t0 = trio.current_time()
+            stamps = []
+            async with runner.generate(prompt, args.tokens, greedy) as chunks:
+                async for chunk in chunks:
+                    stamps.append(trio.current_time())
+                    if chunk.finish or chunk.error:
+                        break
+            return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": len(stamps)}
+
+        async def single() -> dict[str, float]:
+            return await one(ps[0])
+
+        async def batch() -> list[dict[str, float]]:
+            out: list[dict[str, float]] = []
+
+            async def run_one(p: list[int]) -> None:
+                out.append(await one(p))
+
+            async with trio.open_nursery() as inner:
+                for p in ps:
+                    inner.start_soon(run_one, p)
+            return out
+
+        result = await measure(single, batch, args.repeat, trio.current_time)
+        runner.stop()
+    return result
+
+
+async def measure(
+    single: Callable[[], Awaitable[dict[str, float]]],
+    batch: Callable[[], Awaitable[list[dict[str, float]]]],
+    repeat: int,
+    clock: Callable[[], float],
+) -> dict[str, Any]:
+    """Warm up with one full-length run of each kind (kernels for every shape
+    are compiled then), then take each metric's median over ``repeat`` runs."""
+    await single()
+    await batch()
+    singles, batches = [], []
+    for _ in range(repeat):
+        s = await single()
+        singles.append(
+            {
+                "ttft_s": s["first"] - s["t0"],
+                "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"]),
+            }
         )
-        wall = max(r["last"] for r in runs) - t0
+        t0 = clock()
+        runs = await batch()
         ttfts = [r["first"] - r["t0"] for r in runs]
-        batch = {
-            "throughput_tok_s": sum(r["tokens"] for r in runs) / wall,
-            "ttft_mean_s": sum(ttfts) / len(ttfts),
-            "ttft_max_s": max(ttfts),
-        }
-    return {"single": single, "batch": batch}
+        batches.append(
+            {
+                "throughput_tok_s": sum(r["tokens"] for r in runs)
+                / (max(r["last"] for r in runs) - t0),
+                "ttft_mean_s": sum(ttfts) / len(ttfts),
+                "ttft_max_s": max(ttfts),
+            }
+        )
+    return {"single": median(singles), "batch": median(batches)}
+
+
+def median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subprocess.Popen[bytes]:
@@ -156,8 +226,11 @@ def wait_ready(url: str, timeout: float = 900) -> None:
     raise TimeoutError("mlxd did not become ready")
 
 
-def report(raw_r: dict[str, Any], srv: dict[str, Any], args: argparse.Namespace) -> dict:
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Print the table and the target ratios; ``results`` maps a column name
+    ("raw mlx-lm", "runner", "mlxd") to its measurements."""
     n = args.streams
+    raw_r, srv = results["raw mlx-lm"], results["mlxd"]
     ratios = {
         "single_decode": srv["single"]["decode_tok_s"] / raw_r["single"]["decode_tok_s"],
         f"throughput_{n}": srv["batch"]["throughput_tok_s"] / raw_r["batch"]["throughput_tok_s"],
@@ -172,25 +245,21 @@ def report(raw_r: dict[str, Any], srv: dict[str, Any], args: argparse.Namespace)
         f"device: {raw_r['device']}   tokens/stream: {args.tokens}   "
         f"prompt tokens: {args.prompt_tokens}"
     )
-    print(f"{'':28}{'raw mlx-lm':>12}{'mlxd':>12}")
+    print(f"{'':26}" + "".join(f"{name:>13}" for name in results))
     rows = [
-        ("1 stream decode tok/s", raw_r["single"]["decode_tok_s"], srv["single"]["decode_tok_s"]),
-        ("1 stream TTFT s", raw_r["single"]["ttft_s"], srv["single"]["ttft_s"]),
-        (
-            f"{n} streams tok/s",
-            raw_r["batch"]["throughput_tok_s"],
-            srv["batch"]["throughput_tok_s"],
-        ),
-        (f"{n} streams mean TTFT s", raw_r["batch"]["ttft_mean_s"], srv["batch"]["ttft_mean_s"]),
-        (f"{n} streams max TTFT s", raw_r["batch"]["ttft_max_s"], srv["batch"]["ttft_max_s"]),
+        ("1 stream decode tok/s", "single", "decode_tok_s"),
+        ("1 stream TTFT s", "single", "ttft_s"),
+        (f"{n} streams tok/s", "batch", "throughput_tok_s"),
+        (f"{n} streams mean TTFT s", "batch", "ttft_mean_s"),
+        (f"{n} streams max TTFT s", "batch", "ttft_max_s"),
     ]
-    for name, a, b in rows:
-        print(f"{name:28}{a:12.3f}{b:12.3f}")
+    for label, part, key in rows:
+        print(f"{label:26}" + "".join(f"{r[part][key]:13.3f}" for r in results.values()))
     for key, value in ratios.items():
         op, bound = targets[key]
         ok = value >= bound if op == ">=" else value <= bound
         print(f"ratio {key:20} {value:6.3f}  (target {op} {bound})  {'ok' if ok else 'MISSED'}")
-    return {"raw": raw_r, "mlxd": srv, "ratios": ratios}
+    return {**results, "ratios": ratios}
 
 
 def main() -> None:
@@ -201,6 +270,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -210,18 +280,19 @@ def main() -> None:
     )
     texts = Texts(model_dir, None)
     ps = prompts(texts, args.streams, args.prompt_tokens)
-    raw_r = raw(model_dir, args, ps)
+    results = {"raw mlx-lm": raw(model_dir, args, ps)}
+    results["runner"] = trio.run(through_runner, model_dir, args, ps)
 
     url = f"http://127.0.0.1:{args.port}"
     with tempfile.TemporaryDirectory() as tmp:
         proc = start_mlxd(model_dir, args.streams, args.port, Path(tmp))
         try:
             wait_ready(url)
-            srv = asyncio.run(through_mlxd(url, args, ps))
+            results["mlxd"] = asyncio.run(through_mlxd(url, args, ps))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    result = report(raw_r, srv, args)
+    result = report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
