@@ -17,7 +17,7 @@ from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
 from api.schemas import ChatRequest, CompletionRequest
 from config.settings import Settings
-from scheduler.errors import InvalidRequest, RunnerCrashed, Unauthorized
+from scheduler.errors import InvalidRequest, MlxdError, RunnerCrashed, Unauthorized
 from scheduler.pool import Scheduler
 
 Shape = Callable[[Delta, bool], dict[str, Any]]
@@ -174,11 +174,12 @@ async def _stream(
 ) -> Response:
     """Start generating and answer with an SSE stream.
 
-    The first delta is awaited before the response starts, so that a failure
-    to queue, load or begin (the common failures) is an ordinary HTTP error
-    rather than an error inside a 200 stream. From then on the body generator
-    owns the generation and the model's lease, until its last byte is sent or
-    the client goes away.
+    The response starts once the model has taken the request, so that a
+    failure to queue or load is an ordinary HTTP error rather than an error
+    inside a 200 stream, while the headers still go out during the prefill
+    instead of after it. From then on the body generator owns the generation
+    and the model's lease, until its last byte is sent or the client goes away;
+    a later failure is sent as an error event.
     """
     usage = Usage(len(job.prompt))
     gen = deltas(scheduler, job, usage)
@@ -204,7 +205,7 @@ async def _stream(
                 final = shape(Delta(""), False) | {"choices": [], "usage": usage.as_dict()}
                 yield sse.event(final)
             yield sse.DONE
-        except RunnerCrashed as exc:
+        except MlxdError as exc:
             yield sse.event(errors.describe(exc)[1])
         finally:
             with trio.CancelScope(shield=True):

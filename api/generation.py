@@ -74,14 +74,16 @@ async def prepare(catalog: Catalog, req: ChatRequest | CompletionRequest) -> Pre
 
 
 async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGenerator[Delta, None]:
-    """Generate, yielding text as it becomes safe to show; the last delta has
-    ``finish`` set. ``usage.completion_tokens`` is kept current."""
+    """Generate, yielding text as it becomes safe to show. The first delta is
+    empty and comes as soon as the model has taken the request (queued,
+    loaded, granted); the last has ``finish`` set. ``usage.completion_tokens`` is kept current."""
     text = job.texts.text_stream(job.params.stop)
     stop_ids = () if job.params.ignore_eos else job.texts.stop_ids
     async with scheduler.lease(job.model) as runner:
         async with runner.generate(
             job.prompt, job.max_tokens, job.params.sampling, stop_ids
         ) as chunks:
+            yield Delta("")  # the model has taken the request
             async for chunk in chunks:
                 if chunk.error is not None:
                     raise chunk.error

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import httpx
 import openai
@@ -190,3 +192,19 @@ async def test_malformed_and_oversized_bodies(tiny: Daemon) -> None:
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
         missing = await http.get(f"{tiny.url}/v1/nothing")
         assert missing.status_code == 404 and "error" in missing.json()
+
+
+async def test_runner_killed_mid_stream_ends_the_stream_with_an_error(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        stream = await client.completions.create(
+            model="tiny", prompt="Go", max_tokens=400, stream=True
+        )
+        pid = (await ps(tiny))["pid"]
+        with pytest.raises(openai.APIError, match="exited"):
+            async for _ in stream:
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    pid = None
+        # The next request loads the model again and is answered.
+        reply = await client.completions.create(model="tiny", prompt="Go", max_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
