@@ -1,31 +1,29 @@
-"""Raw mlx-lm baselines, run in their own process: ``python -m bench.raw MODEL_DIR ...``.
+"""Raw mlx-lm baselines in their own process, driven one run at a time.
 
-Prints one JSON object: single-stream decode speed with ``stream_generate`` and
-throughput / time to first token for a batch with ``BatchGenerator``. End of
-text is ignored on both paths so every stream makes exactly ``--tokens`` tokens.
+    python -m bench.raw MODEL_DIR --prompt JSON [--tokens 256]
+
+Loads the model, prints its device as a JSON line, then answers each line on stdin with one
+JSON line: ``single`` times one ``stream_generate`` run on the first prompt,
+``batch`` one ``BatchGenerator`` run over all prompts together. End of text is
+ignored on both paths so every stream makes exactly ``--tokens`` tokens.
+``bench/serving.py`` interleaves these runs with the same runs through mlxd,
+so that drift in the machine's speed falls on both sides alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 
 from runner.__main__ import preload_blas
-
-
-def median(runs: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric's median over repeated runs (one stall does not decide)."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model_dir")
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--prompt", required=True, help="JSON list of prompts (token id lists)")
     args = parser.parse_args()
     preload_blas()
@@ -35,7 +33,7 @@ def main() -> None:
     from mlx_lm.generate import BatchGenerator
 
     prompts: list[list[int]] = json.loads(args.prompt)
-    model, tokenizer = load(args.model_dir)
+    model, tokenizer = load(args.model_dir)[:2]
     tokenizer._eos_token_ids = set()  # run to max_tokens, as the server runs are asked to
 
     def single() -> dict[str, float]:
@@ -46,15 +44,13 @@ def main() -> None:
         return {
             "ttft_s": stamps[0] - t0,
             "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            "tokens": len(stamps),
         }
 
-    def batch(n: int) -> dict[str, float]:
+    def batch() -> dict[str, float]:
+        n = len(prompts)
         gen = BatchGenerator(model, completion_batch_size=max(n, 8), prefill_batch_size=max(n, 8))
         t0 = time.perf_counter()
-        uids = gen.insert(
-            [prompts[i % len(prompts)] for i in range(n)], max_tokens=[args.tokens] * n
-        )
+        uids = gen.insert(prompts, max_tokens=[args.tokens] * n)
         first: dict[int, float] = {}
         total = 0
         live = set(uids)
@@ -71,17 +67,12 @@ def main() -> None:
             "throughput_tok_s": total / wall,
             "ttft_mean_s": sum(ttfts) / n,
             "ttft_max_s": max(ttfts),
-            "tokens": total,
         }
 
-    single()  # warm-up: kernels compile on first use
-    batch(args.streams)
-    result = {
-        "single": median([single() for _ in range(args.repeat)]),
-        "batch": median([batch(args.streams) for _ in range(args.repeat)]),
-        "device": str(mx.default_device()),
-    }
-    print(json.dumps(result))
+    runs = {"single": single, "batch": batch}
+    print(json.dumps({"device": str(mx.default_device())}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(runs[line.strip()]()), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,21 @@
 
     python -m bench.serving [--model DIR] [--tokens 256] [--streams 8]
 
-Runs, in one process tree on one machine: raw ``stream_generate`` and
-``BatchGenerator`` (``bench/raw.py``, a child process); mlxd's runner process
-alone, driven through its protocol client (what the runner costs before any
-HTTP); then ``mlxd serve`` (another child) driven over HTTP by this process. Prints a table and the
-ratios the project targets:
+Compares, in one process tree on one machine, four columns:
+
+- ``raw mlx-lm``: ``stream_generate`` and ``BatchGenerator`` (``bench/raw.py``,
+  a child process);
+- ``runner``: mlxd's runner process alone, driven through its protocol client
+  (what the runner costs before any HTTP);
+- ``mlxd``: ``mlxd serve`` (another child) over HTTP with a lean h11 client
+  (``bench/client.py``: the server's cost alone);
+- ``mlxd+httpx``: the same server driven by httpx (what a typical Python
+  client adds).
+
+All four are started first and their runs interleaved (each column's single
+stream, then each column's batch, ``--repeat`` times), so that the lent GPU's
+drift in speed from minute to minute falls on every column alike. Prints a
+table and the ratios the project targets, taken with the lean client:
 
 - one stream through mlxd >= 0.95x raw single-stream decode speed
 - N concurrent streams >= 0.90x raw BatchGenerator throughput
@@ -19,7 +29,6 @@ Without ``--model`` it uses the bundled SmolLM2-135M-Instruct.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -36,6 +45,7 @@ import httpx
 import trio
 
 from api.texts import Texts
+from bench import client
 from config.settings import BUNDLED, default_cache_dir
 from runner import sources
 from runner.client import RunnerProcess, RunnerSpec
@@ -56,27 +66,48 @@ def prompts(texts: Texts, n: int, prompt_tokens: int) -> list[list[int]]:
     return out
 
 
-def raw(model_dir: Path, args: argparse.Namespace, ps: list[list[int]]) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "bench.raw",
-        str(model_dir),
-        "--tokens",
-        str(args.tokens),
-        "--streams",
-        str(args.streams),
-        "--repeat",
-        str(args.repeat),
-        "--prompt",
-        json.dumps(ps),
-    ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])
+Metrics = dict[str, float]
+Stream = Callable[[list[int]], Awaitable[dict[str, float]]]
+Column = tuple[Callable[[], Awaitable[Metrics]], Callable[[], Awaitable[Metrics]]]
 
 
-async def one_stream(http: httpx.AsyncClient, url: str, prompt: list[int], tokens: int) -> dict:
-    body = {
+class RawChild:
+    """``bench/raw.py`` in a child process, asked for one run at a time."""
+
+    def __init__(self, model_dir: Path, tokens: int, ps: list[list[int]]) -> None:
+        cmd = [sys.executable, "-m", "bench.raw", str(model_dir), "--tokens", str(tokens)]
+        cmd += ["--prompt", json.dumps(ps)]
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.device = ""
+
+    def _ask(self, what: str | None) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if what is not None:
+            self.proc.stdin.write(what + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("bench.raw exited")
+        return dict(json.loads(line))
+
+    async def ready(self) -> None:
+        self.device = (await trio.to_thread.run_sync(self._ask, None))["device"]
+
+    async def single(self) -> Metrics:
+        return await trio.to_thread.run_sync(self._ask, "single")
+
+    async def batch(self) -> Metrics:
+        return await trio.to_thread.run_sync(self._ask, "batch")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def completion_body(prompt: list[int], tokens: int) -> dict[str, Any]:
+    return {
         "model": "bench",
         "prompt": prompt,
         "max_tokens": tokens,
@@ -85,109 +116,132 @@ async def one_stream(http: httpx.AsyncClient, url: str, prompt: list[int], token
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }
-    t0 = time.perf_counter()
-    stamps: list[float] = []
-    usage = None
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+
+
+def timed(t0: float, stamps: list[float], usage: dict[str, Any] | None, tokens: int) -> dict:
+    assert usage is not None and usage["completion_tokens"] == tokens, usage
+    return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": tokens}
+
+
+async def stream_h11(port: int, prompt: list[int], tokens: int) -> dict:
+    t0, stamps, usage = time.perf_counter(), [], None
+    body = completion_body(prompt, tokens)
+    async for event in client.sse_events("127.0.0.1", port, "/v1/completions", body):
+        usage = event.get("usage") or usage
+        if event["choices"] and event["choices"][0]["text"]:
+            stamps.append(time.perf_counter())
+    return timed(t0, stamps, usage, tokens)
+
+
+async def stream_httpx(http: httpx.AsyncClient, port: int, prompt: list[int], tokens: int) -> dict:
+    t0, stamps, usage = time.perf_counter(), [], None
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    async with http.stream("POST", url, json=completion_body(prompt, tokens)) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]
+            usage = event.get("usage") or usage
             if event["choices"] and event["choices"][0]["text"]:
                 stamps.append(time.perf_counter())
-    assert usage is not None and usage["completion_tokens"] == tokens, usage
-    return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": tokens}
+    return timed(t0, stamps, usage, tokens)
 
 
-async def through_mlxd(url: str, args: argparse.Namespace, ps: list[list[int]]) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=600) as http:
-
-        async def single() -> dict[str, float]:
-            return await one_stream(http, url, ps[0], args.tokens)
-
-        async def batch() -> list[dict[str, float]]:
-            return list(await asyncio.gather(*(one_stream(http, url, p, args.tokens) for p in ps)))
-
-        return await measure(single, batch, args.repeat, time.perf_counter)
+async def stream_runner(runner: RunnerProcess, prompt: list[int], tokens: int) -> dict:
+    t0, stamps = time.perf_counter(), []
+    async with runner.generate(prompt, tokens, Sampling(temperature=0.0)) as chunks:
+        async for chunk in chunks:
+            stamps.append(time.perf_counter())
+            if chunk.finish or chunk.error:
+                break
+    return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": len(stamps)}
 
 
-async def through_runner(
-    model_dir: Path, args: argparse.Namespace, ps: list[list[int]]
-) -> dict[str, Any]:
-    """The runner process alone, driven through its protocol client: what the
-    daemon's runner costs before any HTTP is involved."""
-    greedy = Sampling(temperature=0.0)
-    async with trio.open_nursery() as nursery:
-        spec = RunnerSpec("bench", model_dir, max(args.streams, 8))
-        runner = await nursery.start(RunnerProcess(spec).run)
+def streamed(one: Stream, ps: list[list[int]]) -> Column:
+    """A column whose runs are client streams: one on the first prompt, or one
+    per prompt started together."""
 
-        async def one(prompt: list[int]) -> dict[str, float]:
-            t0 = trio.current_time()
-            stamps = []
-            async with runner.generate(prompt, args.tokens, greedy) as chunks:
-                async for chunk in chunks:
-                    stamps.append(trio.current_time())
-                    if chunk.finish or chunk.error:
-                        break
-            return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": len(stamps)}
+    async def single() -> Metrics:
+        s = await one(ps[0])
+        return {
+            "ttft_s": s["first"] - s["t0"],
+            "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"]),
+        }
 
-        async def single() -> dict[str, float]:
-            return await one(ps[0])
+    async def batch() -> Metrics:
+        t0, runs = time.perf_counter(), []
 
-        async def batch() -> list[dict[str, float]]:
-            out: list[dict[str, float]] = []
+        async def run_one(p: list[int]) -> None:
+            runs.append(await one(p))
 
-            async def run_one(p: list[int]) -> None:
-                out.append(await one(p))
-
-            async with trio.open_nursery() as inner:
-                for p in ps:
-                    inner.start_soon(run_one, p)
-            return out
-
-        result = await measure(single, batch, args.repeat, trio.current_time)
-        runner.stop()
-    return result
-
-
-async def measure(
-    single: Callable[[], Awaitable[dict[str, float]]],
-    batch: Callable[[], Awaitable[list[dict[str, float]]]],
-    repeat: int,
-    clock: Callable[[], float],
-) -> dict[str, Any]:
-    """Warm up with one full-length run of each kind (kernels for every shape
-    are compiled then), then take each metric's median over ``repeat`` runs."""
-    await single()
-    await batch()
-    singles, batches = [], []
-    for _ in range(repeat):
-        s = await single()
-        singles.append(
-            {
-                "ttft_s": s["first"] - s["t0"],
-                "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"]),
-            }
-        )
-        t0 = clock()
-        runs = await batch()
+        async with trio.open_nursery() as nursery:
+            for p in ps:
+                nursery.start_soon(run_one, p)
         ttfts = [r["first"] - r["t0"] for r in runs]
-        batches.append(
-            {
-                "throughput_tok_s": sum(r["tokens"] for r in runs)
-                / (max(r["last"] for r in runs) - t0),
-                "ttft_mean_s": sum(ttfts) / len(ttfts),
-                "ttft_max_s": max(ttfts),
-            }
-        )
-    return {"single": median(singles), "batch": median(batches)}
+        return {
+            "throughput_tok_s": sum(r["tokens"] for r in runs)
+            / (max(r["last"] for r in runs) - t0),
+            "ttft_mean_s": sum(ttfts) / len(ttfts),
+            "ttft_max_s": max(ttfts),
+        }
+
+    return single, batch
 
 
-def median(runs: list[dict[str, float]]) -> dict[str, float]:
+async def measure(columns: dict[str, Column], repeat: int) -> dict[str, dict[str, Any]]:
+    """Warm every column up with full-length runs (one single, two batches),
+    then interleave ``repeat`` rounds and take each metric's median.
+
+    Two batch warm-ups, because requests that arrive over HTTP are grouped a
+    little differently each time (say 6 then 2 instead of 8), and each new
+    grouping compiles kernels once; on the GPU the first few groupings cost
+    up to 0.15 s of time to first token."""
+    for single, batch in columns.values():
+        await single()
+        await batch()
+        await batch()
+    runs: dict[str, dict[str, list[Metrics]]] = {c: {"single": [], "batch": []} for c in columns}
+    for _ in range(repeat):
+        for name, (single, _) in columns.items():
+            runs[name]["single"].append(await single())
+        for name, (_, batch) in columns.items():
+            runs[name]["batch"].append(await batch())
+    return {
+        name: {"single": median(r["single"]), "batch": median(r["batch"]), "runs": r}
+        for name, r in runs.items()
+    }
+
+
+def median(runs: list[Metrics]) -> Metrics:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    ps = prompts(Texts(model_dir, None), args.streams, args.prompt_tokens)
+    raw = RawChild(model_dir, args.tokens, ps)
+    with tempfile.TemporaryDirectory() as tmp:
+        daemon = start_mlxd(model_dir, args.streams, args.port, Path(tmp))
+        try:
+            async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=600) as http:
+                spec = RunnerSpec("bench", model_dir, max(args.streams, 8))
+                runner = await nursery.start(RunnerProcess(spec).run)
+                await raw.ready()
+                await trio.to_thread.run_sync(wait_ready, f"http://127.0.0.1:{args.port}")
+                port, tokens = args.port, args.tokens
+                columns: dict[str, Column] = {
+                    "raw mlx-lm": (raw.single, raw.batch),
+                    "runner": streamed(lambda p: stream_runner(runner, p, tokens), ps),
+                    "mlxd": streamed(lambda p: stream_h11(port, p, tokens), ps),
+                    "mlxd+httpx": streamed(lambda p: stream_httpx(http, port, p, tokens), ps),
+                }
+                results = await measure(columns, args.repeat)
+                runner.stop()
+        finally:
+            raw.close()
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(timeout=60)
+    return raw.device, results
 
 
 def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subprocess.Popen[bytes]:
@@ -226,9 +280,12 @@ def wait_ready(url: str, timeout: float = 900) -> None:
     raise TimeoutError("mlxd did not become ready")
 
 
-def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def report(
+    device: str, results: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
     """Print the table and the target ratios; ``results`` maps a column name
-    ("raw mlx-lm", "runner", "mlxd") to its measurements."""
+    ("raw mlx-lm", "runner", "mlxd", "mlxd+httpx") to its measurements; the
+    ratios are taken with the lean client (``mlxd``)."""
     n = args.streams
     raw_r, srv = results["raw mlx-lm"], results["mlxd"]
     ratios = {
@@ -241,10 +298,7 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict
         f"throughput_{n}": (">=", 0.90),
         f"ttft_{n}": ("<=", 1.5),
     }
-    print(
-        f"device: {raw_r['device']}   tokens/stream: {args.tokens}   "
-        f"prompt tokens: {args.prompt_tokens}"
-    )
+    print(f"device: {device}   tokens/stream: {args.tokens}   prompt tokens: {args.prompt_tokens}")
     print(f"{'':26}" + "".join(f"{name:>13}" for name in results))
     rows = [
         ("1 stream decode tok/s", "single", "decode_tok_s"),
@@ -278,21 +332,8 @@ def main() -> None:
     model_dir = (
         Path(args.model) if args.model else trio.run(sources.resolve, BUNDLED, default_cache_dir())
     )
-    texts = Texts(model_dir, None)
-    ps = prompts(texts, args.streams, args.prompt_tokens)
-    results = {"raw mlx-lm": raw(model_dir, args, ps)}
-    results["runner"] = trio.run(through_runner, model_dir, args, ps)
-
-    url = f"http://127.0.0.1:{args.port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = start_mlxd(model_dir, args.streams, args.port, Path(tmp))
-        try:
-            wait_ready(url)
-            results["mlxd"] = asyncio.run(through_mlxd(url, args, ps))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-    result = report(results, args)
+    device, results = trio.run(run_all, model_dir, args)
+    result = report(device, results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 
