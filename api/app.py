@@ -15,7 +15,7 @@ from quart_trio import QuartTrio
 from api import errors, sse
 from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
-from api.schemas import ChatRequest, CompletionRequest
+from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
 from config.settings import Settings
 from scheduler.errors import InvalidRequest, MlxdError, RunnerCrashed, Unauthorized
 from scheduler.pool import Scheduler
@@ -55,8 +55,10 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
 
     @app.get("/api/ps")
     async def ps() -> dict[str, Any]:
-        models = scheduler.status()
-        for m in models:
+        """The pool: budget and bytes in use, and every model's state, bytes,
+        requests running and queued, last use and expiry, runner counters."""
+        pool = scheduler.status()
+        for m in pool["models"]:
             runner = scheduler.runner(m["model"])
             if m["state"] == "ready" and runner is not None:
                 try:
@@ -65,7 +67,21 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
                     m["runner"] = stats
                 except RunnerCrashed:
                     m["runner"] = None
-        return {"models": models}
+        return pool
+
+    @app.post("/api/load")
+    async def load() -> dict[str, Any]:
+        body = await _json_body()
+        model = catalog.get(_model_field(body)).name
+        await catalog.texts(model)
+        await scheduler.load(model, keep_alive_field(body))
+        return {"model": model, "state": "ready"}
+
+    @app.post("/api/unload")
+    async def unload() -> dict[str, Any]:
+        model = catalog.get(_model_field(await _json_body())).name
+        scheduler.unload(model)
+        return {"model": model, "state": "unloading"}
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
@@ -155,6 +171,12 @@ async def _json_body() -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+
+
+def _model_field(body: Any) -> str:
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise InvalidRequest("'model' is required: a model name", param="model")
+    return str(body["model"])
 
 
 def _json_response(body: dict[str, Any]) -> Response:

@@ -15,7 +15,8 @@ import trio
 from api.texts import Texts
 from config.settings import ModelConfig, Settings
 from runner import sources
-from runner.client import RunnerProcess, RunnerSpec
+from runner.client import RunnerProcess, RunnerSpec, Spares
+from scheduler import memory
 from scheduler.errors import ModelLoadFailed, ModelNotFound
 
 log = logging.getLogger("mlxd.catalog")
@@ -28,7 +29,9 @@ class Catalog:
         self._by_name = {n: m for m in settings.models for n in m.names}
         self._dirs: dict[str, Path] = {}
         self._texts: dict[str, Texts] = {}
+        self._costs: dict[str, int] = {}
         self._locks = {m.name: trio.Lock() for m in settings.models}
+        self.spares = Spares()
 
     def get(self, name: str) -> ModelConfig:
         try:
@@ -55,6 +58,20 @@ class Catalog:
                 self._texts[model.name] = texts
             return self._texts[model.name]
 
+    async def cost(self, name: str) -> int:
+        """The model's estimated bytes when loaded (``scheduler/memory.py``)."""
+        if name not in self._costs:
+            texts = await self.texts(name)
+            model = self.get(name)
+            model_dir = self._dirs[model.name]
+            try:
+                self._costs[name] = await trio.to_thread.run_sync(
+                    memory.estimate, model_dir, model, texts.max_context
+                )
+            except (OSError, ValueError, KeyError) as e:
+                raise ModelLoadFailed(f"cannot size model {name!r} from {model_dir}: {e}") from e
+        return self._costs[name]
+
     async def make_runner(self, name: str) -> RunnerProcess:
         model = self.get(name)
         async with self._locks[model.name]:
@@ -62,6 +79,7 @@ class Catalog:
         return RunnerProcess(
             RunnerSpec(model.name, model_dir, model.max_concurrency),
             stop_grace_s=self.settings.shutdown_grace_s,
+            spares=self.spares,
         )
 
     async def _model_dir(self, model: ModelConfig) -> Path:

@@ -22,6 +22,10 @@ STATUS: dict[type[e.MlxdError], tuple[int, str, str | None]] = {
     e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     e.ModelLoadFailed: (500, "server_error", "model_load_failed"),
     e.RunnerCrashed: (502, "server_error", "runner_crashed"),
+    e.Overloaded: (503, "server_error", "overloaded"),
+    e.QueueFull: (429, "rate_limit_error", "queue_full"),
+    e.QueueTimeout: (503, "server_error", "queue_timeout"),
+    e.ModelTooLarge: (503, "server_error", "model_too_large"),
     e.ShuttingDown: (503, "server_error", "shutting_down"),
 }
 
@@ -55,7 +59,10 @@ def install(app: Quart) -> None:
     @app.errorhandler(e.MlxdError)
     async def _mlxd(exc: e.MlxdError) -> Response:
         status, body = describe(exc)
-        return _json(body, status)
+        response = _json(body, status)
+        if isinstance(exc, e.QueueFull):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.errorhandler(HTTPException)
     async def _http(exc: HTTPException) -> Response:

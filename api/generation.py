@@ -79,7 +79,7 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     loaded, granted); the last has ``finish`` set. ``usage.completion_tokens`` is kept current."""
     text = job.texts.text_stream(job.params.stop)
     stop_ids = () if job.params.ignore_eos else job.texts.stop_ids
-    async with scheduler.lease(job.model) as runner:
+    async with scheduler.lease(job.model, job.params.keep_alive_s) as runner:
         async with runner.generate(
             job.prompt, job.max_tokens, job.params.sampling, stop_ids
         ) as chunks:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from config.units import parse_duration
 from runner.protocol import Sampling
 from scheduler.errors import InvalidRequest
 
@@ -34,6 +35,7 @@ class GenerationParams:
     stream: bool
     include_usage: bool
     ignore_eos: bool = False  # an extension (as in vLLM): generate through end-of-text
+    keep_alive_s: float | None = None  # an extension (as in Ollama): the model's idle time
 
     @classmethod
     def from_openai(
@@ -79,6 +81,7 @@ class GenerationParams:
                 )
             include_usage = _field(options, "include_usage", bool, "a boolean") or False
         ignore_eos = _field(body, "ignore_eos", bool, "a boolean") or False
+        keep_alive = keep_alive_field(body)
         _refuse_unsupported(body)
         return cls(
             model,
@@ -88,7 +91,18 @@ class GenerationParams:
             stream,
             include_usage,
             ignore_eos,
+            keep_alive,
         )
+
+
+def keep_alive_field(body: Mapping[str, Any]) -> float | None:
+    """``keep_alive``: seconds, a duration string ("5m"), or negative / "forever"."""
+    if body.get("keep_alive") is None:
+        return None
+    try:
+        return parse_duration(body["keep_alive"])
+    except ValueError as e:
+        raise InvalidRequest(f"'keep_alive': {e}", param="keep_alive") from None
 
 
 @attrs.frozen

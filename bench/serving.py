@@ -267,9 +267,9 @@ def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subpr
     )
 
 
-def wait_ready(url: str, timeout: float = 900) -> None:
+def wait_ready(url: str, timeout: float = 900, model: str = "bench") -> None:
     deadline = time.monotonic() + timeout
-    body = {"model": "bench", "prompt": "hi", "max_tokens": 1}
+    body = {"model": model, "prompt": "hi", "max_tokens": 1}
     while time.monotonic() < deadline:
         try:
             if httpx.post(f"{url}/v1/completions", json=body, timeout=600).status_code == 200:

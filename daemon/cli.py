@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import attrs
 import trio
 
 from config.settings import ConfigError, Settings, default_config_path
+from config.units import format_bytes
 
 
 def _load(path: str | None) -> Settings:
@@ -46,6 +52,83 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """Call the running daemon's lifecycle API; errors come back as its message."""
+    settings = _load(args.config)
+    host = args.host or settings.host
+    host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+    url = f"http://{host}:{args.port or settings.port}{path}"
+    headers = {"Content-Type": "application/json"}
+    if settings.api_keys:
+        headers["Authorization"] = f"Bearer {settings.api_keys[0]}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.load(e)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {e.code}"
+        raise DaemonError(message) from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise DaemonError(f"cannot reach mlxd at {url}: {reason}") from None
+
+
+class DaemonError(Exception):
+    pass
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    pool = _call(args, "GET", "/api/ps")
+    print(f"memory: {format_bytes(pool['used'])} of {format_bytes(pool['budget'])} in use")
+    print(f"{'MODEL':28} {'STATE':9} {'BYTES':>10} {'RUN':>4} {'QUEUE':>5}  UNTIL")
+    for m in pool["models"]:
+        until = "-"
+        if m["pinned"] and m["state"] == "ready":
+            until = "pinned"
+        elif m["expires_at"] is not None:
+            until = time.strftime("%H:%M:%S", time.localtime(m["expires_at"]))
+        elif m["state"] == "ready":
+            until = "in use" if m["running"] or m["queued"] else "forever"
+        print(
+            f"{m['model']:28} {m['state']:9} {format_bytes(m['bytes']):>10} "
+            f"{m['running']:>4} {m['queued']:>5}  {until}"
+        )
+    return 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"model": args.name}
+    if args.keep_alive is not None:
+        body["keep_alive"] = args.keep_alive
+    _call(args, "POST", "/api/load", body)
+    print(f"{args.name}: loaded")
+    return 0
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    _call(args, "POST", "/api/unload", {"model": args.name})
+    print(f"{args.name}: unloading once its requests are done")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from runner import hub
+    from runner.sources import SourceError
+
+    try:
+        path = hub.pull(args.repo, args.revision)
+    except SourceError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.repo}: {path}")
+    print(f'use it with:  [[models]]  name = "..."  repo = "{args.repo}"')
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = Settings.from_toml(Path(args.file))
     print(f"{args.file}: ok")
@@ -73,6 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help)
+        cmd.add_argument("--config", metavar="FILE", help="config naming the daemon's address")
+        cmd.add_argument("--host", help="the daemon's address (default: from the config)")
+        cmd.add_argument("--port", type=int, help="the daemon's port (default: from the config)")
+        cmd.add_argument("--timeout", type=float, default=600, help="seconds to wait")
+        return cmd
+
+    client("ps", "list models: state, bytes, requests, expiry").set_defaults(func=cmd_ps)
+    load = client("load", "load a model into the running daemon now")
+    load.add_argument("name")
+    load.add_argument("--keep-alive", help="how long it stays once idle ('5m', 'forever')")
+    load.set_defaults(func=cmd_load)
+    unload = client("unload", "unload a model once its requests are done")
+    unload.add_argument("name")
+    unload.set_defaults(func=cmd_unload)
+
+    pull = sub.add_parser("pull", help="download a model from Hugging Face into its cache")
+    pull.add_argument("repo", help="a repo id, e.g. mlx-community/Qwen3-4B-4bit")
+    pull.add_argument("--revision", help="a branch, tag or commit (default: main)")
+    pull.set_defaults(func=cmd_pull)
+
     config = sub.add_parser("config", help="work with config files")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate a config file and print it")
@@ -87,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as e:
         print(f"mlxd: config error: {e}", file=sys.stderr)
+        return 1
+    except DaemonError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
         return 1
 
 

@@ -3,6 +3,7 @@
     trio.run(serve)
     ├─ signal watcher          SIGTERM / SIGINT → stop
     ├─ model preparation       tokenizers (and the bundled model) ready early
+    ├─ a spare runner process  MLX imported, waiting to load the next model
     └─ inner nursery
        ├─ scheduler.run        owns the policy; runners are its children
        └─ hypercorn serve      until stop, then drains open requests
@@ -24,7 +25,9 @@ import trio
 from api.app import create_app
 from api.catalog import Catalog
 from config.settings import Settings
+from config.units import format_bytes
 from scheduler.errors import MlxdError
+from scheduler.memory import resolve_budget
 from scheduler.pool import Scheduler
 
 log = logging.getLogger("mlxd")
@@ -38,7 +41,15 @@ async def serve(
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
     catalog = Catalog(settings)
-    scheduler = Scheduler(settings.models, catalog.make_runner)
+    budget, where = resolve_budget(settings.memory_budget)
+    log.info("memory budget %s (%s)", format_bytes(budget), where)
+    scheduler = Scheduler(
+        settings.models,
+        catalog.make_runner,
+        budget=budget,
+        size_model=catalog.cost,
+        max_turn_s=settings.max_turn_s,
+    )
     app = create_app(settings, catalog, scheduler)
     config = hypercorn.config.Config()
     config.bind = [f"{settings.host}:{settings.port}"]
@@ -52,22 +63,26 @@ async def serve(
         if watch_signals:
             outer.start_soon(_stop_on_signal, stop, outer.cancel_scope)
         outer.start_soon(_prepare_all, catalog)
-        async with trio.open_nursery() as inner:
-            await inner.start(scheduler.run)
+        await catalog.spares.start()
+        try:
+            async with trio.open_nursery() as inner:
+                await inner.start(scheduler.run)
 
-            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn.trio.serve(
-                    app, config, shutdown_trigger=stop.wait, task_status=task_status
+                async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await hypercorn.trio.serve(
+                        app, config, shutdown_trigger=stop.wait, task_status=task_status
+                    )
+                    # Hypercorn returns once open requests have drained; only then
+                    # are the runners stopped (scheduler.run returns when they are).
+                    scheduler.shutdown()
+
+                binds = await inner.start(http)
+                log.info(
+                    "serving %s on %s", ", ".join(m.name for m in settings.models), ", ".join(binds)
                 )
-                # Hypercorn returns once open requests have drained; only then
-                # are the runners stopped (scheduler.run returns when they are).
-                scheduler.shutdown()
-
-            binds = await inner.start(http)
-            log.info(
-                "serving %s on %s", ", ".join(m.name for m in settings.models), ", ".join(binds)
-            )
-            task_status.started(binds)
+                task_status.started(binds)
+        finally:
+            await catalog.spares.close()
         outer.cancel_scope.cancel()
     log.info("stopped")
 

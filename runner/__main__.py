@@ -1,7 +1,9 @@
-"""Runner process: ``python -m runner MODEL_DIR [--max-batch N]``.
+"""Runner process: ``python -m runner [MODEL_DIR] [--max-batch N]``.
 
 Loads one MLX model and serves the protocol in ``runner/protocol.py`` over its
-stdin and stdout. A reader thread turns stdin lines into commands on a queue;
+stdin and stdout. Without MODEL_DIR it imports MLX and mlx-lm (seconds of
+work) and then waits for a ``load`` command naming the model: the daemon keeps
+one such spare process ready, so that loading a model costs only the load. A reader thread turns stdin lines into commands on a queue;
 the main thread does all MLX work, draining the queue between decoding steps
 (and blocking on it when there is nothing to decode).
 """
@@ -90,7 +92,7 @@ def memory() -> dict[str, int]:
     }
 
 
-def serve(model_dir: str, max_batch: int, out: BinaryIO) -> int:
+def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
@@ -100,6 +102,12 @@ def serve(model_dir: str, max_batch: int, out: BinaryIO) -> int:
     def send(msg: dict[str, Any]) -> None:
         out.write(protocol.encode(msg))
 
+    if model_dir is None:  # a spare: wait for the model to load
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return 0
+        load = protocol.decode(line)
+        model_dir, max_batch = load["model_dir"], int(load["max_batch"])
     try:
         model, _ = load_model(Path(model_dir).resolve())
         # Warm up: compiles kernels now rather than on the first request.
@@ -155,7 +163,7 @@ def serve(model_dir: str, max_batch: int, out: BinaryIO) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__)
-    parser.add_argument("model_dir")
+    parser.add_argument("model_dir", nargs="?", help="omit to wait for a load command")
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
     out = _protocol_stdout()

@@ -39,6 +39,50 @@ class RunnerSpec:
     max_batch: int
 
 
+async def spawn(python: str = sys.executable) -> trio.Process:
+    """Start a runner process with no model: it imports MLX and mlx-lm, then
+    waits for a ``load`` command."""
+    env = {**os.environ, "PYTHONPATH": package_root()}
+    return await trio.lowlevel.open_process(
+        [python, "-m", "runner"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
+
+
+class Spares:
+    """Keeps one runner process started ahead of need.
+
+    Importing MLX and mlx-lm takes seconds (mostly transformers, which mlx-lm
+    imports); a spare has done it already, so a load pays only for the model.
+    Whoever takes the spare owns it; a new one starts at once. ``close`` kills
+    the one still waiting.
+    """
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self._python = python
+        self._spare: trio.Process | None = None
+        self._closed = False
+
+    async def take(self) -> trio.Process:
+        proc, self._spare = self._spare, None
+        if proc is None or proc.poll() is not None:
+            proc = await spawn(self._python)
+        if not self._closed:
+            self._spare = await spawn(self._python)
+        return proc
+
+    async def start(self) -> None:
+        if self._spare is None and not self._closed:
+            self._spare = await spawn(self._python)
+
+    async def close(self) -> None:
+        self._closed = True
+        proc, self._spare = self._spare, None
+        if proc is not None:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+
+
 @attrs.frozen
 class Chunk:
     """Tokens for one request from one decoding step (or a final error)."""
@@ -56,8 +100,10 @@ class RunnerProcess:
         load_timeout_s: float = 600.0,
         stop_grace_s: float = 10.0,
         python: str = sys.executable,
+        spares: Spares | None = None,
     ) -> None:
         self.spec = spec
+        self._spares = spares
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
         self._load_timeout_s = load_timeout_s
@@ -75,22 +121,17 @@ class RunnerProcess:
     async def run(
         self, *, task_status: trio.TaskStatus[RunnerProcess] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Spawn, load, serve until the process exits. Raises ``ModelLoadFailed``
+        """Take a started runner process (a spare, if there is one), have it
+        load the model and serve until it exits. Raises ``ModelLoadFailed``
         (before ``started``) if the model cannot be loaded."""
-        cmd = [
-            self._python,
-            "-m",
-            "runner",
-            str(self.spec.model_dir),
-            "--max-batch",
-            str(self.spec.max_batch),
-        ]
-        env = {**os.environ, "PYTHONPATH": package_root()}
-        proc = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
-        )
+        proc = await (self._spares.take() if self._spares else spawn(self._python))
         self.pid = proc.pid
         assert proc.stdin is not None and proc.stdout is not None
+        load = {"op": "load", "model_dir": str(self.spec.model_dir)}
+        try:
+            await proc.stdin.send_all(protocol.encode(load | {"max_batch": self.spec.max_batch}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # it died while spare; the missing "ready" below reports it
         try:
             async with aclosing(_lines(proc.stdout)) as lines:
                 with trio.move_on_after(self._load_timeout_s) as load_scope:

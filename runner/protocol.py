@@ -6,6 +6,9 @@ stderr, which the daemon passes through to its own log).
 
 Commands (daemon → runner)::
 
+    {"op": "load", "model_dir": "/models/x", "max_batch": 8}
+                                      first line to a runner started without a
+                                      model (a spare); it then loads and says "ready"
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2]}

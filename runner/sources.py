@@ -34,6 +34,10 @@ class SourceError(RuntimeError):
 
 async def resolve(source: str, cache_dir: Path) -> Path:
     """Return the MLX model directory for ``source``, preparing it if needed."""
+    if source.startswith("hf:"):
+        from runner import hub
+
+        return await trio.to_thread.run_sync(hub.resolve_cached, source.removeprefix("hf:"))
     if source != BUNDLED:
         path = Path(source)
         if not (path / "config.json").is_file():

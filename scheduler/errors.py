@@ -7,6 +7,10 @@
     ├── ModelNotFound (LookupError)          no configured model by that name
     ├── ModelLoadFailed (RuntimeError)       the runner could not load the model
     ├── RunnerCrashed (RuntimeError)         the runner died while serving the request
+    ├── Overloaded (RuntimeError)            no room for the request now
+    │   ├── QueueFull                        the model's queue is at its limit
+    │   ├── QueueTimeout                     waited past the model's queue timeout
+    │   └── ModelTooLarge (MemoryError)      the model cannot fit the memory budget
     └── ShuttingDown (RuntimeError)          the daemon is stopping
 
 ``api/errors.py`` is the one place these become HTTP responses.
@@ -45,6 +49,22 @@ class ModelLoadFailed(MlxdError, RuntimeError):
 
 
 class RunnerCrashed(MlxdError, RuntimeError):
+    pass
+
+
+class Overloaded(MlxdError, RuntimeError):
+    pass
+
+
+class QueueFull(Overloaded):
+    retry_after_s = 1
+
+
+class QueueTimeout(Overloaded):
+    pass
+
+
+class ModelTooLarge(Overloaded, MemoryError):
     pass
 
 

@@ -1,46 +1,91 @@
 """What the pool decides, as a pure state machine: events in, effects out.
 
-``Policy.handle(event)`` never blocks, sleeps or does I/O, so every decision is
-tested by calling it directly. One task (``scheduler/pool.py``) owns the policy
-and carries out the effects; nothing else touches its state.
+``Policy.handle(event)`` never blocks, sleeps or does I/O, and takes the time
+from the event, so every decision is tested by calling it directly. One task
+(``scheduler/pool.py``) owns the policy, carries out its effects and wakes it
+at ``next_deadline()``; nothing else touches its state.
+
+Each model is charged bytes against one budget: its estimated cost while it
+loads, then the larger of that and what its runner measures (the estimate
+reserves the KV cache for its full concurrency and context, which an idle
+runner has not allocated yet but a busy one will).
 
 Decision steps, for each event:
 
-1. ``Submitted``: if the daemon is stopping, reject with ``ShuttingDown``;
-   otherwise append the ticket to its model's queue (FIFO).
-2. ``Withdrawn`` (the client gave up while queued): drop it from the queue. If
+1. ``Submitted``: refuse at once if the daemon is stopping (``ShuttingDown``),
+   if the model could not fit even with every unpinned model unloaded
+   (``ModelTooLarge``, naming the bytes), or if it already holds
+   ``max_concurrency`` + ``queue_limit`` requests (``QueueFull``); otherwise
+   queue the ticket (FIFO) with its deadline.
+2. ``Withdrawn`` (the client gave up while queued): drop it from the queue; if
    it was granted in the same instant, treat it as ``Released``.
-3. ``Released``: the request is done; its slot frees up.
-4. ``Loaded``: the model's runner is ready.
-5. ``LoadFailed``: the model is absent again and every queued ticket is
-   rejected with the error. Nothing retries by itself: the next request tries
-   again, so a broken model cannot spin in a load loop.
-6. ``RunnerExited``: the model is absent. Requests that were running have
-   already had their streams failed by the runner handle; if requests are
-   queued, a fresh load starts (step 8).
-7. ``Shutdown``: reject queued tickets, stop every runner, accept nothing new.
+3. ``Released``: the request is done; its slot frees up and the model's idle
+   time starts.
+4. ``Loaded`` / ``LoadFailed``: the runner is ready, or the model is absent
+   again and its queued tickets get the error (nothing retries by itself, so
+   a broken model cannot spin in a load loop; the next request tries again).
+5. ``RunnerExited``: the model is absent and its bytes are free. Requests that
+   were running have had their streams failed by the runner handle; queued
+   ones make it a load candidate again (step 10).
+6. ``Measured``: the runner's measured bytes update the model's charge.
+7. ``Unload``: unload the model once it is idle.
+8. ``Shutdown``: reject queued tickets, stop every runner, accept nothing new.
 
-Then, for the model the event concerns:
+Then, at every event (``Tick`` only does this):
 
-8. absent with queued tickets → ``StartRunner`` (one load, however many
-   requests are waiting: loads are single-flight);
-9. ready → ``Grant`` queued tickets in order while fewer than the model's
-   ``max_concurrency`` are running.
+9.  Queued tickets past their deadline are rejected (``QueueTimeout``); idle
+    unpinned models are stopped when asked to (``Unload``) or when their
+    keep-alive has run out.
+10. Every ready model grants queued tickets in order, up to its concurrency,
+    unless it is draining (step 11): a resident model never waits on another
+    model's load.
+11. Absent models with queued tickets are load candidates, oldest waiting
+    ticket first. A candidate that fits in free memory starts loading
+    (``StartRunner``, single-flight: one load however many wait). One that
+    does not fit evicts idle models, least recently used first, then those
+    with the shortest keep-alive, never a pinned or a busy one, and loads once
+    their runners have exited. A model with queued requests is busy, so each
+    model's waiting requests are served together before it can be swapped out
+    (no A-B-A-B thrash). When busy models still block the oldest candidate
+    after ``max_turn_s``, they drain: they take no new requests until their
+    running ones finish, and are then evicted, so no request waits for its
+    model's turn for ever. Later candidates wait behind a blocked one.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+import math
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
-from scheduler.errors import MlxdError, ShuttingDown
+from config.units import format_bytes
+from scheduler.errors import (
+    MlxdError,
+    ModelTooLarge,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+)
 
+FOREVER = math.inf
 _ticket_ids = itertools.count(1)
+
+
+@attrs.frozen
+class ModelSpec:
+    """What the policy knows of a configured model."""
+
+    cost: int = 0  # estimated bytes when loaded; ``Sized`` may update it
+    max_concurrency: int = 8
+    queue_limit: int = 64
+    queue_timeout_s: float = 600.0
+    keep_alive_s: float = 300.0
+    pinned: bool = False
 
 
 @attrs.define(eq=False)
@@ -48,52 +93,98 @@ class Ticket:
     """One request's claim on a model. Compared by identity."""
 
     model: str
+    keep_alive_s: float | None = None  # overrides the model's, from this request on
     id: int = attrs.field(factory=lambda: next(_ticket_ids))
+    since: float = 0.0
+    deadline: float = FOREVER
 
 
-# -- events ----------------------------------------------------------------
+# -- events (each carries the time it happened) ------------------------------
 
 
 @attrs.frozen
 class Submitted:
     ticket: Ticket
+    now: float = 0.0
 
 
 @attrs.frozen
 class Withdrawn:
     ticket: Ticket
+    now: float = 0.0
 
 
 @attrs.frozen
 class Released:
     ticket: Ticket
+    now: float = 0.0
 
 
 @attrs.frozen
 class Loaded:
     model: str
     runner: Any
+    now: float = 0.0
 
 
 @attrs.frozen
 class LoadFailed:
     model: str
     error: MlxdError
+    now: float = 0.0
 
 
 @attrs.frozen
 class RunnerExited:
     model: str
+    now: float = 0.0
+
+
+@attrs.frozen
+class Sized:
+    model: str
+    cost: int
+    now: float = 0.0
+
+
+@attrs.frozen
+class Measured:
+    model: str
+    bytes: int
+    now: float = 0.0
+
+
+@attrs.frozen
+class Unload:
+    model: str
+    now: float = 0.0
+
+
+@attrs.frozen
+class Tick:
+    now: float = 0.0
 
 
 @attrs.frozen
 class Shutdown:
-    pass
+    now: float = 0.0
 
 
-Event = Submitted | Withdrawn | Released | Loaded | LoadFailed | RunnerExited | Shutdown
+Event = (
+    Submitted
+    | Withdrawn
+    | Released
+    | Loaded
+    | LoadFailed
+    | RunnerExited
+    | Sized
+    | Measured
+    | Unload
+    | Tick
+    | Shutdown
+)
 
-# -- effects ---------------------------------------------------------------
+# -- effects -----------------------------------------------------------------
 
 
 @attrs.frozen
@@ -117,6 +208,7 @@ class StartRunner:
 class StopRunner:
     model: str
     runner: Any
+    reason: str  # idle (keep-alive 0), expired, memory, manual, shutdown
 
 
 Effect = Grant | Reject | StartRunner | StopRunner
@@ -131,78 +223,266 @@ class State(enum.Enum):
 
 @attrs.define
 class ModelState:
-    max_concurrency: int
+    spec: ModelSpec
+    cost: int = 0
     state: State = State.ABSENT
     runner: Any = None
+    bytes: int = 0  # charged against the budget while not absent
     queue: deque[Ticket] = attrs.field(factory=deque)
     running: set[Ticket] = attrs.field(factory=set)
+    last_used: float = 0.0
+    keep_alive_s: float = 0.0
+    unload_asked: bool = False
+    draining: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self.keep_alive_s = self.spec.keep_alive_s
+        self.cost = self.spec.cost
+
+    @property
+    def idle(self) -> bool:
+        return self.state is State.READY and not self.running and not self.queue
+
+    @property
+    def expires(self) -> float:
+        """When an idle model may be unloaded (``FOREVER`` if never)."""
+        if self.spec.pinned:
+            return FOREVER
+        return self.last_used + self.keep_alive_s
 
 
 class Policy:
-    def __init__(self, max_concurrency: Mapping[str, int]) -> None:
-        self.models = {name: ModelState(n) for name, n in max_concurrency.items()}
+    def __init__(self, specs: Mapping[str, ModelSpec], budget: int, max_turn_s: float = 10.0):
+        self.models = {name: ModelState(spec) for name, spec in specs.items()}
+        self.budget = budget
+        self.max_turn_s = max_turn_s
         self.stopping = False
+        self.now = 0.0
+
+    @property
+    def used(self) -> int:
+        return sum(m.bytes for m in self.models.values())
 
     @property
     def finished(self) -> bool:
         """Stopping, and no runner is left alive."""
         return self.stopping and all(m.state is State.ABSENT for m in self.models.values())
 
+    def next_deadline(self) -> float:
+        """The next time something is due even if no event comes."""
+        times = [FOREVER]
+        for m in self.models.values():
+            times += [t.deadline for t in m.queue]
+            if m.idle:
+                times.append(m.expires)
+        blocked = self._blocked()
+        if blocked is not None:
+            turn = self.models[blocked[0]].queue[0].since + self.max_turn_s
+            if turn > self.now:  # once past, the busy models are draining already
+                times.append(turn)
+        return min(times)
+
     def handle(self, event: Event) -> list[Effect]:
         effects: list[Effect] = []
+        now = self.now = event.now
         match event:
             case Submitted(ticket):
-                if self.stopping:
-                    return [Reject(ticket, ShuttingDown("the server is shutting down"))]
+                if (error := self._refusal(ticket.model)) is not None:
+                    return [Reject(ticket, error)]
+                ticket.since = now
+                ticket.deadline = now + self.models[ticket.model].spec.queue_timeout_s
                 self.models[ticket.model].queue.append(ticket)
-                model = ticket.model
             case Withdrawn(ticket) | Released(ticket):
                 m = self.models[ticket.model]
                 if ticket in m.queue:
                     m.queue.remove(ticket)
-                m.running.discard(ticket)
-                model = ticket.model
+                if ticket in m.running:
+                    m.running.discard(ticket)
+                    m.last_used = now
             case Loaded(model, runner):
                 m = self.models[model]
-                m.runner = runner
+                m.runner, m.last_used = runner, now
                 if self.stopping:
                     m.state = State.STOPPING
-                    return [StopRunner(model, runner)]
+                    return [StopRunner(model, runner, "shutdown")]
                 m.state = State.READY
             case LoadFailed(model, error):
                 m = self.models[model]
-                m.state, m.runner = State.ABSENT, None
+                self._absent(m)
                 effects += [Reject(t, error) for t in m.queue]
                 m.queue.clear()
-                return effects
             case RunnerExited(model):
+                self._absent(self.models[model])
+            case Sized(model, cost):
+                self.models[model].cost = cost
+            case Measured(model, measured):
                 m = self.models[model]
-                m.state, m.runner = State.ABSENT, None
-                m.running.clear()
+                if m.state is State.READY:
+                    m.bytes = max(m.cost, measured)
+            case Unload(model):
+                self.models[model].unload_asked = True
             case Shutdown():
                 self.stopping = True
                 for name, m in self.models.items():
-                    effects += [
-                        Reject(t, ShuttingDown("the server is shutting down")) for t in m.queue
-                    ]
+                    error = ShuttingDown("the server is shutting down")
+                    effects += [Reject(t, error) for t in m.queue]
                     m.queue.clear()
                     if m.state is State.READY:
                         m.state = State.STOPPING
-                        effects.append(StopRunner(name, m.runner))
+                        effects.append(StopRunner(name, m.runner, "shutdown"))
                 return effects
-        return effects + self._dispatch(model)
+        return effects + self._schedule(now)
 
-    def _dispatch(self, model: str) -> list[Effect]:
+    # -- helpers ---------------------------------------------------------------
+
+    def _refusal(self, model: str) -> MlxdError | None:
         m = self.models[model]
         if self.stopping:
+            return ShuttingDown("the server is shutting down")
+        pinned = sum(o.bytes for name, o in self.models.items() if o.spec.pinned and name != model)
+        if m.state is State.ABSENT and m.cost > self.budget - pinned:
+            held = f", {format_bytes(pinned)} of it held by pinned models" if pinned else ""
+            return ModelTooLarge(
+                f"model {model!r} needs about {format_bytes(m.cost)} ({m.cost} bytes) with "
+                f"its context and concurrency, but the memory budget is "
+                f"{format_bytes(self.budget)} ({self.budget} bytes{held}); lower its "
+                f"max_context or max_concurrency, or raise memory_budget",
+                param="model",
+            )
+        if len(m.queue) + len(m.running) >= m.spec.queue_limit + m.spec.max_concurrency:
+            return QueueFull(
+                f"model {model!r} has {len(m.running)} requests running and "
+                f"{len(m.queue)} waiting, its limit; retry later",
+                param="model",
+            )
+        return None
+
+    def _absent(self, m: ModelState) -> None:
+        m.state, m.runner, m.bytes = State.ABSENT, None, 0
+        m.running.clear()
+        m.keep_alive_s = m.spec.keep_alive_s
+        m.unload_asked = m.draining = False
+
+    def _stop(self, name: str, reason: str) -> StopRunner:
+        m = self.models[name]
+        m.state = State.STOPPING
+        return StopRunner(name, m.runner, reason)
+
+    def _schedule(self, now: float) -> list[Effect]:
+        if self.stopping:
             return []
-        if m.state is State.ABSENT and m.queue:
-            m.state = State.LOADING
-            return [StartRunner(model)]
         effects: list[Effect] = []
-        if m.state is State.READY:
-            while m.queue and len(m.running) < m.max_concurrency:
-                ticket = m.queue.popleft()
-                m.running.add(ticket)
-                effects.append(Grant(ticket, m.runner))
+        for name, m in self.models.items():
+            while m.queue and m.queue[0].deadline <= now:
+                t = m.queue.popleft()
+                waited = f"{now - t.since:.0f} s (queue timeout {m.spec.queue_timeout_s:g} s)"
+                effects.append(Reject(t, QueueTimeout(f"waited {waited} for model {name!r}")))
+            if m.idle and not m.spec.pinned:
+                if m.unload_asked:
+                    effects.append(self._stop(name, "manual"))
+                elif now >= m.expires:
+                    effects.append(self._stop(name, "idle" if m.keep_alive_s == 0 else "expired"))
+        self._drain(now)
+        for m in self.models.values():
+            if m.state is State.READY and not m.draining:
+                while m.queue and len(m.running) < m.spec.max_concurrency:
+                    t = m.queue.popleft()
+                    m.running.add(t)
+                    m.last_used = now
+                    if t.keep_alive_s is not None:
+                        m.keep_alive_s = t.keep_alive_s
+                    effects.append(Grant(t, m.runner))
+        return effects + self._load()
+
+    def _candidates(self) -> list[str]:
+        waiting = [
+            (m.queue[0].since, name)
+            for name, m in self.models.items()
+            if m.state is State.ABSENT and m.queue
+        ]
+        return [name for _, name in sorted(waiting)]
+
+    def _evictable(self) -> list[str]:
+        """Idle (or drained) unpinned ready models, in eviction order."""
+        names = [
+            name
+            for name, m in self.models.items()
+            if m.state is State.READY
+            and not m.spec.pinned
+            and not m.running
+            and (m.draining or not m.queue)
+        ]
+        return sorted(names, key=lambda n: (self.models[n].last_used, self.models[n].keep_alive_s))
+
+    def _room(self) -> tuple[int, int]:
+        """Free bytes now, and bytes that runners already stopping will free."""
+        stopping = sum(m.bytes for m in self.models.values() if m.state is State.STOPPING)
+        return self.budget - self.used, stopping
+
+    def _load(self) -> list[Effect]:
+        effects: list[Effect] = []
+        over = -sum(self._room())  # bytes over budget, not counting runners on their way out
+        for v in self._evictable():  # measured use grew past the budget
+            if over <= 0:
+                break
+            effects.append(self._stop(v, "memory"))
+            over -= self.models[v].bytes
+        free, incoming = self._room()
+        for name in self._candidates():
+            m = self.models[name]
+            cost = m.cost
+            if cost <= free:
+                m.state, m.bytes = State.LOADING, cost
+                free -= cost
+                effects.append(StartRunner(name))
+                continue
+            if cost > free + incoming:
+                victims, reclaim = [], 0
+                for v in self._evictable():
+                    if free + incoming + reclaim >= cost:
+                        break
+                    victims.append(v)
+                    reclaim += self.models[v].bytes
+                if free + incoming + reclaim < cost:
+                    break  # busy models hold the memory: later candidates wait too
+                effects += [self._stop(v, "memory") for v in victims]
+                incoming += reclaim
+            # Wait for the stopping runners to exit; claim their bytes so that
+            # later candidates do not take them.
+            incoming -= cost - free
+            free = 0
         return effects
+
+    def _blocked(self) -> tuple[str, int] | None:
+        """The first load candidate that idle models cannot make room for, and
+        the bytes it lacks."""
+        free, incoming = self._room()
+        spare = free + incoming + sum(self.models[v].bytes for v in self._evictable())
+        for name in self._candidates():
+            cost = self.models[name].cost
+            if cost > spare:
+                return name, cost - spare
+            spare -= cost
+        return None
+
+    def _drain(self, now: float) -> None:
+        """Let busy models hold the memory a waiting model needs for at most
+        ``max_turn_s`` of its wait; then they take no new requests."""
+        for m in self.models.values():
+            m.draining = False
+        blocked = self._blocked()
+        if blocked is None:
+            return
+        name, need = blocked
+        if now - self.models[name].queue[0].since < self.max_turn_s:
+            return
+        busy = [
+            n
+            for n, m in self.models.items()
+            if m.state is State.READY and not m.spec.pinned and (m.running or m.queue)
+        ]
+        for n in sorted(busy, key=lambda n: self.models[n].last_used):
+            if need <= 0:
+                break
+            self.models[n].draining = True
+            need -= self.models[n].bytes

@@ -2,9 +2,11 @@
 
 Requests take a model through ``Scheduler.lease``, which holds it until the
 ``async with`` block ends (for a stream, after its last byte). Events reach the
-owner task through an unbounded channel: each request sends at most three,
+owner task through an unbounded channel: each request sends at most four,
 and ``send_nowait`` lets a lease report ``Withdrawn``/``Released`` from inside
-a cancelled scope, where an ``await`` would raise at once.
+a cancelled scope, where an ``await`` would raise at once. The owner sleeps
+until the next event or the policy's next deadline (queue timeouts,
+keep-alive expiries), whichever comes first.
 
 Runner tasks are children of the scheduler's nursery, so they cannot outlive it.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -21,9 +25,10 @@ import trio
 
 from config.settings import ModelConfig
 from scheduler import policy as p
-from scheduler.errors import MlxdError, ModelLoadFailed, ShuttingDown
+from scheduler.errors import MlxdError, ModelLoadFailed, RunnerCrashed, ShuttingDown
 
 log = logging.getLogger("mlxd.scheduler")
+MEASURE_EVERY_S = 2.0
 
 
 class Runner(Protocol):
@@ -31,16 +36,24 @@ class Runner(Protocol):
     in the daemon, a fake in tests)."""
 
     pid: int | None
-    memory: dict[str, int]
+    memory: dict[str, int]  # MLX active, peak and cache bytes, as last reported
 
     async def run(self, *, task_status: Any = ...) -> None: ...
+
+    async def stats(self) -> dict[str, Any]: ...
 
     def stop(self) -> None: ...
 
 
+def measured_bytes(memory: dict[str, int]) -> int:
+    """What a runner holds: MLX's live buffers plus the freed ones it keeps
+    cached for reuse (both are the process's memory)."""
+    return int(memory.get("active", 0)) + int(memory.get("cache", 0))
+
+
 class _LeaseTicket(p.Ticket):
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
+    def __init__(self, model: str, keep_alive_s: float | None) -> None:
+        super().__init__(model, keep_alive_s)
         self.done = trio.Event()
         self.runner: Any = None
         self.error: MlxdError | None = None
@@ -63,27 +76,49 @@ class Scheduler:
         self,
         models: Sequence[ModelConfig],
         make_runner: Callable[[str], Awaitable[Runner]],
+        budget: int = 2**62,
+        size_model: Callable[[str], Awaitable[int]] | None = None,
+        max_turn_s: float = 10.0,
     ) -> None:
-        """``make_runner(model)`` prepares (but does not start) a runner for a model."""
-        self._policy = p.Policy({m.name: m.max_concurrency for m in models})
+        """``make_runner(model)`` prepares (but does not start) a runner for a
+        model; ``size_model(model)`` estimates its bytes before a first load."""
+        specs = {
+            m.name: p.ModelSpec(
+                max_concurrency=m.max_concurrency,
+                queue_limit=m.queue_limit,
+                queue_timeout_s=m.queue_timeout_s,
+                keep_alive_s=m.keep_alive_s,
+                pinned=m.pinned,
+            )
+            for m in models
+        }
+        self._policy = p.Policy(specs, budget, max_turn_s)
+        self._preload = [m.name for m in models if m.preload]
         self._make_runner = make_runner
+        self._size_model = size_model
         self._send, self._events = trio.open_memory_channel[p.Event](math.inf)
         self._nursery: trio.Nursery | None = None
+        self.evictions: Counter[tuple[str, str]] = Counter()  # (model, reason)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the policy until ``shutdown`` has stopped every runner."""
         async with self._events, trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._measure)
+            for name in self._preload:
+                nursery.start_soon(self._load_at_start, name)
             task_status.started()
-            async for event in self._events:
+            while not self._policy.finished:
+                event: p.Event = p.Tick(trio.current_time())
+                with trio.move_on_at(self._policy.next_deadline()):
+                    event = await self._events.receive()
                 for effect in self._policy.handle(event):
                     self._apply(effect)
-                if self._policy.finished:
-                    break
+            nursery.cancel_scope.cancel()
 
     def shutdown(self) -> None:
         """Reject waiting requests and stop every runner; ``run`` then returns."""
-        self._post(p.Shutdown())
+        self._post(p.Shutdown(trio.current_time()))
 
     def _post(self, event: p.Event) -> bool:
         try:
@@ -93,38 +128,62 @@ class Scheduler:
             return False  # run() has returned: nobody is left to tell
 
     @asynccontextmanager
-    async def lease(self, model: str) -> AsyncIterator[Any]:
-        """Wait for a slot on ``model`` (loading it if needed) and hold it."""
-        ticket = _LeaseTicket(model)
-        if not self._post(p.Submitted(ticket)):
+    async def lease(self, model: str, keep_alive_s: float | None = None) -> AsyncIterator[Any]:
+        """Wait for a slot on ``model`` (loading it if needed) and hold it.
+        ``keep_alive_s`` overrides the model's keep-alive from this request on."""
+        if self._size_model is not None and self._policy.models[model].state is p.State.ABSENT:
+            self._post(p.Sized(model, await self._size_model(model), trio.current_time()))
+        ticket = _LeaseTicket(model, keep_alive_s)
+        if not self._post(p.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:
             await ticket.done.wait()
         except BaseException:
-            self._post(p.Withdrawn(ticket))
+            self._post(p.Withdrawn(ticket, trio.current_time()))
             raise
         if ticket.error is not None:
             raise ticket.error
         try:
             yield ticket.runner
         finally:
-            self._post(p.Released(ticket))
+            self._post(p.Released(ticket, trio.current_time()))
 
-    def status(self) -> list[dict[str, Any]]:
-        """A snapshot of every model, for the lifecycle API."""
-        out = []
-        for name, m in self._policy.models.items():
-            out.append(
+    async def load(self, model: str, keep_alive_s: float | None = None) -> None:
+        """Make ``model`` resident (waiting its turn like any request)."""
+        async with self.lease(model, keep_alive_s):
+            pass
+
+    def unload(self, model: str) -> None:
+        """Unload ``model`` once its running and queued requests are done."""
+        self._post(p.Unload(model, trio.current_time()))
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot of the pool, for the lifecycle API. Times are Unix time."""
+        now, wall = trio.current_time(), time.time()
+        pol = self._policy
+
+        def at(t: float) -> float | None:
+            return None if math.isinf(t) else round(wall + (t - now), 3)
+
+        models = []
+        for name, m in pol.models.items():
+            models.append(
                 {
                     "model": name,
                     "state": m.state.value,
+                    "bytes": m.bytes,
+                    "estimate": m.cost or None,
                     "running": len(m.running),
                     "queued": len(m.queue),
+                    "pinned": m.spec.pinned,
+                    "keep_alive_s": None if math.isinf(m.keep_alive_s) else m.keep_alive_s,
+                    "last_used": at(m.last_used) if m.state is p.State.READY else None,
+                    "expires_at": at(m.expires) if m.idle else None,
                     "pid": getattr(m.runner, "pid", None),
                     "memory": dict(getattr(m.runner, "memory", {}) or {}),
                 }
             )
-        return out
+        return {"budget": pol.budget, "used": pol.used, "models": models}
 
     def runner(self, model: str) -> Any:
         return self._policy.models[model].runner
@@ -144,12 +203,18 @@ class Scheduler:
             case p.StartRunner(model):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_runner, model)
-            case p.StopRunner(model, runner):
-                log.info("stopping runner for %s", model)
+            case p.StopRunner(model, runner, reason):
+                log.info("unloading %s (%s)", model, reason)
+                if reason != "shutdown":
+                    self.evictions[model, reason] += 1
                 runner.stop()
 
     async def _run_runner(self, model: str) -> None:
-        status = _OnStarted(lambda runner: self._post(p.Loaded(model, runner)))
+        def loaded(runner: Runner) -> None:
+            self._post(p.Loaded(model, runner, trio.current_time()))
+            self._post(p.Measured(model, measured_bytes(runner.memory), trio.current_time()))
+
+        status = _OnStarted(loaded)
         try:
             runner = await self._make_runner(model)
             log.info("loading %s", model)
@@ -164,6 +229,25 @@ class Scheduler:
                     else ModelLoadFailed(f"model {model!r} failed to load: {e}")
                 )
                 log.error("%s", error.message)
-                self._post(p.LoadFailed(model, error))
+                self._post(p.LoadFailed(model, error, trio.current_time()))
                 return
-        self._post(p.RunnerExited(model))
+        self._post(p.RunnerExited(model, trio.current_time()))
+
+    async def _measure(self) -> None:
+        """Keep each resident model's measured bytes current as its caches grow."""
+        while True:
+            await trio.sleep(MEASURE_EVERY_S)
+            for name, m in list(self._policy.models.items()):
+                if m.state is p.State.READY and m.runner is not None:
+                    try:
+                        stats = await m.runner.stats()
+                    except RunnerCrashed:
+                        continue
+                    memory = stats.get("memory", {})
+                    self._post(p.Measured(name, measured_bytes(memory), trio.current_time()))
+
+    async def _load_at_start(self, model: str) -> None:
+        try:
+            await self.load(model)
+        except MlxdError as e:
+            log.error("preloading %s failed: %s", model, e.message)

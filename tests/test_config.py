@@ -1,10 +1,12 @@
 """Settings: defaults, TOML, and errors that name the key."""
 
+import math
 from pathlib import Path
 
 import pytest
 
 from config.settings import BUNDLED, ConfigError, Settings
+from config.units import parse_bytes, parse_duration
 from daemon.cli import main
 
 
@@ -49,7 +51,11 @@ max_concurrency = 4
         ("port = 'x'", "port: expected a port number"),
         ("port = 70000", "port: expected a port number"),
         ("colour = 1", "colour: unknown key"),
-        ("[[models]]\nname = 'a'", "models[0].path: required"),
+        ("[[models]]\nname = 'a'", "models[0]: give either path"),
+        ("memory_budget = 'lots'", "memory_budget: not a size: 'lots'"),
+        ("memory_budget = 1.5", "memory_budget: expected a size or a fraction"),
+        ("[[models]]\nname = 'a'\npath = '/a'\nkeep_alive = 'soon'", "models[0].keep_alive: not a"),
+        ("[[models]]\nname = 'a'\nrepo = 'no-slash'", "models[0].repo: expected a Hugging"),
         (
             "[[models]]\nname = 'a'\npath = '/a'\nmax_concurrency = -2",
             "models[0].max_concurrency: expected a positive integer, got -2",
@@ -65,6 +71,42 @@ max_concurrency = 4
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         Settings.from_toml(write(tmp_path, text))
+
+
+def test_pool_settings(tmp_path: Path) -> None:
+    s = Settings.from_toml(
+        write(
+            tmp_path,
+            """
+memory_budget = "48GiB"
+[[models]]
+name = "q"
+repo = "mlx-community/Qwen3-4B-4bit"
+keep_alive = "forever"
+queue_limit = 3
+queue_timeout = "2m"
+pinned = true
+preload = true
+""",
+        )
+    )
+    (m,) = s.models
+    assert s.memory_budget == 48 * 2**30
+    assert m.source == "hf:mlx-community/Qwen3-4B-4bit"
+    assert m.keep_alive_s == math.inf and m.queue_timeout_s == 120
+    assert (m.queue_limit, m.pinned, m.preload) == (3, True, True)
+    assert Settings.from_mapping({"memory_budget": 0.8}).memory_budget == 0.8
+
+
+def test_units() -> None:
+    assert parse_bytes("512MiB") == 512 * 2**20 == parse_bytes("512M")
+    assert parse_bytes("1.5 GB") == int(1.5 * 2**30)
+    assert parse_duration(0) == 0 and parse_duration(-1) == math.inf
+    assert parse_duration("90s") == 90 and parse_duration("1h") == 3600
+    with pytest.raises(ValueError):
+        parse_duration("soon")
+    with pytest.raises(ValueError):
+        parse_duration(True)
 
 
 def test_config_check_prints_the_error_and_exits_1(

@@ -25,7 +25,11 @@ def test_every_error_maps_to_an_openai_error_object() -> None:
                 "code": body["error"]["code"],
             }
         }
-        assert body["error"]["type"] in {"invalid_request_error", "server_error"}
+        assert body["error"]["type"] in {
+            "invalid_request_error",
+            "rate_limit_error",
+            "server_error",
+        }
 
 
 def test_specific_codes() -> None:
@@ -35,3 +39,6 @@ def test_specific_codes() -> None:
     )
     assert describe(errors.ModelNotFound("m"))[0] == 404
     assert describe(errors.RunnerCrashed("m"))[0] == 502
+    assert describe(errors.QueueFull("m"))[0] == 429
+    assert describe(errors.QueueTimeout("m"))[1]["error"]["code"] == "queue_timeout"
+    assert describe(errors.ModelTooLarge("m"))[:1] == (503,)

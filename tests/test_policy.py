@@ -1,27 +1,50 @@
-"""The pool's decisions, called directly: no trio, no processes."""
+"""The pool's decisions, called directly: no trio, no processes, time passed in."""
 
 from scheduler import policy as p
-from scheduler.errors import ModelLoadFailed, ShuttingDown
+from scheduler.errors import ModelLoadFailed, ModelTooLarge, QueueFull, QueueTimeout, ShuttingDown
 
 RUNNER = object()
+GB = 10**9
+
+
+def policy(budget: int = 100 * GB, max_turn_s: float = 10.0, **specs: p.ModelSpec) -> p.Policy:
+    return p.Policy(specs, budget, max_turn_s)
+
+
+def spec(cost: int = 10 * GB, **kw: float | int | bool) -> p.ModelSpec:
+    return p.ModelSpec(cost=cost, **kw)  # type: ignore[arg-type]
 
 
 def tickets(model: str, n: int) -> list[p.Ticket]:
     return [p.Ticket(model) for _ in range(n)]
 
 
-def submit_all(pol: p.Policy, ts: list[p.Ticket]) -> list[p.Effect]:
-    return [e for t in ts for e in pol.handle(p.Submitted(t))]
+def submit_all(pol: p.Policy, ts: list[p.Ticket], now: float = 0.0) -> list[p.Effect]:
+    return [e for t in ts for e in pol.handle(p.Submitted(t, now))]
+
+
+def serve_once(pol: p.Policy, model: str, now: float) -> None:
+    """Load ``model`` (it must fit), run one request on it and finish it."""
+    (t,) = tickets(model, 1)
+    assert pol.handle(p.Submitted(t, now)) == [p.StartRunner(model)]
+    assert pol.handle(p.Loaded(model, RUNNER, now)) == [p.Grant(t, RUNNER)]
+    pol.handle(p.Released(t, now))
+
+
+def rejected(effects: list[p.Effect]) -> list[p.Reject]:
+    return [e for e in effects if isinstance(e, p.Reject)]
+
+
+# -- one model ----------------------------------------------------------------
 
 
 def test_ten_first_requests_start_one_load() -> None:
-    pol = p.Policy({"a": 4})
-    effects = submit_all(pol, tickets("a", 10))
-    assert effects == [p.StartRunner("a")]
+    pol = policy(a=spec(max_concurrency=4))
+    assert submit_all(pol, tickets("a", 10)) == [p.StartRunner("a")]
 
 
 def test_grants_up_to_max_concurrency_then_one_per_release() -> None:
-    pol = p.Policy({"a": 2})
+    pol = policy(a=spec(max_concurrency=2))
     ts = tickets("a", 3)
     submit_all(pol, ts)
     assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(ts[0], RUNNER), p.Grant(ts[1], RUNNER)]
@@ -30,17 +53,14 @@ def test_grants_up_to_max_concurrency_then_one_per_release() -> None:
 
 
 def test_resident_model_grants_at_once() -> None:
-    pol = p.Policy({"a": 1})
-    (t,) = tickets("a", 1)
-    pol.handle(p.Submitted(t))
-    pol.handle(p.Loaded("a", RUNNER))
-    pol.handle(p.Released(t))
+    pol = policy(a=spec())
+    serve_once(pol, "a", 0)
     (u,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(u)) == [p.Grant(u, RUNNER)]
+    assert pol.handle(p.Submitted(u, 1)) == [p.Grant(u, RUNNER)]
 
 
 def test_withdrawn_ticket_leaves_queue_and_is_never_granted() -> None:
-    pol = p.Policy({"a": 1})
+    pol = policy(a=spec(max_concurrency=1))
     ts = tickets("a", 3)
     submit_all(pol, ts)
     pol.handle(p.Withdrawn(ts[1]))
@@ -48,8 +68,18 @@ def test_withdrawn_ticket_leaves_queue_and_is_never_granted() -> None:
     assert pol.handle(p.Released(ts[0])) == [p.Grant(ts[2], RUNNER)]
 
 
+def test_withdrawn_before_load_never_causes_one() -> None:
+    pol = policy(b=spec(cost=80 * GB), a=spec(cost=80 * GB))
+    serve_once(pol, "b", 0)
+    (t,) = tickets("a", 1)
+    effects = pol.handle(p.Submitted(t, 1))  # b is idle: evicted to make room
+    assert effects == [p.StopRunner("b", RUNNER, "memory")]
+    pol.handle(p.Withdrawn(t, 2))  # the client hangs up while b stops
+    assert pol.handle(p.RunnerExited("b", 3)) == []  # nothing loads for nobody
+
+
 def test_withdrawn_after_grant_frees_the_slot() -> None:
-    pol = p.Policy({"a": 1})
+    pol = policy(a=spec(max_concurrency=1))
     ts = tickets("a", 2)
     submit_all(pol, ts)
     pol.handle(p.Loaded("a", RUNNER))
@@ -57,55 +87,252 @@ def test_withdrawn_after_grant_frees_the_slot() -> None:
 
 
 def test_load_failure_rejects_waiters_and_does_not_retry() -> None:
-    pol = p.Policy({"a": 1})
+    pol = policy(a=spec())
     ts = tickets("a", 2)
     submit_all(pol, ts)
     err = ModelLoadFailed("broken weights")
     assert pol.handle(p.LoadFailed("a", err)) == [p.Reject(ts[0], err), p.Reject(ts[1], err)]
-    # The next request tries again, once.
-    (t,) = tickets("a", 1)
+    assert pol.used == 0
+    (t,) = tickets("a", 1)  # the next request tries again, once
     assert pol.handle(p.Submitted(t)) == [p.StartRunner("a")]
 
 
-def test_runner_exit_reloads_only_if_requests_wait() -> None:
-    pol = p.Policy({"a": 1})
+def test_runner_exit_frees_its_bytes_and_reloads_only_if_requests_wait() -> None:
+    pol = policy(a=spec(max_concurrency=1))
     ts = tickets("a", 2)
     submit_all(pol, ts)
     pol.handle(p.Loaded("a", RUNNER))
     assert pol.handle(p.RunnerExited("a")) == [p.StartRunner("a")]  # ts[1] still waits
-    pol2 = p.Policy({"a": 1})
+    quiet = policy(a=spec())
+    serve_once(quiet, "a", 0)
+    assert quiet.used == 10 * GB
+    assert quiet.handle(p.RunnerExited("a", 1)) == []
+    assert quiet.models["a"].state is p.State.ABSENT
+    assert quiet.used == 0
+
+
+# -- queues ---------------------------------------------------------------------
+
+
+def test_one_more_than_running_plus_queue_limit_is_refused() -> None:
+    pol = policy(a=spec(max_concurrency=1, queue_limit=2))
+    ts = tickets("a", 3)
+    submit_all(pol, ts)
+    pol.handle(p.Loaded("a", RUNNER))  # one runs, two wait
+    (extra,) = tickets("a", 1)
+    (reject,) = rejected(pol.handle(p.Submitted(extra)))
+    assert isinstance(reject.error, QueueFull)
+    assert "1 requests running and 2 waiting" in reject.error.message
+    pol.handle(p.Released(ts[0]))  # room again
+    (late,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(late)) == []
+
+
+def test_a_request_that_waits_past_its_queue_timeout_is_rejected() -> None:
+    pol = policy(a=spec(max_concurrency=1, queue_timeout_s=5))
+    ts = tickets("a", 2)
+    submit_all(pol, ts, now=0)
+    pol.handle(p.Loaded("a", RUNNER, 1))
+    assert pol.next_deadline() == 5
+    assert pol.handle(p.Tick(4.9)) == []
+    (reject,) = pol.handle(p.Tick(5))
+    assert reject.ticket is ts[1] and isinstance(reject.error, QueueTimeout)
+    assert "queue timeout 5 s" in reject.error.message
+
+
+# -- memory ---------------------------------------------------------------------
+
+
+def test_a_model_that_cannot_fit_alone_is_refused_naming_the_bytes() -> None:
+    pol = policy(budget=100 * GB, big=spec(cost=150 * GB))
+    (t,) = tickets("big", 1)
+    (reject,) = pol.handle(p.Submitted(t))
+    assert isinstance(reject.error, ModelTooLarge)
+    assert str(150 * GB) in reject.error.message and str(100 * GB) in reject.error.message
+    assert pol.used == 0
+
+
+def test_pinned_models_count_against_what_another_model_can_ever_have() -> None:
+    pol = policy(budget=100 * GB, pin=spec(cost=40 * GB, pinned=True), b=spec(cost=70 * GB))
+    serve_once(pol, "pin", 0)
+    (t,) = tickets("b", 1)
+    (reject,) = pol.handle(p.Submitted(t, 1))
+    assert isinstance(reject.error, ModelTooLarge)
+    assert "pinned" in reject.error.message
+
+
+def test_a_load_evicts_the_least_recently_used_idle_model_and_waits_for_its_exit() -> None:
+    pol = policy(budget=100 * GB, a=spec(cost=40 * GB), b=spec(cost=40 * GB), c=spec(cost=40 * GB))
+    serve_once(pol, "a", 1)
+    serve_once(pol, "b", 2)
+    (t,) = tickets("c", 1)
+    assert pol.handle(p.Submitted(t, 3)) == [p.StopRunner("a", RUNNER, "memory")]
+    assert pol.used == 80 * GB  # a's bytes stay charged until its process is gone
+    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("c")]
+    assert pol.used == 80 * GB <= pol.budget
+
+
+def test_ties_in_last_use_evict_the_shorter_keep_alive_first() -> None:
+    pol = policy(
+        budget=100 * GB,
+        long=spec(cost=40 * GB, keep_alive_s=3600),
+        short=spec(cost=40 * GB, keep_alive_s=60),
+        c=spec(cost=40 * GB),
+    )
+    serve_once(pol, "long", 1)
+    serve_once(pol, "short", 1)
+    (t,) = tickets("c", 1)
+    assert pol.handle(p.Submitted(t, 2)) == [p.StopRunner("short", RUNNER, "memory")]
+
+
+def test_pinned_and_busy_models_are_never_evicted_and_a_swap_waits_for_requests() -> None:
+    pol = policy(
+        budget=100 * GB,
+        pin=spec(cost=40 * GB, pinned=True),
+        a=spec(cost=40 * GB),
+        b=spec(cost=40 * GB),
+    )
+    serve_once(pol, "pin", 0)
+    (busy,) = tickets("a", 1)
+    pol.handle(p.Submitted(busy, 1))
+    pol.handle(p.Loaded("a", RUNNER, 1))  # a is running a request
+    (t,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(t, 2)) == []  # nothing can go: b waits
+    assert pol.handle(p.Released(busy, 3)) == [p.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("b")]
+
+
+def test_requests_to_a_resident_model_are_served_while_another_loads() -> None:
+    pol = policy(a=spec(), b=spec())
+    serve_once(pol, "a", 0)
+    (b,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(b, 1)) == [p.StartRunner("b")]
+    (a,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(a, 2)) == [p.Grant(a, RUNNER)]  # b is still loading
+
+
+def test_measured_bytes_replace_a_smaller_estimate_and_overflow_evicts_idle_models() -> None:
+    pol = policy(budget=100 * GB, a=spec(cost=40 * GB), b=spec(cost=40 * GB))
+    serve_once(pol, "a", 1)
+    serve_once(pol, "b", 2)
+    assert pol.handle(p.Measured("a", 30 * GB, 3)) == []
+    assert pol.models["a"].bytes == 40 * GB  # never below the reservation
+    assert pol.handle(p.Measured("b", 70 * GB, 4)) == [p.StopRunner("a", RUNNER, "memory")]
+
+
+def test_sized_updates_the_estimate_before_a_first_load() -> None:
+    pol = policy(budget=100 * GB, a=spec(cost=0))
+    pol.handle(p.Sized("a", 120 * GB))
     (t,) = tickets("a", 1)
-    pol2.handle(p.Submitted(t))
-    pol2.handle(p.Loaded("a", RUNNER))
-    assert pol2.handle(p.RunnerExited("a")) == []
-    assert pol2.models["a"].state is p.State.ABSENT
+    (reject,) = pol.handle(p.Submitted(t))
+    assert isinstance(reject.error, ModelTooLarge)
 
 
-def test_models_are_independent() -> None:
-    pol = p.Policy({"a": 1, "b": 1})
-    (a,), (b,) = tickets("a", 1), tickets("b", 1)
-    pol.handle(p.Submitted(a))
+# -- keep-alive and unload ------------------------------------------------------
+
+
+def test_idle_model_is_unloaded_when_its_keep_alive_runs_out() -> None:
+    pol = policy(a=spec(keep_alive_s=60))
+    serve_once(pol, "a", 10)
+    assert pol.next_deadline() == 70
+    assert pol.handle(p.Tick(69)) == []
+    assert pol.handle(p.Tick(70)) == [p.StopRunner("a", RUNNER, "expired")]
+
+
+def test_a_request_keep_alive_overrides_the_model_and_zero_unloads_when_idle() -> None:
+    pol = policy(a=spec(keep_alive_s=60))
+    serve_once(pol, "a", 0)
+    t = p.Ticket("a", keep_alive_s=0)
+    assert pol.handle(p.Submitted(t, 1)) == [p.Grant(t, RUNNER)]
+    assert pol.handle(p.Released(t, 2)) == [p.StopRunner("a", RUNNER, "idle")]
+    forever = policy(a=spec(keep_alive_s=60))
+    serve_once(forever, "a", 0)
+    u = p.Ticket("a", keep_alive_s=p.FOREVER)
+    forever.handle(p.Submitted(u, 1))
+    forever.handle(p.Released(u, 2))
+    assert forever.next_deadline() == p.FOREVER
+
+
+def test_pinned_model_never_expires() -> None:
+    pol = policy(a=spec(keep_alive_s=0, pinned=True))
+    serve_once(pol, "a", 0)
+    assert pol.next_deadline() == p.FOREVER
+    assert pol.handle(p.Tick(10**6)) == []
+
+
+def test_unload_waits_for_running_requests() -> None:
+    pol = policy(a=spec())
+    (t,) = tickets("a", 1)
+    pol.handle(p.Submitted(t))
     pol.handle(p.Loaded("a", RUNNER))
-    assert pol.handle(p.Submitted(b)) == [p.StartRunner("b")]
-    assert pol.models["a"].running == {a}
+    assert pol.handle(p.Unload("a", 1)) == []
+    assert pol.handle(p.Released(t, 2)) == [p.StopRunner("a", RUNNER, "manual")]
+
+
+# -- taking turns -----------------------------------------------------------------
+
+
+def loads(effects: list[p.Effect]) -> list[str]:
+    return [e.model for e in effects if isinstance(e, p.StartRunner)]
+
+
+def test_waiting_requests_are_served_together_not_a_b_a_b() -> None:
+    pol = policy(budget=10 * GB, a=spec(max_concurrency=4), b=spec(max_concurrency=4))
+    effects: list[p.Effect] = []
+    for i in range(3):  # interleaved arrivals: a, b, a, b, a, b
+        effects += submit_all(pol, tickets("a", 1), now=i)
+        effects += submit_all(pol, tickets("b", 1), now=i)
+    effects += pol.handle(p.Loaded("a", RUNNER, 3))
+    grants_a = [e.ticket for e in effects if isinstance(e, p.Grant)]
+    assert len(grants_a) == 3  # all of a's waiting requests at once
+    for t in grants_a:
+        effects += pol.handle(p.Released(t, 4))
+    effects += pol.handle(p.RunnerExited("a", 5))
+    effects += pol.handle(p.Loaded("b", RUNNER, 6))
+    assert loads(effects) == ["a", "b"]  # two loads for six requests
+    assert sum(isinstance(e, p.Grant) for e in effects) == 6
+
+
+def test_a_busy_model_drains_after_max_turn_so_a_waiting_model_gets_its_turn() -> None:
+    pol = policy(budget=10 * GB, max_turn_s=10, a=spec(max_concurrency=2), b=spec())
+    (first,) = tickets("a", 1)
+    pol.handle(p.Submitted(first, 0))
+    pol.handle(p.Loaded("a", RUNNER, 0))
+    (wb,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(wb, 1)) == []  # a is busy: b waits
+    assert pol.next_deadline() == 11
+    (more,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(more, 5)) == [p.Grant(more, RUNNER)]  # within b's wait bound
+    pol.handle(p.Released(more, 6))
+    assert pol.handle(p.Tick(11)) == []  # a now drains
+    (late,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(late, 12)) == []  # not granted: a is draining
+    assert pol.handle(p.Released(first, 13)) == [p.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(p.RunnerExited("a", 14)) == [p.StartRunner("b")]
+    assert pol.handle(p.Loaded("b", RUNNER, 15)) == [p.Grant(wb, RUNNER)]
+    # a's waiting request has its turn next.
+    assert pol.handle(p.Released(wb, 16)) == [p.StopRunner("b", RUNNER, "memory")]
+    assert pol.handle(p.RunnerExited("b", 17)) == [p.StartRunner("a")]
+
+
+# -- shutdown -----------------------------------------------------------------------
 
 
 def test_shutdown_rejects_waiters_stops_runners_and_refuses_new() -> None:
-    pol = p.Policy({"a": 1, "b": 1})
+    pol = policy(a=spec(max_concurrency=1), b=spec())
     ts = tickets("a", 2)
     submit_all(pol, ts)
     pol.handle(p.Loaded("a", RUNNER))
     (b,) = tickets("b", 1)
     pol.handle(p.Submitted(b))  # b is loading
     effects = pol.handle(p.Shutdown())
-    assert p.StopRunner("a", RUNNER) in effects
-    assert [e.ticket for e in effects if isinstance(e, p.Reject)] == [ts[1], b]
-    assert all(isinstance(e.error, ShuttingDown) for e in effects if isinstance(e, p.Reject))
+    assert p.StopRunner("a", RUNNER, "shutdown") in effects
+    assert [e.ticket for e in rejected(effects)] == [ts[1], b]
+    assert all(isinstance(e.error, ShuttingDown) for e in rejected(effects))
     (late,) = tickets("a", 1)
-    (reject,) = pol.handle(p.Submitted(late))
-    assert isinstance(reject, p.Reject)
+    assert isinstance(pol.handle(p.Submitted(late))[0], p.Reject)
     # b finishes loading during shutdown: it is stopped at once.
-    assert pol.handle(p.Loaded("b", RUNNER)) == [p.StopRunner("b", RUNNER)]
+    assert pol.handle(p.Loaded("b", RUNNER)) == [p.StopRunner("b", RUNNER, "shutdown")]
     assert not pol.finished
     pol.handle(p.RunnerExited("a"))
     pol.handle(p.RunnerExited("b"))

@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from config.settings import ModelConfig
-from scheduler.errors import ModelLoadFailed, ShuttingDown
+from scheduler.errors import ModelLoadFailed, QueueFull, QueueTimeout, ShuttingDown
 from scheduler.pool import Scheduler
 
 
@@ -29,6 +29,9 @@ class FakeRunner:
         task_status.started(self)
         await self.exit.wait()
 
+    async def stats(self) -> dict[str, Any]:
+        return {"memory": self.memory}
+
     def stop(self) -> None:
         self.exit.set()
 
@@ -45,12 +48,27 @@ class Factory:
 
 
 MODELS = [ModelConfig("a", "/a", max_concurrency=2), ModelConfig("b", "/b", max_concurrency=2)]
+GB = 10**9
 
 
-async def started(nursery: trio.Nursery, factory: Factory) -> Scheduler:
-    scheduler = Scheduler(MODELS, factory)
+async def started(
+    nursery: trio.Nursery,
+    factory: Factory,
+    models: list[ModelConfig] = MODELS,
+    budget: int = 100 * GB,
+    cost: int = 10 * GB,
+) -> Scheduler:
+    async def size(model: str) -> int:
+        return cost
+
+    scheduler = Scheduler(models, factory, budget=budget, size_model=size)
     await nursery.start(scheduler.run)
     return scheduler
+
+
+def state(scheduler: Scheduler, model: str) -> dict[str, Any]:
+    (m,) = [m for m in scheduler.status()["models"] if m["model"] == model]
+    return m
 
 
 async def test_concurrent_first_requests_share_one_load(
@@ -89,7 +107,7 @@ async def test_resident_model_serves_while_another_loads(
     await trio.testing.wait_all_tasks_blocked()
     async with scheduler.lease("a"):
         assert trio.current_time() - t0 < 1  # not behind b's five-minute load
-    assert scheduler.status()[1]["state"] == "loading"
+    assert state(scheduler, "b")["state"] == "loading"
 
 
 async def test_queued_request_that_gives_up_never_runs(
@@ -101,7 +119,8 @@ async def test_queued_request_that_gives_up_never_runs(
         async with scheduler.lease("a"):
             pytest.fail("granted after withdrawing")
     await trio.testing.wait_all_tasks_blocked()
-    assert scheduler.status()[0]["queued"] == 0
+    assert state(scheduler, "a")["queued"] == 0
+    assert len(factory.made) == 1  # its load had started; it is not retried either
 
 
 async def test_extra_requests_wait_for_a_slot(
@@ -156,7 +175,8 @@ async def test_crashed_runner_is_loaded_again_on_next_request(
         pass
     factory.made[0].exit.set()  # the process dies
     await trio.testing.wait_all_tasks_blocked()
-    assert scheduler.status()[0]["state"] == "absent"
+    assert state(scheduler, "a")["state"] == "absent"
+    assert scheduler.status()["used"] == 0
     async with scheduler.lease("a") as runner:
         assert runner is factory.made[1]
 
@@ -175,3 +195,92 @@ async def test_shutdown_stops_runners_and_refuses_new_leases(
     with pytest.raises(ShuttingDown):
         async with scheduler.lease("a"):
             pass
+
+
+async def test_a_swap_waits_for_in_flight_requests(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    factory = Factory(load_s=5)
+    scheduler = await started(nursery, factory, budget=100 * GB, cost=60 * GB)
+    events: list[tuple[str, float]] = []
+
+    async def use_a() -> None:
+        async with scheduler.lease("a"):
+            await trio.sleep(50)
+            events.append(("a done", trio.current_time()))
+
+    async def use_b() -> None:
+        async with scheduler.lease("b"):
+            events.append(("b granted", trio.current_time()))
+            assert factory.made[0].exit.is_set()  # a's runner is gone first
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(use_a)
+        await trio.sleep(10)
+        inner.start_soon(use_b)
+    (_, a_done), (_, b_granted) = events
+    assert b_granted >= a_done + 5  # after a finished, plus b's own load
+    assert scheduler.evictions == {("a", "memory"): 1}
+    assert scheduler.status()["used"] <= 100 * GB
+
+
+async def test_idle_model_unloads_when_keep_alive_runs_out(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    factory = Factory(load_s=1)
+    models = [ModelConfig("a", "/a", keep_alive_s=30)]
+    scheduler = await started(nursery, factory, models)
+    async with scheduler.lease("a"):
+        pass
+    await trio.sleep(29)
+    assert state(scheduler, "a")["state"] == "ready"
+    assert state(scheduler, "a")["expires_at"] is not None
+    await trio.sleep(2)
+    assert factory.made[0].exit.is_set()
+    assert state(scheduler, "a")["state"] == "absent"
+    assert scheduler.evictions == {("a", "expired"): 1}
+
+
+async def test_queue_limit_and_queue_timeout(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    models = [ModelConfig("a", "/a", max_concurrency=1, queue_limit=1, queue_timeout_s=10)]
+    scheduler = await started(nursery, Factory(load_s=1), models)
+    holding = trio.Event()
+
+    async def hold() -> None:
+        async with scheduler.lease("a"):
+            holding.set()
+            await trio.sleep(60)
+
+    nursery.start_soon(hold)
+    await holding.wait()
+    t0 = trio.current_time()
+    async with trio.open_nursery() as inner:
+
+        async def wait_in_queue() -> None:
+            with pytest.raises(QueueTimeout):
+                async with scheduler.lease("a"):
+                    pass
+            assert trio.current_time() - t0 == pytest.approx(10)
+
+        inner.start_soon(wait_in_queue)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(QueueFull):  # one running, one waiting: full
+            async with scheduler.lease("a"):
+                pass
+
+
+async def test_unload_and_preload(autojump_clock: trio.testing.MockClock) -> None:
+    factory = Factory(load_s=3)
+    models = [ModelConfig("a", "/a", preload=True), ModelConfig("b", "/b")]
+    async with trio.open_nursery() as nursery:
+        scheduler = await started(nursery, factory, models)
+        await trio.sleep(5)
+        assert state(scheduler, "a")["state"] == "ready"  # loaded with no request
+        assert state(scheduler, "b")["state"] == "absent"
+        scheduler.unload("a")
+        await trio.testing.wait_all_tasks_blocked()
+        assert state(scheduler, "a")["state"] == "absent"
+        assert scheduler.evictions == {("a", "manual"): 1}
+        scheduler.shutdown()

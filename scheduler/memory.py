@@ -1,0 +1,79 @@
+"""The memory budget, and what a model will cost before it is loaded.
+
+The daemon itself never runs MLX work: on Linux it does not even import MLX
+(a CUDA context there would share the GPU with the runners). On a Mac it asks
+Metal for the recommended working-set size, which is what MLX itself treats
+as the memory it can use without the system swapping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from config.settings import ModelConfig
+
+RAM_FRACTION = 0.75  # default budget where Metal gives no figure
+PREFILL_CHUNK = 2048  # mlx-lm's prefill step: the activations held at once
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+def device_memory() -> tuple[int, str]:
+    """The memory a budget is a fraction of, and where the figure came from."""
+    if sys.platform == "darwin":
+        import mlx.core as mx
+
+        info = mx.device_info()
+        if "max_recommended_working_set_size" in info:
+            return int(info["max_recommended_working_set_size"]), "Metal working set"
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram, "RAM"
+
+
+def resolve_budget(setting: int | float | None) -> tuple[int, str]:
+    """Bytes from the ``memory_budget`` setting: bytes as given, a fraction of
+    the device's memory, or (unset) Metal's working set or 75% of RAM."""
+    if isinstance(setting, int):
+        return setting, "configured"
+    total, where = device_memory()
+    if setting is None:
+        fraction = 1.0 if where.startswith("Metal") else RAM_FRACTION
+    else:
+        fraction = setting
+    return int(total * fraction), f"{fraction:g} of {where}"
+
+
+def estimate(model_dir: Path, model: ModelConfig, max_context: int) -> int:
+    """Bytes the model will hold when loaded and busy: its weights, a KV cache
+    for ``max_concurrency`` sequences of ``max_context`` tokens, and working
+    memory (logits for the batch, activations of one prefill chunk)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    weights = sum(f.stat().st_size for f in files)
+    config = json.loads((model_dir / "config.json").read_text())
+    act = _activation_bytes(files[0]) if files else 2
+    heads = config.get("num_attention_heads", 1)
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1)
+    layers = config.get("num_hidden_layers", 0)
+    kv = 2 * layers * kv_heads * head_dim * act * max_context * model.max_concurrency
+    hidden = config.get("hidden_size", 0)
+    inter = config.get("intermediate_size", 4 * hidden)
+    vocab = config.get("vocab_size", 0)
+    work = model.max_concurrency * vocab * 4 + PREFILL_CHUNK * (4 * hidden + 3 * inter) * act
+    return int(weights + kv + work + weights // 10)
+
+
+def _activation_bytes(path: Path) -> int:
+    """The width of the model's unquantized tensors (its norms), which is what
+    its activations and KV cache are computed in."""
+    with path.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header: dict[str, Any] = json.loads(f.read(size))
+    for name, info in header.items():
+        if name.endswith("norm.weight"):
+            return _DTYPE_BYTES.get(info.get("dtype", ""), 2)
+    return 2

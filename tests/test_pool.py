@@ -1,0 +1,148 @@
+"""The pool end to end: real runners, real tiny MLX models, real HTTP."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from api.texts import Texts
+from config.settings import ModelConfig
+from scheduler import memory
+from tests.conftest import Daemon, running, settings_for
+
+NAMES = ("a", "b", "c")
+
+
+async def ps(daemon: Daemon) -> dict[str, Any]:
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"{daemon.url}/api/ps")
+    reply.raise_for_status()
+    return dict(reply.json())
+
+
+async def eventually(daemon: Daemon, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll the lifecycle API until ``check`` holds (30 s at most)."""
+    with trio.fail_after(30):
+        for _ in itertools.count():
+            pool = await ps(daemon)
+            if check(pool):
+                break
+            await trio.sleep(0.02)
+    return pool
+
+
+def resident(pool: dict[str, Any]) -> list[str]:
+    return [m["model"] for m in pool["models"] if m["state"] in {"loading", "ready", "stopping"}]
+
+
+def check_budget(pool: dict[str, Any]) -> None:
+    """At most two resident, charged and measured bytes under the budget."""
+    assert len(resident(pool)) <= 2, pool
+    assert pool["used"] <= pool["budget"]
+    measured = sum(m["memory"].get("active", 0) for m in pool["models"])
+    assert measured <= pool["budget"]
+
+
+@pytest.fixture
+async def three(tiny_dir: Path, tmp_path: Path) -> Any:
+    """Three copies of the tiny model under a budget that fits two."""
+    models = [
+        ModelConfig(n, str(tiny_dir), max_concurrency=1, queue_limit=1, keep_alive_s=600)
+        for n in NAMES
+    ]
+    cost = memory.estimate(tiny_dir, models[0], Texts(tiny_dir, None).max_context)
+    settings = settings_for(tmp_path, *models, memory_budget=int(cost * 2.5))
+    async with running(settings) as daemon:
+        yield daemon
+
+
+async def test_three_models_take_turns_under_a_budget_for_two(three: Daemon) -> None:
+    turns = NAMES * 2
+    async with three.client() as client:
+        for i, name in enumerate(turns):
+            reply = await client.completions.create(model=name, prompt="Hi", max_tokens=3)
+            assert reply.choices[0].finish_reason == "length"
+            pool = await ps(three)
+            check_budget(pool)
+            # Each swap evicted the least recently used model.
+            assert set(resident(pool)) == set(turns[max(0, i - 1) : i + 1])
+
+
+async def test_an_over_long_prompt_is_refused_before_anything_loads(three: Daemon) -> None:
+    before = await ps(three)
+    assert resident(before) == []
+    async with three.client() as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model="a", prompt="word " * 600, max_tokens=8)
+    assert info.value.code == "context_length_exceeded"
+    assert "512" in info.value.message
+    assert resident(await ps(three)) == []
+
+
+async def test_one_more_request_than_the_queue_holds_gets_429(three: Daemon) -> None:
+    body = {"model": "a", "prompt": "Go", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(timeout=60) as http:
+        started = trio.Event()
+
+        async def long_stream() -> None:
+            async with http.stream("POST", f"{three.url}/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                async for _ in r.aiter_lines():
+                    started.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(long_stream)  # runs (max_concurrency 1)
+            await started.wait()
+            nursery.start_soon(long_stream)  # waits (queue_limit 1)
+            await eventually(three, lambda pool: pool["models"][0]["queued"] == 1)
+            extra = await http.post(f"{three.url}/v1/completions", json=body)
+            nursery.cancel_scope.cancel()
+    assert extra.status_code == 429
+    assert extra.headers["Retry-After"] == "1"
+    assert extra.json()["error"]["code"] == "queue_full"
+
+
+async def test_lifecycle_api_load_and_unload(three: Daemon) -> None:
+    async with httpx.AsyncClient(timeout=60) as http:
+        loaded = await http.post(f"{three.url}/api/load", json={"model": "b"})
+        assert loaded.json() == {"model": "b", "state": "ready"}
+        pool = await ps(three)
+        (b,) = [m for m in pool["models"] if m["model"] == "b"]
+        assert b["state"] == "ready" and b["bytes"] > 0 and b["memory"]["active"] > 0
+        assert b["expires_at"] is not None and b["running"] == b["queued"] == 0
+        await http.post(f"{three.url}/api/unload", json={"model": "b"})
+        pool = await eventually(three, lambda pool: not resident(pool))
+        assert pool["used"] == 0
+        unknown = await http.post(f"{three.url}/api/load", json={"model": "nope"})
+        assert unknown.status_code == 404
+
+
+async def test_a_killed_runner_fails_only_its_own_stream(three: Daemon) -> None:
+    async with three.client() as client:
+        doomed = await client.completions.create(
+            model="a", prompt="Go", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+        )
+        other = await client.completions.create(
+            model="b", prompt="Go", max_tokens=60, stream=True, extra_body={"ignore_eos": True}
+        )
+        pool = await ps(three)
+        pid = next(m["pid"] for m in pool["models"] if m["model"] == "a")
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="exited"):
+            async for _ in doomed:
+                pass
+        finish = [c.choices[0].finish_reason async for c in other if c.choices]
+        assert finish[-1] == "length"
+        pool = await ps(three)
+        assert next(m for m in pool["models"] if m["model"] == "a")["bytes"] == 0
+        again = await client.completions.create(model="a", prompt="Go", max_tokens=3)
+    assert again.choices[0].finish_reason == "length"
