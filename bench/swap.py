@@ -82,7 +82,7 @@ async def stream(port: int, model: str, prompt: list[int], tokens: int) -> list[
     return stamps
 
 
-async def absent(port: int, model: str) -> None:
+async def absent(port: int, model: str, settle_s: float) -> None:
     """Wait until ``model`` has been unloaded, then give the spare runner time
     to finish its imports, as it would have between requests in real use."""
     async with httpx.AsyncClient() as http:
@@ -91,7 +91,7 @@ async def absent(port: int, model: str) -> None:
             if all(m["state"] == "absent" for m in pool["models"] if m["model"] == model):
                 break
             await trio.sleep(0.1)
-    await trio.sleep(5)
+    await trio.sleep(settle_s)
 
 
 def rate(stamps: list[float], start: float, end: float) -> float:
@@ -121,7 +121,7 @@ async def through_mlxd(port: int, prompt: list[int], args: argparse.Namespace) -
     cold = []
     await stream(port, "cold", prompt, 1)  # warm-up: kernels compile
     for _ in range(args.repeat):
-        await absent(port, "cold")
+        await absent(port, "cold", args.settle)
         stamps = await stream(port, "cold", prompt, 1)
         cold.append(stamps[1] - stamps[0])
 
@@ -130,7 +130,7 @@ async def through_mlxd(port: int, prompt: list[int], args: argparse.Namespace) -
     for _ in range(args.repeat):
         stamps = await stream(port, "resident", prompt, args.tokens)
         alone.append(rate(stamps, stamps[1], stamps[-1]))
-        await absent(port, "other")
+        await absent(port, "other", args.settle)
         during.append(await resident_during_load(port, prompt, args.tokens))
     return {
         "cold_ttft_s": statistics.median(cold),
@@ -149,6 +149,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=300, help="tokens of the resident stream")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument(
+        "--settle", type=float, default=30, help="seconds between loads (the spare's imports)"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     model = Path(args.model)

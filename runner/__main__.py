@@ -3,9 +3,11 @@
 Loads one MLX model and serves the protocol in ``runner/protocol.py`` over its
 stdin and stdout. Without MODEL_DIR it imports MLX and mlx-lm (seconds of
 work) and then waits for a ``load`` command naming the model: the daemon keeps
-one such spare process ready, so that loading a model costs only the load. A reader thread turns stdin lines into commands on a queue;
-the main thread does all MLX work, draining the queue between decoding steps
-(and blocking on it when there is nothing to decode).
+one such spare process ready, so that loading a model costs only the load.
+
+A reader thread turns stdin lines into commands on a queue; the main thread
+does all MLX work, draining the queue between decoding steps (and blocking on
+it when there is nothing to decode).
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
         out.write(protocol.encode(msg))
 
     if model_dir is None:  # a spare: wait for the model to load
+        mx.eval(mx.zeros(1))  # start the device now (a CUDA context takes a second)
         line = sys.stdin.buffer.readline()
         if not line:
             return 0

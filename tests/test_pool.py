@@ -16,6 +16,7 @@ import trio
 
 from api.texts import Texts
 from config.settings import ModelConfig
+from daemon.cli import main
 from scheduler import memory
 from tests.conftest import Daemon, running, settings_for
 
@@ -146,3 +147,29 @@ async def test_a_killed_runner_fails_only_its_own_stream(three: Daemon) -> None:
         assert next(m for m in pool["models"] if m["model"] == "a")["bytes"] == 0
         again = await client.completions.create(model="a", prompt="Go", max_tokens=3)
     assert again.choices[0].finish_reason == "length"
+
+
+async def test_keep_alive_zero_in_a_request_unloads_the_model_once_idle(three: Daemon) -> None:
+    async with three.client() as client:
+        await client.completions.create(model="c", prompt="Hi", max_tokens=2)
+        assert "c" in resident(await ps(three))  # its configured keep-alive is 600 s
+        await client.completions.create(
+            model="c", prompt="Hi", max_tokens=2, extra_body={"keep_alive": 0}
+        )
+    await eventually(three, lambda pool: "c" not in resident(pool))
+
+
+async def test_cli_ps_load_unload_talk_to_the_daemon(
+    three: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = ["--port", str(three.settings.port)]
+    assert await trio.to_thread.run_sync(main, ["load", "a", *port]) == 0
+    assert await trio.to_thread.run_sync(main, ["ps", *port]) == 0
+    out = capsys.readouterr().out
+    assert "a: loaded" in out
+    row = next(line for line in out.splitlines() if line.startswith("a "))
+    assert "ready" in row and "MiB" in row
+    assert await trio.to_thread.run_sync(main, ["unload", "a", *port]) == 0
+    await eventually(three, lambda pool: not resident(pool))
+    assert await trio.to_thread.run_sync(main, ["load", "nope", *port]) == 1
+    assert "does not exist" in capsys.readouterr().err
