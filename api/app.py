@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -15,6 +15,7 @@ from quart_trio import QuartTrio
 from api import errors, sse
 from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
+from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
 from config.settings import Settings
 from scheduler.errors import InvalidRequest, MlxdError, RunnerCrashed, Unauthorized
@@ -159,6 +160,18 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
             }
         )
 
+    @app.post("/v1/responses")
+    async def responses() -> Response:
+        body = await _json_body()
+        req = chat_request(body)
+        job = await prepare(catalog, req)
+        shaper = Shaper(job.model, req, body)
+        if job.params.stream:
+            return await _stream_response(scheduler, job, shaper)
+        usage = Usage(len(job.prompt))
+        text, finish = await _collect(scheduler, job, usage)
+        return _json_response(shaper.final(text, finish, usage))
+
     def _model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}
 
@@ -191,17 +204,14 @@ async def _collect(scheduler: Scheduler, job: Prepared, usage: Usage) -> tuple[s
     return "".join(parts), finish
 
 
-async def _stream(
-    scheduler: Scheduler, job: Prepared, shape: Shape, opening: dict[str, Any] | None
-) -> Response:
-    """Start generating and answer with an SSE stream.
+async def _open(scheduler: Scheduler, job: Prepared) -> tuple[Delta, AsyncGenerator[Delta], Usage]:
+    """Start generating and wait until the model has taken the request.
 
-    The response starts once the model has taken the request, so that a
-    failure to queue or load is an ordinary HTTP error rather than an error
-    inside a 200 stream, while the headers still go out during the prefill
-    instead of after it. From then on the body generator owns the generation
-    and the model's lease, until its last byte is sent or the client goes away;
-    a later failure is sent as an error event.
+    A stream's response starts only then, so that a failure to queue or load
+    is an ordinary HTTP error rather than an error inside a 200 stream, while
+    the headers still go out during the prefill instead of after it. From then
+    on the response body owns the generation and the model's lease, until its
+    last byte is sent or the client goes away.
     """
     usage = Usage(len(job.prompt))
     gen = deltas(scheduler, job, usage)
@@ -211,7 +221,23 @@ async def _stream(
         with trio.CancelScope(shield=True):
             await gen.aclose()
         raise
+    return first, gen, usage
 
+
+def _sse(frames: AsyncIterator[bytes]) -> Response:
+    return Response(
+        frames,
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _stream(
+    scheduler: Scheduler, job: Prepared, shape: Shape, opening: dict[str, Any] | None
+) -> Response:
+    """A chat or completions stream; a failure after it started is sent as an
+    error event."""
+    first, gen, usage = await _open(scheduler, job)
     extra: dict[str, Any] = {"usage": None} if job.params.include_usage else {}
 
     async def body() -> AsyncIterator[bytes]:
@@ -233,8 +259,21 @@ async def _stream(
             with trio.CancelScope(shield=True):
                 await gen.aclose()
 
-    return Response(
-        body(),
-        content_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return _sse(body())
+
+
+async def _stream_response(scheduler: Scheduler, job: Prepared, shaper: Shaper) -> Response:
+    """A Responses API stream: typed events; a late failure is ``response.failed``."""
+    first, gen, usage = await _open(scheduler, job)
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for ev in shaper.events(first, lambda: anext(gen, None), usage):
+                yield sse.typed(ev)
+        except MlxdError as exc:
+            yield sse.typed(shaper.failed(errors.describe(exc)[1]))
+        finally:
+            with trio.CancelScope(shield=True):
+                await gen.aclose()
+
+    return _sse(body())

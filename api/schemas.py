@@ -112,7 +112,7 @@ class ChatRequest:
 
     @classmethod
     def from_openai(cls, body: Any) -> ChatRequest:
-        body = _object(body)
+        body = json_object(body)
         params = GenerationParams.from_openai(body, ("max_tokens", "max_completion_tokens"))
         raw = body.get("messages")
         if not isinstance(raw, list) or not raw:
@@ -127,7 +127,7 @@ class CompletionRequest:
 
     @classmethod
     def from_openai(cls, body: Any) -> CompletionRequest:
-        body = _object(body)
+        body = json_object(body)
         params = GenerationParams.from_openai(body, ("max_tokens",))
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -148,7 +148,7 @@ class CompletionRequest:
         )
 
 
-def _object(body: Any) -> Mapping[str, Any]:
+def json_object(body: Any) -> Mapping[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body

@@ -10,3 +10,8 @@ DONE = b"data: [DONE]\n\n"
 
 def event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def typed(data: dict[str, Any]) -> bytes:
+    """An event of the Responses API stream, named after its ``type``."""
+    return f"event: {data['type']}\n".encode() + event(data)

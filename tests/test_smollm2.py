@@ -58,3 +58,23 @@ async def test_streams_paris(smol: Daemon) -> None:
     assert len([p for p in pieces if p]) > 1  # really streamed, piece by piece
     assert finish == "stop"
     assert usage is not None and usage.prompt_tokens > 30
+
+
+async def test_answers_paris_through_the_responses_api(smol: Daemon) -> None:
+    async with smol.client() as client:
+        reply = await client.responses.create(
+            model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=30
+        )
+        chat = await client.chat.completions.create(
+            model="smollm2", messages=QUESTION, temperature=0, max_tokens=30
+        )
+        async with client.responses.stream(
+            model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=30
+        ) as stream:
+            streamed = await stream.get_final_response()  # needs response.completed
+    assert reply.status == streamed.status == "completed"
+    assert "Paris" in reply.output_text
+    assert streamed.output_text == reply.output_text
+    assert reply.output_text == chat.choices[0].message.content  # the same answer
+    assert reply.usage is not None and chat.usage is not None
+    assert reply.usage.input_tokens == chat.usage.prompt_tokens
