@@ -12,7 +12,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from api import errors, sse
+from api import errors, logprobs, sse
 from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
 from api.responses import Shaper, chat_request
@@ -90,6 +90,9 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
         job = await prepare(catalog, req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
+        def chat_lp(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+            return None if job.params.logprobs is None else logprobs.chat(job.texts, entries)
+
         def chunk(d: Delta, first: bool) -> dict[str, Any]:
             delta: dict[str, Any] = (
                 {"role": "assistant", "content": d.text}
@@ -102,14 +105,19 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
                 "created": created,
                 "model": job.model,
                 "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": d.finish}
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": chat_lp(d.logprobs),
+                        "finish_reason": d.finish,
+                    }
                 ],
             }
 
         if job.params.stream:
             return await _stream(scheduler, job, chunk, opening=chunk(Delta(""), True))
         usage = Usage(len(job.prompt))
-        text, finish = await _collect(scheduler, job, usage)
+        whole = await _collect(scheduler, job, usage)
         return _json_response(
             {
                 "id": rid,
@@ -119,9 +127,9 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": None,
-                        "finish_reason": finish,
+                        "message": {"role": "assistant", "content": whole.text},
+                        "logprobs": chat_lp(whole.logprobs),
+                        "finish_reason": whole.finish,
                     }
                 ],
                 "usage": usage.as_dict(),
@@ -134,6 +142,16 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
         job = await prepare(catalog, req)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
+        offset = 0
+
+        def completion_lp(d: Delta) -> dict[str, Any] | None:
+            nonlocal offset
+            if job.params.logprobs is None:
+                return None
+            shaped = logprobs.completion(job.texts, d.logprobs, offset)
+            offset += sum(len(t) for t in shaped["tokens"])
+            return shaped
+
         def chunk(d: Delta, first: bool) -> dict[str, Any]:
             return {
                 "id": rid,
@@ -141,21 +159,33 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
                 "created": created,
                 "model": job.model,
                 "choices": [
-                    {"index": 0, "text": d.text, "logprobs": None, "finish_reason": d.finish}
+                    {
+                        "index": 0,
+                        "text": d.text,
+                        "logprobs": completion_lp(d),
+                        "finish_reason": d.finish,
+                    }
                 ],
             }
 
         if job.params.stream:
             return await _stream(scheduler, job, chunk, opening=None)
         usage = Usage(len(job.prompt))
-        text, finish = await _collect(scheduler, job, usage)
+        whole = await _collect(scheduler, job, usage)
         return _json_response(
             {
                 "id": rid,
                 "object": "text_completion",
                 "created": created,
                 "model": job.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": whole.text,
+                        "logprobs": completion_lp(whole),
+                        "finish_reason": whole.finish,
+                    }
+                ],
                 "usage": usage.as_dict(),
             }
         )
@@ -169,8 +199,8 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
         if job.params.stream:
             return await _stream_response(scheduler, job, shaper)
         usage = Usage(len(job.prompt))
-        text, finish = await _collect(scheduler, job, usage)
-        return _json_response(shaper.final(text, finish, usage))
+        whole = await _collect(scheduler, job, usage)
+        return _json_response(shaper.final(whole.text, whole.finish, usage))
 
     def _model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}
@@ -196,12 +226,16 @@ def _json_response(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body), content_type="application/json")
 
 
-async def _collect(scheduler: Scheduler, job: Prepared, usage: Usage) -> tuple[str, str | None]:
-    parts, finish = [], None
+async def _collect(scheduler: Scheduler, job: Prepared, usage: Usage) -> Delta:
+    """The whole generation as one delta."""
+    whole = Delta("")
+    parts = []
     async for d in deltas(scheduler, job, usage):
         parts.append(d.text)
-        finish = d.finish
-    return "".join(parts), finish
+        whole.logprobs += d.logprobs
+        whole.finish = d.finish
+    whole.text = "".join(parts)
+    return whole
 
 
 async def _open(scheduler: Scheduler, job: Prepared) -> tuple[Delta, AsyncGenerator[Delta], Usage]:
@@ -246,7 +280,7 @@ async def _stream(
                 yield sse.event(opening | extra)
             d: Delta | None = first
             while d is not None:
-                if d.text or d.finish:
+                if d.text or d.finish or d.logprobs:
                     yield sse.event(shape(d, False) | extra)
                 d = None if d.finish else await anext(gen, None)
             if job.params.include_usage:

@@ -9,6 +9,7 @@ model, no chat template, prompt too long), so those failures cost no load.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import attrs
 import trio
@@ -33,6 +34,8 @@ class Prepared:
 class Delta:
     text: str
     finish: str | None = None
+    # per token, when asked for: {"id", "logprob", "top": [[id, logprob], ...]}
+    logprobs: list[dict[str, Any]] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -57,9 +60,11 @@ async def prepare(catalog: Catalog, req: ChatRequest | CompletionRequest) -> Pre
         prompt = await trio.to_thread.run_sync(texts.encode, req.prompt)
     else:
         prompt = list(req.prompt)
-        vocab = texts.tokenizer.vocab_size + len(texts.tokenizer.added_tokens_decoder)
-        if max(prompt) >= vocab:
+        if max(prompt) >= len(texts.tokenizer):
             raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")
+    for token, _ in req.params.logit_bias:
+        if token >= len(texts.tokenizer):
+            raise InvalidRequest(f"token id {token} is outside the vocabulary", "logit_bias")
     room = texts.max_context - len(prompt)
     wanted = req.params.max_tokens
     if room <= 0 or (wanted is not None and wanted > room):
@@ -78,27 +83,43 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     empty and comes as soon as the model has taken the request (queued,
     loaded, granted); the last has ``finish`` set. ``usage.completion_tokens`` is kept current."""
     text = job.texts.text_stream(job.params.stop)
-    stop_ids = () if job.params.ignore_eos else job.texts.stop_ids
-    async with scheduler.lease(job.model, job.params.keep_alive_s) as runner:
+    p = job.params
+    stop_ids = () if p.ignore_eos else job.texts.stop_ids
+    options: dict[str, Any] = {  # only what a request turns on: plain requests stay plain
+        k: v
+        for k, v in (
+            ("presence_penalty", p.presence_penalty),
+            ("frequency_penalty", p.frequency_penalty),
+            ("logit_bias", dict(p.logit_bias)),
+            ("grammar", p.grammar),
+        )
+        if v
+    }
+    if p.logprobs is not None:
+        options["logprobs"] = p.logprobs
+    async with scheduler.lease(job.model, p.keep_alive_s) as runner:
         async with runner.generate(
-            job.prompt, job.max_tokens, job.params.sampling, stop_ids
+            job.prompt, job.max_tokens, p.sampling, stop_ids, **options
         ) as chunks:
             yield Delta("")  # the model has taken the request
             async for chunk in chunks:
                 if chunk.error is not None:
                     raise chunk.error
-                out = []
-                for token in chunk.tokens:
+                out, logprobs = [], []
+                lps = chunk.logprobs or (None,) * len(chunk.tokens)
+                for token, lp in zip(chunk.tokens, lps, strict=True):
                     if chunk.finish == "stop" and token in stop_ids:
                         continue  # the end-of-turn token is not part of the answer
                     usage.completion_tokens += 1
                     out.append(text.feed(token))
+                    if lp is not None:
+                        logprobs.append({"id": token, **lp})
                     if text.stopped:
-                        yield Delta("".join(out), "stop")
+                        yield Delta("".join(out), "stop", logprobs)
                         return  # leaving the block cancels the generation
                 if chunk.finish is not None:
                     out.append(text.flush())
-                    yield Delta("".join(out), chunk.finish)
+                    yield Delta("".join(out), chunk.finish, logprobs)
                     return
-                if any(out):
-                    yield Delta("".join(out))
+                if any(out) or logprobs:
+                    yield Delta("".join(out), None, logprobs)

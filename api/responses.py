@@ -21,6 +21,11 @@ from scheduler.errors import InvalidRequest
 
 _PASSED = ("model", "temperature", "top_p", "stream", "keep_alive", "seed", "top_k", "min_p")
 _TEXT_PARTS = {"input_text", "output_text", "text"}
+_RENAMED = {
+    "max_tokens": "max_output_tokens",
+    "messages": "input",
+    "response_format": "text.format",
+}
 
 
 def chat_request(body: Any) -> ChatRequest:
@@ -33,9 +38,9 @@ def chat_request(body: Any) -> ChatRequest:
             )
     if body.get("tools"):
         raise InvalidRequest("'tools' are not supported yet", param="tools")
-    fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
-    if fmt not in (None, {"type": "text"}):
-        raise InvalidRequest("'text.format' other than text is not supported yet", param="text")
+    text = body.get("text")
+    if text is not None and not isinstance(text, dict):
+        raise InvalidRequest("'text' must be an object", param="text")
     messages = []
     instructions = body.get("instructions")
     if instructions is not None:
@@ -47,13 +52,12 @@ def chat_request(body: Any) -> ChatRequest:
     chat["messages"] = messages
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
+    if text is not None and text.get("format") is not None:
+        chat["response_format"] = text["format"]
     try:
         return ChatRequest.from_openai(chat)
     except InvalidRequest as e:
-        if e.param == "max_tokens":
-            e.param = "max_output_tokens"
-        elif e.param == "messages":
-            e.param = "input"
+        e.param = _RENAMED.get(e.param or "", e.param)
         raise
 
 
@@ -125,7 +129,7 @@ class Shaper:
             "tools": [],
             "tool_choice": self.body.get("tool_choice") or "auto",
             "parallel_tool_calls": True,
-            "text": {"format": {"type": "text"}},
+            "text": {"format": (self.body.get("text") or {}).get("format") or {"type": "text"}},
             "error": None,
             "incomplete_details": None,
             "usage": _usage(usage) if usage is not None else None,

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import attrs
 
 from config.units import parse_duration
-from runner.protocol import Sampling
+from runner.protocol import Sampling, to_llguidance
 from scheduler.errors import InvalidRequest
 
 T = TypeVar("T")
@@ -36,10 +36,15 @@ class GenerationParams:
     include_usage: bool
     ignore_eos: bool = False  # an extension (as in vLLM): generate through end-of-text
     keep_alive_s: float | None = None  # an extension (as in Ollama): the model's idle time
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # alternatives per token; None: no logprobs
+    grammar: dict[str, Any] | None = attrs.field(default=None, eq=False)  # structured output
 
     @classmethod
     def from_openai(
-        cls, body: Mapping[str, Any], max_tokens_keys: tuple[str, ...]
+        cls, body: Mapping[str, Any], max_tokens_keys: tuple[str, ...], chat: bool = True
     ) -> GenerationParams:
         model = _field(body, "model", str, "a model name", required=True)
         assert model is not None
@@ -92,7 +97,78 @@ class GenerationParams:
             include_usage,
             ignore_eos,
             keep_alive,
+            presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, default=0.0),
+            frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, default=0.0),
+            logit_bias=_logit_bias(body),
+            logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
+            grammar=grammar_of(body.get("response_format"), "response_format"),
         )
+
+
+def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
+    raw = _field(body, "logit_bias", dict, "an object of token ids to biases")
+    if not raw:
+        return ()
+    if len(raw) > 1024:
+        raise InvalidRequest("'logit_bias' may hold at most 1024 tokens", param="logit_bias")
+    out = []
+    for key, bias in raw.items():
+        ok = isinstance(bias, (int, float)) and not isinstance(bias, bool) and -100 <= bias <= 100
+        if not (isinstance(key, str) and key.isdigit()) or not ok:
+            raise InvalidRequest(
+                f"'logit_bias' maps token ids to numbers in [-100, 100]; got {key!r}: {bias!r}",
+                param="logit_bias",
+            )
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    wanted = _field(body, "logprobs", bool, "a boolean")
+    top = _field(body, "top_logprobs", int, "an integer in [0, 20]", check=lambda n: 0 <= n <= 20)
+    if top is not None and not wanted:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _completion_logprobs(body: Mapping[str, Any]) -> int | None:
+    return _field(body, "logprobs", int, "an integer in [0, 5]", check=lambda n: 0 <= n <= 5)
+
+
+def grammar_of(fmt: Any, param: str) -> dict[str, Any] | None:
+    """The runner's grammar for an OpenAI ``response_format`` (chat) or
+    ``text.format`` (responses): ``None`` for plain text."""
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        # chat nests the schema under "json_schema"; responses puts it in the format itself
+        spec = fmt.get("json_schema", fmt)
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidRequest(f"'{param}' of type json_schema needs a 'schema' object", param)
+        grammar = {"type": "json_schema", "schema": schema}
+        check_grammar(grammar, param)
+        return grammar
+    raise InvalidRequest(
+        f"'{param}.type' must be text, json_object or json_schema, got {kind!r}", param=param
+    )
+
+
+def check_grammar(grammar: dict[str, Any], param: str) -> None:
+    """Refuse a JSON schema that the runner's grammar engine cannot compile."""
+    import llguidance
+
+    try:
+        problem = llguidance.LLMatcher.validate_grammar(to_llguidance(grammar))  # "" if valid
+    except (ValueError, TypeError) as e:
+        problem = str(e)
+    if problem:
+        raise InvalidRequest(f"'{param}' holds an invalid JSON schema: {problem}", param=param)
 
 
 def keep_alive_field(body: Mapping[str, Any]) -> float | None:
@@ -128,7 +204,7 @@ class CompletionRequest:
     @classmethod
     def from_openai(cls, body: Any) -> CompletionRequest:
         body = json_object(body)
-        params = GenerationParams.from_openai(body, ("max_tokens",))
+        params = GenerationParams.from_openai(body, ("max_tokens",), chat=False)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one
@@ -196,16 +272,11 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     n = body.get("n", 1)
     if n != 1:
         raise InvalidRequest("only n=1 is supported", param="n")
-    for key in ("presence_penalty", "frequency_penalty"):
-        if body.get(key) not in (None, 0, 0.0):
-            raise InvalidRequest(f"'{key}' is not supported", param=key)
-    for key in ("logit_bias", "tools", "functions", "response_format"):
-        value = body.get(key)
-        if value and value != {"type": "text"}:
+    for key in ("tools", "functions"):
+        if body.get(key):
             raise InvalidRequest(f"'{key}' is not supported yet", param=key)
-    for key in ("logprobs", "echo"):
-        if body.get(key) not in (None, False, 0):
-            raise InvalidRequest(f"'{key}' is not supported yet", param=key)
+    if body.get("echo") not in (None, False):
+        raise InvalidRequest("'echo' is not supported", param="echo")
     if body.get("suffix") is not None:
         raise InvalidRequest("'suffix' is not supported", param="suffix")
     if body.get("best_of") not in (None, 1):

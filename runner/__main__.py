@@ -1,7 +1,8 @@
 """Runner process: ``python -m runner [MODEL_DIR] [--max-batch N]``.
 
 Loads one MLX model and serves the protocol in ``runner/protocol.py`` over its
-stdin and stdout. Without MODEL_DIR it imports MLX and mlx-lm (seconds of
+stdin and stdout (or, for a scripted test model, replays its script: see
+``runner/script.py``). Without MODEL_DIR it imports MLX and mlx-lm (seconds of
 work) and then waits for a ``load`` command naming the model: the daemon keeps
 one such spare process ready, so that loading a model costs only the load.
 
@@ -20,11 +21,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import attrs
 
 from runner import protocol
+
+if TYPE_CHECKING:
+    from runner.engine import Engine
+    from runner.script import ScriptEngine
 
 _BLAS_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -94,12 +99,27 @@ def memory() -> dict[str, int]:
     }
 
 
-def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
+def load_engine(model_dir: Path, max_batch: int) -> Engine | ScriptEngine:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
     from runner.engine import Engine
+    from runner.grammar import Grammars
+    from runner.script import ScriptEngine
+
+    scripted = ScriptEngine.from_dir(model_dir, max_batch)
+    if scripted is not None:
+        return scripted
+    model, _ = load_model(model_dir)
+    # Warm up: compiles kernels now rather than on the first request.
+    for _ in generate_step(mx.array([0, 1]), model, max_tokens=2):
+        pass
+    return Engine(model, max_batch, Grammars(model_dir))
+
+
+def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
+    import mlx.core as mx
 
     def send(msg: dict[str, Any]) -> None:
         out.write(protocol.encode(msg))
@@ -109,20 +129,16 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
         line = sys.stdin.buffer.readline()
         if not line:
             return 0
-        load = protocol.decode(line)
-        model_dir, max_batch = load["model_dir"], int(load["max_batch"])
+        command = protocol.decode(line)
+        model_dir, max_batch = command["model_dir"], int(command["max_batch"])
     try:
-        model, _ = load_model(Path(model_dir).resolve())
-        # Warm up: compiles kernels now rather than on the first request.
-        for _ in generate_step(mx.array([0, 1]), model, max_tokens=2):
-            pass
+        engine = load_engine(Path(model_dir).resolve(), max_batch)
     except Exception as e:
-        send({"ev": "fatal", "message": f"{type(e).__name__}: {e}"})
+        send({"ev": "fatal", "message": _describe(e)})
         return 1
 
     commands: queue.Queue[dict[str, Any]] = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
-    engine = Engine(model, max_batch)
     send({"ev": "ready", "pid": os.getpid(), "memory": memory()})
 
     while True:
@@ -135,7 +151,10 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
         for msg in msgs:
             op = msg.get("op")
             if op == "generate":
-                engine.add(protocol.Generate.from_message(msg))
+                try:
+                    engine.add(protocol.Generate.from_message(msg))
+                except Exception as e:  # a bad request fails alone
+                    send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
             elif op == "cancel":
                 engine.cancel(msg["id"])
             elif op == "stats":
@@ -155,13 +174,15 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
         try:
             outputs = engine.step()
         except Exception as e:
-            send(
-                {"ev": "error", "ids": engine.request_ids(), "message": f"{type(e).__name__}: {e}"}
-            )
+            send({"ev": "error", "ids": engine.request_ids(), "message": _describe(e)})
             engine.reset()
             continue
         if outputs:
             send({"ev": "tokens", "batch": len(outputs), "out": outputs})
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def main() -> int:

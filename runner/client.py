@@ -90,6 +90,7 @@ class Chunk:
     tokens: tuple[int, ...]
     finish: str | None = None
     error: Exception | None = None
+    logprobs: tuple[dict[str, Any] | None, ...] = ()  # per token, when asked for
 
 
 class RunnerProcess:
@@ -200,13 +201,16 @@ class RunnerProcess:
         max_tokens: int,
         sampling: protocol.Sampling,
         stop_ids: tuple[int, ...] = (),
+        **options: Any,
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Chunk]]:
         """Start generating; yields a channel of chunks ending with one whose
-        ``finish`` (or ``error``) is set. Leaving early cancels the generation."""
+        ``finish`` (or ``error``) is set. Leaving early cancels the generation.
+        ``options`` are ``protocol.Generate``'s optional fields (logprobs,
+        penalties, logit bias, grammar)."""
         req_id = next(self._ids)
         send, recv = trio.open_memory_channel[Chunk](math.inf)  # bounded by max_tokens
         self._streams[req_id] = send
-        req = protocol.Generate(req_id, tuple(prompt), max_tokens, sampling, stop_ids)
+        req = protocol.Generate(req_id, tuple(prompt), max_tokens, sampling, stop_ids, **options)
         try:
             self._outbox_send.send_nowait(req.to_message())
         except trio.ClosedResourceError:
@@ -238,11 +242,11 @@ class RunnerProcess:
     def _dispatch(self, msg: dict[str, Any]) -> None:
         ev = msg.get("ev")
         if ev == "tokens":
-            for req_id, token, finish in msg["out"]:
+            for req_id, token, finish, lp in msg["out"]:
                 stream = self._streams.get(req_id)
                 if stream is None:
                     continue  # cancelled; the runner drops it at its next step
-                stream.send_nowait(Chunk((token,), finish))
+                stream.send_nowait(Chunk((token,), finish, logprobs=(lp,)))
                 if finish is not None:
                     del self._streams[req_id]
         elif ev == "error":

@@ -8,6 +8,9 @@ back. A move keeps the KV cache: both paths leave the cache holding every
 token they have returned, so the cache is trimmed by one token and that token
 is fed again on the other path, costing one step.
 
+A request's logit bias, penalties and grammar are mlx-lm logits processors,
+which both paths call once per step for each sequence.
+
 Only the runner's main thread calls into this module, so MLX work never
 crosses threads.
 """
@@ -23,12 +26,23 @@ import attrs
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences, generate_step
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
-from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    make_logits_processors,
+    make_sampler,
+)
 
+from runner.grammar import Constraint, Grammars
 from runner.protocol import Generate, Sampling
 
 Sampler = Callable[[mx.array], mx.array]
-Output = tuple[int, int, str | None]  # request id, token, finish reason
+Processor = Callable[[mx.array, mx.array], mx.array]  # (tokens, logits) -> logits
+Logprobs = dict[str, Any]  # {"logprob": x, "top": [[token, x], ...]}
+Output = tuple[int, int, str | None, Logprobs | None]  # request id, token, finish, logprobs
+
+LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,16 +74,50 @@ def make_request_sampler(s: Sampling) -> Sampler:
     return sample
 
 
+def logprobs_of(logprobs: mx.array, token: int, top: int) -> Logprobs:
+    """The protocol's ``lp`` for a sampled token, from its step's log-probabilities."""
+    best = mx.argpartition(-logprobs, kth=top - 1)[:top] if top else mx.array([], mx.uint32)
+    values = logprobs[best].astype(mx.float32)
+    order = mx.argsort(-values)
+    ids: list[int] = best[order].tolist()  # type: ignore[assignment]
+    floats: list[float] = values[order].tolist()  # type: ignore[assignment]
+    pairs = zip(ids, floats, strict=True)
+    chosen = float(logprobs[token].item())  # type: ignore[arg-type]
+    return {
+        "logprob": max(chosen, LOGPROB_FLOOR),
+        "top": [[t, max(v, LOGPROB_FLOOR)] for t, v in pairs],
+    }
+
+
 @attrs.define
 class Sequence:
     req: Generate
     sampler: Sampler
     tokens: list[int]  # prompt and generated tokens, in order
+    processors: list[Processor]  # each called with the generated tokens only
+    constraint: Constraint | None = None
     generated: int = 0
 
     @property
     def remaining(self) -> int:
         return self.req.max_tokens - self.generated
+
+    def processors_seeing(self, seen: int) -> list[Processor]:
+        """The processors in mlx-lm's convention, for a path that passes them
+        the sequence's tokens from index ``seen`` on (the tokens it was started
+        with, then those it generates)."""
+        if not self.processors:
+            return []
+        start = len(self.req.prompt)
+        before = mx.array(self.tokens[start:seen], dtype=mx.int32)
+
+        def process(tokens: mx.array, logits: mx.array) -> mx.array:
+            generated = mx.concatenate([before, tokens[max(start - seen, 0) :]])
+            for processor in self.processors:
+                logits = processor(generated, logits)
+            return logits
+
+        return [process]
 
 
 @attrs.define
@@ -83,9 +131,10 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, model: Any, max_batch: int) -> None:
+    def __init__(self, model: Any, max_batch: int, grammars: Grammars | None = None) -> None:
         self.model = model
         self.max_batch = max_batch
+        self.grammars = grammars
         self.stats = Stats()
         self._pending: deque[Sequence] = deque()
         self._single: Sequence | None = None
@@ -98,7 +147,22 @@ class Engine:
     # -- commands ----------------------------------------------------------
 
     def add(self, req: Generate) -> None:
-        seq = Sequence(req, make_request_sampler(req.sampling), list(req.prompt))
+        """Queue a request; raises ``ValueError`` if its grammar is unusable."""
+        processors: list[Processor] = make_logits_processors(
+            req.logit_bias or None,
+            presence_penalty=req.presence_penalty,
+            presence_context_size=req.max_tokens,
+            frequency_penalty=req.frequency_penalty,
+            frequency_context_size=req.max_tokens,
+        )
+        constraint = None
+        if req.grammar is not None:
+            if self.grammars is None:
+                raise ValueError("this runner cannot apply grammars")
+            constraint = self.grammars.constraint(req.grammar, req.stop_ids)
+            processors.append(constraint)  # last: nothing may lift its -inf
+        sampler = make_request_sampler(req.sampling)
+        seq = Sequence(req, sampler, list(req.prompt), processors, constraint)
         self.stats.prompt_tokens += len(req.prompt)
         self._pending.append(seq)
 
@@ -171,6 +235,7 @@ class Engine:
             self.model,
             max_tokens=seq.remaining,
             sampler=seq.sampler,
+            logits_processors=seq.processors_seeing(len(seq.tokens) - len(prompt)),
             prompt_cache=cache,
         )
 
@@ -185,17 +250,21 @@ class Engine:
         seq, gen = self._single, self._single_gen
         assert seq is not None and gen is not None
         self.stats.max_batch = max(self.stats.max_batch, 1)
-        token, _ = next(gen)
+        token, logprobs = next(gen)
         finish = self._record(seq, token)
         if finish is not None:
             self._drop_single()
-        return [(seq.req.id, token, finish)]
+        return [(seq.req.id, token, finish, self._logprobs(seq, token, logprobs))]
 
     def _record(self, seq: Sequence, token: int) -> str | None:
         seq.generated += 1
         seq.tokens.append(token)
         if token in seq.req.stop_ids:
             return "stop"
+        if seq.constraint is not None:
+            seq.constraint.sync(seq.tokens[len(seq.req.prompt) :])
+            if seq.constraint.done:
+                return "stop"
         if seq.generated >= seq.req.max_tokens:
             return "length"
         return None
@@ -240,6 +309,7 @@ class Engine:
             caches=[cache] if cache is not None else None,
             all_tokens=[seq.tokens[: len(seq.tokens) - len(prompt)]] if cache else None,
             samplers=[seq.sampler],
+            logits_processors=[seq.processors_seeing(0)],  # it passes the whole history
             stop_sequences=[StopSequences(stops or None)],
         )
         self._in_batch[uid] = seq
@@ -260,5 +330,9 @@ class Engine:
                 del self._uid[seq.req.id]
                 if r.finish_reason is None:
                     self._batch.remove([r.uid])
-            out.append((seq.req.id, r.token, finish))
+            out.append((seq.req.id, r.token, finish, self._logprobs(seq, r.token, r.logprobs)))
         return out
+
+    def _logprobs(self, seq: Sequence, token: int, logprobs: mx.array) -> Logprobs | None:
+        top = seq.req.logprobs
+        return None if top is None else logprobs_of(logprobs, token, top)

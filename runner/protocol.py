@@ -11,7 +11,8 @@ Commands (daemon → runner)::
                                       model (a spare); it then loads and says "ready"
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-     "seed": null, "stop_ids": [2]}
+     "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,
+     "frequency_penalty": 0.0, "logit_bias": {"42": -100.0}, "grammar": null}
     {"op": "cancel", "id": 7}         stop generating for 7 at the next step
     {"op": "stats"}                   answer with a "stats" event
     {"op": "shutdown"}                finish nothing more, exit 0
@@ -19,12 +20,32 @@ Commands (daemon → runner)::
 Events (runner → daemon)::
 
     {"ev": "ready", "pid": 123, "memory": {...}}     the model is loaded
-    {"ev": "tokens", "batch": 3, "out": [[7, 42, null], [8, 2, "stop"]]}
-        one decoding step: [id, token, finish] for every sequence that made a
-        token; finish is null, "stop" (the token is a stop id) or "length"
+    {"ev": "tokens", "batch": 3, "out": [[7, 42, null, null], [8, 2, "stop", lp]]}
+        one decoding step: [id, token, finish, lp] for every sequence that made
+        a token; finish is null, "stop" or "length"; lp is null unless the
+        request asked for logprobs (below)
     {"ev": "error", "ids": [7], "message": "..."}    those requests failed
     {"ev": "stats", "active": 2, "max_batch": 4, ..., "memory": {...}}
     {"ev": "fatal", "message": "..."}                 loading failed; exiting
+
+Generate options (each off by default):
+
+- ``logprobs``: 0..20. Every token then carries ``lp = {"logprob": x, "top":
+  [[token, x], ...]}``, the top list sorted best first and as long as asked.
+  They are mlx-lm's log-softmax of the logits after ``logit_bias``, the
+  penalties and the grammar mask, before temperature, top-p and the like. A
+  token the grammar forbids has logprob -9999.0 (JSON has no -inf).
+- ``presence_penalty``, ``frequency_penalty``: OpenAI's, over the tokens this
+  request has generated (not its prompt).
+- ``logit_bias``: token id (a string, as JSON keys are) -> value added to its logit.
+- ``grammar``: ``{"type": "json_schema", "schema": {...}}`` or
+  ``{"type": "json_object"}``; only tokens that keep the output a valid prefix
+  may be sampled. A request finishes with "stop" on the token that completes
+  the grammar (that token is part of the answer; no stop token follows it).
+  Where the grammar may end but could also go on (a top-level number, say),
+  the request's ``stop_ids`` are allowed too, and sampling one finishes with
+  "stop" as usual. A grammar that does not compile fails only its request,
+  with an "error" event.
 
 ``memory`` is MLX's view: ``{"active": bytes, "peak": bytes, "cache": bytes}``.
 Stdin reaching EOF means the daemon is gone: the runner exits.
@@ -36,6 +57,8 @@ import json
 from typing import Any
 
 import attrs
+
+MAX_LOGPROBS = 20
 
 
 @attrs.frozen
@@ -54,6 +77,16 @@ class Generate:
     max_tokens: int
     sampling: Sampling
     stop_ids: tuple[int, ...] = ()
+    logprobs: int | None = attrs.field(
+        default=None,
+        validator=attrs.validators.optional(
+            [attrs.validators.ge(0), attrs.validators.le(MAX_LOGPROBS)]
+        ),
+    )
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = attrs.field(factory=dict)
+    grammar: dict[str, Any] | None = None
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -63,6 +96,11 @@ class Generate:
             "max_tokens": self.max_tokens,
             **attrs.asdict(self.sampling),
             "stop_ids": list(self.stop_ids),
+            "logprobs": self.logprobs,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {str(k): v for k, v in self.logit_bias.items()},
+            "grammar": self.grammar,
         }
 
     @classmethod
@@ -74,6 +112,11 @@ class Generate:
             max_tokens=msg["max_tokens"],
             sampling=Sampling(**{k: msg[k] for k in fields if k in msg}),
             stop_ids=tuple(msg.get("stop_ids", ())),
+            logprobs=msg.get("logprobs"),
+            presence_penalty=msg.get("presence_penalty", 0.0),
+            frequency_penalty=msg.get("frequency_penalty", 0.0),
+            logit_bias={int(k): float(v) for k, v in msg.get("logit_bias", {}).items()},
+            grammar=msg.get("grammar"),
         )
 
 
@@ -86,3 +129,26 @@ def decode(line: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ValueError(f"protocol message is not an object: {line[:80]!r}")
     return msg
+
+
+def to_llguidance(grammar: dict[str, Any]) -> str:
+    """llguidance's grammar for a ``grammar`` option; ``ValueError`` if it is not one.
+
+    The JSON it allows is compact (no whitespace between tokens) unless the
+    schema says otherwise (``x-guidance``): a small model left free to add
+    whitespace can spend its whole budget on it."""
+    import llguidance
+
+    kind = grammar.get("type")
+    if kind == "json_schema":
+        schema = grammar.get("schema")
+        if not isinstance(schema, dict):
+            raise ValueError("a json_schema grammar needs a 'schema' object")
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_flexible": False}
+        )
+    if kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema(
+            {"type": "object"}, defaults={"whitespace_flexible": False}
+        )
+    raise ValueError(f"unknown grammar type {kind!r}")

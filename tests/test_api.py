@@ -147,7 +147,27 @@ async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
             "messages[0].role",
         ),
         ({"model": "tiny", "messages": CHAT, "n": 2}, 400, "n"),
-        ({"model": "tiny", "messages": CHAT, "presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"model": "tiny", "messages": CHAT, "presence_penalty": 3}, 400, "presence_penalty"),
+        ({"model": "tiny", "messages": CHAT, "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ({"model": "tiny", "messages": CHAT, "logit_bias": {"5": 500}}, 400, "logit_bias"),
+        ({"model": "tiny", "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+        (
+            {"model": "tiny", "messages": CHAT, "response_format": {"type": "xml"}},
+            400,
+            "response_format",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": CHAT,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "objectx"}},
+                },
+            },
+            400,
+            "response_format",
+        ),
         ({"messages": CHAT}, 400, "model"),
         ({"model": "nope", "messages": CHAT}, 404, "model"),
         ({"model": "tiny", "messages": CHAT, "max_tokens": 10_000}, 400, "messages"),

@@ -1,0 +1,79 @@
+"""A test engine that replays a scripted token sequence through the protocol.
+
+Tool calls and reasoning come from models trained to emit them, and none is
+reachable where the tests run. A model directory whose ``config.json`` says
+``"model_type": "mlxd_script"`` and holds ``"script": [token ids]`` (plus the
+tokenizer files, for the daemon) loads this engine instead of MLX weights: each
+request gets the script's tokens, one per step, through the same events,
+stop-token, ``max_tokens`` and cancellation handling as a real model. Only the
+sampling is absent: there are no logits to sample from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+
+from runner.engine import Output, Stats
+from runner.protocol import Generate
+
+
+@attrs.define
+class _Replay:
+    req: Generate
+    at: int = 0
+
+
+class ScriptEngine:
+    def __init__(self, script: list[int], max_batch: int) -> None:
+        self.script = script
+        self.max_batch = max_batch
+        self.stats = Stats()
+        self._running: dict[int, _Replay] = {}
+
+    @classmethod
+    def from_dir(cls, model_dir: Path, max_batch: int) -> ScriptEngine | None:
+        """The engine for a scripted model directory; ``None`` for a real model."""
+        config = json.loads((model_dir / "config.json").read_text())
+        if config.get("model_type") != "mlxd_script":
+            return None
+        return cls([int(t) for t in config["script"]], max_batch)
+
+    def add(self, req: Generate) -> None:
+        self._running[req.id] = _Replay(req)
+        self.stats.prompt_tokens += len(req.prompt)
+
+    def cancel(self, req_id: int) -> None:
+        if self._running.pop(req_id, None) is not None:
+            self.stats.cancelled += 1
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    def request_ids(self) -> list[int]:
+        return list(self._running)
+
+    def reset(self) -> None:
+        self._running.clear()
+
+    def step(self) -> list[Output]:
+        out: list[Output] = []
+        for replay in list(self._running.values())[: self.max_batch]:
+            req = replay.req
+            token = self.script[replay.at]
+            replay.at += 1
+            finish = None
+            if token in req.stop_ids or replay.at == len(self.script):
+                finish = "stop"
+            elif replay.at >= req.max_tokens:
+                finish = "length"
+            if finish is not None:
+                del self._running[req.id]
+            out.append((req.id, token, finish, None))
+        self.stats.steps += 1
+        self.stats.tokens += len(out)
+        self.stats.max_batch = max(self.stats.max_batch, len(out))
+        return out
