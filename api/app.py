@@ -15,6 +15,7 @@ from quart_trio import QuartTrio
 from api import errors, logprobs, sse
 from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
+from api.reader import ToolCall
 from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
 from config.settings import Settings
@@ -93,12 +94,20 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
         def chat_lp(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
             return None if job.params.logprobs is None else logprobs.chat(job.texts, entries)
 
+        calls = 0  # tool calls streamed so far: each delta's index
+
         def chunk(d: Delta, first: bool) -> dict[str, Any]:
-            delta: dict[str, Any] = (
-                {"role": "assistant", "content": d.text}
-                if first
-                else ({"content": d.text} if d.text else {})
-            )
+            nonlocal calls
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if d.reasoning:
+                delta["reasoning_content"] = d.reasoning
+            if d.text:
+                delta["content"] = d.text
+            if d.calls:
+                delta["tool_calls"] = [
+                    _tool_call(call) | {"index": calls + i} for i, call in enumerate(d.calls)
+                ]
+                calls += len(d.calls)
             return {
                 "id": rid,
                 "object": "chat.completion.chunk",
@@ -127,7 +136,7 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": whole.text},
+                        "message": _message(whole),
                         "logprobs": chat_lp(whole.logprobs),
                         "finish_reason": whole.finish,
                     }
@@ -200,7 +209,7 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
             return await _stream_response(scheduler, job, shaper)
         usage = Usage(len(job.prompt))
         whole = await _collect(scheduler, job, usage)
-        return _json_response(shaper.final(whole.text, whole.finish, usage))
+        return _json_response(shaper.final(whole, usage))
 
     def _model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}
@@ -226,15 +235,30 @@ def _json_response(body: dict[str, Any]) -> Response:
     return Response(json.dumps(body), content_type="application/json")
 
 
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _message(whole: Delta) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": whole.text or None}
+    if whole.reasoning:
+        message["reasoning_content"] = whole.reasoning
+    if whole.calls:
+        message["tool_calls"] = [_tool_call(c) for c in whole.calls]
+    elif message["content"] is None:
+        message["content"] = ""
+    return message
+
+
 async def _collect(scheduler: Scheduler, job: Prepared, usage: Usage) -> Delta:
     """The whole generation as one delta."""
     whole = Delta("")
-    parts = []
     async for d in deltas(scheduler, job, usage):
-        parts.append(d.text)
-        whole.logprobs += d.logprobs
-        whole.finish = d.finish
-    whole.text = "".join(parts)
+        whole += d
     return whole
 
 
@@ -280,7 +304,7 @@ async def _stream(
                 yield sse.event(opening | extra)
             d: Delta | None = first
             while d is not None:
-                if d.text or d.finish or d.logprobs:
+                if d.text or d.reasoning or d.calls or d.finish or d.logprobs:
                     yield sse.event(shape(d, False) | extra)
                 d = None if d.finish else await anext(gen, None)
             if job.params.include_usage:

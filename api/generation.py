@@ -15,8 +15,10 @@ import attrs
 import trio
 
 from api.catalog import Catalog
+from api.reader import Parts, Reader, ToolCall
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams
 from api.texts import Texts
+from api.tools import forced_call
 from scheduler.errors import ContextLengthExceeded, InvalidRequest
 from scheduler.pool import Scheduler
 
@@ -28,34 +30,57 @@ class Prepared:
     prompt: list[int]
     max_tokens: int
     texts: Texts
+    grammar: dict[str, Any] | None = None  # the runner's: structured output or a forced call
+    chat: ChatRequest | None = None  # a chat's output is read into parts (api.reader)
+    reasoning: bool = False  # the prompt opened a reasoning block
 
 
 @attrs.define
 class Delta:
-    text: str
-    finish: str | None = None
+    text: str  # content
+    finish: str | None = None  # "stop", "length" or "tool_calls"
     # per token, when asked for: {"id", "logprob", "top": [[id, logprob], ...]}
     logprobs: list[dict[str, Any]] = attrs.field(factory=list)
+    reasoning: str = ""
+    calls: list[ToolCall] = attrs.field(factory=list)
+
+    def __iadd__(self, other: Delta) -> Delta:
+        self.text += other.text
+        self.reasoning += other.reasoning
+        self.calls += other.calls
+        self.logprobs += other.logprobs
+        self.finish = other.finish
+        return self
 
 
 @attrs.define
 class Usage:
     prompt_tokens: int
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+        if self.reasoning_tokens:
+            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return out
 
 
 async def prepare(catalog: Catalog, req: ChatRequest | CompletionRequest) -> Prepared:
     model = catalog.get(req.params.model)
     texts = await catalog.texts(model.name)
+    grammar, reasoning = req.params.grammar, False
     if isinstance(req, ChatRequest):
-        prompt = await trio.to_thread.run_sync(texts.chat_prompt, list(req.messages))
+        tools = req.tools if req.tool_choice.mode != "none" else ()
+        prompt = await trio.to_thread.run_sync(
+            texts.chat_prompt, list(req.messages), tools, req.thinking
+        )
+        grammar = grammar or forced_call(texts.markers, req.tools, req.tool_choice)
+        reasoning = texts.opens_reasoning(prompt)
     elif isinstance(req.prompt, str):
         prompt = await trio.to_thread.run_sync(texts.encode, req.prompt)
     else:
@@ -75,7 +100,8 @@ async def prepare(catalog: Catalog, req: ChatRequest | CompletionRequest) -> Pre
             f"{len(prompt) + (wanted or 1)} in total",
             param="messages" if isinstance(req, ChatRequest) else "prompt",
         )
-    return Prepared(model.name, req.params, prompt, wanted or room, texts)
+    chat = req if isinstance(req, ChatRequest) else None
+    return Prepared(model.name, req.params, prompt, wanted or room, texts, grammar, chat, reasoning)
 
 
 async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGenerator[Delta, None]:
@@ -83,6 +109,7 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     empty and comes as soon as the model has taken the request (queued,
     loaded, granted); the last has ``finish`` set. ``usage.completion_tokens`` is kept current."""
     text = job.texts.text_stream(job.params.stop)
+    parts = _Parts(job)
     p = job.params
     stop_ids = () if p.ignore_eos else job.texts.stop_ids
     options: dict[str, Any] = {  # only what a request turns on: plain requests stay plain
@@ -91,7 +118,7 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
             ("presence_penalty", p.presence_penalty),
             ("frequency_penalty", p.frequency_penalty),
             ("logit_bias", dict(p.logit_bias)),
-            ("grammar", p.grammar),
+            ("grammar", job.grammar),
         )
         if v
     }
@@ -105,21 +132,59 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
             async for chunk in chunks:
                 if chunk.error is not None:
                     raise chunk.error
-                out, logprobs = [], []
+                out = Delta("")
                 lps = chunk.logprobs or (None,) * len(chunk.tokens)
                 for token, lp in zip(chunk.tokens, lps, strict=True):
                     if chunk.finish == "stop" and token in stop_ids:
                         continue  # the end-of-turn token is not part of the answer
                     usage.completion_tokens += 1
-                    out.append(text.feed(token))
+                    out += parts.feed(text.feed(token))
+                    if parts.thinking:
+                        usage.reasoning_tokens += 1
                     if lp is not None:
-                        logprobs.append({"id": token, **lp})
+                        out.logprobs.append({"id": token, **lp})
                     if text.stopped:
-                        yield Delta("".join(out), "stop", logprobs)
+                        out += parts.end("stop")
+                        yield out
                         return  # leaving the block cancels the generation
                 if chunk.finish is not None:
-                    out.append(text.flush())
-                    yield Delta("".join(out), chunk.finish, logprobs)
+                    out += parts.feed(text.flush())
+                    out += parts.end(chunk.finish)
+                    yield out
                     return
-                if any(out) or logprobs:
-                    yield Delta("".join(out), None, logprobs)
+                if out.text or out.reasoning or out.calls or out.logprobs:
+                    yield out
+
+
+class _Parts:
+    """Text into deltas: a chat's through its reader, a completion's as it is."""
+
+    def __init__(self, job: Prepared) -> None:
+        chat = job.chat
+        self._reader = None
+        if chat is not None:
+            self._reader = Reader(
+                job.texts.markers,
+                tools=chat.tools,
+                parse_calls=chat.tool_choice.mode != "none",
+                reasoning=job.reasoning,
+            )
+        self._called = False
+
+    @property
+    def thinking(self) -> bool:
+        return self._reader is not None and self._reader.state == "reasoning"
+
+    def feed(self, text: str) -> Delta:
+        if self._reader is None:
+            return Delta(text)
+        return self._delta(self._reader.feed(text))
+
+    def end(self, finish: str) -> Delta:
+        d = self._delta(self._reader.flush()) if self._reader is not None else Delta("")
+        d.finish = "tool_calls" if finish == "stop" and self._called else finish
+        return d
+
+    def _delta(self, parts: Parts) -> Delta:
+        self._called = self._called or bool(parts.calls)
+        return Delta(parts.content, reasoning=parts.reasoning, calls=parts.calls)

@@ -3,9 +3,9 @@ request, and its output shaped as the official clients parse it.
 
 A Responses request is validated by turning it into a chat-completions body
 and handing that to ``ChatRequest.from_openai``, so both endpoints accept and
-refuse the same things. The output is one assistant message item; the stream
-is the typed event sequence of OpenAI's API, each event with a
-``sequence_number``.
+refuse the same things. The output is a list of items (reasoning, a message,
+function calls); the stream is the typed event sequence of OpenAI's API, each
+event with a ``sequence_number``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,24 @@ from api.generation import Delta, Usage
 from api.schemas import ChatRequest, json_object
 from scheduler.errors import InvalidRequest
 
-_PASSED = ("model", "temperature", "top_p", "stream", "keep_alive", "seed", "top_k", "min_p")
+_PASSED = (
+    "model",
+    "temperature",
+    "top_p",
+    "stream",
+    "keep_alive",
+    "seed",
+    "top_k",
+    "min_p",
+    "tool_choice",
+    "thinking",
+)
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _RENAMED = {
     "max_tokens": "max_output_tokens",
     "messages": "input",
     "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
 }
 
 
@@ -36,8 +48,6 @@ def chat_request(body: Any) -> ChatRequest:
                 f"'{key}' is not supported: mlxd stores no responses; send the whole input",
                 param=key,
             )
-    if body.get("tools"):
-        raise InvalidRequest("'tools' are not supported yet", param="tools")
     text = body.get("text")
     if text is not None and not isinstance(text, dict):
         raise InvalidRequest("'text' must be an object", param="text")
@@ -50,71 +60,107 @@ def chat_request(body: Any) -> ChatRequest:
     messages += _input_messages(body.get("input"))
     chat: dict[str, Any] = {k: body[k] for k in _PASSED if k in body}
     chat["messages"] = messages
+    if body.get("tools") is not None:
+        chat["tools"] = _tools(body["tools"])
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     if text is not None and text.get("format") is not None:
         chat["response_format"] = text["format"]
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        chat["reasoning_effort"] = reasoning["effort"]
     try:
         return ChatRequest.from_openai(chat)
     except InvalidRequest as e:
-        e.param = _RENAMED.get(e.param or "", e.param)
+        param = e.param or ""
+        if param.startswith("messages["):
+            e.param = "input" + param.removeprefix("messages")
+        else:
+            e.param = _RENAMED.get(param, e.param)
         raise
 
 
+def _tools(raw: Any) -> Any:
+    """Responses' flat function tools in the chat shape."""
+    if not isinstance(raw, list):
+        return raw  # refused by the chat check
+    out = []
+    for i, tool in enumerate(raw):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            raise InvalidRequest(
+                f"tools[{i}]: only function tools are supported, not {kind!r}", param="tools"
+            )
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
 def _input_messages(value: Any) -> list[dict[str, Any]]:
+    """Input items as chat messages: a run of function calls becomes one
+    assistant message with ``tool_calls``; their outputs become tool messages."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
         raise InvalidRequest("'input' must be a string or a non-empty list of items", "input")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise InvalidRequest(f"input[{i}] must be an object", param="input")
         kind = item.get("type", "message")
-        if kind != "message":
-            raise InvalidRequest(
-                f"input[{i}]: items of type {kind!r} are not supported yet", "input"
-            )
-        content = item.get("content")
-        if isinstance(content, list):
-            texts: list[str] = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
-                    raise InvalidRequest(f"input[{i}]: only text content is supported", "input")
-                if not isinstance(part.get("text"), str):
-                    raise InvalidRequest(f"input[{i}]: a text part needs 'text'", param="input")
-                texts.append(part["text"])
-            content = "".join(texts)
-        out.append({"role": item.get("role"), "content": content})
+        if kind == "message":
+            out.append({"role": item.get("role"), "content": _text(item.get("content"), i)})
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")},
+            }
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            content = output if isinstance(output, str) else _text(output, i)
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
+        elif kind != "reasoning":  # earlier reasoning is left out of the prompt
+            raise InvalidRequest(f"input[{i}]: items of type {kind!r} are not supported", "input")
     return out
 
 
+def _text(content: Any, i: int) -> Any:
+    if not isinstance(content, list):
+        return content  # a string, or refused by the chat check
+    texts: list[str] = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
+            raise InvalidRequest(f"input[{i}]: only text content is supported", "input")
+        if not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"input[{i}]: a text part needs 'text'", param="input")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 class Shaper:
-    """Builds the response object and the stream's events for one request."""
+    """Builds the response object and the stream's events for one request.
+
+    The output is a list of items in the order the model produced them: a
+    reasoning item, a message, function calls."""
 
     def __init__(self, model: str, req: ChatRequest, body: dict[str, Any]) -> None:
         self.id = f"resp_{uuid.uuid4().hex}"
-        self.item_id = f"msg_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.req = req
         self.body = body
         self.seq = 0
 
-    def message(self, text: str, status: str) -> dict[str, Any]:
-        content = [] if status == "in_progress" else [_text_part(text)]
-        return {
-            "type": "message",
-            "id": self.item_id,
-            "status": status,
-            "role": "assistant",
-            "content": content,
-        }
-
     def response(
         self, status: str, output: list[dict[str, Any]], usage: Usage | None, **extra: Any
     ) -> dict[str, Any]:
         p = self.req.params
+        choice = self.req.tool_choice
         return {
             "id": self.id,
             "object": "response",
@@ -126,8 +172,10 @@ class Shaper:
             "max_output_tokens": p.max_tokens,
             "temperature": p.sampling.temperature,
             "top_p": p.sampling.top_p,
-            "tools": [],
-            "tool_choice": self.body.get("tool_choice") or "auto",
+            "tools": [_flat_tool(t) for t in self.req.tools],
+            "tool_choice": (
+                {"type": "function", "name": choice.name} if choice.name else choice.mode
+            ),
             "parallel_tool_calls": True,
             "text": {"format": (self.body.get("text") or {}).get("format") or {"type": "text"}},
             "error": None,
@@ -136,15 +184,19 @@ class Shaper:
             **extra,
         }
 
-    def final(self, text: str, finish: str | None, usage: Usage) -> dict[str, Any]:
+    def final(self, whole: Delta, usage: Usage) -> dict[str, Any]:
+        items = _Items()
+        items.add(whole)
+        return self._finished(items.close(whole.finish), whole.finish, usage)
+
+    def _finished(
+        self, output: list[dict[str, Any]], finish: str | None, usage: Usage
+    ) -> dict[str, Any]:
         if finish == "length":
             return self.response(
-                "incomplete",
-                [self.message(text, "incomplete")],
-                usage,
-                incomplete_details={"reason": "max_output_tokens"},
+                "incomplete", output, usage, incomplete_details={"reason": "max_output_tokens"}
             )
-        return self.response("completed", [self.message(text, "completed")], usage)
+        return self.response("completed", output, usage)
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
@@ -155,28 +207,20 @@ class Shaper:
     ) -> AsyncIterator[dict[str, Any]]:
         """The stream, from the first delta on; ``more()`` awaits the next one
         (``None`` at the end)."""
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         start = self.response("in_progress", [], None)
         yield self.event("response.created", response=start)
         yield self.event("response.in_progress", response=start)
-        yield self.event(
-            "response.output_item.added", output_index=0, item=self.message("", "in_progress")
-        )
-        yield self.event("response.content_part.added", **where, part=_text_part(""))
-        parts: list[str] = []
+        items = _Items()
         d: Delta | None = first
         finish = None
         while d is not None:
-            if d.text:
-                parts.append(d.text)
-                yield self.event("response.output_text.delta", **where, delta=d.text, logprobs=[])
+            for kind, fields in items.add(d):
+                yield self.event(kind, **fields)
             finish = d.finish
             d = None if d.finish else await more()
-        text = "".join(parts)
-        yield self.event("response.output_text.done", **where, text=text, logprobs=[])
-        yield self.event("response.content_part.done", **where, part=_text_part(text))
-        final = self.final(text, finish, usage)
-        yield self.event("response.output_item.done", output_index=0, item=final["output"][0])
+        for kind, fields in items.closing(finish):
+            yield self.event(kind, **fields)
+        final = self._finished(items.done, finish, usage)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         yield self.event(kind, response=final)
 
@@ -191,6 +235,118 @@ class Shaper:
         return self.event("response.failed", response=failed)
 
 
+Event = tuple[str, dict[str, Any]]
+
+
+class _Items:
+    """The output items, opened and closed as the parts of the output arrive;
+    ``add`` and ``closing`` return the stream events that go with that."""
+
+    def __init__(self) -> None:
+        self.done: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+        self._text = ""
+
+    def add(self, d: Delta) -> list[Event]:
+        events: list[Event] = []
+        if d.reasoning:
+            events += self._ensure("reasoning")
+            events.append(self._delta("response.reasoning_text.delta", d.reasoning))
+        if d.text:
+            events += self._ensure("message")
+            events.append(self._delta("response.output_text.delta", d.text, logprobs=[]))
+        for call in d.calls:
+            events += self._close("completed")
+            item = {
+                "type": "function_call",
+                "id": f"fc_{uuid.uuid4().hex}",
+                "call_id": call.id,
+                "name": call.name,
+                "arguments": call.arguments,
+                "status": "completed",
+            }
+            where = {"item_id": item["id"], "output_index": len(self.done)}
+            events += [
+                (
+                    "response.output_item.added",
+                    {
+                        "output_index": len(self.done),
+                        "item": item | {"arguments": "", "status": "in_progress"},
+                    },
+                ),
+                ("response.function_call_arguments.delta", where | {"delta": call.arguments}),
+                ("response.function_call_arguments.done", where | {"arguments": call.arguments}),
+                ("response.output_item.done", {"output_index": len(self.done), "item": item}),
+            ]
+            self.done.append(item)
+        return events
+
+    def close(self, finish: str | None) -> list[dict[str, Any]]:
+        self.closing(finish)
+        return self.done
+
+    def closing(self, finish: str | None) -> list[Event]:
+        events = []
+        if not self.done and self._open is None:
+            events = self._ensure("message")  # an empty answer is still a message
+        return events + self._close("incomplete" if finish == "length" else "completed")
+
+    def _ensure(self, kind: str) -> list[Event]:
+        if self._open is not None and self._open["type"] == kind:
+            return []
+        events = self._close("completed")
+        prefix = "rs" if kind == "reasoning" else "msg"
+        self._open = {"type": kind, "id": f"{prefix}_{uuid.uuid4().hex}"}
+        self._text = ""
+        events.append(
+            (
+                "response.output_item.added",
+                {"output_index": len(self.done), "item": self._item("in_progress")},
+            )
+        )
+        if kind == "message":
+            events.append(("response.content_part.added", self._where() | {"part": _text_part("")}))
+        return events
+
+    def _delta(self, kind: str, text: str, **extra: Any) -> Event:
+        self._text += text
+        return kind, self._where() | {"delta": text, **extra}
+
+    def _close(self, status: str) -> list[Event]:
+        if self._open is None:
+            return []
+        text, item = self._text, self._item(status)
+        if self._open["type"] == "reasoning":
+            events = [("response.reasoning_text.done", self._where() | {"text": text})]
+        else:
+            events = [
+                ("response.output_text.done", self._where() | {"text": text, "logprobs": []}),
+                ("response.content_part.done", self._where() | {"part": _text_part(text)}),
+            ]
+        events.append(("response.output_item.done", {"output_index": len(self.done), "item": item}))
+        self.done.append(item)
+        self._open = None
+        return events
+
+    def _where(self) -> dict[str, Any]:
+        assert self._open is not None
+        return {"item_id": self._open["id"], "output_index": len(self.done), "content_index": 0}
+
+    def _item(self, status: str) -> dict[str, Any]:
+        assert self._open is not None
+        started = status == "in_progress"
+        if self._open["type"] == "reasoning":
+            content = [] if started else [{"type": "reasoning_text", "text": self._text}]
+            return self._open | {"summary": [], "content": content, "status": status}
+        content = [] if started else [_text_part(self._text)]
+        return self._open | {"status": status, "role": "assistant", "content": content}
+
+
+def _flat_tool(tool: dict[str, Any]) -> dict[str, Any]:
+    fn = tool["function"]
+    return {"type": "function", "strict": None, **fn}
+
+
 def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -200,6 +356,6 @@ def _usage(usage: Usage) -> dict[str, Any]:
         "input_tokens": usage.prompt_tokens,
         "input_tokens_details": {"cached_tokens": 0},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }

@@ -10,11 +10,13 @@ are refused rather than silently ignored.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
 
+from api.tools import ToolChoice, tool_choice_field, tools_field
 from config.units import parse_duration
 from runner.protocol import Sampling, to_llguidance
 from scheduler.errors import InvalidRequest
@@ -185,6 +187,9 @@ def keep_alive_field(body: Mapping[str, Any]) -> float | None:
 class ChatRequest:
     params: GenerationParams
     messages: tuple[dict[str, Any], ...]
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: ToolChoice = attrs.field(factory=lambda: ToolChoice("none"))
+    thinking: bool | None = None  # None: the chat template's default
 
     @classmethod
     def from_openai(cls, body: Any) -> ChatRequest:
@@ -193,7 +198,35 @@ class ChatRequest:
         raw = body.get("messages")
         if not isinstance(raw, list) or not raw:
             raise InvalidRequest("'messages' must be a non-empty list", param="messages")
-        return cls(params, tuple(_message(m, i) for i, m in enumerate(raw)))
+        names: dict[str, str] = {}  # tool call id -> function name, for tool results
+        messages = tuple(_message(m, i, names) for i, m in enumerate(raw))
+        tools = tools_field(body)
+        choice = tool_choice_field(body, tools)
+        if choice.mode in ("required", "function") and params.grammar is not None:
+            raise InvalidRequest(
+                "'response_format' and a required tool call cannot both constrain the output",
+                param="tool_choice",
+            )
+        return cls(params, messages, tools, choice, _thinking(body))
+
+
+def _thinking(body: Mapping[str, Any]) -> bool | None:
+    """Whether the model should think: ``thinking`` (an extension),
+    ``reasoning_effort`` ("none" turns it off) or vLLM's
+    ``chat_template_kwargs.enable_thinking``; None where the request is silent."""
+    kwargs = _field(body, "chat_template_kwargs", dict, "an object") or {}
+    for key, value in (
+        ("thinking", body.get("thinking")),
+        ("chat_template_kwargs", kwargs.get("enable_thinking")),
+    ):
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(f"'{key}' must be a boolean, got {value!r}", param=key)
+        if value is not None:
+            return bool(value)
+    effort = _field(body, "reasoning_effort", str, "a string such as 'none', 'low' or 'high'")
+    if effort is not None:
+        return effort != "none"
+    return None
 
 
 @attrs.frozen
@@ -230,7 +263,9 @@ def json_object(body: Any) -> Mapping[str, Any]:
     return body
 
 
-def _message(raw: Any, i: int) -> dict[str, Any]:
+def _message(raw: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
+    """A message as chat templates take it. Earlier reasoning
+    (``reasoning_content``) is dropped; tool calls' arguments become objects."""
     where = f"messages[{i}]"
     if not isinstance(raw, dict):
         raise InvalidRequest(f"'{where}' must be an object", param=where)
@@ -239,11 +274,46 @@ def _message(raw: Any, i: int) -> dict[str, Any]:
         raise InvalidRequest(
             f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}", param=f"{where}.role"
         )
-    if raw.get("tool_calls") or role == "tool":
-        raise InvalidRequest("tool calls are not supported yet", param=where)
-    return {
+    calls = raw.get("tool_calls")
+    if role == "assistant" and calls:
+        content = raw.get("content")
+        return {
+            "role": role,
+            "content": "" if content is None else _content(content, where),
+            "tool_calls": [
+                _call(c, f"{where}.tool_calls[{j}]", names) for j, c in enumerate(calls)
+            ],
+        }
+    message = {
         "role": "system" if role == "developer" else role,
         "content": _content(raw.get("content"), where),
+    }
+    if role == "tool":
+        call_id = raw.get("tool_call_id")
+        if not isinstance(call_id, str):
+            raise InvalidRequest(f"'{where}.tool_call_id' must be a string", param=where)
+        message["tool_call_id"] = call_id
+        name = raw.get("name") or names.get(call_id)
+        if name:
+            message["name"] = name
+    return message
+
+
+def _call(raw: Any, where: str, names: dict[str, str]) -> dict[str, Any]:
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequest(f"'{where}' must hold a function with a name", param=where)
+    args = fn.get("arguments", "{}")
+    try:
+        parsed = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        raise InvalidRequest(f"'{where}.function.arguments' is not valid JSON", where) from None
+    call_id = raw.get("id") if isinstance(raw.get("id"), str) else f"call_{len(names)}"
+    names[call_id] = fn["name"]
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": fn["name"], "arguments": parsed},
     }
 
 
@@ -272,9 +342,8 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
     n = body.get("n", 1)
     if n != 1:
         raise InvalidRequest("only n=1 is supported", param="n")
-    for key in ("tools", "functions"):
-        if body.get(key):
-            raise InvalidRequest(f"'{key}' is not supported yet", param=key)
+    if body.get("functions"):
+        raise InvalidRequest("'functions' is deprecated; send 'tools'", param="functions")
     if body.get("echo") not in (None, False):
         raise InvalidRequest("'echo' is not supported", param="echo")
     if body.get("suffix") is not None:

@@ -1,7 +1,7 @@
 """Text on the daemon's side of a model: chat template, tokenizing, detokenizing.
 
 The runner sees only token ids; everything textual happens here, with the
-model's own Hugging Face tokenizer (no MLX). Tokenizing runs in worker threads
+model's own Hugging Face tokenizer (no MLX computation). Tokenizing runs in worker threads
 (``trio.to_thread``); detokenizing a stream is cheap and runs inline.
 """
 
@@ -9,47 +9,120 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from scheduler.errors import InvalidRequest
 
+ToolParser = Callable[[str, Any], Any]
+
+
+@attrs.frozen
+class Markers:
+    """A model's output markers; ``None`` where it has none."""
+
+    think: tuple[str, str] | None = None
+    tool: tuple[str, str] | None = None
+    tool_format: str | None = None  # mlx-lm's name for it ("json_tools", ...)
+    parse_tool: ToolParser | None = attrs.field(default=None, eq=False)
+
 
 class Texts:
-    """The tokenizer and text limits of one model directory."""
+    """The tokenizer, chat template, output markers and text limits of one
+    model directory.
+
+    The tokenizer is mlx-lm's wrapper around the Hugging Face one: it knows
+    the model's thinking markers, its tool-call format and parser, and the
+    template's switch for thinking."""
 
     def __init__(self, model_dir: Path, max_context: int | None) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        from transformers import AutoTokenizer
+        from mlx_lm.tokenizer_utils import load
 
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.tokenizer: Any = load(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         self.max_context = max_context or _context_from(config, self.tokenizer)
         self.stop_ids = _stop_ids(model_dir, config, self.tokenizer)
+        self.markers = _markers(self.tokenizer)
+        self._hidden = _hidden_ids(self.backend, self.markers)
+        think = self.markers.think
+        self._thinking = (
+            re.compile(re.escape(think[0]) + ".*?" + re.escape(think[1]), re.S) if think else None
+        )
 
     @property
     def backend(self) -> Tokenizer:
         return self.tokenizer.backend_tokenizer
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        if not self.tokenizer.chat_template:
+    def chat_prompt(
+        self,
+        messages: list[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] = (),
+        thinking: bool | None = None,
+    ) -> list[int]:
+        """The prompt for a conversation: ``tools`` (OpenAI function tools)
+        and ``thinking`` (None: the template's default) go to the template.
+        Reasoning in earlier assistant turns is left out."""
+        if not self.tokenizer.has_chat_template:
             raise InvalidRequest(
                 "this model has no chat template; use /v1/completions", param="messages"
             )
+        kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
+        if thinking is not None:
+            kwargs["enable_thinking"] = thinking
         text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
+            [self._without_reasoning(m) for m in messages],
+            add_generation_prompt=True,
+            tokenize=False,
+            **kwargs,
         )
         return self.encode(text)
+
+    def opens_reasoning(self, prompt: list[int]) -> bool:
+        """Whether the prompt ends inside a reasoning block (the template
+        opened it for the model)."""
+        w = self.tokenizer
+        return bool(w.has_thinking) and w.rfind_think_start(prompt) > w.rfind_think_end(prompt)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def text_stream(self, stops: Sequence[str]) -> TextStream:
-        return TextStream(self.backend, stops)
+        return TextStream(self.backend, stops, self._hidden)
+
+    def _without_reasoning(self, message: dict[str, Any]) -> dict[str, Any]:
+        content = message.get("content")
+        if message["role"] != "assistant" or self._thinking is None or not isinstance(content, str):
+            return message
+        return message | {"content": self._thinking.sub("", content).lstrip()}
+
+
+def _markers(wrapper: Any) -> Markers:
+    think = (wrapper.think_start, wrapper.think_end) if wrapper.has_thinking else None
+    if not wrapper.has_tool_calling:
+        return Markers(think)
+    return Markers(
+        think,
+        (wrapper.tool_call_start, wrapper.tool_call_end),
+        wrapper.init_kwargs.get("tool_parser_type"),
+        wrapper.tool_parser,
+    )
+
+
+def _hidden_ids(tokenizer: Tokenizer, markers: Markers) -> frozenset[int]:
+    """Special tokens, which stay out of the text, except the markers."""
+    shown = {m for pair in (markers.think, markers.tool) if pair for m in pair}
+    return frozenset(
+        i
+        for i, t in tokenizer.get_added_tokens_decoder().items()
+        if t.special and t.content not in shown
+    )
 
 
 class TextStream:
@@ -59,15 +132,18 @@ class TextStream:
     known not to be one, so a stop string never leaks into the output.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, stops: Sequence[str] = (), hidden: frozenset[int] = frozenset()
+    ) -> None:
         self._tokenizer = tokenizer
-        self._decode = DecodeStream(skip_special_tokens=True)
+        self._decode = DecodeStream(skip_special_tokens=False)
+        self._hidden = hidden
         self._stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
 
     def feed(self, token: int) -> str:
-        if self.stopped:
+        if self.stopped or token in self._hidden:
             return ""
         piece = self._decode.step(self._tokenizer, token) or ""
         if not self._stops:
@@ -78,7 +154,7 @@ class TextStream:
             self.stopped = True
             self._held = ""
             return text[: min(hits)]
-        keep = _longest_stop_prefix(text, self._stops)
+        keep = held_back(text, self._stops)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
@@ -87,8 +163,9 @@ class TextStream:
         return held
 
 
-def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that begins some stop string."""
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that begins one of ``stops``
+    (which must then be held back until more text decides)."""
     best = 0
     for stop in stops:
         for n in range(min(len(stop) - 1, len(text)), best, -1):

@@ -38,8 +38,9 @@ Generate options (each off by default):
 - ``presence_penalty``, ``frequency_penalty``: OpenAI's, over the tokens this
   request has generated (not its prompt).
 - ``logit_bias``: token id (a string, as JSON keys are) -> value added to its logit.
-- ``grammar``: ``{"type": "json_schema", "schema": {...}}`` or
-  ``{"type": "json_object"}``; only tokens that keep the output a valid prefix
+- ``grammar``: ``{"type": "json_schema", "schema": {...}}``,
+  ``{"type": "json_object"}`` or ``{"type": "lark", "lark": "..."}`` (llguidance's
+  Lark dialect, which can embed JSON schemas); only tokens that keep the output a valid prefix
   may be sampled. A request finishes with "stop" on the token that completes
   the grammar (that token is part of the answer; no stop token follows it).
   Where the grammar may end but could also go on (a top-level number, say),
@@ -151,4 +152,6 @@ def to_llguidance(grammar: dict[str, Any]) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(
             {"type": "object"}, defaults={"whitespace_flexible": False}
         )
+    if kind == "lark":
+        return llguidance.LLMatcher.grammar_from_lark(str(grammar.get("lark")))
     raise ValueError(f"unknown grammar type {kind!r}")

@@ -1,0 +1,90 @@
+"""Model directories for the tool-call and reasoning tests.
+
+``agent_tokenizer`` gives the SmolLM2 tokenizer what a thinking, tool-calling
+model has: ``<think>`` and ``</think>`` tokens, and a chat template that
+renders tools, calls and their results in the common JSON-between-markers
+format and honours ``enable_thinking``. ``scripted_model`` makes a model
+directory whose runner replays a given text (``runner/script.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer
+
+# The layout of Qwen-style templates (this one written for the tests): tools in
+# the system turn, each call as JSON between <tool_call> markers, results in
+# "tool" turns, and an empty reasoning block when thinking is turned off.
+TEMPLATE = """\
+{%- if tools -%}
+<|im_start|>system
+You can call these functions:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}To call one, write <tool_call>
+{"name": NAME, "arguments": ARGUMENTS}
+</tool_call><|im_end|>
+{% endif -%}
+{%- for message in messages -%}
+{%- if message.role == "assistant" and message.tool_calls -%}
+<|im_start|>assistant
+{{ message.content }}{% for tool_call in message.tool_calls %}
+{%- if tool_call.function %}{% set tool_call = tool_call.function %}{% endif -%}
+<tool_call>
+{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% else -%}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% if enable_thinking is defined and enable_thinking is false %}<think>
+
+</think>
+
+{% endif -%}
+{%- endif -%}"""
+
+
+def agent_tokenizer(tokenizer_dir: Path, out: Path, think_tokens: bool = True) -> Path:
+    """Copy a model directory's tokenizer into ``out``, made agent-like."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    if think_tokens:
+        new = [AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")]
+        tok.add_tokens(new)
+    tok.save(str(out / "tokenizer.json"))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
+    config["chat_template"] = TEMPLATE
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return out
+
+
+def agent_model(model_dir: Path, out: Path) -> Path:
+    """A real model (weights and config) with the agent template (and no new
+    tokens, which its embedding would not have)."""
+    agent_tokenizer(model_dir, out, think_tokens=False)
+    shutil.copy(model_dir / "config.json", out / "config.json")
+    for weights in model_dir.glob("*.safetensors"):
+        shutil.copy(weights, out / weights.name)
+    return out
+
+
+def scripted_model(tokenizer_dir: Path, out: Path, text: str) -> Path:
+    """A model that answers every request with ``text`` and then end-of-turn."""
+    agent_tokenizer(tokenizer_dir, out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = tok.token_to_id("<|im_end|>")
+    config = {
+        "model_type": "mlxd_script",
+        "script": [*tok.encode(text, add_special_tokens=False).ids, eos],
+        "eos_token_id": eos,
+        "max_position_embeddings": 4096,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
