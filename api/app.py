@@ -5,27 +5,35 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from api import errors, logprobs, sse
 from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
 from api.reader import ToolCall
+from api.record import CLIENT_GONE, Record
 from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
 from config.settings import Settings
 from scheduler.errors import InvalidRequest, MlxdError, RunnerCrashed, Unauthorized
+from scheduler.metrics import CONTENT_TYPE
 from scheduler.pool import Scheduler
 
 Shape = Callable[[Delta, bool], dict[str, Any]]
 
 
-def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> QuartTrio:
+def create_app(
+    settings: Settings,
+    catalog: Catalog,
+    scheduler: Scheduler,
+    recent_errors: Iterable[dict[str, Any]] = (),
+) -> QuartTrio:
     app = QuartTrio("mlxd")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -33,6 +41,21 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
         BODY_TIMEOUT=60,
     )
     errors.install(app)
+    metrics = scheduler.metrics
+
+    @app.before_request
+    async def _start_record() -> None:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        g.record = Record(f"req_{uuid.uuid4().hex[:16]}", rule, metrics)
+
+    @app.after_request
+    async def _finish_record(response: Response) -> Response:
+        record: Record | None = g.get("record")
+        if record is not None:
+            response.headers["X-Request-Id"] = record.id
+            if not record.streaming:
+                record.finish(response.status_code)
+        return response
 
     @app.before_request
     async def _check_key() -> None:
@@ -46,6 +69,10 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -71,6 +98,11 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
                     m["runner"] = None
         return pool
 
+    @app.get("/api/errors")
+    async def recent() -> dict[str, Any]:
+        """The daemon's recent warnings and errors (for ``mlxd doctor``)."""
+        return {"errors": list(recent_errors)}
+
     @app.post("/api/load")
     async def load() -> dict[str, Any]:
         body = await _json_body()
@@ -88,7 +120,7 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         req = ChatRequest.from_openai(await _json_body())
-        job = await prepare(catalog, req)
+        job = await prepare(catalog, req, g.record)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chat_lp(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -148,7 +180,7 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
     @app.post("/v1/completions")
     async def completions() -> Response:
         req = CompletionRequest.from_openai(await _json_body())
-        job = await prepare(catalog, req)
+        job = await prepare(catalog, req, g.record)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         offset = 0
@@ -203,7 +235,7 @@ def create_app(settings: Settings, catalog: Catalog, scheduler: Scheduler) -> Qu
     async def responses() -> Response:
         body = await _json_body()
         req = chat_request(body)
-        job = await prepare(catalog, req)
+        job = await prepare(catalog, req, g.record)
         shaper = Shaper(job.model, req, body)
         if job.params.stream:
             return await _stream_response(scheduler, job, shaper)
@@ -282,9 +314,24 @@ async def _open(scheduler: Scheduler, job: Prepared) -> tuple[Delta, AsyncGenera
     return first, gen, usage
 
 
-def _sse(frames: AsyncIterator[bytes]) -> Response:
+def _sse(job: Prepared, frames: AsyncIterator[bytes]) -> Response:
+    """An event stream; its request is accounted for when the stream ends
+    (``CLIENT_GONE`` if the client left first)."""
+    record = job.record
+    record.streaming = True
+
+    async def accounted() -> AsyncIterator[bytes]:
+        status = CLIENT_GONE
+        try:
+            async with aclosing(frames) as it:  # type: ignore[type-var]
+                async for frame in it:
+                    yield frame
+            status = 200
+        finally:
+            record.finish(status)
+
     return Response(
-        frames,
+        accounted(),
         content_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -312,12 +359,13 @@ async def _stream(
                 yield sse.event(final)
             yield sse.DONE
         except MlxdError as exc:
+            job.record.error = exc.message
             yield sse.event(errors.describe(exc)[1])
         finally:
             with trio.CancelScope(shield=True):
                 await gen.aclose()
 
-    return _sse(body())
+    return _sse(job, body())
 
 
 async def _stream_response(scheduler: Scheduler, job: Prepared, shaper: Shaper) -> Response:
@@ -329,9 +377,10 @@ async def _stream_response(scheduler: Scheduler, job: Prepared, shaper: Shaper) 
             async for ev in shaper.events(first, lambda: anext(gen, None), usage):
                 yield sse.typed(ev)
         except MlxdError as exc:
+            job.record.error = exc.message
             yield sse.typed(shaper.failed(errors.describe(exc)[1]))
         finally:
             with trio.CancelScope(shield=True):
                 await gen.aclose()
 
-    return _sse(body())
+    return _sse(job, body())

@@ -8,6 +8,7 @@ model, no chat template, prompt too long), so those failures cost no load.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -16,6 +17,7 @@ import trio
 
 from api.catalog import Catalog
 from api.reader import Parts, Reader, ToolCall
+from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams
 from api.texts import Texts
 from api.tools import forced_call
@@ -30,6 +32,7 @@ class Prepared:
     prompt: list[int]
     max_tokens: int
     texts: Texts
+    record: Record  # the request's account (timings, tokens)
     grammar: dict[str, Any] | None = None  # the runner's: structured output or a forced call
     chat: ChatRequest | None = None  # a chat's output is read into parts (api.reader)
     reasoning: bool = False  # the prompt opened a reasoning block
@@ -70,8 +73,11 @@ class Usage:
         return out
 
 
-async def prepare(catalog: Catalog, req: ChatRequest | CompletionRequest) -> Prepared:
+async def prepare(
+    catalog: Catalog, req: ChatRequest | CompletionRequest, record: Record
+) -> Prepared:
     model = catalog.get(req.params.model)
+    record.model = model.name
     texts = await catalog.texts(model.name)
     grammar, reasoning = req.params.grammar, False
     if isinstance(req, ChatRequest):
@@ -101,7 +107,10 @@ async def prepare(catalog: Catalog, req: ChatRequest | CompletionRequest) -> Pre
             param="messages" if isinstance(req, ChatRequest) else "prompt",
         )
     chat = req if isinstance(req, ChatRequest) else None
-    return Prepared(model.name, req.params, prompt, wanted or room, texts, grammar, chat, reasoning)
+    record.prompt_tokens = len(prompt)
+    return Prepared(
+        model.name, req.params, prompt, wanted or room, texts, record, grammar, chat, reasoning
+    )
 
 
 async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGenerator[Delta, None]:
@@ -124,7 +133,9 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     }
     if p.logprobs is not None:
         options["logprobs"] = p.logprobs
+    asked = time.monotonic()
     async with scheduler.lease(job.model, p.keep_alive_s) as runner:
+        job.record.granted(time.monotonic() - asked)
         async with runner.generate(
             job.prompt, job.max_tokens, p.sampling, stop_ids, **options
         ) as chunks:
@@ -138,6 +149,7 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
                     if chunk.finish == "stop" and token in stop_ids:
                         continue  # the end-of-turn token is not part of the answer
                     usage.completion_tokens += 1
+                    job.record.token()
                     out += parts.feed(text.feed(token))
                     if parts.thinking:
                         usage.reasoning_tokens += 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ import trio
 from config.settings import ModelConfig
 from scheduler import policy as p
 from scheduler.errors import MlxdError, ModelLoadFailed, RunnerCrashed, ShuttingDown
+from scheduler.metrics import Metrics
 
 log = logging.getLogger("mlxd.scheduler")
 MEASURE_EVERY_S = 2.0
@@ -79,26 +79,21 @@ class Scheduler:
         budget: int = 2**62,
         size_model: Callable[[str], Awaitable[int]] | None = None,
         max_turn_s: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
         """``make_runner(model)`` prepares (but does not start) a runner for a
         model; ``size_model(model)`` estimates its bytes before a first load."""
-        specs = {
-            m.name: p.ModelSpec(
-                max_concurrency=m.max_concurrency,
-                queue_limit=m.queue_limit,
-                queue_timeout_s=m.queue_timeout_s,
-                keep_alive_s=m.keep_alive_s,
-                pinned=m.pinned,
-            )
-            for m in models
-        }
+        specs = _specs(models)
         self._policy = p.Policy(specs, budget, max_turn_s)
         self._preload = [m.name for m in models if m.preload]
         self._make_runner = make_runner
         self._size_model = size_model
         self._send, self._events = trio.open_memory_channel[p.Event](math.inf)
         self._nursery: trio.Nursery | None = None
-        self.evictions: Counter[tuple[str, str]] = Counter()  # (model, reason)
+        self.metrics = metrics or Metrics()
+        self.metrics.add_models(specs)
+        self.metrics.watch_pool(self.status)
+        self._stopping: set[str] = set()  # models whose runner was asked to exit
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the policy until ``shutdown`` has stopped every runner."""
@@ -153,6 +148,11 @@ class Scheduler:
         async with self.lease(model, keep_alive_s):
             pass
 
+    def reconfigure(self, models: Sequence[ModelConfig], changed: set[str]) -> None:
+        """Serve ``models`` from now on (see ``policy.Reconfigure``)."""
+        self.metrics.add_models(m.name for m in models)
+        self._post(p.Reconfigure(_specs(models), frozenset(changed), trio.current_time()))
+
     def unload(self, model: str) -> None:
         """Unload ``model`` once its running and queued requests are done."""
         self._post(p.Unload(model, trio.current_time()))
@@ -204,13 +204,20 @@ class Scheduler:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_runner, model)
             case p.StopRunner(model, runner, reason):
-                log.info("unloading %s (%s)", model, reason)
+                log.info("unload model=%s reason=%s", model, reason)
                 if reason != "shutdown":
-                    self.evictions[model, reason] += 1
+                    self.metrics.evictions.labels(model, reason).inc()
+                self._stopping.add(model)
                 runner.stop()
 
     async def _run_runner(self, model: str) -> None:
+        started = trio.current_time()
+
         def loaded(runner: Runner) -> None:
+            took = trio.current_time() - started
+            log.info("load model=%s duration_s=%.3f", model, took)
+            self.metrics.loads.labels(model).inc()
+            self.metrics.load_duration.labels(model).observe(took)
             self._post(p.Loaded(model, runner, trio.current_time()))
             self._post(p.Measured(model, measured_bytes(runner.memory), trio.current_time()))
 
@@ -229,8 +236,13 @@ class Scheduler:
                     else ModelLoadFailed(f"model {model!r} failed to load: {e}")
                 )
                 log.error("%s", error.message)
+                self.metrics.load_failures.labels(model).inc()
                 self._post(p.LoadFailed(model, error, trio.current_time()))
                 return
+        if model not in self._stopping:
+            log.error("the runner for %s exited unasked", model)
+            self.metrics.runner_crashes.labels(model).inc()
+        self._stopping.discard(model)
         self._post(p.RunnerExited(model, trio.current_time()))
 
     async def _measure(self) -> None:
@@ -251,3 +263,16 @@ class Scheduler:
             await self.load(model)
         except MlxdError as e:
             log.error("preloading %s failed: %s", model, e.message)
+
+
+def _specs(models: Sequence[ModelConfig]) -> dict[str, p.ModelSpec]:
+    return {
+        m.name: p.ModelSpec(
+            max_concurrency=m.max_concurrency,
+            queue_limit=m.queue_limit,
+            queue_timeout_s=m.queue_timeout_s,
+            keep_alive_s=m.keep_alive_s,
+            pinned=m.pinned,
+        )
+        for m in models
+    }

@@ -1,0 +1,78 @@
+"""One request's account: its timings and tokens, logged as one line and
+counted in the metrics when the response has been sent (for a stream, after
+its last byte)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import attrs
+
+from scheduler.metrics import Metrics
+
+log = logging.getLogger("mlxd.request")
+
+CLIENT_GONE = 499  # as nginx logs it: the client closed the connection first
+
+
+@attrs.define
+class Record:
+    id: str
+    endpoint: str
+    metrics: Metrics
+    arrived: float = attrs.field(factory=time.monotonic)
+    model: str = ""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    queue_s: float | None = None
+    ttft_s: float | None = None
+    streaming: bool = False  # then the stream's end finishes the record
+    error: str | None = None  # a failure after a stream had started
+    _last_token: float | None = None
+    _done: bool = False
+
+    def granted(self, waited_s: float) -> None:
+        self.queue_s = waited_s
+        self.metrics.queue_time.labels(self.model).observe(waited_s)
+
+    def token(self) -> None:
+        now = time.monotonic()
+        if self._last_token is None:
+            self.ttft_s = now - self.arrived
+        else:
+            self.metrics.itl.labels(self.model).observe(now - self._last_token)
+        self._last_token = now
+        self.generated_tokens += 1
+
+    def finish(self, status: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        duration = time.monotonic() - self.arrived
+        m = self.metrics
+        m.requests.labels(self.endpoint, self.model, str(status)).inc()
+        if self.model and self.queue_s is not None:
+            m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+            m.generation_tokens.labels(self.model).inc(self.generated_tokens)
+            if self.ttft_s is not None:
+                m.ttft.labels(self.model).observe(self.ttft_s)
+                m.e2e.labels(self.model).observe(duration)
+        log.info(
+            "request id=%s model=%s endpoint=%s status=%d prompt_tokens=%d generated_tokens=%d "
+            "queue_s=%s ttft_s=%s duration_s=%.3f%s",
+            self.id,
+            self.model or "-",
+            self.endpoint,
+            status,
+            self.prompt_tokens,
+            self.generated_tokens,
+            _seconds(self.queue_s),
+            _seconds(self.ttft_s),
+            duration,
+            f" error={self.error!r}" if self.error else "",
+        )
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

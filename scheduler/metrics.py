@@ -1,0 +1,149 @@
+"""Prometheus metrics, prefix ``mlxd_``, with vLLM's names where vLLM has one.
+
+Counters and histograms are updated where things happen (the API for
+requests and tokens, the pool for loads and evictions). Gauges of the pool's
+state (requests waiting and running, resident models, bytes) are read from
+the pool at scrape time, so the policy stays the one owner of that state.
+Each daemon has its own registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Seconds: from 10 ms (a queue that is empty, a first token on a GPU) to
+# minutes (a model loading, a long generation on a CPU).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+
+EVICTION_REASONS = ("idle", "expired", "memory", "manual")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "mlxd_requests",
+            "HTTP requests by endpoint, model and status code",
+            ["endpoint", "model", "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "mlxd_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "mlxd_generation_tokens", "Tokens generated", ["model"], registry=r
+        )
+        self.queue_time = Histogram(
+            "mlxd_request_queue_time_seconds",
+            "Wait for a model slot (queue and load)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "mlxd_time_to_first_token_seconds",
+            "From arrival to the first generated token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "mlxd_inter_token_latency_seconds",
+            "Time between consecutive generated tokens",
+            ["model"],
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "mlxd_e2e_request_latency_seconds",
+            "From arrival to the last token",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loads = Counter("mlxd_model_loads", "Models loaded", ["model"], registry=r)
+        self.load_failures = Counter(
+            "mlxd_model_load_failures", "Model loads that failed", ["model"], registry=r
+        )
+        self.load_duration = Histogram(
+            "mlxd_model_load_duration_seconds",
+            "From starting a runner to the model being ready",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            "mlxd_evictions",
+            "Models unloaded, by reason (idle, expired, memory, manual)",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.runner_crashes = Counter(
+            "mlxd_runner_crashes",
+            "Runner processes that exited without being asked",
+            ["model"],
+            registry=r,
+        )
+
+    def add_models(self, names: Iterable[str]) -> None:
+        """Start each model's counters at zero, so that every series exists
+        (and a dashboard shows 0 rather than "no data") before anything happens."""
+        for name in names:
+            for counter in (
+                self.prompt_tokens,
+                self.generation_tokens,
+                self.loads,
+                self.load_failures,
+                self.runner_crashes,
+            ):
+                counter.labels(name)
+            for reason in EVICTION_REASONS:
+                self.evictions.labels(name, reason)
+
+    def watch_pool(self, status: Callable[[], dict[str, Any]]) -> None:
+        """Report the pool's gauges from ``status()`` (``Scheduler.status``)."""
+        self.registry.register(_PoolCollector(status))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _PoolCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        pool = self._status()
+        gauges = {
+            "waiting": GaugeMetricFamily(
+                "mlxd_num_requests_waiting", "Requests queued for a model", labels=["model"]
+            ),
+            "running": GaugeMetricFamily(
+                "mlxd_num_requests_running", "Requests generating on a model", labels=["model"]
+            ),
+            "bytes": GaugeMetricFamily(
+                "mlxd_model_bytes", "Bytes charged to a resident model", labels=["model"]
+            ),
+        }
+        resident = 0
+        for m in pool["models"]:
+            gauges["waiting"].add_metric([m["model"]], m["queued"])
+            gauges["running"].add_metric([m["model"]], m["running"])
+            gauges["bytes"].add_metric([m["model"]], m["bytes"])
+            resident += m["state"] == "ready"
+        yield from gauges.values()
+        yield GaugeMetricFamily("mlxd_models_resident", "Models loaded", value=resident)
+        yield GaugeMetricFamily(
+            "mlxd_memory_used_bytes", "Bytes charged to resident models", value=pool["used"]
+        )
+        yield GaugeMetricFamily(
+            "mlxd_memory_budget_bytes", "The memory budget", value=pool["budget"]
+        )
