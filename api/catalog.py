@@ -33,6 +33,24 @@ class Catalog:
         self._locks = {m.name: trio.Lock() for m in settings.models}
         self.spares = Spares()
 
+    def reconfigure(self, settings: Settings) -> tuple[set[str], set[str], set[str]]:
+        """Take a new config's models; returns the names added, removed and
+        changed. What was prepared for a removed or changed model is dropped
+        (requests already holding it keep theirs)."""
+        old, new = self.models, {m.name: m for m in settings.models}
+        added = new.keys() - old.keys()
+        removed = old.keys() - new.keys()
+        changed = {n for n in new.keys() & old.keys() if new[n] != old[n]}
+        for name in removed | changed:
+            for cache in (self._dirs, self._texts, self._costs):
+                cache.pop(name, None)
+        for name in added:
+            self._locks[name] = trio.Lock()
+        self.settings = settings
+        self.models = new
+        self._by_name = {n: m for m in settings.models for n in m.names}
+        return set(added), set(removed), changed
+
     def get(self, name: str) -> ModelConfig:
         try:
             return self._by_name[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import sys
@@ -31,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from daemon.serve import serve
 
     settings = _load(args.config)
+    path = Path(args.config) if args.config else default_config_path()
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = attrs.evolve(settings, **overrides)
     logging.basicConfig(
@@ -39,7 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     try:
-        trio.run(serve, settings)
+        trio.run(functools.partial(serve, settings, config_path=path if path.is_file() else None))
     except BaseExceptionGroup as group:
         in_use, _ = group.split(lambda e: isinstance(e, OSError) and e.errno == errno.EADDRINUSE)
         if in_use is None:
@@ -129,6 +131,71 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_service(args: argparse.Namespace) -> int:
+    from daemon import service
+
+    try:
+        if args.action == "install":
+            config = Path(args.config) if args.config else default_config_path()
+            if args.config:
+                Settings.from_toml(config)  # refuse a broken config now, not at launch
+            path = service.install(config if config.is_file() else None)
+            print(f"installed {path}; logs in {service.log_dir()}")
+        elif args.action == "uninstall":
+            removed = service.uninstall()
+            print("uninstalled" if removed else "mlxd was not installed as a service")
+        else:
+            print(service.status())
+    except service.ServiceError as e:
+        print(f"mlxd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What a bug report needs: versions, the device, the config, the daemon."""
+    import platform
+    from importlib import metadata
+
+    from scheduler.memory import resolve_budget
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    print(f"mlxd {version('mlxd')}, Python {platform.python_version()}, {platform.platform()}")
+    dists = ("mlx", "mlx-lm", "transformers", "tokenizers", "llguidance", "trio", "quart-trio")
+    print("packages: " + ", ".join(f"{d} {version(d)}" for d in dists))
+    try:
+        import mlx.core as mx
+
+        info = ", ".join(f"{k}={v}" for k, v in mx.device_info().items())
+        print(f"device: {mx.default_device()} ({info})")
+    except Exception as e:  # a broken MLX install is what doctor is for
+        print(f"device: MLX does not load: {type(e).__name__}: {e}")
+    path = Path(args.config) if args.config else default_config_path()
+    print(f"config: {path if path.is_file() else 'built-in default (no file)'}")
+    settings = _load(args.config)
+    budget, where = resolve_budget(settings.memory_budget)
+    print("  " + settings.describe().replace("\n", "\n  "))
+    print(f"  memory budget resolves to {format_bytes(budget)} ({where})")
+    try:
+        pool = _call(args, "GET", "/api/ps")
+        errors = _call(args, "GET", "/api/errors")["errors"]
+    except DaemonError as e:
+        print(f"daemon: {e}")
+        return 0
+    print(f"daemon: running; {format_bytes(pool['used'])} of {format_bytes(pool['budget'])} in use")
+    for m in pool["models"]:
+        print(f"  {m['model']}: {m['state']}, {format_bytes(m['bytes'])}, pid {m['pid']}")
+    print(f"recent errors ({len(errors)}):" if errors else "recent errors: none")
+    for err in errors:
+        print(f"  {err['time']} {err['level']} {err['logger']}: {err['message']}")
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     settings = Settings.from_toml(Path(args.file))
     print(f"{args.file}: ok")
@@ -173,10 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
     unload.add_argument("name")
     unload.set_defaults(func=cmd_unload)
 
+    client(
+        "doctor", "print versions, device, config and the daemon's state for a bug report"
+    ).set_defaults(func=cmd_doctor)
+
     pull = sub.add_parser("pull", help="download a model from Hugging Face into its cache")
     pull.add_argument("repo", help="a repo id, e.g. mlx-community/Qwen3-4B-4bit")
     pull.add_argument("--revision", help="a branch, tag or commit (default: main)")
     pull.set_defaults(func=cmd_pull)
+
+    svc = sub.add_parser("service", help="run mlxd in the background under launchd (macOS)")
+    svc.add_argument("action", choices=["install", "uninstall", "status"])
+    svc.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"config for the service (default: {default_config_path()})",
+    )
+    svc.set_defaults(func=cmd_service)
 
     config = sub.add_parser("config", help="work with config files")
     config_sub = config.add_subparsers(dest="config_command", required=True)

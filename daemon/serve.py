@@ -1,7 +1,7 @@
 """``mlxd serve``: the daemon's process tree and its orderly shutdown.
 
     trio.run(serve)
-    ├─ signal watcher          SIGTERM / SIGINT → stop
+    ├─ signal watcher          SIGTERM / SIGINT → stop; SIGHUP → reload the config
     ├─ model preparation       tokenizers (and the bundled model) ready early
     ├─ a spare runner process  MLX imported, waiting to load the next model
     └─ inner nursery
@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import attrs
 import hypercorn.config
 import hypercorn.trio
 import trio
 
 from api.app import create_app
 from api.catalog import Catalog
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 from config.units import format_bytes
+from daemon.recent import RecentErrors
 from scheduler.errors import MlxdError
 from scheduler.memory import resolve_budget
 from scheduler.pool import Scheduler
@@ -37,9 +41,11 @@ async def serve(
     settings: Settings,
     stop: trio.Event | None = None,
     *,
+    config_path: Path | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None;
+    then SIGHUP reloads the models from ``config_path``)."""
     catalog = Catalog(settings)
     budget, where = resolve_budget(settings.memory_budget)
     log.info("memory budget %s (%s)", format_bytes(budget), where)
@@ -50,7 +56,9 @@ async def serve(
         size_model=catalog.cost,
         max_turn_s=settings.max_turn_s,
     )
-    app = create_app(settings, catalog, scheduler)
+    recent = RecentErrors()
+    logging.getLogger("mlxd").addHandler(recent)
+    app = create_app(settings, catalog, scheduler, recent.records)
     config = hypercorn.config.Config()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_s
@@ -62,6 +70,12 @@ async def serve(
     async with trio.open_nursery() as outer:
         if watch_signals:
             outer.start_soon(_stop_on_signal, stop, outer.cancel_scope)
+
+            async def reload() -> None:
+                nonlocal settings
+                settings = await _reload(settings, config_path, catalog, scheduler)
+
+            outer.start_soon(_reload_on_sighup, reload)
         outer.start_soon(_prepare_all, catalog)
         await catalog.spares.start()
         try:
@@ -84,6 +98,7 @@ async def serve(
         finally:
             await catalog.spares.close()
         outer.cancel_scope.cancel()
+    logging.getLogger("mlxd").removeHandler(recent)
     log.info("stopped")
 
 
@@ -99,6 +114,59 @@ async def _stop_on_signal(stop: trio.Event, everything: trio.CancelScope) -> Non
             else:
                 log.warning("received %s again: stopping now", name)
                 everything.cancel()
+
+
+async def _reload_on_sighup(reload: Callable[[], Awaitable[None]]) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            await reload()
+
+
+async def _reload(
+    settings: Settings, path: Path | None, catalog: Catalog, scheduler: Scheduler
+) -> Settings:
+    """Apply a changed config's models; keep the old config if the new one is bad."""
+    if path is None:
+        log.warning("received SIGHUP, but mlxd runs on its built-in config: nothing to reload")
+        return settings
+    try:
+        new = await trio.to_thread.run_sync(Settings.from_toml, path)
+    except ConfigError as e:
+        log.error("received SIGHUP; the new config is refused, the old one stays: %s", e)
+        return settings
+    kept = attrs.evolve(new, **{f: getattr(settings, f) for f in _RESTART_ONLY})
+    added, removed, changed = catalog.reconfigure(kept)
+    scheduler.reconfigure(kept.models, changed)
+    for field in _RESTART_ONLY:
+        if getattr(new, field) != getattr(settings, field):
+            log.warning("config: %s changed; restart mlxd to apply it", field)
+    log.info(
+        "reloaded %s: added %s, removed %s, changed %s",
+        path,
+        ", ".join(sorted(added)) or "none",
+        ", ".join(sorted(removed)) or "none",
+        ", ".join(sorted(changed)) or "none",
+    )
+    for name in sorted(added | changed):
+        try:
+            await catalog.texts(name)
+        except MlxdError as e:
+            log.error("%s", e.message)
+    return kept
+
+
+# What a reload cannot change in a running daemon.
+_RESTART_ONLY = (
+    "host",
+    "port",
+    "api_keys",
+    "memory_budget",
+    "max_turn_s",
+    "shutdown_grace_s",
+    "cache_dir",
+    "max_body_bytes",
+    "log_level",
+)
 
 
 async def _prepare_all(catalog: Catalog) -> None:

@@ -66,6 +66,7 @@ import attrs
 from config.units import format_bytes
 from scheduler.errors import (
     MlxdError,
+    ModelNotFound,
     ModelTooLarge,
     QueueFull,
     QueueTimeout,
@@ -161,6 +162,17 @@ class Unload:
 
 
 @attrs.frozen
+class Reconfigure:
+    """A new config: models not in ``specs`` are unloaded once their requests
+    are done and then forgotten; ``changed`` ones are unloaded when idle, to
+    load again with their new settings; new ones are added."""
+
+    specs: Mapping[str, ModelSpec]
+    changed: frozenset[str] = frozenset()
+    now: float = 0.0
+
+
+@attrs.frozen
 class Tick:
     now: float = 0.0
 
@@ -178,6 +190,7 @@ Event = (
     | LoadFailed
     | RunnerExited
     | Sized
+    | Reconfigure
     | Measured
     | Unload
     | Tick
@@ -234,6 +247,8 @@ class ModelState:
     keep_alive_s: float = 0.0
     unload_asked: bool = False
     draining: bool = False
+    retired: bool = False  # gone from the config: forgotten once absent
+    stale: bool = False  # its config changed: unloaded once idle, even if pinned
 
     def __attrs_post_init__(self) -> None:
         self.keep_alive_s = self.spec.keep_alive_s
@@ -285,6 +300,8 @@ class Policy:
     def handle(self, event: Event) -> list[Effect]:
         effects: list[Effect] = []
         now = self.now = event.now
+        if getattr(event, "model", None) not in (None, *self.models):
+            return []  # news from a runner of a model already forgotten
         match event:
             case Submitted(ticket):
                 if (error := self._refusal(ticket.model)) is not None:
@@ -321,6 +338,17 @@ class Policy:
                     m.bytes = max(m.cost, measured)
             case Unload(model):
                 self.models[model].unload_asked = True
+            case Reconfigure(specs, changed):
+                for name, m in self.models.items():
+                    if name not in specs:
+                        m.retired = m.stale = True
+                    elif name in changed:
+                        m.spec, m.retired = specs[name], False
+                        m.stale = m.state is not State.ABSENT
+                        if m.state is State.ABSENT:
+                            self._absent(m)  # takes the new settings now
+                for name, spec in specs.items():
+                    self.models.setdefault(name, ModelState(spec))
             case Shutdown():
                 self.stopping = True
                 for name, m in self.models.items():
@@ -331,6 +359,10 @@ class Policy:
                         m.state = State.STOPPING
                         effects.append(StopRunner(name, m.runner, "shutdown"))
                 return effects
+        for name in [n for n, m in self.models.items() if m.retired and m.state is State.ABSENT]:
+            m = self.models.pop(name)
+            error = ModelNotFound(f"the model {name!r} was removed from the config", "model")
+            effects += [Reject(t, error) for t in m.queue]
         return effects + self._schedule(now)
 
     # -- helpers ---------------------------------------------------------------
@@ -361,7 +393,7 @@ class Policy:
         m.state, m.runner, m.bytes = State.ABSENT, None, 0
         m.running.clear()
         m.keep_alive_s = m.spec.keep_alive_s
-        m.unload_asked = m.draining = False
+        m.unload_asked = m.draining = m.stale = False
 
     def _stop(self, name: str, reason: str) -> StopRunner:
         m = self.models[name]
@@ -377,7 +409,9 @@ class Policy:
                 t = m.queue.popleft()
                 waited = f"{now - t.since:.0f} s (queue timeout {m.spec.queue_timeout_s:g} s)"
                 effects.append(Reject(t, QueueTimeout(f"waited {waited} for model {name!r}")))
-            if m.idle and not m.spec.pinned:
+            if m.idle and m.stale:
+                effects.append(self._stop(name, "manual"))
+            elif m.idle and not m.spec.pinned:
                 if m.unload_asked:
                     effects.append(self._stop(name, "manual"))
                 elif now >= m.expires:

@@ -1,4 +1,4 @@
-"""The ``mlxd`` command as a real process: serving, SIGTERM, port clashes."""
+"""The ``mlxd`` command as a real process: serving, SIGTERM, SIGHUP, port clashes, doctor."""
 
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ def port_of(config: Path) -> int:
 
 @pytest.fixture
 def daemon(config: Path) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
-    )
+    """``mlxd serve`` as a process; its log goes to ``mlxd.log`` beside the config."""
+    with (config.parent / "mlxd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)], stderr=log
+        )
     url = f"http://127.0.0.1:{port_of(config)}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -90,3 +92,62 @@ def test_second_daemon_on_the_same_port_exits_with_a_clear_error(
     assert second.returncode == 1
     assert "already in use" in second.stderr
     assert daemon.poll() is None  # the first one is unharmed
+
+
+def models_of(url: str) -> set[str]:
+    return {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+
+
+def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
+    daemon: subprocess.Popen[bytes], config: Path, tiny_dir: Path
+) -> None:
+    url = f"http://127.0.0.1:{port_of(config)}"
+    original = config.read_text()
+    body = {"model": "tiny", "prompt": "Go", "max_tokens": 200, "temperature": 0, "stream": True}
+    events: list[str] = []
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream("POST", f"{url}/v1/completions", json=body) as resp,
+    ):
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) != 3:
+                continue
+            assert models_of(url) == {"tiny"}
+            config.write_text(original + f'[[models]]\nname = "added"\npath = "{tiny_dir}"\n')
+            daemon.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while models_of(url) != {"tiny", "added"} and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert models_of(url) == {"tiny", "added"}
+            short = {"model": "added", "prompt": "Hi", "max_tokens": 2}
+            assert http.post(f"{url}/v1/completions", json=short).status_code == 200
+
+            # Removing "added", and a broken file that is refused
+            config.write_text(original)
+            daemon.send_signal(signal.SIGHUP)
+            while models_of(url) != {"tiny"} and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert http.post(f"{url}/v1/completions", json=short).status_code == 404
+            config.write_text(original.replace("port = ", "port = 'x' #"))
+            daemon.send_signal(signal.SIGHUP)
+            time.sleep(1)
+            assert models_of(url) == {"tiny"}
+    assert events[-1] == "data: [DONE]"  # the stream on "tiny" went on unharmed
+    assert '"finish_reason":"length"' in events[-2]  # all 200 tokens came
+    config.write_text(original)
+    doctor = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "doctor", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert doctor.returncode == 0, doctor.stderr
+    assert "packages: mlx " in doctor.stdout and "daemon: running" in doctor.stdout
+    assert "the new config is refused" in doctor.stdout  # among the recent errors
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(timeout=30) == 0
+    log = (config.parent / "mlxd.log").read_text()
+    assert "added added" in log and "removed added" in log
+    assert "the new config is refused" in log and "port" in log

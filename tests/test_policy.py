@@ -337,3 +337,47 @@ def test_shutdown_rejects_waiters_stops_runners_and_refuses_new() -> None:
     pol.handle(p.RunnerExited("a"))
     pol.handle(p.RunnerExited("b"))
     assert pol.finished
+
+
+# -- a new config (SIGHUP) ------------------------------------------------------
+
+
+def test_reconfigure_adds_and_forgets_models_after_their_requests() -> None:
+    pol = policy(a=spec(keep_alive_s=600, max_concurrency=1), b=spec(keep_alive_s=600))
+    (t,) = tickets("a", 1)
+    pol.handle(p.Submitted(t, 0))
+    pol.handle(p.Loaded("a", RUNNER, 0))  # t is running on a
+    (q,) = tickets("a", 1)
+    effects = pol.handle(p.Reconfigure({"b": spec(), "c": spec()}, now=1))
+    assert effects == [] and set(pol.models) == {"a", "b", "c"}
+    assert pol.handle(p.Submitted(q, 2)) == []  # queued before the reload: still served
+    assert pol.handle(p.Released(t, 3)) == [p.Grant(q, RUNNER)]
+    assert pol.handle(p.Released(q, 4)) == [p.StopRunner("a", RUNNER, "manual")]
+    pol.handle(p.RunnerExited("a", 5))
+    assert set(pol.models) == {"b", "c"}
+    assert pol.handle(p.Measured("a", GB, 6)) == []  # late news of a is ignored
+
+
+def test_reconfigure_refuses_what_waits_for_a_removed_absent_model() -> None:
+    pol = policy(a=spec(cost=80 * GB), b=spec(cost=80 * GB))
+    (t,) = tickets("b", 1)
+    pol.handle(p.Submitted(t, 0))
+    pol.handle(p.Loaded("b", RUNNER, 0))
+    (u,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(u, 1)) == []  # a waits for b's memory
+    (reject,) = pol.handle(p.Reconfigure({"b": spec(cost=80 * GB)}, now=2))
+    assert isinstance(reject, p.Reject) and reject.ticket is u
+    assert "removed" in reject.error.message and "a" not in pol.models
+
+
+def test_a_changed_model_reloads_when_idle_even_if_pinned() -> None:
+    pol = policy(a=spec(pinned=True))
+    serve_once(pol, "a", 0)
+    new = spec(pinned=True, max_concurrency=4)
+    assert pol.handle(p.Reconfigure({"a": new}, frozenset({"a"}), now=1)) == [
+        p.StopRunner("a", RUNNER, "manual")
+    ]
+    pol.handle(p.RunnerExited("a", 2))
+    assert pol.models["a"].spec == new
+    (t,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(t, 3)) == [p.StartRunner("a")]
