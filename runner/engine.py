@@ -262,7 +262,7 @@ class Engine:
         if token in seq.req.stop_ids:
             return "stop"
         if seq.constraint is not None:
-            seq.constraint.sync(seq.tokens[len(seq.req.prompt) :])
+            seq.constraint.sync(seq.tokens, start=len(seq.req.prompt))
             if seq.constraint.done:
                 return "stop"
         if seq.generated >= seq.req.max_tokens:

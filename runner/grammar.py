@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +66,12 @@ class Constraint:
         self.stop_ids = stop_ids
         self._consumed = 0
 
-    def sync(self, generated: list[int]) -> None:
-        for token in generated[self._consumed :]:
+    def sync(self, tokens: Sequence[int] | mx.array, start: int = 0) -> None:
+        """Feed the generated tokens (``tokens[start:]``) the matcher has not had;
+        only those are sliced off and converted, so a step costs one token."""
+        new = tokens[start + self._consumed :]
+        ids: Sequence[int] = new.tolist() if isinstance(new, mx.array) else new  # type: ignore[assignment]
+        for token in ids:
             if token in self.stop_ids:
                 return  # the request ends here; a stop token is not grammar text
             if not self.matcher.consume_token(token):
@@ -81,7 +86,7 @@ class Constraint:
         return self.matcher.is_stopped()
 
     def __call__(self, generated: mx.array, logits: mx.array) -> mx.array:
-        self.sync(generated.tolist())  # type: ignore[arg-type]
+        self.sync(generated)
         if self.matcher.is_error():
             return logits  # the engine finishes the request: ``done`` is true
         return mx.where(mx.array(self._allowed(logits.shape[-1])), logits, -mx.inf)
