@@ -84,9 +84,10 @@ def create_app(
 
     @app.get("/api/ps")
     async def ps() -> dict[str, Any]:
-        """The pool: budget and bytes in use, and every model's state, bytes,
-        requests running and queued, last use and expiry, runner counters."""
-        pool = scheduler.status()
+        """The pool: budget and bytes in use, every model's state, bytes,
+        requests running and queued, last use and expiry, runner counters, and
+        the spare runner process ("none", "starting" or "ready")."""
+        pool = scheduler.status() | {"spare": catalog.spares.status()}
         for m in pool["models"]:
             runner = scheduler.runner(m["model"])
             if m["state"] == "ready" and runner is not None:

@@ -99,6 +99,9 @@ def cmd_ps(args: argparse.Namespace) -> int:
             f"{m['model']:28} {m['state']:9} {format_bytes(m['bytes']):>10} "
             f"{m['running']:>4} {m['queued']:>5}  {until}"
         )
+    spare = pool["spare"]
+    pid = f" (pid {spare['pid']})" if spare["pid"] else ""
+    print(f"spare runner: {spare['state']}{pid}")
     return 0
 
 

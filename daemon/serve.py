@@ -77,26 +77,23 @@ async def serve(
 
             outer.start_soon(_reload_on_sighup, reload)
         outer.start_soon(_prepare_all, catalog)
-        await catalog.spares.start()
-        try:
-            async with trio.open_nursery() as inner:
-                await inner.start(scheduler.run)
+        await outer.start(catalog.spares.run)
+        async with trio.open_nursery() as inner:
+            await inner.start(scheduler.run)
 
-                async def http(task_status: trio.TaskStatus[list[str]]) -> None:
-                    await hypercorn.trio.serve(
-                        app, config, shutdown_trigger=stop.wait, task_status=task_status
-                    )
-                    # Hypercorn returns once open requests have drained; only then
-                    # are the runners stopped (scheduler.run returns when they are).
-                    scheduler.shutdown()
-
-                binds = await inner.start(http)
-                log.info(
-                    "serving %s on %s", ", ".join(m.name for m in settings.models), ", ".join(binds)
+            async def http(task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn.trio.serve(
+                    app, config, shutdown_trigger=stop.wait, task_status=task_status
                 )
-                task_status.started(binds)
-        finally:
-            await catalog.spares.close()
+                # Hypercorn returns once open requests have drained; only then
+                # are the runners stopped (scheduler.run returns when they are).
+                scheduler.shutdown()
+
+            binds = await inner.start(http)
+            log.info(
+                "serving %s on %s", ", ".join(m.name for m in settings.models), ", ".join(binds)
+            )
+            task_status.started(binds)
         outer.cancel_scope.cancel()
     logging.getLogger("mlxd").removeHandler(recent)
     log.info("stopped")

@@ -71,12 +71,16 @@ BURST_GAP_S = 0.002
 BURST_MAX_S = 0.020
 
 
-def _burst(commands: queue.Queue[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Wait for work while idle, then keep collecting while commands keep
-    coming (gaps under 2 ms, 20 ms at most). Requests that arrive together
-    (several clients at once) are then prefilled as one batch instead of one
-    after another; a lone request pays at most one 2 ms gap."""
-    msgs = [commands.get()]
+def _burst(commands: queue.Queue[dict[str, Any]], idle_s: float | None) -> list[dict[str, Any]]:
+    """Wait for work while idle (at most ``idle_s``, if given: then there is
+    none), then keep collecting while commands keep coming (gaps under 2 ms,
+    20 ms at most). Requests that arrive together (several clients at once)
+    are then prefilled as one batch instead of one after another; a lone
+    request pays at most one 2 ms gap."""
+    try:
+        msgs = [commands.get(timeout=idle_s)]
+    except queue.Empty:
+        return []
     deadline = time.monotonic() + BURST_MAX_S
     while msgs[-1].get("op") == "generate":
         wait = min(BURST_GAP_S, deadline - time.monotonic())
@@ -99,9 +103,10 @@ def memory() -> dict[str, int]:
     }
 
 
+WARM_UP_AFTER_S = 0.05
+
+
 def load_engine(model_dir: Path, max_batch: int) -> Engine | ScriptEngine:
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
     from runner.engine import Engine
@@ -112,25 +117,26 @@ def load_engine(model_dir: Path, max_batch: int) -> Engine | ScriptEngine:
     if scripted is not None:
         return scripted
     model, _ = load_model(model_dir)
-    # Warm up: compiles kernels now rather than on the first request.
-    for _ in generate_step(mx.array([0, 1]), model, max_tokens=2):
-        pass
     return Engine(model, max_batch, Grammars(model_dir))
 
 
-def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
+def serve(model_dir: str | None, max_batch: int, out: BinaryIO, started: float) -> int:
     import mlx.core as mx
 
     def send(msg: dict[str, Any]) -> None:
         out.write(protocol.encode(msg))
 
     if model_dir is None:  # a spare: wait for the model to load
+        import mlx_lm.utils  # noqa: F401  (what load_engine needs: seconds of imports)
+
         mx.eval(mx.zeros(1))  # start the device now (a CUDA context takes a second)
+        send({"ev": "spare", "pid": os.getpid(), "startup_s": time.perf_counter() - started})
         line = sys.stdin.buffer.readline()
         if not line:
             return 0
         command = protocol.decode(line)
         model_dir, max_batch = command["model_dir"], int(command["max_batch"])
+    t0 = time.perf_counter()
     try:
         engine = load_engine(Path(model_dir).resolve(), max_batch)
     except Exception as e:
@@ -139,10 +145,19 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO) -> int:
 
     commands: queue.Queue[dict[str, Any]] = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
-    send({"ev": "ready", "pid": os.getpid(), "memory": memory()})
+    load_s = time.perf_counter() - t0
+    send({"ev": "ready", "pid": os.getpid(), "memory": memory(), "load_s": load_s})
 
+    # Warm up (the device loads its kernels) only if no request comes at once:
+    # a request's own first step does that work anyway, and doing it twice
+    # would only slow the other models sharing the device (a preload, or
+    # ``mlxd load``, has time for it).
+    cold = True
     while True:
-        msgs = [] if engine.active else _burst(commands)
+        msgs = [] if engine.active else _burst(commands, WARM_UP_AFTER_S if cold else None)
+        if cold and not msgs:
+            engine.warm_up()
+        cold = False
         while True:
             try:
                 msgs.append(commands.get_nowait())
@@ -186,13 +201,14 @@ def _describe(e: Exception) -> str:
 
 
 def main() -> int:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__)
     parser.add_argument("model_dir", nargs="?", help="omit to wait for a load command")
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
     out = _protocol_stdout()
     preload_blas()
-    return serve(args.model_dir, args.max_batch, out)
+    return serve(args.model_dir, args.max_batch, out, started)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import ExitStack, aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,39 +48,92 @@ async def spawn(python: str = sys.executable) -> trio.Process:
     )
 
 
+class _Spare:
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.announced = trio.Event()  # its "spare" line was read (or it died)
+        self.ready = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
 class Spares:
     """Keeps one runner process started ahead of need.
 
-    Importing MLX and mlx-lm takes seconds (mostly transformers, which mlx-lm
-    imports); a spare has done it already, so a load pays only for the model.
-    Whoever takes the spare owns it; a new one starts at once. ``close`` kills
-    the one still waiting.
+    Importing MLX and mlx-lm and starting the device take seconds (tens of
+    them on a CUDA host); a spare has done it already, so a load pays only for
+    the model. Whoever takes the spare owns it. The next one starts only once
+    no load is under way, so that its imports and device start never compete
+    with a load (or slow the models already serving more than they must).
     """
+
+    RETRY_S = 30.0  # after a spare died before it was ready
 
     def __init__(self, python: str = sys.executable) -> None:
         self._python = python
-        self._spare: trio.Process | None = None
-        self._closed = False
+        self._spare: _Spare | None = None
+        self._loads = 0
+        self._wake = trio.Event()
+
+    def status(self) -> dict[str, Any]:
+        spare = self._spare
+        if spare is None or not spare.alive:
+            return {"state": "none", "pid": None}
+        return {"state": "ready" if spare.ready else "starting", "pid": spare.proc.pid}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a spare started while no load is under way; kill it on exit."""
+        try:
+            task_status.started()
+            while True:
+                if self._loads or (self._spare is not None and self._spare.alive):
+                    self._wake = trio.Event()
+                    with trio.move_on_after(1.0):  # also notices a spare that died
+                        await self._wake.wait()
+                    continue
+                spare = self._spare = _Spare(await spawn(self._python))
+                await self._announce(spare)
+                if not spare.ready:
+                    log.error("a spare runner exited before it was ready; retrying later")
+                    await trio.sleep(self.RETRY_S)
+        finally:
+            left, self._spare = self._spare, None
+            if left is not None:
+                left.proc.kill()
+                with trio.CancelScope(shield=True):
+                    await left.proc.wait()
+
+    async def _announce(self, spare: _Spare) -> None:
+        assert spare.proc.stdout is not None
+        try:
+            line = await _first_line(spare.proc.stdout)
+            if line is not None and line.get("ev") == "spare":
+                spare.ready = True
+                log.info("spare runner ready pid=%s startup_s=%.3f", line["pid"], line["startup_s"])
+        finally:
+            spare.announced.set()
+
+    @contextmanager
+    def loading(self) -> Iterator[None]:
+        """Hold off the next spare while a load is under way."""
+        self._loads += 1
+        try:
+            yield
+        finally:
+            self._loads -= 1
+            self._wake.set()
 
     async def take(self) -> trio.Process:
-        proc, self._spare = self._spare, None
-        if proc is None or proc.poll() is not None:
-            proc = await spawn(self._python)
-        if not self._closed:
-            self._spare = await spawn(self._python)
-        return proc
-
-    async def start(self) -> None:
-        if self._spare is None and not self._closed:
-            self._spare = await spawn(self._python)
-
-    async def close(self) -> None:
-        self._closed = True
-        proc, self._spare = self._spare, None
-        if proc is not None:
-            proc.kill()
-            with trio.CancelScope(shield=True):
-                await proc.wait()
+        """A started runner process: the spare (waiting for it to be ready if
+        it is still starting) or a new one."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.alive:
+            await spare.announced.wait()
+            if spare.ready and spare.alive:
+                return spare.proc
+        return await spawn(self._python)
 
 
 @attrs.frozen
@@ -107,6 +160,7 @@ class RunnerProcess:
         self._spares = spares
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
+        self.load_s: float | None = None  # the runner's own load time
         self._load_timeout_s = load_timeout_s
         self._stop_grace_s = stop_grace_s
         self._python = python
@@ -125,7 +179,15 @@ class RunnerProcess:
         """Take a started runner process (a spare, if there is one), have it
         load the model and serve until it exits. Raises ``ModelLoadFailed``
         (before ``started``) if the model cannot be loaded."""
-        proc = await (self._spares.take() if self._spares else spawn(self._python))
+        with ExitStack() as loading:  # closed once the model is loaded, or failed to
+            if self._spares is not None:
+                loading.enter_context(self._spares.loading())
+            proc = await (self._spares.take() if self._spares else spawn(self._python))
+            await self._serve(proc, loading, task_status)
+
+    async def _serve(
+        self, proc: trio.Process, loading: ExitStack, task_status: trio.TaskStatus[RunnerProcess]
+    ) -> None:
         self.pid = proc.pid
         assert proc.stdin is not None and proc.stdout is not None
         load = {"op": "load", "model_dir": str(self.spec.model_dir)}
@@ -137,11 +199,15 @@ class RunnerProcess:
             async with aclosing(_lines(proc.stdout)) as lines:
                 with trio.move_on_after(self._load_timeout_s) as load_scope:
                     first = await anext(lines, None)
+                    if first is not None and first.get("ev") == "spare":
+                        first = await anext(lines, None)
+                loading.close()
                 if load_scope.cancelled_caught or first is None or first.get("ev") != "ready":
                     proc.kill()
                     await proc.wait()
                     raise ModelLoadFailed(_load_error(self.spec, first, proc.returncode))
                 self.memory = first.get("memory", {})
+                self.load_s = first.get("load_s")
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write, proc.stdin)
                     nursery.start_soon(self._kill_after_grace, proc)
@@ -280,6 +346,18 @@ async def _lines(stream: trio.abc.ReceiveStream) -> AsyncGenerator[dict[str, Any
         for line in complete:
             if line.strip():
                 yield protocol.decode(line)
+
+
+async def _first_line(stream: trio.abc.ReceiveStream) -> dict[str, Any] | None:
+    """Read one line, and nothing after it (the rest belongs to whoever
+    reads the stream next). ``None`` if the stream ends first."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        data = await stream.receive_some(1)
+        if not data:
+            return None
+        buf += data
+    return protocol.decode(buf)
 
 
 def _load_error(spec: RunnerSpec, first: dict[str, Any] | None, code: int | None) -> str:

@@ -146,6 +146,12 @@ class Engine:
 
     # -- commands ----------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """Run two tokens through the model, so that the device has its kernels
+        ready before the first request."""
+        for _ in generate_step(mx.array([0, 1]), self.model, max_tokens=2):
+            pass
+
     def add(self, req: Generate) -> None:
         """Queue a request; raises ``ValueError`` if its grammar is unusable."""
         processors: list[Processor] = make_logits_processors(

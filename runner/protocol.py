@@ -19,7 +19,10 @@ Commands (daemon → runner)::
 
 Events (runner → daemon)::
 
-    {"ev": "ready", "pid": 123, "memory": {...}}     the model is loaded
+    {"ev": "spare", "pid": 123, "startup_s": 4.2}    started without a model:
+                                      imports done and device up, waiting for "load"
+    {"ev": "ready", "pid": 123, "memory": {...}, "load_s": 0.4}
+                                      the model is loaded (in load_s seconds)
     {"ev": "tokens", "batch": 3, "out": [[7, 42, null, null], [8, 2, "stop", lp]]}
         one decoding step: [id, token, finish, lp] for every sequence that made
         a token; finish is null, "stop" or "length"; lp is null unless the

@@ -41,6 +41,9 @@ class ScriptEngine:
             return None
         return cls([int(t) for t in config["script"]], max_batch)
 
+    def warm_up(self) -> None:
+        pass
+
     def add(self, req: Generate) -> None:
         self._running[req.id] = _Replay(req)
         self.stats.prompt_tokens += len(req.prompt)

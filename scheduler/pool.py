@@ -37,6 +37,7 @@ class Runner(Protocol):
 
     pid: int | None
     memory: dict[str, int]  # MLX active, peak and cache bytes, as last reported
+    load_s: float | None  # how long the runner itself took to load the model
 
     async def run(self, *, task_status: Any = ...) -> None: ...
 
@@ -215,7 +216,12 @@ class Scheduler:
 
         def loaded(runner: Runner) -> None:
             took = trio.current_time() - started
-            log.info("load model=%s duration_s=%.3f", model, took)
+            log.info(
+                "load model=%s duration_s=%.3f runner_load_s=%.3f",
+                model,
+                took,
+                runner.load_s or 0.0,
+            )
             self.metrics.loads.labels(model).inc()
             self.metrics.load_duration.labels(model).observe(took)
             self._post(p.Loaded(model, runner, trio.current_time()))

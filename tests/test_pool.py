@@ -123,6 +123,9 @@ async def test_lifecycle_api_load_and_unload(three: Daemon) -> None:
         await http.post(f"{three.url}/api/unload", json={"model": "b"})
         pool = await eventually(three, lambda pool: not resident(pool))
         assert pool["used"] == 0
+        # the load took the spare runner; a new one is started for the next load
+        pool = await eventually(three, lambda pool: pool["spare"]["state"] == "ready")
+        assert pool["spare"]["pid"] not in (None, b["pid"])
         unknown = await http.post(f"{three.url}/api/load", json={"model": "nope"})
         assert unknown.status_code == 404
 
@@ -169,6 +172,7 @@ async def test_cli_ps_load_unload_talk_to_the_daemon(
     assert "a: loaded" in out
     row = next(line for line in out.splitlines() if line.startswith("a "))
     assert "ready" in row and "MiB" in row
+    assert "spare runner: " in out
     assert await trio.to_thread.run_sync(main, ["unload", "a", *port]) == 0
     await eventually(three, lambda pool: not resident(pool))
     assert await trio.to_thread.run_sync(main, ["load", "nope", *port]) == 1

@@ -1,0 +1,83 @@
+"""The spare runner process: started ahead of need, taken by the next load,
+and replaced only once no load is under way."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import trio
+
+from runner.client import RunnerProcess, RunnerSpec, Spares
+from runner.protocol import Sampling
+
+
+async def spare_in(spares: Spares, state: str, timeout_s: float = 120) -> int | None:
+    """Wait until the spare is in ``state``; its pid."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if (status := spares.status())["state"] == state:
+                pid: int | None = status["pid"]
+                return pid
+            await trio.sleep(0.05)
+
+
+async def ready_spare(spares: Spares) -> int:
+    pid = await spare_in(spares, "ready")
+    assert pid is not None
+    return pid
+
+
+async def generates(runner: RunnerProcess) -> bool:
+    async with runner.generate([1, 2, 3], 4, Sampling(temperature=0.0)) as chunks:
+        async for chunk in chunks:
+            if chunk.error is not None:
+                return False
+            if chunk.finish:
+                return True
+    return False
+
+
+async def test_a_load_takes_the_ready_spare_and_a_new_one_follows(
+    nursery: trio.Nursery, tiny_dir: Path
+) -> None:
+    spares = Spares()
+    await nursery.start(spares.run)
+    spare = await ready_spare(spares)
+    runner = RunnerProcess(RunnerSpec("tiny", tiny_dir, 2), spares=spares)
+    await nursery.start(runner.run)
+    assert runner.pid == spare
+    assert await generates(runner)
+    assert await ready_spare(spares) not in (spare, runner.pid)
+    runner.stop()
+
+
+async def test_no_spare_starts_while_a_load_is_under_way(nursery: trio.Nursery) -> None:
+    spares = Spares()
+    await nursery.start(spares.run)
+    spare = await ready_spare(spares)
+    with spares.loading():
+        proc = await spares.take()
+        assert proc.pid == spare
+        await trio.sleep(2.5)  # the keeper looks again every second
+        assert spares.status() == {"state": "none", "pid": None}
+    assert await ready_spare(spares) != spare
+    proc.kill()
+    await proc.wait()
+
+
+async def test_a_spare_that_died_is_replaced_by_a_fresh_process(
+    nursery: trio.Nursery, tiny_dir: Path
+) -> None:
+    spares = Spares()
+    await nursery.start(spares.run)
+    spare = await ready_spare(spares)
+    with spares.loading():  # (so that no new spare starts meanwhile)
+        os.kill(spare, signal.SIGKILL)
+        await spare_in(spares, "none", timeout_s=10)
+        runner = RunnerProcess(RunnerSpec("tiny", tiny_dir, 2), spares=spares)
+        await nursery.start(runner.run)
+    assert runner.pid != spare
+    assert await generates(runner)
+    runner.stop()
