@@ -30,6 +30,7 @@ from runner import protocol
 from scheduler.errors import ModelLoadFailed, RunnerCrashed
 
 log = logging.getLogger("mlxd.runner")
+SETTLE_S = 5.0
 
 
 @attrs.frozen
@@ -65,8 +66,8 @@ class Spares:
     Importing MLX and mlx-lm and starting the device take seconds (tens of
     them on a CUDA host); a spare has done it already, so a load pays only for
     the model. Whoever takes the spare owns it. The next one starts only once
-    no load is under way, so that its imports and device start never compete
-    with a load (or slow the models already serving more than they must).
+    no load is under way (a load ends with its first request's first token),
+    so that its imports and device start never compete with a swap.
     """
 
     RETRY_S = 30.0  # after a spare died before it was ready
@@ -117,7 +118,8 @@ class Spares:
 
     @contextmanager
     def loading(self) -> Iterator[None]:
-        """Hold off the next spare while a load is under way."""
+        """Hold off the next spare while a load is under way (for a runner:
+        until its load has settled)."""
         self._loads += 1
         try:
             yield
@@ -169,6 +171,7 @@ class RunnerProcess:
         self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._stats: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._stop_requested = trio.Event()
+        self._first_output = trio.Event()
         self.exit_code: int | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -179,7 +182,7 @@ class RunnerProcess:
         """Take a started runner process (a spare, if there is one), have it
         load the model and serve until it exits. Raises ``ModelLoadFailed``
         (before ``started``) if the model cannot be loaded."""
-        with ExitStack() as loading:  # closed once the model is loaded, or failed to
+        with ExitStack() as loading:  # closed once the load has settled (see _settle)
             if self._spares is not None:
                 loading.enter_context(self._spares.loading())
             proc = await (self._spares.take() if self._spares else spawn(self._python))
@@ -201,7 +204,6 @@ class RunnerProcess:
                     first = await anext(lines, None)
                     if first is not None and first.get("ev") == "spare":
                         first = await anext(lines, None)
-                loading.close()
                 if load_scope.cancelled_caught or first is None or first.get("ev") != "ready":
                     proc.kill()
                     await proc.wait()
@@ -209,6 +211,7 @@ class RunnerProcess:
                 self.memory = first.get("memory", {})
                 self.load_s = first.get("load_s")
                 async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._settle, loading)
                     nursery.start_soon(self._write, proc.stdin)
                     nursery.start_soon(self._kill_after_grace, proc)
                     task_status.started(self)
@@ -224,6 +227,14 @@ class RunnerProcess:
                     f"(code {proc.returncode}) while generating"
                 )
             )
+
+    async def _settle(self, loading: ExitStack) -> None:
+        """A load has settled once the first request has its first token (that
+        step loads the device's kernels and is part of the swap's cost), or
+        after ``SETTLE_S`` with no request."""
+        with trio.move_on_after(SETTLE_S):
+            await self._first_output.wait()
+        loading.close()
 
     def stop(self) -> None:
         """Ask the runner to exit; it is killed if it has not within the grace period."""
@@ -307,6 +318,8 @@ class RunnerProcess:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         ev = msg.get("ev")
+        if ev in ("tokens", "error"):
+            self._first_output.set()
         if ev == "tokens":
             for req_id, token, finish, lp in msg["out"]:
                 stream = self._streams.get(req_id)
