@@ -318,9 +318,8 @@ class RunnerProcess:
 
     def _dispatch(self, msg: dict[str, Any]) -> None:
         ev = msg.get("ev")
-        if ev in ("tokens", "error"):
-            self._first_output.set()
         if ev == "tokens":
+            self._first_output.set()
             for req_id, token, finish, lp in msg["out"]:
                 stream = self._streams.get(req_id)
                 if stream is None:
@@ -329,6 +328,7 @@ class RunnerProcess:
                 if finish is not None:
                     del self._streams[req_id]
         elif ev == "error":
+            self._first_output.set()
             err = RunnerCrashed(f"generation failed in the runner: {msg.get('message')}")
             for req_id in msg.get("ids", []):
                 stream = self._streams.pop(req_id, None)

@@ -29,6 +29,13 @@ async def ready_spare(spares: Spares) -> int:
     return pid
 
 
+async def started_spares(nursery: trio.Nursery) -> tuple[Spares, int]:
+    """A running ``Spares`` and the pid of its first ready spare."""
+    spares = Spares()
+    await nursery.start(spares.run)
+    return spares, await ready_spare(spares)
+
+
 async def generates(runner: RunnerProcess) -> bool:
     async with runner.generate([1, 2, 3], 4, Sampling(temperature=0.0)) as chunks:
         async for chunk in chunks:
@@ -42,9 +49,7 @@ async def generates(runner: RunnerProcess) -> bool:
 async def test_a_load_takes_the_ready_spare_and_a_new_one_follows(
     nursery: trio.Nursery, tiny_dir: Path
 ) -> None:
-    spares = Spares()
-    await nursery.start(spares.run)
-    spare = await ready_spare(spares)
+    spares, spare = await started_spares(nursery)
     runner = RunnerProcess(RunnerSpec("tiny", tiny_dir, 2), spares=spares)
     await nursery.start(runner.run)
     assert runner.pid == spare
@@ -54,9 +59,7 @@ async def test_a_load_takes_the_ready_spare_and_a_new_one_follows(
 
 
 async def test_no_spare_starts_while_a_load_is_under_way(nursery: trio.Nursery) -> None:
-    spares = Spares()
-    await nursery.start(spares.run)
-    spare = await ready_spare(spares)
+    spares, spare = await started_spares(nursery)
     with spares.loading():
         proc = await spares.take()
         assert proc.pid == spare
@@ -70,9 +73,7 @@ async def test_no_spare_starts_while_a_load_is_under_way(nursery: trio.Nursery) 
 async def test_a_spare_that_died_is_replaced_by_a_fresh_process(
     nursery: trio.Nursery, tiny_dir: Path
 ) -> None:
-    spares = Spares()
-    await nursery.start(spares.run)
-    spare = await ready_spare(spares)
+    spares, spare = await started_spares(nursery)
     with spares.loading():  # (so that no new spare starts meanwhile)
         os.kill(spare, signal.SIGKILL)
         await spare_in(spares, "none", timeout_s=10)
