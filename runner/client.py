@@ -71,6 +71,7 @@ class Spares:
     """
 
     RETRY_S = 30.0  # after a spare died before it was ready
+    START_TIMEOUT_S = 120.0  # a spare still starting after this is stuck
 
     def __init__(self, python: str = sys.executable) -> None:
         self._python = python
@@ -129,12 +130,22 @@ class Spares:
 
     async def take(self) -> trio.Process:
         """A started runner process: the spare (waiting for it to be ready if
-        it is still starting) or a new one."""
+        it is still starting, up to ``START_TIMEOUT_S``) or a new one."""
         spare, self._spare = self._spare, None
         if spare is not None and spare.alive:
-            await spare.announced.wait()
-            if spare.ready and spare.alive:
+            usable = False
+            try:
+                with trio.move_on_after(self.START_TIMEOUT_S):
+                    await spare.announced.wait()
+                usable = spare.ready and spare.alive
+            finally:
+                if not usable:  # stuck, dead, or the load was cancelled
+                    spare.proc.kill()
+                    with trio.CancelScope(shield=True):
+                        await spare.proc.wait()
+            if usable:
                 return spare.proc
+            log.warning("the spare runner was not ready in time; starting another")
         return await spawn(self._python)
 
 

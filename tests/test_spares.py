@@ -7,6 +7,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import trio
 
 from runner.client import RunnerProcess, RunnerSpec, Spares
@@ -82,3 +83,22 @@ async def test_a_spare_that_died_is_replaced_by_a_fresh_process(
     assert runner.pid != spare
     assert await generates(runner)
     runner.stop()
+
+
+async def test_a_spare_stuck_starting_is_killed_and_a_load_gets_another(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    stuck = tmp_path / "python"  # a "python" that never gets to say it is ready
+    stuck.write_text("#!/bin/sh\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    spares = Spares(python=str(stuck))
+    spares.START_TIMEOUT_S = 0.5
+    await nursery.start(spares.run)
+    starting = await spare_in(spares, "starting")
+    with spares.loading(), trio.fail_after(30):
+        proc = await spares.take()
+    assert proc.pid != starting
+    with pytest.raises(ProcessLookupError):
+        os.kill(starting, 0)  # killed and reaped
+    proc.kill()
+    await proc.wait()
