@@ -234,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--timeout", type=float, default=600, help="seconds to wait")
         return cmd
 
-    client("ps", "list models: state, bytes, requests, expiry").set_defaults(func=cmd_ps)
+    client("ps", "list models (state, bytes, requests, expiry), the spare runner").set_defaults(
+        func=cmd_ps
+    )
     load = client("load", "load a model into the running daemon now")
     load.add_argument("name")
     load.add_argument("--keep-alive", help="how long it stays once idle ('5m', 'forever')")
