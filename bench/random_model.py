@@ -1,12 +1,14 @@
 """Write a random-weight llama model directory in a given shape.
 
-    python -m bench.random_model SHAPE TOKENIZER_DIR OUT [--bits 4] [--seed 0]
+    python -m bench.random_model SHAPE TOKENIZER_DIR OUT [--bits 4] [--dtype bfloat16] [--seed 0]
 
 The tokenizer files come from TOKENIZER_DIR (the converted SmolLM2), so the
 model speaks that vocabulary and chat template. Its text is gibberish, but it
 loads and decodes exactly as fast as a trained model of the same shape, which
 is what tests (``tiny``) and benchmarks on machines without the real weights
-need.
+need. ``--dtype bfloat16`` gives the weights (and a quantized model's scales)
+the dtype of the models people download; float32, the default, is what MLX's
+CPU backend runs fastest.
 """
 
 from __future__ import annotations
@@ -46,7 +48,12 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def write(
-    shape: str, tokenizer_dir: Path, out: Path, bits: int | None = None, seed: int = 0
+    shape: str,
+    tokenizer_dir: Path,
+    out: Path,
+    bits: int | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
 ) -> Path:
     import mlx.core as mx
     import mlx.nn as nn
@@ -65,6 +72,7 @@ def write(
         **SHAPES[shape],
     }
     model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.set_dtype(getattr(mx, dtype))
     if bits is not None:
         nn.quantize(model, group_size=64, bits=bits)
         config["quantization"] = {"group_size": 64, "bits": bits}
@@ -85,9 +93,10 @@ def main() -> None:
     parser.add_argument("tokenizer_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--bits", type=int, choices=[4, 8])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    write(args.shape, args.tokenizer_dir, args.out, args.bits, args.seed)
+    write(args.shape, args.tokenizer_dir, args.out, args.bits, args.seed, args.dtype)
 
 
 if __name__ == "__main__":
