@@ -129,7 +129,10 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO, started: float) 
     if model_dir is None:  # a spare: wait for the model to load
         import mlx_lm.utils  # noqa: F401  (what load_engine needs: seconds of imports)
 
-        mx.eval(mx.zeros(1))  # start the device now (a CUDA context takes a second)
+        from runner.engine import warm_kernels
+
+        if mx.default_device() == mx.gpu:
+            warm_kernels()  # also starts the device (a CUDA context takes a second)
         send({"ev": "spare", "pid": os.getpid(), "startup_s": time.perf_counter() - started})
         line = sys.stdin.buffer.readline()
         if not line:

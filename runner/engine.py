@@ -24,7 +24,9 @@ from typing import Any
 
 import attrs
 import mlx.core as mx
+import mlx.nn as nn
 from mlx_lm.generate import BatchGenerator, StopSequences, generate_step
+from mlx_lm.models import llama
 from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (
     apply_min_p,
@@ -43,6 +45,39 @@ Logprobs = dict[str, Any]  # {"logprob": x, "top": [[token, x], ...]}
 Output = tuple[int, int, str | None, Logprobs | None]  # request id, token, finish, logprobs
 
 LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
+
+
+def warm_kernels() -> None:
+    """Have the GPU load the kernels most models use, by generating a few
+    tokens with one-layer random models in the commonest form (bfloat16,
+    4-bit, head dims 64 and 128). A spare runner does this while it waits, so
+    that the model it loads next reaches its first token sooner (on an H200,
+    0.07 s instead of 0.3-0.4 s for a 1B model's first prefill) and competes
+    less for the device with the models already serving. What it allocated
+    is given back."""
+    for heads in (4, 2):
+        _generate_with_one_layer(heads)
+    mx.clear_cache()
+
+
+def _generate_with_one_layer(heads: int) -> None:
+    args = llama.ModelArgs.from_dict(
+        {
+            "model_type": "llama",
+            "hidden_size": 256,
+            "num_hidden_layers": 1,
+            "intermediate_size": 512,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads // 2,
+            "rms_norm_eps": 1e-5,
+            "vocab_size": 256,
+        }
+    )
+    model = llama.Model(args)
+    model.set_dtype(mx.bfloat16)
+    nn.quantize(model, group_size=64, bits=4)
+    for _ in generate_step(mx.arange(128), model, max_tokens=4):
+        pass
 
 
 @functools.lru_cache(maxsize=64)

@@ -83,3 +83,19 @@ async def test_killed_runner_fails_its_streams(nursery: trio.Nursery, tiny_dir: 
                 break
             os.kill(runner.pid, signal.SIGKILL)
     assert len(errors) == 1 and isinstance(errors[0], RunnerCrashed)
+
+
+def test_kernel_warm_up_leaves_no_memory_behind() -> None:
+    """A spare runner warms the GPU's kernels while it waits; the memory that
+    took is given back, since nothing in the budget counts a spare."""
+    import mlx.core as mx
+
+    from runner.engine import warm_kernels
+
+    mx.eval(mx.random.uniform())  # the random generator's key stays, as it should
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    warm_kernels()
+    assert mx.get_peak_memory() > before  # it did run models
+    assert mx.get_active_memory() == before
+    assert mx.get_cache_memory() == 0
