@@ -61,6 +61,8 @@ def warm_kernels() -> None:
 
 
 def _generate_with_one_layer(heads: int) -> None:
+    # A function of its own: the model and its last outputs are freed on
+    # return, before ``warm_kernels`` clears the cache.
     args = llama.ModelArgs.from_dict(
         {
             "model_type": "llama",
