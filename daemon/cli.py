@@ -29,6 +29,10 @@ def _load(path: str | None) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Hide PyTorch before anything imports transformers (the tokenizers, through
+    # mlx-lm): it imports torch wherever it is installed, 10-20 s and hundreds
+    # of MB that the daemon never uses. See runner/__main__.py.
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     from daemon.serve import serve
 
     settings = _load(args.config)

@@ -205,6 +205,13 @@ def _describe(e: Exception) -> str:
 
 def main() -> int:
     started = time.perf_counter()
+    # Hide PyTorch before anything imports transformers: mlx-lm imports it, and
+    # it imports torch wherever torch is installed (10-20 s and hundreds of MB
+    # on a GPU host, for nothing: a runner uses MLX, and its tokenizer the
+    # `tokenizers` backend). transformers 5 has no switch for that (USE_TORCH
+    # is gone); a None in sys.modules makes importlib's find_spec, and so
+    # transformers, see no torch.
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__)
     parser.add_argument("model_dir", nargs="?", help="omit to wait for a load command")
     parser.add_argument("--max-batch", type=int, default=8)
