@@ -132,18 +132,20 @@ async def test_lifecycle_api_load_and_unload(three: Daemon) -> None:
 
 async def test_a_killed_runner_fails_only_its_own_stream(three: Daemon) -> None:
     async with three.client() as client:
-        doomed = await client.completions.create(
-            model="a", prompt="Go", max_tokens=400, stream=True, extra_body={"ignore_eos": True}
-        )
+        await client.completions.create(model="a", prompt="Go", max_tokens=1)
+        pool = await ps(three)
+        pid = next(m["pid"] for m in pool["models"] if m["model"] == "a")
         other = await client.completions.create(
             model="b", prompt="Go", max_tokens=60, stream=True, extra_body={"ignore_eos": True}
         )
-        pool = await ps(three)
-        pid = next(m["pid"] for m in pool["models"] if m["model"] == "a")
-        os.kill(pid, signal.SIGKILL)
+        doomed = await client.completions.create(
+            model="a", prompt="Go", max_tokens=500, stream=True, extra_body={"ignore_eos": True}
+        )
         with pytest.raises(openai.APIError, match="exited"):
             async for _ in doomed:
-                pass
+                if pid is not None:  # at its first token: hundreds are still to come
+                    os.kill(pid, signal.SIGKILL)
+                    pid = None
         finish = [c.choices[0].finish_reason async for c in other if c.choices]
         assert finish[-1] == "length"
         pool = await ps(three)
