@@ -8,13 +8,14 @@ per-model lock makes concurrent first requests share that work.
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 import trio
 
 from api.texts import Texts
 from config.settings import ModelConfig, Settings
-from runner import sources
+from runner import prefix_disk, sources
 from runner.client import RunnerProcess, RunnerSpec, Spares
 from scheduler import memory
 from scheduler.errors import ModelLoadFailed, ModelNotFound
@@ -30,6 +31,7 @@ class Catalog:
         self._dirs: dict[str, Path] = {}
         self._texts: dict[str, Texts] = {}
         self._costs: dict[str, int] = {}
+        self._prefix_dirs: dict[str, Path] = {}
         self._locks = {m.name: trio.Lock() for m in settings.models}
         self.spares = Spares()
 
@@ -42,7 +44,7 @@ class Catalog:
         removed = old.keys() - new.keys()
         changed = {n for n in new.keys() & old.keys() if new[n] != old[n]}
         for name in removed | changed:
-            for cache in (self._dirs, self._texts, self._costs):
+            for cache in (self._dirs, self._texts, self._costs, self._prefix_dirs):
                 cache.pop(name, None)
         for name in added:
             self._locks[name] = trio.Lock()
@@ -74,7 +76,12 @@ class Catalog:
                         f"cannot load the tokenizer of {model.name!r} from {model_dir}: {e}"
                     ) from e
                 self._texts[model.name] = texts
-            return self._texts[model.name]
+        if self.settings.prefix_disk_bytes > 0 and model.name not in self._prefix_dirs:
+            try:
+                await self.prefix_dir(model.name)
+            except (OSError, ValueError, struct.error) as e:  # the load will say more
+                log.warning("cannot fingerprint the weights of %s: %s", model.name, e)
+        return self._texts[model.name]
 
     async def cost(self, name: str) -> int:
         """The model's estimated bytes when loaded (``scheduler/memory.py``)."""
@@ -90,12 +97,43 @@ class Catalog:
                 raise ModelLoadFailed(f"cannot size model {name!r} from {model_dir}: {e}") from e
         return self._costs[name]
 
+    @property
+    def prefix_root(self) -> Path:
+        return self.settings.cache_dir / "prefixes"
+
+    async def prefix_dir(self, name: str) -> Path:
+        """Where the model's cached prefixes are kept on disk (see
+        ``runner/prefix_disk.py``); found once, when its files are ready."""
+        if name not in self._prefix_dirs:
+            model = self.get(name)
+            async with self._locks[model.name]:
+                model_dir = await self._model_dir(model)
+            self._prefix_dirs[name] = await trio.to_thread.run_sync(
+                prefix_disk.directory, self.prefix_root, model_dir
+            )
+        return self._prefix_dirs[name]
+
+    def prefix_disk_bytes(self, name: str) -> int:
+        """Bytes of the model's prefixes on disk (0 until its files are known)."""
+        where = self._prefix_dirs.get(name)
+        return prefix_disk.usage(where) if where is not None else 0
+
     async def make_runner(self, name: str) -> RunnerProcess:
         model = self.get(name)
         async with self._locks[model.name]:
             model_dir = await self._model_dir(model)
+        # A model configured with no prefix cache keeps none on disk either.
+        disk = self.settings.prefix_disk_bytes if model.prefix_cache_bytes > 0 else 0
+        spec = RunnerSpec(
+            model.name,
+            model_dir,
+            model.max_concurrency,
+            prefill_chunk=model.prefill_chunk,
+            prefix_root=self.prefix_root if disk > 0 else None,
+            prefix_disk=disk,
+        )
         return RunnerProcess(
-            RunnerSpec(model.name, model_dir, model.max_concurrency),
+            spec,
             stop_grace_s=self.settings.shutdown_grace_s,
             spares=self.spares,
         )

@@ -61,12 +61,14 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int = 0
     reasoning_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the runner took from its prefix cache
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
         if self.reasoning_tokens:
             out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
@@ -143,6 +145,9 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
             async for chunk in chunks:
                 if chunk.error is not None:
                     raise chunk.error
+                if chunk.cached is not None:
+                    usage.cached_tokens = job.record.cached_tokens = chunk.cached
+                    continue
                 out = Delta("")
                 lps = chunk.logprobs or (None,) * len(chunk.tokens)
                 for token, lp in zip(chunk.tokens, lps, strict=True):

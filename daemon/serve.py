@@ -55,6 +55,7 @@ async def serve(
         budget=budget,
         size_model=catalog.cost,
         max_turn_s=settings.max_turn_s,
+        prefix_disk_bytes=catalog.prefix_disk_bytes,
     )
     recent = RecentErrors()
     logging.getLogger("mlxd").addHandler(recent)
@@ -163,6 +164,7 @@ _RESTART_ONLY = (
     "cache_dir",
     "max_body_bytes",
     "log_level",
+    "prefix_disk_bytes",
 )
 
 

@@ -20,6 +20,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -106,21 +107,33 @@ def memory() -> dict[str, int]:
 WARM_UP_AFTER_S = 0.05
 
 
-def load_engine(model_dir: Path, max_batch: int) -> Engine | ScriptEngine:
+def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngine:
+    """The engine for ``model_dir``; ``options`` are the ``load`` command's."""
     from mlx_lm.utils import load_model
 
-    from runner.engine import Engine
+    from runner import prefix_disk
+    from runner.engine import PREFILL_CHUNK, Engine
     from runner.grammar import Grammars
+    from runner.prefix import Disk, PrefixCache, trimmable
     from runner.script import ScriptEngine
 
+    max_batch = int(options.get("max_batch", 8))
     scripted = ScriptEngine.from_dir(model_dir, max_batch)
     if scripted is not None:
         return scripted
     model, _ = load_model(model_dir)
-    return Engine(model, max_batch, Grammars(model_dir))
+    disk = None
+    root, disk_limit = options.get("prefix_root"), int(options.get("prefix_disk", 0))
+    if root and disk_limit > 0:
+        where = prefix_disk.directory(Path(root), model_dir)
+        disk = Disk(where, Path(root), disk_limit, trimmable(model))
+    prefixes = PrefixCache(model, int(options.get("prefix_cache", 0)), disk)
+    print(f"{model_dir.name}: {prefixes.describe()}", file=sys.stderr)
+    chunk = int(options.get("prefill_chunk", PREFILL_CHUNK))
+    return Engine(model, max_batch, Grammars(model_dir), prefixes, chunk)
 
 
-def serve(model_dir: str | None, max_batch: int, out: BinaryIO, started: float) -> int:
+def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float) -> int:
     import mlx.core as mx
 
     def send(msg: dict[str, Any]) -> None:
@@ -137,11 +150,11 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO, started: float) 
         line = sys.stdin.buffer.readline()
         if not line:
             return 0
-        command = protocol.decode(line)
-        model_dir, max_batch = command["model_dir"], int(command["max_batch"])
+        options = protocol.decode(line)
+        model_dir = options["model_dir"]
     t0 = time.perf_counter()
     try:
-        engine = load_engine(Path(model_dir).resolve(), max_batch)
+        engine = load_engine(Path(model_dir).resolve(), options)
     except Exception as e:
         send({"ev": "fatal", "message": _describe(e)})
         return 1
@@ -170,11 +183,17 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO, started: float) 
             op = msg.get("op")
             if op == "generate":
                 try:
-                    engine.add(protocol.Generate.from_message(msg))
+                    hit = engine.add(protocol.Generate.from_message(msg))
                 except Exception as e:  # a bad request fails alone
                     send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
+                else:
+                    cached = {"id": msg["id"], "tokens": hit.tokens, "from": hit.source}
+                    send({"ev": "cached", **cached})
             elif op == "cancel":
                 engine.cancel(msg["id"])
+            elif op == "prefix_limit":
+                if engine.prefixes is not None:
+                    engine.prefixes.set_limit(int(msg["bytes"]))
             elif op == "stats":
                 send(
                     {
@@ -182,10 +201,11 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO, started: float) 
                         "active": engine.active,
                         **attrs.asdict(engine.stats),
                         "memory": memory(),
+                        "prefix": _prefix_stats(engine),
                     }
                 )
             elif op == "shutdown":
-                mx.synchronize()
+                _persist(engine, send)
                 return 0
         if not engine.active:
             continue
@@ -197,6 +217,41 @@ def serve(model_dir: str | None, max_batch: int, out: BinaryIO, started: float) 
             continue
         if outputs:
             send({"ev": "tokens", "batch": len(outputs), "out": outputs})
+
+
+def _prefix_stats(engine: Engine | ScriptEngine) -> dict[str, Any] | None:
+    prefixes = engine.prefixes
+    if prefixes is None:
+        return None
+    disk = prefixes.disk
+    return prefixes.summary() | {"disk_bytes": disk.nbytes if disk is not None else 0}
+
+
+def _persist(engine: Engine | ScriptEngine, send: Callable[[dict[str, Any]], None]) -> None:
+    """On the way out: free the model, say what is still held, and write the
+    most recently used prefixes to disk (the daemon may start the next load
+    meanwhile, in the memory the model gave back)."""
+    import gc
+
+    import mlx.core as mx
+
+    prefixes = engine.prefixes
+    engine.reset()
+    if prefixes is None or prefixes.disk is None or not prefixes.nbytes:
+        mx.synchronize()
+        return
+    engine.model = None
+    gc.collect()
+    mx.synchronize()
+    mx.clear_cache()
+    send({"ev": "saving", "memory": memory(), "prefix_bytes": prefixes.nbytes})
+    t0 = time.perf_counter()
+    written = prefixes.persist()
+    print(
+        f"wrote {written} cached prefixes to {prefixes.disk.where} "
+        f"in {time.perf_counter() - t0:.3f} s",
+        file=sys.stderr,
+    )
 
 
 def _describe(e: Exception) -> str:
@@ -218,7 +273,7 @@ def main() -> int:
     args = parser.parse_args()
     out = _protocol_stdout()
     preload_blas()
-    return serve(args.model_dir, args.max_batch, out, started)
+    return serve(args.model_dir, {"max_batch": args.max_batch}, out, started)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,9 +35,29 @@ SETTLE_S = 5.0
 
 @attrs.frozen
 class RunnerSpec:
+    """A runner's model and settings. Its prefix cache starts with
+    ``prefix_cache`` bytes (the pool sets it once the model is ready: what the
+    budget allows); ``prefix_root`` (``<cache_dir>/prefixes``) and
+    ``prefix_disk`` (bytes) turn the disk tier on."""
+
     model: str
     model_dir: Path
     max_batch: int
+    prefill_chunk: int = 512
+    prefix_cache: int = 0
+    prefix_root: Path | None = None
+    prefix_disk: int = 0
+
+    def load_message(self) -> dict[str, Any]:
+        return {
+            "op": "load",
+            "model_dir": str(self.model_dir),
+            "max_batch": self.max_batch,
+            "prefill_chunk": self.prefill_chunk,
+            "prefix_cache": self.prefix_cache,
+            "prefix_root": str(self.prefix_root) if self.prefix_root is not None else None,
+            "prefix_disk": self.prefix_disk,
+        }
 
 
 async def spawn(python: str = sys.executable) -> trio.Process:
@@ -151,12 +171,15 @@ class Spares:
 
 @attrs.frozen
 class Chunk:
-    """Tokens for one request from one decoding step (or a final error)."""
+    """Tokens for one request from one decoding step (or a final error). The
+    first chunk of every request carries no tokens but ``cached``: how many
+    prompt tokens its runner took from the prefix cache."""
 
     tokens: tuple[int, ...]
     finish: str | None = None
     error: Exception | None = None
     logprobs: tuple[dict[str, Any] | None, ...] = ()  # per token, when asked for
+    cached: int | None = None
 
 
 class RunnerProcess:
@@ -174,6 +197,9 @@ class RunnerProcess:
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
         self.load_s: float | None = None  # the runner's own load time
+        # Called with the runner's memory once, on its way out, it has freed
+        # the model and holds only the prefixes it is writing to disk.
+        self.on_saving: Callable[[dict[str, int]], object] | None = None
         self._load_timeout_s = load_timeout_s
         self._stop_grace_s = stop_grace_s
         self._python = python
@@ -204,9 +230,8 @@ class RunnerProcess:
     ) -> None:
         self.pid = proc.pid
         assert proc.stdin is not None and proc.stdout is not None
-        load = {"op": "load", "model_dir": str(self.spec.model_dir)}
         try:
-            await proc.stdin.send_all(protocol.encode(load | {"max_batch": self.spec.max_batch}))
+            await proc.stdin.send_all(protocol.encode(self.spec.load_message()))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # it died while spare; the missing "ready" below reports it
         try:
@@ -309,6 +334,10 @@ class RunnerProcess:
             if self._streams.pop(req_id, None) is not None:
                 self._send_nowait({"op": "cancel", "id": req_id})
 
+    def limit_prefixes(self, nbytes: int) -> None:
+        """Let the prefix cache hold at most ``nbytes`` from now on (0 drops it)."""
+        self._send_nowait({"op": "prefix_limit", "bytes": nbytes})
+
     async def stats(self) -> dict[str, Any]:
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._stats.append(send)
@@ -338,6 +367,14 @@ class RunnerProcess:
                 stream.send_nowait(Chunk((token,), finish, logprobs=(lp,)))
                 if finish is not None:
                     del self._streams[req_id]
+        elif ev == "cached":
+            stream = self._streams.get(msg["id"])
+            if stream is not None:
+                stream.send_nowait(Chunk((), cached=int(msg["tokens"])))
+        elif ev == "saving":
+            self.memory = msg.get("memory", self.memory)
+            if self.on_saving is not None:
+                self.on_saving(self.memory)
         elif ev == "error":
             self._first_output.set()
             err = RunnerCrashed(f"generation failed in the runner: {msg.get('message')}")

@@ -8,6 +8,15 @@ back. A move keeps the KV cache: both paths leave the cache holding every
 token they have returned, so the cache is trimmed by one token and that token
 is fed again on the other path, costing one step.
 
+A request starts from the longest prefix it shares with an earlier request's
+cache (``runner/prefix.py``), and only the rest of its prompt is read. The
+rest is read in chunks of ``chunk`` tokens, one chunk per step, so that the
+streams already decoding make a token between every two chunks: on the
+single path the engine feeds the chunks itself (a newcomer can take the
+sequence into the batch between two of them); in the batch, mlx-lm's prompt
+processing takes a chunk per step, shared among the prompts being read.
+A request that ends (or is cancelled) leaves its cache to the prefix cache.
+
 A request's logit bias, penalties and grammar are mlx-lm logits processors,
 which both paths call once per step for each sequence.
 
@@ -25,9 +34,9 @@ from typing import Any
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator, StopSequences, generate_step
+from mlx_lm.generate import BatchGenerator, StopSequences, generate_step, generation_stream
 from mlx_lm.models import llama
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -37,6 +46,7 @@ from mlx_lm.sample_utils import (
 )
 
 from runner.grammar import Constraint, Grammars
+from runner.prefix import Hit, PrefixCache, trimmable
 from runner.protocol import Generate, Sampling
 
 Sampler = Callable[[mx.array], mx.array]
@@ -45,6 +55,7 @@ Logprobs = dict[str, Any]  # {"logprob": x, "top": [[token, x], ...]}
 Output = tuple[int, int, str | None, Logprobs | None]  # request id, token, finish, logprobs
 
 LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
+PREFILL_CHUNK = 512
 
 
 def warm_kernels() -> None:
@@ -134,6 +145,8 @@ class Sequence:
     processors: list[Processor]  # each called with the generated tokens only
     constraint: Constraint | None = None
     generated: int = 0
+    cache: list[Any] | None = None  # its KV, while no BatchGenerator holds it
+    in_cache: int = 0  # how many of ``tokens`` that cache holds
 
     @property
     def remaining(self) -> int:
@@ -168,15 +181,24 @@ class Stats:
 
 
 class Engine:
-    def __init__(self, model: Any, max_batch: int, grammars: Grammars | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        max_batch: int,
+        grammars: Grammars | None = None,
+        prefixes: PrefixCache | None = None,
+        chunk: int = PREFILL_CHUNK,
+    ) -> None:
         self.model = model
         self.max_batch = max_batch
         self.grammars = grammars
+        self.prefixes = prefixes
+        self.chunk = chunk
+        self.can_trim = trimmable(model)  # whether a sequence can change paths
         self.stats = Stats()
         self._pending: deque[Sequence] = deque()
         self._single: Sequence | None = None
         self._single_gen: Generator[tuple[Any, mx.array], None, None] | None = None
-        self._single_cache: list[Any] = []
         self._batch: BatchGenerator | None = None
         self._in_batch: dict[int, Sequence] = {}  # BatchGenerator uid -> sequence
         self._uid: dict[int, int] = {}  # request id -> uid
@@ -189,8 +211,9 @@ class Engine:
         for _ in generate_step(mx.array([0, 1]), self.model, max_tokens=2):
             pass
 
-    def add(self, req: Generate) -> None:
-        """Queue a request; raises ``ValueError`` if its grammar is unusable."""
+    def add(self, req: Generate) -> Hit:
+        """Queue a request, starting from the longest prefix cached for it
+        (returned); raises ``ValueError`` if its grammar is unusable."""
         processors: list[Processor] = make_logits_processors(
             req.logit_bias or None,
             presence_penalty=req.presence_penalty,
@@ -206,8 +229,11 @@ class Engine:
             processors.append(constraint)  # last: nothing may lift its -inf
         sampler = make_request_sampler(req.sampling)
         seq = Sequence(req, sampler, list(req.prompt), processors, constraint)
+        hit = self.prefixes.lookup(seq.tokens) if self.prefixes is not None else Hit()
+        seq.cache, seq.in_cache = hit.cache, hit.tokens
         self.stats.prompt_tokens += len(req.prompt)
         self._pending.append(seq)
+        return hit
 
     def cancel(self, req_id: int) -> None:
         self.stats.cancelled += 1
@@ -216,12 +242,9 @@ class Engine:
                 self._pending.remove(seq)
                 return
         if self._single is not None and self._single.req.id == req_id:
-            self._drop_single()
+            self._end_single()
         elif req_id in self._uid:
-            uid = self._uid.pop(req_id)
-            del self._in_batch[uid]
-            assert self._batch is not None
-            self._batch.remove([uid])
+            self._leave_batch(self._uid[req_id])
 
     @property
     def active(self) -> int:
@@ -234,9 +257,11 @@ class Engine:
         return [s.req.id for s in seqs]
 
     def reset(self) -> None:
-        """Forget every sequence (after an error has been reported for them)."""
+        """Forget every sequence (after an error has been reported for them);
+        their caches are not kept, since the error may have spoiled them."""
         self._pending.clear()
-        self._drop_single()
+        self._single = None
+        self._single_gen = None
         self._in_batch.clear()
         self._uid.clear()
         self._batch = None
@@ -244,7 +269,8 @@ class Engine:
     # -- stepping ----------------------------------------------------------
 
     def step(self) -> list[Output]:
-        """Run one decoding step and return the tokens it produced."""
+        """Run one step (a decoding step, a chunk of prompt, or both) and
+        return the tokens it produced."""
         self._arrange()
         self.stats.steps += 1
         if self._single is not None:
@@ -257,47 +283,65 @@ class Engine:
     def _arrange(self) -> None:
         if self._pending:
             if self._single is None and not self._in_batch and len(self._pending) == 1:
-                self._start_single(self._pending.popleft(), [])
+                self._single = self._pending.popleft()
                 return
             if self._single is not None and not self._to_batch():
                 return  # cannot move it: newcomers wait for it to finish
             while self._pending and len(self._in_batch) < self.max_batch:
-                seq = self._pending.popleft()
-                self._insert(seq, seq.tokens, None)
+                self._insert(self._pending.popleft())
         elif len(self._in_batch) == 1 and self._single is None:
             self._to_single()
         self.stats.max_batch = max(self.stats.max_batch, len(self._in_batch))
 
-    def _start_single(self, seq: Sequence, cache: list[Any]) -> None:
-        cache = cache or make_prompt_cache(self.model)
-        prompt = seq.tokens[-1:] if seq.generated else seq.tokens
-        self._single = seq
-        self._single_cache = cache
-        self._single_gen = generate_step(
-            mx.array(prompt),
-            self.model,
-            max_tokens=seq.remaining,
-            sampler=seq.sampler,
-            logits_processors=seq.processors_seeing(len(seq.tokens) - len(prompt)),
-            prompt_cache=cache,
-        )
-
-    def _drop_single(self) -> None:
-        if self._single_gen is not None:
-            self._single_gen.close()
-        self._single = None
-        self._single_gen = None
-        self._single_cache = []
+    # -- the single path -----------------------------------------------------
 
     def _step_single(self) -> list[Output]:
-        seq, gen = self._single, self._single_gen
-        assert seq is not None and gen is not None
+        seq = self._single
+        assert seq is not None
         self.stats.max_batch = max(self.stats.max_batch, 1)
-        token, logprobs = next(gen)
+        if self._single_gen is None:
+            if len(seq.tokens) - seq.in_cache > self.chunk:
+                self._prefill(seq)
+                return []
+            if seq.cache is None:
+                seq.cache = make_prompt_cache(self.model)
+            self._single_gen = generate_step(
+                mx.array(seq.tokens[seq.in_cache :]),
+                self.model,
+                max_tokens=seq.remaining,
+                sampler=seq.sampler,
+                logits_processors=seq.processors_seeing(seq.in_cache),
+                prompt_cache=seq.cache,
+                prefill_step_size=self.chunk,
+            )
+        token, logprobs = next(self._single_gen)
         finish = self._record(seq, token)
+        seq.in_cache = len(seq.tokens)  # generate_step has fed the token it returns
         if finish is not None:
-            self._drop_single()
+            self._end_single()
         return [(seq.req.id, token, finish, self._logprobs(seq, token, logprobs))]
+
+    def _prefill(self, seq: Sequence) -> None:
+        """Feed the next ``chunk`` prompt tokens into the sequence's cache."""
+        if seq.cache is None:
+            seq.cache = make_prompt_cache(self.model)
+        end = seq.in_cache + self.chunk
+        with mx.stream(generation_stream):
+            self.model(mx.array(seq.tokens[seq.in_cache : end])[None], cache=seq.cache)
+            mx.eval([c.state for c in seq.cache])
+        seq.in_cache = end
+        mx.clear_cache()
+
+    def _end_single(self) -> None:
+        """The lone sequence is done (or cancelled): its cache, which holds
+        ``tokens[:in_cache]``, goes to the prefix cache."""
+        seq, self._single = self._single, None
+        if self._single_gen is not None:
+            self._single_gen.close()
+            self._single_gen = None
+        assert seq is not None
+        self._keep(seq.tokens[: seq.in_cache], seq.cache)
+        seq.cache = None
 
     def _record(self, seq: Sequence, token: int) -> str | None:
         seq.generated += 1
@@ -312,45 +356,54 @@ class Engine:
             return "length"
         return None
 
+    # -- moving between paths ------------------------------------------------
+
     def _to_batch(self) -> bool:
-        seq, cache = self._single, self._single_cache
+        seq = self._single
         assert seq is not None
-        if seq.generated == 0:
-            return False  # still in prefill inside generate_step; let it finish
-        if not can_trim_prompt_cache(cache):
-            return False
-        trim_prompt_cache(cache, 1)
-        self._single_gen = None  # the generator is abandoned, its cache kept
+        if self._single_gen is not None:  # decoding: its last token is fed again
+            if not self.can_trim or seq.cache is None:
+                return False
+            trim_prompt_cache(seq.cache, 1)
+            seq.in_cache -= 1
+            self._single_gen = None  # the generator is abandoned, its cache kept
+            self.stats.migrations += 1
         self._single = None
-        self._single_cache = []
-        self._insert(seq, seq.tokens[-1:], cache)
-        self.stats.migrations += 1
+        self._insert(seq)
         return True
 
     def _to_single(self) -> None:
         ((uid, seq),) = self._in_batch.items()
-        if seq.generated == 0:
-            return  # still prefilling in the batch
+        if seq.generated == 0 or not self.can_trim:
+            return  # still reading its prompt in the batch, or its cache cannot move
         assert self._batch is not None
         cache, _ = self._batch.remove([uid], return_prompt_caches=True)[uid]
-        if not can_trim_prompt_cache(cache):
-            self._insert(seq, seq.tokens[-1:], cache)
-            return
         del self._in_batch[uid]
         del self._uid[seq.req.id]
         trim_prompt_cache(cache, 1)
-        self._start_single(seq, cache)
+        seq.cache, seq.in_cache = cache, len(seq.tokens) - 1
+        self._single = seq
         self.stats.migrations += 1
 
-    def _insert(self, seq: Sequence, prompt: list[int], cache: list[Any] | None) -> None:
+    # -- the batch -----------------------------------------------------------
+
+    def _insert(self, seq: Sequence) -> None:
         if self._batch is None:
-            self._batch = BatchGenerator(self.model, completion_batch_size=self.max_batch)
+            # Every prompt that arrives together is read together (as many as
+            # may decode), so that a burst of requests starts decoding at once.
+            self._batch = BatchGenerator(
+                self.model,
+                completion_batch_size=self.max_batch,
+                prefill_batch_size=self.max_batch,
+                prefill_step_size=self.chunk,
+            )
         stops = [[t] for t in seq.req.stop_ids]
+        cache, seq.cache = seq.cache, None
         (uid,) = self._batch.insert(
-            [prompt],
+            [seq.tokens[seq.in_cache :]],
             max_tokens=[seq.remaining],
             caches=[cache] if cache is not None else None,
-            all_tokens=[seq.tokens[: len(seq.tokens) - len(prompt)]] if cache else None,
+            all_tokens=[seq.tokens[: seq.in_cache]] if cache is not None else None,
             samplers=[seq.sampler],
             logits_processors=[seq.processors_seeing(0)],  # it passes the whole history
             stop_sequences=[StopSequences(stops or None)],
@@ -358,10 +411,20 @@ class Engine:
         self._in_batch[uid] = seq
         self._uid[seq.req.id] = uid
 
+    def _leave_batch(self, uid: int) -> None:
+        """Take a sequence out of the batch, keeping its cache for reuse."""
+        assert self._batch is not None
+        seq = self._in_batch.pop(uid)
+        del self._uid[seq.req.id]
+        cache, tokens = self._batch.remove([uid], return_prompt_caches=True)[uid]
+        self._keep(list(tokens), cache)
+
     def _step_batch(self) -> list[Output]:
         assert self._batch is not None
+        self._share_prefill(self._batch)
+        _, responses = self._batch.next()
         out = []
-        for r in self._batch.next_generated():
+        for r in responses:
             seq = self._in_batch.get(r.uid)
             if seq is None:
                 continue
@@ -369,12 +432,31 @@ class Engine:
             if finish is None and r.finish_reason is not None:
                 finish = r.finish_reason
             if finish is not None:
-                del self._in_batch[r.uid]
-                del self._uid[seq.req.id]
                 if r.finish_reason is None:
-                    self._batch.remove([r.uid])
+                    self._leave_batch(r.uid)
+                else:  # the batch has let it go already
+                    del self._in_batch[r.uid]
+                    del self._uid[seq.req.id]
+                    self._keep(list(r.all_tokens), r.prompt_cache)
             out.append((seq.req.id, r.token, finish, self._logprobs(seq, r.token, r.logprobs)))
         return out
+
+    def _share_prefill(self, batch: BatchGenerator) -> None:
+        """While some sequences decode, the prompts being read share one
+        chunk of tokens per step, so a step stays about one chunk long."""
+        reading = sum(1 for s in self._in_batch.values() if s.generated == 0)
+        decoding = len(self._in_batch) - reading
+        together = min(reading, batch.prefill_batch_size)
+        if decoding and together:
+            batch.prefill_step_size = max(self.chunk // together, 16)
+        else:
+            batch.prefill_step_size = self.chunk
+
+    # -- shared --------------------------------------------------------------
+
+    def _keep(self, tokens: list[int], cache: list[Any] | None) -> None:
+        if self.prefixes is not None and cache is not None and tokens:
+            self.prefixes.store(tuple(tokens), cache)
 
     def _logprobs(self, seq: Sequence, token: int, logprobs: mx.array) -> Logprobs | None:
         top = seq.req.logprobs

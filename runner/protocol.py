@@ -6,16 +6,23 @@ stderr, which the daemon passes through to its own log).
 
 Commands (daemon → runner)::
 
-    {"op": "load", "model_dir": "/models/x", "max_batch": 8}
+    {"op": "load", "model_dir": "/models/x", "max_batch": 8, "prefill_chunk": 512,
+     "prefix_cache": 0, "prefix_root": "/cache/prefixes", "prefix_disk": 17179869184}
                                       first line to a runner started without a
-                                      model (a spare); it then loads and says "ready"
+                                      model (a spare); it then loads and says
+                                      "ready". prefix_cache: bytes its prefix
+                                      cache may hold; prefix_root (or null) and
+                                      prefix_disk (bytes): its disk tier
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,
      "frequency_penalty": 0.0, "logit_bias": {"42": -100.0}, "grammar": null}
     {"op": "cancel", "id": 7}         stop generating for 7 at the next step
+    {"op": "prefix_limit", "bytes": 1073741824}
+                                      the prefix cache's limit from now on (0 drops it)
     {"op": "stats"}                   answer with a "stats" event
-    {"op": "shutdown"}                finish nothing more, exit 0
+    {"op": "shutdown"}                finish nothing more, write the most
+                                      recently used prefixes to disk, exit 0
 
 Events (runner → daemon)::
 
@@ -23,12 +30,20 @@ Events (runner → daemon)::
                                       imports done and device up, waiting for "load"
     {"ev": "ready", "pid": 123, "memory": {...}, "load_s": 0.4}
                                       the model is loaded (in load_s seconds)
+    {"ev": "cached", "id": 7, "tokens": 1200, "from": "memory"}
+                                      request 7 starts from a cached prefix of
+                                      1200 prompt tokens ("memory", "disk"; 0
+                                      and "" for none); sent before its tokens
     {"ev": "tokens", "batch": 3, "out": [[7, 42, null, null], [8, 2, "stop", lp]]}
         one decoding step: [id, token, finish, lp] for every sequence that made
         a token; finish is null, "stop" or "length"; lp is null unless the
         request asked for logprobs (below)
     {"ev": "error", "ids": [7], "message": "..."}    those requests failed
-    {"ev": "stats", "active": 2, "max_batch": 4, ..., "memory": {...}}
+    {"ev": "stats", "active": 2, "max_batch": 4, ..., "memory": {...},
+     "prefix": {"bytes": ..., "entries": ..., "limit": ..., "hits": ..., "disk_bytes": ...}}
+    {"ev": "saving", "memory": {...}, "prefix_bytes": ...}
+                                      after "shutdown": the model is freed; what
+                                      is left is the prefixes being written
     {"ev": "fatal", "message": "..."}                 loading failed; exiting
 
 Generate options (each off by default):

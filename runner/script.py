@@ -17,6 +17,7 @@ from pathlib import Path
 import attrs
 
 from runner.engine import Output, Stats
+from runner.prefix import Hit
 from runner.protocol import Generate
 
 
@@ -27,6 +28,9 @@ class _Replay:
 
 
 class ScriptEngine:
+    prefixes = None
+    model = None
+
     def __init__(self, script: list[int], max_batch: int) -> None:
         self.script = script
         self.max_batch = max_batch
@@ -44,9 +48,10 @@ class ScriptEngine:
     def warm_up(self) -> None:
         pass
 
-    def add(self, req: Generate) -> None:
+    def add(self, req: Generate) -> Hit:
         self._running[req.id] = _Replay(req)
         self.stats.prompt_tokens += len(req.prompt)
+        return Hit()
 
     def cancel(self, req_id: int) -> None:
         if self._running.pop(req_id, None) is not None:

@@ -86,6 +86,30 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.prefix_hits = Counter(
+            "mlxd_prefix_cache_hits",
+            "Requests that reused a cached prefix (in memory or from disk)",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_misses = Counter(
+            "mlxd_prefix_cache_misses",
+            "Requests that found no cached prefix to reuse",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_tokens = Counter(
+            "mlxd_prefix_cache_tokens",
+            "Prompt tokens taken from the prefix cache instead of being read",
+            ["model"],
+            registry=r,
+        )
+        self.prefix_drops = Counter(
+            "mlxd_prefix_cache_drops",
+            "Times an idle model's cached prefixes were dropped to make room for a load",
+            ["model"],
+            registry=r,
+        )
         self.runner_crashes = Counter(
             "mlxd_runner_crashes",
             "Runner processes that exited without being asked",
@@ -103,6 +127,10 @@ class Metrics:
                 self.loads,
                 self.load_failures,
                 self.runner_crashes,
+                self.prefix_hits,
+                self.prefix_misses,
+                self.prefix_tokens,
+                self.prefix_drops,
             ):
                 counter.labels(name)
             for reason in EVICTION_REASONS:
@@ -132,12 +160,24 @@ class _PoolCollector(Collector):
             "bytes": GaugeMetricFamily(
                 "mlxd_model_bytes", "Bytes charged to a resident model", labels=["model"]
             ),
+            "prefix": GaugeMetricFamily(
+                "mlxd_prefix_cache_bytes",
+                "Bytes of cached prefixes a model holds in memory",
+                labels=["model"],
+            ),
+            "prefix_disk": GaugeMetricFamily(
+                "mlxd_prefix_cache_disk_bytes",
+                "Bytes of a model's cached prefixes on disk",
+                labels=["model"],
+            ),
         }
         resident = 0
         for m in pool["models"]:
             gauges["waiting"].add_metric([m["model"]], m["queued"])
             gauges["running"].add_metric([m["model"]], m["running"])
             gauges["bytes"].add_metric([m["model"]], m["bytes"])
+            gauges["prefix"].add_metric([m["model"]], m["prefix_cache"]["bytes"])
+            gauges["prefix_disk"].add_metric([m["model"]], m["prefix_cache"]["disk_bytes"])
             resident += m["state"] == "ready"
         yield from gauges.values()
         yield GaugeMetricFamily("mlxd_models_resident", "Models loaded", value=resident)

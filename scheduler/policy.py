@@ -8,7 +8,13 @@ at ``next_deadline()``; nothing else touches its state.
 Each model is charged bytes against one budget: its estimated cost while it
 loads, then the larger of that and what its runner measures (the estimate
 reserves the KV cache for its full concurrency and context, which an idle
-runner has not allocated yet but a busy one will).
+runner has not allocated yet but a busy one will), plus a reservation for
+its prefix cache (the KV of earlier requests kept for reuse). The runner
+never lets its prefix cache outgrow the reservation, which the policy sets
+(``PrefixLimit``): up to the model's ``prefix_cache`` bytes, out of memory
+nobody else is waiting for. The part a model is not using goes back as soon
+as a load needs it; the cached prefixes of idle models go next, before any
+model is evicted.
 
 Decision steps, for each event:
 
@@ -27,7 +33,10 @@ Decision steps, for each event:
 5. ``RunnerExited``: the model is absent and its bytes are free. Requests that
    were running have had their streams failed by the runner handle; queued
    ones make it a load candidate again (step 10).
-6. ``Measured``: the runner's measured bytes update the model's charge.
+6. ``Measured``: the runner's measured bytes (less its cached prefixes,
+   charged by their reservation) update the model's charge. A stopping
+   runner that has freed its weights to write its prefixes to disk is
+   charged what it still holds.
 7. ``Unload``: unload the model once it is idle.
 8. ``Shutdown``: reject queued tickets, stop every runner, accept nothing new.
 
@@ -42,14 +51,21 @@ Then, at every event (``Tick`` only does this):
 11. Absent models with queued tickets are load candidates, oldest waiting
     ticket first. A candidate that fits in free memory starts loading
     (``StartRunner``, single-flight: one load however many wait). One that
-    does not fit evicts idle models, least recently used first, then those
-    with the shortest keep-alive, never a pinned or a busy one, and loads once
-    their runners have exited. A model with queued requests is busy, so each
-    model's waiting requests are served together before it can be swapped out
-    (no A-B-A-B thrash). When busy models still block the oldest candidate
-    after ``max_turn_s``, they drain: they take no new requests until their
-    running ones finish, and are then evicted, so no request waits for its
-    model's turn for ever. Later candidates wait behind a blocked one.
+    does not fit takes back the prefix-cache reservations models are not
+    using; then, if the cached prefixes of idle models make up the rest, it
+    drops those (least recently used model first) and evicts nothing;
+    otherwise it evicts idle models, least recently used first, then those
+    with the shortest keep-alive, never a pinned or a busy one (their
+    prefixes go to disk with them), and loads once their runners have exited.
+    A model with queued requests is busy, so each model's waiting requests
+    are served together before it can be swapped out (no A-B-A-B thrash).
+    When busy models still block the oldest candidate after ``max_turn_s``,
+    they drain: they take no new requests until their running ones finish,
+    and are then evicted, so no request waits for its model's turn for ever.
+    Later candidates wait behind a blocked one.
+12. When no candidate waits, ready models whose prefix-cache reservation is
+    below their ``prefix_cache`` get free memory for it, most recently used
+    first.
 """
 
 from __future__ import annotations
@@ -87,6 +103,7 @@ class ModelSpec:
     queue_timeout_s: float = 600.0
     keep_alive_s: float = 300.0
     pinned: bool = False
+    prefix_cache: int = 0  # bytes its prefix cache may take, when the budget allows
 
 
 @attrs.define(eq=False)
@@ -151,7 +168,8 @@ class Sized:
 @attrs.frozen
 class Measured:
     model: str
-    bytes: int
+    bytes: int  # all the runner holds
+    prefixes: int = 0  # of which its cached prefixes
     now: float = 0.0
 
 
@@ -224,7 +242,18 @@ class StopRunner:
     reason: str  # idle (keep-alive 0), expired, memory, manual, shutdown
 
 
-Effect = Grant | Reject | StartRunner | StopRunner
+@attrs.frozen
+class PrefixLimit:
+    """The bytes the model's prefix cache may hold from now on; ``dropped``
+    when cached prefixes are given up for another model's load."""
+
+    model: str
+    runner: Any
+    bytes: int
+    dropped: bool = False
+
+
+Effect = Grant | Reject | StartRunner | StopRunner | PrefixLimit
 
 
 class State(enum.Enum):
@@ -241,6 +270,8 @@ class ModelState:
     state: State = State.ABSENT
     runner: Any = None
     bytes: int = 0  # charged against the budget while not absent
+    prefixes: int = 0  # the prefix-cache reservation, charged too
+    prefixes_used: int = 0  # what the runner last said its prefixes take
     queue: deque[Ticket] = attrs.field(factory=deque)
     running: set[Ticket] = attrs.field(factory=set)
     last_used: float = 0.0
@@ -276,7 +307,7 @@ class Policy:
 
     @property
     def used(self) -> int:
-        return sum(m.bytes for m in self.models.values())
+        return sum(m.bytes + m.prefixes for m in self.models.values())
 
     @property
     def finished(self) -> bool:
@@ -322,7 +353,7 @@ class Policy:
                 if self.stopping:
                     m.state = State.STOPPING
                     return [StopRunner(model, runner, "shutdown")]
-                m.state = State.READY
+                m.state = State.READY  # its prefix-cache reservation comes in step 12
             case LoadFailed(model, error):
                 m = self.models[model]
                 self._absent(m)
@@ -332,10 +363,13 @@ class Policy:
                 self._absent(self.models[model])
             case Sized(model, cost):
                 self.models[model].cost = cost
-            case Measured(model, measured):
+            case Measured(model, measured, prefixes):
                 m = self.models[model]
                 if m.state is State.READY:
-                    m.bytes = max(m.cost, measured)
+                    m.bytes = max(m.cost, measured - prefixes)
+                    m.prefixes_used = prefixes
+                elif m.state is State.STOPPING:
+                    m.bytes, m.prefixes = min(m.bytes + m.prefixes, measured), 0
             case Unload(model):
                 self.models[model].unload_asked = True
             case Reconfigure(specs, changed):
@@ -391,6 +425,7 @@ class Policy:
 
     def _absent(self, m: ModelState) -> None:
         m.state, m.runner, m.bytes = State.ABSENT, None, 0
+        m.prefixes = m.prefixes_used = 0
         m.running.clear()
         m.keep_alive_s = m.spec.keep_alive_s
         m.unload_asked = m.draining = m.stale = False
@@ -450,21 +485,89 @@ class Policy:
 
     def _room(self) -> tuple[int, int]:
         """Free bytes now, and bytes that runners already stopping will free."""
-        stopping = sum(m.bytes for m in self.models.values() if m.state is State.STOPPING)
+        stopping = sum(
+            m.bytes + m.prefixes for m in self.models.values() if m.state is State.STOPPING
+        )
         return self.budget - self.used, stopping
+
+    def _reclaimable(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Prefix-cache bytes a load may take without evicting a model: the
+        reservations ready models are not using (any model), then the cached
+        prefixes of idle ones (least recently used first); as (model, bytes)."""
+        ready = [(n, m) for n, m in self.models.items() if m.state is State.READY]
+        unused = [(n, m.prefixes - m.prefixes_used) for n, m in ready]
+        idle = sorted((m.last_used, n) for n, m in ready if m.idle or m.draining)
+        held = [(n, min(self.models[n].prefixes, self.models[n].prefixes_used)) for _, n in idle]
+        return [u for u in unused if u[1] > 0], [h for h in held if h[1] > 0]
+
+    def _shrink(self, name: str, by: int, dropped: bool) -> PrefixLimit:
+        m = self.models[name]
+        m.prefixes -= by
+        m.prefixes_used = min(m.prefixes_used, m.prefixes)
+        return PrefixLimit(name, m.runner, m.prefixes, dropped)
+
+    def _make_room(
+        self, need: int, unused: bool = True, held: bool = True, spare: tuple[str, ...] = ()
+    ) -> tuple[list[Effect], int]:
+        """Free up to ``need`` bytes of prefix-cache reservations: ``unused``
+        ones first, then the ``held`` cached prefixes of idle models other
+        than those in ``spare`` (models being evicted, whose prefixes go to
+        disk with them). Returns the effects and the bytes freed."""
+        limits: dict[str, PrefixLimit] = {}  # one effect per model: its last limit
+        freed = 0
+        free_unused, free_held = self._reclaimable()
+        steps = [(free_unused, False)] * unused + [(free_held, True)] * held
+        for amounts, dropped in steps:
+            for name, size in amounts:
+                if freed >= need:
+                    break
+                if name not in spare:
+                    limits[name] = self._shrink(name, size, dropped)
+                    freed += size
+        return list(limits.values()), freed
+
+    def _grow(self) -> list[Effect]:
+        """Give free memory to prefix caches below their limit (step 12),
+        once no load or unload is under way (a model loading gets its share
+        when it is ready)."""
+        effects: list[Effect] = []
+        if any(m.state in (State.LOADING, State.STOPPING) for m in self.models.values()):
+            return effects
+        free = self.budget - self.used
+        ready = [(m.last_used, n) for n, m in self.models.items() if m.state is State.READY]
+        for _, name in sorted(ready, reverse=True):
+            m = self.models[name]
+            more = min(m.spec.prefix_cache - m.prefixes, free)
+            if more > 0 and not m.draining:
+                m.prefixes += more
+                free -= more
+                effects.append(PrefixLimit(name, m.runner, m.prefixes))
+        return effects
 
     def _load(self) -> list[Effect]:
         effects: list[Effect] = []
         over = -sum(self._room())  # bytes over budget, not counting runners on their way out
-        for v in self._evictable():  # measured use grew past the budget
+        if over > 0:  # measured use grew past the budget
+            more, freed = self._make_room(over)
+            effects += more
+            over -= freed
+        for v in self._evictable():
             if over <= 0:
                 break
             effects.append(self._stop(v, "memory"))
-            over -= self.models[v].bytes
+            over -= self.models[v].bytes + self.models[v].prefixes
         free, incoming = self._room()
-        for name in self._candidates():
+        candidates = self._candidates()
+        for name in candidates:
             m = self.models[name]
             cost = m.cost
+            if cost > free + incoming:
+                unused, held = self._reclaimable()
+                short = cost - free - incoming
+                enough = short <= sum(b for _, b in unused) + sum(b for _, b in held)
+                more, freed = self._make_room(short, held=enough)
+                effects += more
+                free += freed
             if cost <= free:
                 m.state, m.bytes = State.LOADING, cost
                 free -= cost
@@ -476,22 +579,33 @@ class Policy:
                     if free + incoming + reclaim >= cost:
                         break
                     victims.append(v)
-                    reclaim += self.models[v].bytes
-                if free + incoming + reclaim < cost:
+                    reclaim += self.models[v].bytes + self.models[v].prefixes
+                short = cost - free - incoming - reclaim
+                _, held = self._reclaimable()
+                if short > sum(b for n, b in held if n not in victims):
                     break  # busy models hold the memory: later candidates wait too
+                if short > 0:  # pinned models' cached prefixes make up the rest
+                    more, freed = self._make_room(short, unused=False, spare=tuple(victims))
+                    effects += more
+                    free += freed
                 effects += [self._stop(v, "memory") for v in victims]
                 incoming += reclaim
             # Wait for the stopping runners to exit; claim their bytes so that
             # later candidates do not take them.
             incoming -= cost - free
             free = 0
+        if not any(self.models[n].state is State.ABSENT for n in candidates):
+            effects += self._grow()  # nobody waits for memory
         return effects
 
     def _blocked(self) -> tuple[str, int] | None:
         """The first load candidate that idle models cannot make room for, and
         the bytes it lacks."""
         free, incoming = self._room()
-        spare = free + incoming + sum(self.models[v].bytes for v in self._evictable())
+        unused, held = self._reclaimable()
+        evictable = sum(self.models[v].bytes + self.models[v].prefixes for v in self._evictable())
+        spare = free + incoming + evictable + sum(b for _, b in unused)
+        spare += sum(b for n, b in held if self.models[n].spec.pinned)
         for name in self._candidates():
             cost = self.models[name].cost
             if cost > spare:
@@ -519,4 +633,4 @@ class Policy:
             if need <= 0:
                 break
             self.models[n].draining = True
-            need -= self.models[n].bytes
+            need -= self.models[n].bytes + self.models[n].prefixes

@@ -38,12 +38,17 @@ class Runner(Protocol):
     pid: int | None
     memory: dict[str, int]  # MLX active, peak and cache bytes, as last reported
     load_s: float | None  # how long the runner itself took to load the model
+    # Set by the scheduler: called once the runner, on its way out, has freed
+    # its model and holds only the prefixes it is writing to disk.
+    on_saving: Callable[[dict[str, int]], object] | None
 
     async def run(self, *, task_status: Any = ...) -> None: ...
 
     async def stats(self) -> dict[str, Any]: ...
 
     def stop(self) -> None: ...
+
+    def limit_prefixes(self, nbytes: int) -> None: ...
 
 
 def measured_bytes(memory: dict[str, int]) -> int:
@@ -81,14 +86,17 @@ class Scheduler:
         size_model: Callable[[str], Awaitable[int]] | None = None,
         max_turn_s: float = 10.0,
         metrics: Metrics | None = None,
+        prefix_disk_bytes: Callable[[str], int] | None = None,
     ) -> None:
         """``make_runner(model)`` prepares (but does not start) a runner for a
-        model; ``size_model(model)`` estimates its bytes before a first load."""
+        model; ``size_model(model)`` estimates its bytes before a first load;
+        ``prefix_disk_bytes(model)`` says what its prefixes take on disk."""
         specs = _specs(models)
         self._policy = p.Policy(specs, budget, max_turn_s)
         self._preload = [m.name for m in models if m.preload]
         self._make_runner = make_runner
         self._size_model = size_model
+        self._prefix_disk_bytes = prefix_disk_bytes
         self._send, self._events = trio.open_memory_channel[p.Event](math.inf)
         self._nursery: trio.Nursery | None = None
         self.metrics = metrics or Metrics()
@@ -172,7 +180,7 @@ class Scheduler:
                 {
                     "model": name,
                     "state": m.state.value,
-                    "bytes": m.bytes,
+                    "bytes": m.bytes + m.prefixes,
                     "estimate": m.cost or None,
                     "running": len(m.running),
                     "queued": len(m.queue),
@@ -182,6 +190,14 @@ class Scheduler:
                     "expires_at": at(m.expires) if m.idle else None,
                     "pid": getattr(m.runner, "pid", None),
                     "memory": dict(getattr(m.runner, "memory", {}) or {}),
+                    "prefix_cache": {
+                        "bytes": m.prefixes_used,
+                        "limit": m.prefixes,
+                        "max": m.spec.prefix_cache,
+                        "disk_bytes": self._prefix_disk_bytes(name)
+                        if self._prefix_disk_bytes is not None
+                        else 0,
+                    },
                 }
             )
         return {"budget": pol.budget, "used": pol.used, "models": models}
@@ -204,6 +220,11 @@ class Scheduler:
             case p.StartRunner(model):
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_runner, model)
+            case p.PrefixLimit(model, runner, nbytes, dropped):
+                if dropped:
+                    log.info("drop prefix cache model=%s reason=memory", model)
+                    self.metrics.prefix_drops.labels(model).inc()
+                runner.limit_prefixes(nbytes)
             case p.StopRunner(model, runner, reason):
                 log.info("unload model=%s reason=%s", model, reason)
                 if reason != "shutdown":
@@ -225,11 +246,15 @@ class Scheduler:
             self.metrics.loads.labels(model).inc()
             self.metrics.load_duration.labels(model).observe(took)
             self._post(p.Loaded(model, runner, trio.current_time()))
-            self._post(p.Measured(model, measured_bytes(runner.memory), trio.current_time()))
+            self._post(p.Measured(model, measured_bytes(runner.memory), 0, trio.current_time()))
+
+        def saving(memory: dict[str, int]) -> None:
+            self._post(p.Measured(model, measured_bytes(memory), 0, trio.current_time()))
 
         status = _OnStarted(loaded)
         try:
             runner = await self._make_runner(model)
+            runner.on_saving = saving
             log.info("loading %s", model)
             await runner.run(task_status=status)
         except Exception as e:
@@ -262,7 +287,9 @@ class Scheduler:
                     except RunnerCrashed:
                         continue
                     memory = stats.get("memory", {})
-                    self._post(p.Measured(name, measured_bytes(memory), trio.current_time()))
+                    prefixes = int((stats.get("prefix") or {}).get("bytes", 0))
+                    now = trio.current_time()
+                    self._post(p.Measured(name, measured_bytes(memory), prefixes, now))
 
     async def _load_at_start(self, model: str) -> None:
         try:
@@ -279,6 +306,7 @@ def _specs(models: Sequence[ModelConfig]) -> dict[str, p.ModelSpec]:
             queue_timeout_s=m.queue_timeout_s,
             keep_alive_s=m.keep_alive_s,
             pinned=m.pinned,
+            prefix_cache=m.prefix_cache_bytes,
         )
         for m in models
     }

@@ -228,6 +228,84 @@ def test_sized_updates_the_estimate_before_a_first_load() -> None:
     assert isinstance(reject.error, ModelTooLarge)
 
 
+# -- prefix caches ---------------------------------------------------------------
+
+
+def loaded_with_prefixes(pol: p.Policy, model: str, used: int, now: float = 0.0) -> p.Ticket:
+    """Load ``model`` and have its runner report ``used`` bytes of cached
+    prefixes; returns its ticket, still running."""
+    (t,) = tickets(model, 1)
+    assert pol.handle(p.Submitted(t, now)) == [p.StartRunner(model)]
+    pol.handle(p.Loaded(model, RUNNER, now))
+    m = pol.models[model]
+    pol.handle(p.Measured(model, m.cost + used, used, now))
+    return t
+
+
+def test_a_loaded_model_reserves_free_memory_for_its_prefixes_up_to_its_limit() -> None:
+    pol = policy(budget=100 * GB, a=spec(prefix_cache=30 * GB), b=spec(prefix_cache=80 * GB))
+    (t,) = tickets("a", 1)
+    pol.handle(p.Submitted(t))
+    assert pol.handle(p.Loaded("a", RUNNER)) == [
+        p.Grant(t, RUNNER),
+        p.PrefixLimit("a", RUNNER, 30 * GB),
+    ]
+    (u,) = tickets("b", 1)
+    pol.handle(p.Submitted(u))
+    assert pol.handle(p.Loaded("b", RUNNER)) == [
+        p.Grant(u, RUNNER),
+        p.PrefixLimit("b", RUNNER, 50 * GB),  # what the budget has left
+    ]
+    assert pol.used == 100 * GB
+
+
+def test_a_load_takes_back_prefix_reservations_that_are_not_used_first() -> None:
+    pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(40 * GB))
+    loaded_with_prefixes(pol, "a", used=10 * GB)  # still running
+    (t,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(t)) == [
+        p.PrefixLimit("a", RUNNER, 10 * GB),  # what it holds, nothing dropped
+        p.StartRunner("b"),
+    ]
+    assert pol.used == 90 * GB
+
+
+def test_memory_pressure_drops_idle_models_prefixes_before_evicting_any_model() -> None:
+    pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(50 * GB))
+    t = loaded_with_prefixes(pol, "a", used=40 * GB)
+    pol.handle(p.Released(t, 1))
+    (u,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(u, 2)) == [
+        p.PrefixLimit("a", RUNNER, 0, dropped=True),
+        p.StartRunner("b"),
+    ]
+    assert pol.models["a"].state is p.State.READY  # still resident
+
+
+def test_a_busy_models_prefixes_are_kept_while_it_runs() -> None:
+    pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(50 * GB))
+    t = loaded_with_prefixes(pol, "a", used=40 * GB)
+    (u,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(u, 1)) == [p.PrefixLimit("a", RUNNER, 40 * GB)]
+    assert pol.handle(p.Released(t, 2)) == [
+        p.PrefixLimit("a", RUNNER, 0, dropped=True),
+        p.StartRunner("b"),
+    ]
+
+
+def test_a_model_that_must_go_anyway_keeps_its_prefixes_for_the_disk() -> None:
+    pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(80 * GB))
+    t = loaded_with_prefixes(pol, "a", used=30 * GB)
+    pol.handle(p.Released(t, 1))
+    (u,) = tickets("b", 1)
+    effects = pol.handle(p.Submitted(u, 2))
+    # Its unused reservation goes at once; its cached prefixes leave with it.
+    assert effects == [p.PrefixLimit("a", RUNNER, 30 * GB), p.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(p.Measured("a", 25 * GB, 0, 3)) == []  # freed its weights, writing
+    assert pol.models["a"].bytes == 25 * GB and pol.models["a"].prefixes == 0
+    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("b")]
+
+
 # -- keep-alive and unload ------------------------------------------------------
 
 

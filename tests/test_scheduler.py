@@ -21,6 +21,8 @@ class FakeRunner:
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
         self.exit = trio.Event()
+        self.on_saving: Any = None
+        self.prefix_limits: list[int] = []  # what the scheduler let its prefix cache hold
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await trio.sleep(self.load_s)
@@ -34,6 +36,9 @@ class FakeRunner:
 
     def stop(self) -> None:
         self.exit.set()
+
+    def limit_prefixes(self, nbytes: int) -> None:
+        self.prefix_limits.append(nbytes)
 
 
 class Factory:

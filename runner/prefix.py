@@ -1,0 +1,303 @@
+"""A model's prefix cache: the KV caches of earlier requests, found by the
+longest token prefix they share with a new prompt.
+
+Inside the runner, beside the engine. Two tiers:
+
+- **Memory**: entries keyed by the tokens their cache holds, in mlx-lm's
+  ``PromptTrie`` for the prefix search, bounded in bytes and evicted least
+  recently used (a hit or a store makes an entry the most recent). A request
+  gets a copy (MLX copies share buffers until written), trimmed with mlx-lm's
+  ``trim_prompt_cache`` where the entry runs past the shared prefix.
+  An entry is stored when a request ends with every token it has seen in its
+  cache; storing a longer entry drops the entries that are its prefixes.
+- **Disk** (optional): when the model is unloaded, ``persist`` writes the most
+  recently used entries with ``save_prompt_cache`` (``runner/prefix_disk.py``
+  says where and how the files are kept). A prompt whose longest prefix is on
+  disk rather than in memory loads it with ``load_prompt_cache``.
+
+Models whose caches cannot be trimmed (rotating windows, state-space layers)
+reuse an entry only when the prompt extends it exactly.
+
+Only the runner's main thread calls into this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import attrs
+import mlx.core as mx
+from mlx_lm.models.cache import (
+    KVCache,
+    PromptTrie,
+    RotatingKVCache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+
+from runner import prefix_disk
+
+log = logging.getLogger("mlxd.prefix")
+Tokens = tuple[int, ...]
+_MODEL = "m"  # PromptTrie keys entries by model too; a runner has one
+
+
+def trimmable(model: Any) -> bool:
+    """Whether the model's caches can be cut back to any shorter prefix."""
+    fresh = make_prompt_cache(model)
+    return all(c.is_trimmable() for c in fresh) and not any(
+        isinstance(c, RotatingKVCache) for c in fresh
+    )
+
+
+def nbytes(cache: list[Any]) -> int:
+    return sum(c.nbytes for c in cache)
+
+
+@attrs.frozen
+class Hit:
+    """What a prompt reuses: a private cache holding its first ``tokens``
+    tokens (``None`` and 0 for a miss), and where it came from."""
+
+    cache: list[Any] | None = None
+    tokens: int = 0
+    source: str = ""  # "memory", "disk" or "" (a miss)
+
+
+@attrs.define
+class Stats:
+    hits: int = 0
+    misses: int = 0
+    cached_tokens: int = 0
+    disk_hits: int = 0
+    disk_writes: int = 0
+    disk_errors: int = 0
+
+
+class Index:
+    """Token sequences in a trie, and the best one to reuse for a prompt."""
+
+    def __init__(self, can_trim: bool) -> None:
+        self.can_trim = can_trim
+        self._trie = PromptTrie()
+
+    def add(self, tokens: Tokens) -> None:
+        self._trie.add(_MODEL, list(tokens), True)
+
+    def remove(self, tokens: Tokens) -> None:
+        self._trie.pop(_MODEL, list(tokens))
+
+    def best(self, tokens: list[int]) -> tuple[Tokens, int] | None:
+        """The entry to use for ``tokens`` and how many of its tokens to keep
+        (at least one prompt token is always left to compute)."""
+        found = self._trie.search(_MODEL, tokens)
+        options = []
+        if found.exact is not None and self.can_trim:
+            options.append((tuple(found.exact), len(tokens) - 1))
+        if found.shorter is not None:
+            options.append((tuple(found.shorter), len(found.shorter)))
+        if found.longer is not None and self.can_trim:
+            options.append((tuple(found.longer), min(len(tokens) - 1, found.common_prefix)))
+        options = [o for o in options if o[1] > 0]
+        return max(options, key=lambda o: o[1]) if options else None
+
+
+class Disk:
+    """One model's prefix files (see ``runner/prefix_disk.py``)."""
+
+    def __init__(self, where: Path, root: Path, limit: int, can_trim: bool) -> None:
+        self.where, self.root, self.limit = where, root, limit
+        self.index = Index(can_trim)
+        self.paths: dict[Tokens, Path] = {}
+        where.mkdir(parents=True, exist_ok=True)
+        prefix_disk.remove_stale(where)
+        for path in prefix_disk.files(where):
+            try:
+                tokens = prefix_disk.read_tokens(path)
+            except ValueError as e:
+                log.warning("skipping the cached prefix %s: %s", path, e)
+                prefix_disk.remove(path)
+                continue
+            self.paths[tokens] = path
+            self.index.add(tokens)
+
+    def read(self, tokens: Tokens) -> list[Any] | None:
+        path = self.paths[tokens]
+        try:
+            cache = load_prompt_cache(str(path))
+            mx.eval([c.state for c in cache])
+            os.utime(path)
+            return cache
+        except Exception as e:  # a damaged file costs a prefill, never the request
+            log.warning("cannot read the cached prefix %s, deleting it: %s", path, e)
+            self.forget(tokens)
+            prefix_disk.remove(path)
+            return None
+
+    def write(self, tokens: Tokens, cache: list[Any]) -> bool:
+        """Save one prefix, unless it is there already; False if it failed."""
+        if tokens in self.paths:
+            os.utime(self.paths[tokens])
+            return True
+        tmp = prefix_disk.temporary(self.where, tokens)
+        try:
+            save_prompt_cache(str(tmp), cache, {"tokens": prefix_disk.pack_tokens(tokens)})
+            path = prefix_disk.final_name(tmp, tokens)
+            os.replace(tmp, path)
+        except Exception as e:
+            log.warning("cannot write a cached prefix to %s: %s", self.where, e)
+            prefix_disk.remove(tmp)
+            return False
+        self.paths[tokens] = path
+        self.index.add(tokens)
+        return True
+
+    def forget(self, tokens: Tokens) -> None:
+        if self.paths.pop(tokens, None) is not None:
+            self.index.remove(tokens)
+
+    def enforce(self, written: list[Path]) -> None:
+        for path in prefix_disk.enforce(self.root, self.limit, keep=written):
+            for tokens, p in list(self.paths.items()):
+                if p == path:
+                    self.forget(tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return prefix_disk.usage(self.where)
+
+
+class PrefixCache:
+    def __init__(self, model: Any, limit: int, disk: Disk | None = None) -> None:
+        self.can_trim = trimmable(model)
+        self.limit = limit
+        self.disk = disk
+        self.stats = Stats()
+        self._index = Index(self.can_trim)
+        self._entries: OrderedDict[Tokens, list[Any]] = OrderedDict()  # least recent first
+        self._bytes: dict[Tokens, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def describe(self) -> str:
+        """A line for the log at load: what reuse this model gets."""
+        if self.can_trim:
+            how = "reuses the longest prefix a prompt shares with an earlier request"
+        else:
+            how = (
+                "has caches that cannot be trimmed (rotating or state-space layers): it "
+                "reuses an earlier request's cache only when the prompt extends it exactly"
+            )
+        where = f"; kept on disk in {self.disk.where}" if self.disk is not None else ""
+        return f"prefix cache: {how}{where}"
+
+    def lookup(self, tokens: list[int]) -> Hit:
+        """The cache to start ``tokens`` from: a private copy of the best entry
+        in memory or on disk (counted as a hit), or an empty ``Hit``."""
+        best = self._index.best(tokens)
+        cache = None
+        source = "memory"
+        if self.disk is not None:
+            on_disk = self.disk.index.best(tokens)
+            if on_disk is not None and (best is None or on_disk[1] > best[1]):
+                loaded = self.disk.read(on_disk[0])
+                if loaded is not None:
+                    self.stats.disk_hits += 1
+                    self.store(on_disk[0], loaded)
+                    best, source = on_disk, "disk"
+                    if on_disk[0] not in self._entries:  # larger than the memory limit
+                        cache = loaded
+        if best is None:
+            self.stats.misses += 1
+            return Hit()
+        key, keep = best
+        if cache is None:
+            self._entries.move_to_end(key)
+            cache = copy.deepcopy(self._entries[key])
+        if keep < len(key):
+            trim_prompt_cache(cache, len(key) - keep)
+        self.stats.hits += 1
+        self.stats.cached_tokens += keep
+        return Hit(cache, keep, source)
+
+    def store(self, tokens: Tokens, cache: list[Any]) -> None:
+        """Keep ``cache``, which holds exactly ``tokens``, as the most recent entry."""
+        if not tokens or self.limit <= 0:
+            return
+        held = {c.size() for c in cache if type(c) is KVCache}
+        if held - {len(tokens)}:  # a bug would make every later hit wrong: refuse it
+            log.warning("not caching a prefix of %d tokens: its cache holds %s", len(tokens), held)
+            return
+        size = nbytes(cache)
+        if size > self.limit:
+            return
+        if tokens in self._entries:
+            self._drop(tokens)
+        self._entries[tokens] = cache
+        self._bytes[tokens] = size
+        self._index.add(tokens)
+        if self.can_trim:  # an entry a longer one extends is no longer needed
+            for shorter in [t for t in self._entries if len(t) < len(tokens)]:
+                if tokens[: len(shorter)] == shorter:
+                    self._drop(shorter)
+        self._shrink()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._shrink()
+
+    def clear(self) -> None:
+        self.set_limit(0)
+
+    def persist(self) -> int:
+        """Write the most recently used entries to disk, as many as its bound
+        takes, and drop them from memory as they are written (unloading
+        frees the memory early that way). Returns the number written."""
+        disk = self.disk
+        if disk is None:
+            return 0
+        written: list[Path] = []
+        room = disk.limit
+        for tokens in reversed(list(self._entries)):
+            cache, size = self._entries[tokens], self._bytes[tokens]
+            self._drop(tokens)
+            if size <= room and disk.write(tokens, cache):
+                self.stats.disk_writes += 1
+                written.append(disk.paths[tokens])
+                room -= size
+            del cache
+            mx.clear_cache()
+        if written:
+            disk.enforce(written)
+        return len(written)
+
+    def summary(self) -> dict[str, Any]:
+        """For the runner's stats: bytes and entries in memory, the limit, counters."""
+        return {
+            "bytes": self.nbytes,
+            "entries": len(self._entries),
+            "limit": self.limit,
+            **attrs.asdict(self.stats),
+        }
+
+    def _drop(self, tokens: Tokens) -> None:
+        del self._entries[tokens]
+        del self._bytes[tokens]
+        self._index.remove(tokens)
+
+    def _shrink(self) -> None:
+        freed = False
+        while self._entries and self.nbytes > self.limit:
+            self._drop(next(iter(self._entries)))
+            freed = True
+        if freed:
+            mx.clear_cache()

@@ -1,0 +1,185 @@
+"""Where cached prefixes live on disk, and the bookkeeping of their files.
+
+Layout: ``<cache_dir>/prefixes/<fingerprint>/<key>-<digest>.safetensors``,
+one file per cached prefix, written by mlx-lm's ``save_prompt_cache`` with the
+tokens it holds in its metadata (``runner/prefix.py`` reads and writes them).
+The key hashes the tokens; the digest hashes samples of the file's bytes.
+
+- The fingerprint names the model's weights: a hash of its config and, for
+  every safetensors file, its size, its header and samples of its bytes. A
+  model whose weights change gets another directory, so it never reads a
+  cache computed by other weights; reading a few megabytes keeps it fast for
+  models of any size.
+- A file is written under a temporary name and renamed into place, so a file
+  with the final name is complete unless the disk itself lost it. Before a
+  file is used, its size must match its header and its samples its digest;
+  one that fails (or then cannot be read) is skipped with a warning and
+  deleted. Sampling keeps the check to a few reads whatever the size: it
+  catches truncated and overwritten files, not a flipped bit.
+- The whole ``prefixes`` tree is bounded in bytes: after a write, the files
+  least recently used (their mtime, touched on every read) go first.
+
+No MLX here: the daemon uses this module for its metrics and ``/api/ps``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("mlxd.prefix")
+
+FORMAT = "mlxd-prefix-1"  # part of the fingerprint: a new layout starts afresh
+SUFFIX = ".safetensors"
+TMP = ".tmp-"
+_SAMPLES = 8  # blocks read from each weights file
+_SAMPLE_BYTES = 64 * 1024
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A short hash that changes whenever the model's weights do."""
+    h = hashlib.sha256(FORMAT.encode())
+    config = model_dir / "config.json"
+    if config.exists():
+        h.update(config.read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{path.name}:{path.stat().st_size}".encode())
+        h.update(_sampled(path).digest())
+    return h.hexdigest()[:24]
+
+
+def digest(path: Path) -> str:
+    """A hash of a safetensors file's header and samples of its data."""
+    return _sampled(path).hexdigest()[:16]
+
+
+def _sampled(path: Path) -> Any:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        (header,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(header))
+        data = 8 + header
+        span = max(size - data - _SAMPLE_BYTES, 0)
+        for i in range(_SAMPLES):
+            f.seek(data + span * i // (_SAMPLES - 1))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h
+
+
+def directory(root: Path, model_dir: Path) -> Path:
+    """The directory of ``model_dir``'s prefixes under ``root`` (``<cache_dir>/prefixes``)."""
+    return root / fingerprint(model_dir)
+
+
+def key(tokens: Sequence[int]) -> str:
+    """The start of a prefix file's name: the hash of its tokens."""
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()[:32]
+
+
+def final_name(tmp: Path, tokens: Sequence[int]) -> Path:
+    """The name a written file takes: its key, then its digest."""
+    return tmp.parent / f"{key(tokens)}-{digest(tmp)}{SUFFIX}"
+
+
+def pack_tokens(tokens: Sequence[int]) -> str:
+    """Tokens as a metadata string (safetensors metadata holds strings only)."""
+    return base64.b64encode(np.asarray(tokens, dtype=np.int32).tobytes()).decode()
+
+
+def read_tokens(path: Path) -> tuple[int, ...]:
+    """The tokens a prefix file holds, after checking its size and digest
+    (the KV arrays are sampled, not read). ``ValueError`` if the file is not
+    one of ours or is damaged."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 64 * 1024 * 1024:
+                raise ValueError("header too large")
+            header = json.loads(f.read(size))
+        packed = header["__metadata__"]["0.tokens"]
+        data = base64.b64decode(packed, validate=True)
+        total = os.path.getsize(path)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, struct.error, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not a readable prefix file: {e}") from None
+    if 8 + size + max(ends, default=0) != total:
+        raise ValueError("its size is not what its header says (a partial write?)")
+    if not path.stem.endswith(f"-{digest(path)}"):
+        raise ValueError("its bytes do not match its digest (damaged on disk?)")
+    return tuple(int(t) for t in np.frombuffer(data, dtype=np.int32))
+
+
+def files(where: Path) -> list[Path]:
+    """The prefix files under ``where`` (not those still being written)."""
+    if not where.is_dir():
+        return []
+    return sorted(p for p in where.rglob(f"*{SUFFIX}") if not p.name.startswith(TMP))
+
+
+def temporary(where: Path, tokens: Sequence[int]) -> Path:
+    """Where a prefix file is written before it takes its final name."""
+    return where / f"{TMP}{os.getpid()}-{key(tokens)}{SUFFIX}"
+
+
+def remove_stale(where: Path, older_than_s: float = 600.0) -> None:
+    """Remove what writes cut short (a runner killed mid-write) left behind."""
+    now = time.time()
+    for path in where.glob(f"{TMP}*"):
+        try:
+            if now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def usage(where: Path) -> int:
+    """Bytes of the prefix files under ``where``."""
+    return sum(_size(p) for p in files(where))
+
+
+def enforce(root: Path, limit: int, keep: Iterable[Path] = ()) -> list[Path]:
+    """Delete the least recently used prefix files under ``root`` until they
+    take at most ``limit`` bytes (never one of ``keep`` if others can go).
+    Returns the files deleted."""
+    kept = set(keep)
+    entries = []
+    for p in files(root):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue  # another runner just removed it
+        entries.append((p in kept, st.st_mtime, st.st_size, p))
+    total = sum(e[2] for e in entries)
+    removed = []
+    for _, _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        remove(path)
+        total -= size
+        removed.append(path)
+    return removed
+
+
+def remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0

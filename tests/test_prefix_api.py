@@ -1,0 +1,104 @@
+"""Prefix reuse as clients see it: the official client, a real daemon, the
+bundled SmolLM2 (its answers, unlike a random model's, do not hang on rounding)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from config.settings import ModelConfig
+from tests.conftest import Daemon, running, settings_for
+from tests.test_pool import eventually, resident
+
+SYSTEM = {"role": "system", "content": "You answer in one short sentence. " * 6}
+QUESTIONS = ("Name a colour.", "Name a fruit.", "Name a city.")
+
+
+@pytest.fixture
+async def smol(smollm2_dir: Path, tmp_path: Path) -> Any:
+    """``smol`` keeps prefixes; ``plain`` is the same model without them."""
+    settings = settings_for(
+        tmp_path,
+        ModelConfig("smol", str(smollm2_dir), keep_alive_s=600),
+        ModelConfig("plain", str(smollm2_dir), prefix_cache_bytes=0),
+    )
+    async with running(settings) as daemon:
+        yield daemon
+
+
+async def turn(daemon: Daemon, model: str, messages: list[dict[str, Any]]) -> tuple[str, int]:
+    """A streamed chat turn: its text and the prompt tokens it reused."""
+    async with daemon.client(timeout=120) as client:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            temperature=0,
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            usage = chunk.usage or usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    return text, usage.prompt_tokens_details.cached_tokens or 0
+
+
+async def pool(daemon: Daemon) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=30) as http:
+        reply = await http.get(f"{daemon.url}/api/ps")
+    reply.raise_for_status()
+    return {m["model"]: m for m in reply.json()["models"]}
+
+
+async def test_a_conversation_reports_growing_cached_tokens_and_says_the_same(
+    smol: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages: list[dict[str, Any]] = [SYSTEM]
+    cached = []
+    with caplog.at_level(logging.INFO, logger="mlxd.request"):
+        for question in QUESTIONS:
+            messages.append({"role": "user", "content": question})
+            text, reused = await turn(smol, "smol", messages)
+            assert (text, 0) == await turn(smol, "plain", messages)
+            cached.append(reused)
+            messages.append({"role": "assistant", "content": text})
+    assert cached[0] == 0 < cached[1] < cached[2]
+    assert f"cached_tokens={cached[2]}" in caplog.text
+    resident = await pool(smol)
+    assert resident["smol"]["prefix_cache"]["bytes"] > 0
+    assert resident["plain"]["prefix_cache"]["bytes"] == 0
+
+    async with smol.client(timeout=120) as client:  # the Responses API reports it too
+        reply = await client.responses.create(
+            model="smol",
+            input=messages,  # type: ignore[arg-type]
+            temperature=0,
+            max_output_tokens=4,
+        )
+    assert reply.usage is not None
+    assert reply.usage.input_tokens_details.cached_tokens >= cached[2]
+
+
+async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(smol: Daemon) -> None:
+    messages: list[dict[str, Any]] = [SYSTEM, {"role": "user", "content": QUESTIONS[0]}]
+    text, _ = await turn(smol, "smol", messages)
+    async with httpx.AsyncClient(timeout=30) as http:
+        (await http.post(f"{smol.url}/api/unload", json={"model": "smol"})).raise_for_status()
+        await eventually(smol, lambda ps: "smol" not in resident(ps))
+        models = await pool(smol)
+        assert models["smol"]["prefix_cache"]["disk_bytes"] > 0  # written on the way out
+        messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "More?"}]
+        again, reused = await turn(smol, "smol", messages)
+        assert reused > len(SYSTEM["content"]) // 8  # at least the system prompt, from disk
+        assert (again, 0) == await turn(smol, "plain", messages)
+        metrics = (await http.get(f"{smol.url}/metrics")).text
+    assert 'mlxd_prefix_cache_hits_total{model="smol"} 1.0' in metrics
+    assert 'mlxd_prefix_cache_misses_total{model="smol"} 1.0' in metrics
+    assert f'mlxd_prefix_cache_tokens_total{{model="smol"}} {float(reused)}' in metrics
