@@ -9,7 +9,7 @@ model, no chat template, prompt too long), so those failures cost no load.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import attrs
@@ -21,6 +21,7 @@ from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams
 from api.texts import Texts
 from api.tools import forced_call
+from runner.client import Chunk
 from scheduler.errors import ContextLengthExceeded, InvalidRequest
 from scheduler.pool import Scheduler
 
@@ -142,35 +143,48 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
             job.prompt, job.max_tokens, p.sampling, stop_ids, **options
         ) as chunks:
             yield Delta("")  # the model has taken the request
-            async for chunk in chunks:
-                if chunk.error is not None:
-                    raise chunk.error
-                if chunk.cached is not None:
-                    usage.cached_tokens = job.record.cached_tokens = chunk.cached
-                    continue
+            async for first in chunks:
                 out = Delta("")
-                lps = chunk.logprobs or (None,) * len(chunk.tokens)
-                for token, lp in zip(chunk.tokens, lps, strict=True):
-                    if chunk.finish == "stop" and token in stop_ids:
-                        continue  # the end-of-turn token is not part of the answer
-                    usage.completion_tokens += 1
-                    job.record.token()
-                    out += parts.feed(text.feed(token))
-                    if parts.thinking:
-                        usage.reasoning_tokens += 1
-                    if lp is not None:
-                        out.logprobs.append({"id": token, **lp})
-                    if text.stopped:
-                        out += parts.end("stop")
+                for chunk in _waiting(first, chunks):
+                    if chunk.error is not None:
+                        raise chunk.error
+                    if chunk.cached is not None:
+                        usage.cached_tokens = job.record.cached_tokens = chunk.cached
+                        continue
+                    lps = chunk.logprobs or (None,) * len(chunk.tokens)
+                    for token, lp in zip(chunk.tokens, lps, strict=True):
+                        if chunk.finish == "stop" and token in stop_ids:
+                            continue  # the end-of-turn token is not part of the answer
+                        usage.completion_tokens += 1
+                        job.record.token()
+                        out += parts.feed(text.feed(token))
+                        if parts.thinking:
+                            usage.reasoning_tokens += 1
+                        if lp is not None:
+                            out.logprobs.append({"id": token, **lp})
+                        if text.stopped:
+                            out += parts.end("stop")
+                            yield out
+                            return  # leaving the block cancels the generation
+                    if chunk.finish is not None:
+                        out += parts.feed(text.flush())
+                        out += parts.end(chunk.finish)
                         yield out
-                        return  # leaving the block cancels the generation
-                if chunk.finish is not None:
-                    out += parts.feed(text.flush())
-                    out += parts.end(chunk.finish)
-                    yield out
-                    return
+                        return
                 if out.text or out.reasoning or out.calls or out.logprobs:
                     yield out
+
+
+def _waiting(first: Chunk, chunks: trio.MemoryReceiveChannel[Chunk]) -> Iterator[Chunk]:
+    """``first`` and the chunks already waiting behind it. Under load a stream
+    falls a few tokens behind its runner; taking them together sends them as
+    one event, which costs the daemon one write instead of several."""
+    yield first
+    while True:
+        try:
+            yield chunks.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return
 
 
 class _Parts:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import attrs
 
@@ -31,6 +32,7 @@ class Record:
     streaming: bool = False  # then the stream's end finishes the record
     error: str | None = None  # a failure after a stream had started
     _last_token: float | None = None
+    _itl: Any = None
     _done: bool = False
 
     def granted(self, waited_s: float) -> None:
@@ -41,8 +43,9 @@ class Record:
         now = time.monotonic()
         if self._last_token is None:
             self.ttft_s = now - self.arrived
+            self._itl = self.metrics.itl.labels(self.model)  # once, not per token
         else:
-            self.metrics.itl.labels(self.model).observe(now - self._last_token)
+            self._itl.observe(now - self._last_token)
         self._last_token = now
         self.generated_tokens += 1
 

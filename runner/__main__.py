@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import logging
 import os
 import queue
 import sys
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import attrs
 
 from runner import protocol
+
+log = logging.getLogger("mlxd.runner")
 
 if TYPE_CHECKING:
     from runner.engine import Engine
@@ -112,7 +115,7 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngi
     from mlx_lm.utils import load_model
 
     from runner import prefix_disk
-    from runner.engine import PREFILL_CHUNK, Engine
+    from runner.engine import Engine
     from runner.grammar import Grammars
     from runner.prefix import Disk, PrefixCache, trimmable
     from runner.script import ScriptEngine
@@ -128,9 +131,9 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngi
         where = prefix_disk.directory(Path(root), model_dir)
         disk = Disk(where, Path(root), disk_limit, trimmable(model))
     prefixes = PrefixCache(model, int(options.get("prefix_cache", 0)), disk)
-    print(f"{model_dir.name}: {prefixes.describe()}", file=sys.stderr)
-    chunk = int(options.get("prefill_chunk", PREFILL_CHUNK))
-    return Engine(model, max_batch, Grammars(model_dir), prefixes, chunk)
+    log.info("%s: %s", model_dir.name, prefixes.describe())
+    chunk = options.get("prefill_chunk")
+    return Engine(model, max_batch, Grammars(model_dir), prefixes, chunk and int(chunk))
 
 
 def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float) -> int:
@@ -201,6 +204,7 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
                         "active": engine.active,
                         **attrs.asdict(engine.stats),
                         "memory": memory(),
+                        "prefill_chunk": engine.chunk,
                         "prefix": _prefix_stats(engine),
                     }
                 )
@@ -247,10 +251,11 @@ def _persist(engine: Engine | ScriptEngine, send: Callable[[dict[str, Any]], Non
     send({"ev": "saving", "memory": memory(), "prefix_bytes": prefixes.nbytes})
     t0 = time.perf_counter()
     written = prefixes.persist()
-    print(
-        f"wrote {written} cached prefixes to {prefixes.disk.where} "
-        f"in {time.perf_counter() - t0:.3f} s",
-        file=sys.stderr,
+    log.info(
+        "wrote %d cached prefixes to %s in %.3f s",
+        written,
+        prefixes.disk.where,
+        time.perf_counter() - t0,
     )
 
 
@@ -272,6 +277,11 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
     out = _protocol_stdout()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     preload_blas()
     return serve(args.model_dir, {"max_batch": args.max_batch}, out, started)
 

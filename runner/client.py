@@ -43,7 +43,7 @@ class RunnerSpec:
     model: str
     model_dir: Path
     max_batch: int
-    prefill_chunk: int = 512
+    prefill_chunk: int | None = None  # None: sized by the runner (see runner/engine.py)
     prefix_cache: int = 0
     prefix_root: Path | None = None
     prefix_disk: int = 0

@@ -10,11 +10,14 @@ is fed again on the other path, costing one step.
 
 A request starts from the longest prefix it shares with an earlier request's
 cache (``runner/prefix.py``), and only the rest of its prompt is read. The
-rest is read in chunks of ``chunk`` tokens, one chunk per step, so that the
-streams already decoding make a token between every two chunks: on the
-single path the engine feeds the chunks itself (a newcomer can take the
-sequence into the batch between two of them); in the batch, mlx-lm's prompt
-processing takes a chunk per step, shared among the prompts being read.
+rest is read in chunks, one chunk per step, so that the streams already
+decoding make a token between every two chunks: on the single path the
+engine feeds the chunks itself (a newcomer can take the sequence into the
+batch between two of them); in the batch, mlx-lm's prompt processing takes
+a chunk per step, shared among the prompts being read. A chunk is a fixed
+number of tokens if configured; otherwise as many as the engine reads in
+``PREFILL_GAP_S``, from the speed it measures as it reads, so the longest gap
+a stream sees is about the same on a laptop and on a data-centre GPU.
 A request that ends (or is cancelled) leaves its cache to the prefix cache.
 
 A request's logit bias, penalties and grammar are mlx-lm logits processors,
@@ -27,6 +30,7 @@ crosses threads.
 from __future__ import annotations
 
 import functools
+import time
 from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
@@ -55,7 +59,9 @@ Logprobs = dict[str, Any]  # {"logprob": x, "top": [[token, x], ...]}
 Output = tuple[int, int, str | None, Logprobs | None]  # request id, token, finish, logprobs
 
 LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
-PREFILL_CHUNK = 512
+PREFILL_GAP_S = 0.2  # what an automatic chunk aims to take
+FIRST_CHUNK = 512  # before any speed is measured
+CHUNK_RANGE = (32, 2048)  # 2048: mlx-lm's own prefill step, about its most efficient
 
 
 def warm_kernels() -> None:
@@ -180,6 +186,11 @@ class Stats:
     migrations: int = 0
 
 
+def _power_of_two(n: float) -> int:
+    """The largest power of two at most ``n`` (at least 1)."""
+    return 1 << max(int(n).bit_length() - 1, 0)
+
+
 class Engine:
     def __init__(
         self,
@@ -187,13 +198,14 @@ class Engine:
         max_batch: int,
         grammars: Grammars | None = None,
         prefixes: PrefixCache | None = None,
-        chunk: int = PREFILL_CHUNK,
+        chunk: int | None = None,
     ) -> None:
         self.model = model
         self.max_batch = max_batch
         self.grammars = grammars
         self.prefixes = prefixes
-        self.chunk = chunk
+        self.fixed_chunk = chunk
+        self.prefill_rate: float | None = None  # prompt tokens a second, as measured
         self.can_trim = trimmable(model)  # whether a sequence can change paths
         self.stats = Stats()
         self._pending: deque[Sequence] = deque()
@@ -266,6 +278,24 @@ class Engine:
         self._uid.clear()
         self._batch = None
 
+    @property
+    def chunk(self) -> int:
+        """Prompt tokens to read in one step."""
+        if self.fixed_chunk is not None:
+            return self.fixed_chunk
+        if self.prefill_rate is None:
+            return FIRST_CHUNK
+        low, high = CHUNK_RANGE
+        # A power of two, so that the device meets few distinct shapes (on a
+        # GPU each new one can cost a kernel compile: a stall of its own).
+        return _power_of_two(min(max(self.prefill_rate * PREFILL_GAP_S, low), high))
+
+    def _measured(self, tokens: int, seconds: float) -> None:
+        if tokens >= 16 and seconds > 0:
+            rate = tokens / seconds
+            old = self.prefill_rate
+            self.prefill_rate = rate if old is None else 0.7 * old + 0.3 * rate
+
     # -- stepping ----------------------------------------------------------
 
     def step(self) -> list[Output]:
@@ -325,11 +355,14 @@ class Engine:
         """Feed the next ``chunk`` prompt tokens into the sequence's cache."""
         if seq.cache is None:
             seq.cache = make_prompt_cache(self.model)
-        end = seq.in_cache + self.chunk
+        chunk = self.chunk
+        started = time.perf_counter()
         with mx.stream(generation_stream):
-            self.model(mx.array(seq.tokens[seq.in_cache : end])[None], cache=seq.cache)
+            tokens = seq.tokens[seq.in_cache : seq.in_cache + chunk]
+            self.model(mx.array(tokens)[None], cache=seq.cache)
             mx.eval([c.state for c in seq.cache])
-        seq.in_cache = end
+        self._measured(chunk, time.perf_counter() - started)
+        seq.in_cache += chunk
         mx.clear_cache()
 
     def _end_single(self) -> None:
@@ -422,7 +455,9 @@ class Engine:
     def _step_batch(self) -> list[Output]:
         assert self._batch is not None
         self._share_prefill(self._batch)
-        _, responses = self._batch.next()
+        with self._batch.stats() as done:
+            _, responses = self._batch.next()
+        self._measured(done.prompt_tokens, done.prompt_time)
         out = []
         for r in responses:
             seq = self._in_batch.get(r.uid)
@@ -448,7 +483,7 @@ class Engine:
         decoding = len(self._in_batch) - reading
         together = min(reading, batch.prefill_batch_size)
         if decoding and together:
-            batch.prefill_step_size = max(self.chunk // together, 16)
+            batch.prefill_step_size = _power_of_two(max(self.chunk // together, 16))
         else:
             batch.prefill_step_size = self.chunk
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from runner import prefix_disk
 log = logging.getLogger("mlxd.prefix")
 Tokens = tuple[int, ...]
 _MODEL = "m"  # PromptTrie keys entries by model too; a runner has one
+MIN_DISK_GAIN = 32  # tokens a prefix file must save to be worth reading
 
 
 def trimmable(model: Any) -> bool:
@@ -131,9 +133,16 @@ class Disk:
     def read(self, tokens: Tokens) -> list[Any] | None:
         path = self.paths[tokens]
         try:
+            started = time.perf_counter()
             cache = load_prompt_cache(str(path))
             mx.eval([c.state for c in cache])
             os.utime(path)
+            log.info(
+                "read a cached prefix of %d tokens (%d bytes) in %.3f s",
+                len(tokens),
+                nbytes(cache),
+                time.perf_counter() - started,
+            )
             return cache
         except Exception as e:  # a damaged file costs a prefill, never the request
             log.warning("cannot read the cached prefix %s, deleting it: %s", path, e)
@@ -208,7 +217,7 @@ class PrefixCache:
         source = "memory"
         if self.disk is not None:
             on_disk = self.disk.index.best(tokens)
-            if on_disk is not None and (best is None or on_disk[1] > best[1]):
+            if on_disk is not None and self._worth_reading(on_disk, best):
                 loaded = self.disk.read(on_disk[0])
                 if loaded is not None:
                     self.stats.disk_hits += 1
@@ -228,6 +237,15 @@ class PrefixCache:
         self.stats.hits += 1
         self.stats.cached_tokens += keep
         return Hit(cache, keep, source)
+
+    @staticmethod
+    def _worth_reading(on_disk: tuple[Tokens, int], best: tuple[Tokens, int] | None) -> bool:
+        """Read a file only for a real gain: it saves at least ``MIN_DISK_GAIN``
+        tokens over memory's best, and at least half of what is read is used
+        (a file is read whole, so a few shared tokens of a long one would cost
+        more to read than to compute, and stall the streams meanwhile)."""
+        (key, keep), have = on_disk, best[1] if best is not None else 0
+        return keep - have >= MIN_DISK_GAIN and keep * 2 >= len(key)
 
     def store(self, tokens: Tokens, cache: list[Any]) -> None:
         """Keep ``cache``, which holds exactly ``tokens``, as the most recent entry."""

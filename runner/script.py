@@ -30,6 +30,7 @@ class _Replay:
 class ScriptEngine:
     prefixes = None
     model = None
+    chunk = 0
 
     def __init__(self, script: list[int], max_batch: int) -> None:
         self.script = script
