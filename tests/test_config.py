@@ -45,10 +45,41 @@ max_concurrency = 4
     assert m.source == str((tmp_path / "m").resolve())
 
 
+def test_prefix_cache_settings(tmp_path: Path) -> None:
+    default = Settings.from_toml(write(tmp_path, "[[models]]\nname = 'a'\npath = '/a'\n"))
+    assert default.models[0].prefill_chunk is None  # sized by the runner
+    assert default.models[0].prefix_cache_bytes == 4 * 1024**3
+    s = Settings.from_toml(
+        write(
+            tmp_path,
+            """
+prefix_cache_disk = "2GiB"
+[[models]]
+name = "a"
+path = "/a"
+prefix_cache = "512MiB"
+prefill_chunk = 256
+[[models]]
+name = "b"
+path = "/b"
+prefix_cache = 0
+prefill_chunk = "auto"
+""",
+        )
+    )
+    a, b = s.models
+    assert s.prefix_disk_bytes == 2 * 1024**3
+    assert (a.prefix_cache_bytes, a.prefill_chunk) == (512 * 1024**2, 256)
+    assert (b.prefix_cache_bytes, b.prefill_chunk) == (0, None)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("port = 'x'", "port: expected a port number"),
+        ("prefix_cache_disk = 'big'", "prefix_cache_disk: not a size: 'big'"),
+        ("[[models]]\nname = 'a'\npath = '/a'\nprefill_chunk = 4", "prefill_chunk: expected"),
+        ("[[models]]\nname = 'a'\npath = '/a'\nprefix_cache = -1", "prefix_cache: expected a"),
         ("port = 70000", "port: expected a port number"),
         ("colour = 1", "colour: unknown key"),
         ("[[models]]\nname = 'a'", "models[0]: give either path"),

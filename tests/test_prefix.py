@@ -235,6 +235,32 @@ def test_a_prefix_written_at_unload_is_read_back_after_a_reload(
     assert out == answer(Engine(model, 4, chunk=64), texts, follow, beside=False)[0]
 
 
+def test_a_prefix_file_is_not_read_for_a_few_shared_tokens(
+    smol: tuple[Any, Texts], saved: tuple[Path, list[int], list[int]]
+) -> None:
+    """A file is read whole: reading a long one to reuse its first tokens
+    would stall the running streams for nothing."""
+    model, texts = smol
+    where, first, _ = saved
+    cache = PrefixCache(model, 1 << 30, Disk(where, where.parent, 1 << 30, True))
+    other = first[:8] + texts.encode(" Something else entirely, please.")
+    assert cache.lookup(other).tokens == 0 and cache.stats.disk_hits == 0
+    assert cache.lookup(first + [13]).tokens == len(first) and cache.stats.disk_hits == 1
+
+
+def test_an_automatic_chunk_follows_the_measured_speed(tiny: tuple[Any, Texts]) -> None:
+    model, texts = tiny
+    engine = Engine(model, 4)  # no chunk configured
+    long = request(texts, texts.encode("A long document to read. " * 100))
+    assert len(long.prompt) > 512  # longer than the first chunk, taken before any speed is known
+    engine.add(long)
+    finish(engine, long.id)
+    assert engine.prefill_rate is not None and engine.prefill_rate > 0
+    chunk = engine.chunk
+    assert 32 <= chunk <= 2048 and chunk & (chunk - 1) == 0  # a power of two
+    assert chunk <= max(engine.prefill_rate * 0.2, 32)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_damaged_prefix_file_is_skipped_with_a_warning(
     smol: tuple[Any, Texts],
