@@ -245,7 +245,7 @@ def test_a_prefix_file_is_not_read_for_a_few_shared_tokens(
     cache = PrefixCache(model, 1 << 30, Disk(where, where.parent, 1 << 30, True))
     other = first[:8] + texts.encode(" Something else entirely, please.")
     assert cache.lookup(other).tokens == 0 and cache.stats.disk_hits == 0
-    assert cache.lookup(first + [13]).tokens == len(first) and cache.stats.disk_hits == 1
+    assert cache.lookup([*first, 13]).tokens == len(first) and cache.stats.disk_hits == 1
 
 
 def test_an_automatic_chunk_follows_the_measured_speed(tiny: tuple[Any, Texts]) -> None:
