@@ -25,6 +25,8 @@ from runner.client import Chunk
 from scheduler.errors import ContextLengthExceeded, InvalidRequest
 from scheduler.pool import Scheduler
 
+TOGETHER = 4  # the most chunks one event carries
+
 
 @attrs.frozen
 class Prepared:
@@ -176,11 +178,13 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
 
 
 def _waiting(first: Chunk, chunks: trio.MemoryReceiveChannel[Chunk]) -> Iterator[Chunk]:
-    """``first`` and the chunks already waiting behind it. Under load a stream
-    falls a few tokens behind its runner; taking them together sends them as
-    one event, which costs the daemon one write instead of several."""
+    """``first`` and up to ``TOGETHER - 1`` chunks already waiting behind it.
+    Under load a stream falls a few tokens behind its runner; sending them as
+    one event costs the daemon one write instead of several (a write per
+    token was most of its work at 32 streams). The bound keeps a stream that
+    is far behind a stream of pieces, not one block."""
     yield first
-    while True:
+    for _ in range(TOGETHER - 1):
         try:
             yield chunks.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel):
