@@ -76,11 +76,7 @@ class Catalog:
                         f"cannot load the tokenizer of {model.name!r} from {model_dir}: {e}"
                     ) from e
                 self._texts[model.name] = texts
-        if self.settings.prefix_disk_bytes > 0 and model.name not in self._prefix_dirs:
-            try:
-                await self.prefix_dir(model.name)
-            except (OSError, ValueError, struct.error) as e:  # the load will say more
-                log.warning("cannot fingerprint the weights of %s: %s", model.name, e)
+        await self._prefix_dir(model)
         return self._texts[model.name]
 
     async def cost(self, name: str) -> int:
@@ -97,21 +93,22 @@ class Catalog:
                 raise ModelLoadFailed(f"cannot size model {name!r} from {model_dir}: {e}") from e
         return self._costs[name]
 
-    @property
-    def prefix_root(self) -> Path:
-        return self.settings.cache_dir / "prefixes"
-
-    async def prefix_dir(self, name: str) -> Path:
+    async def _prefix_dir(self, model: ModelConfig) -> Path | None:
         """Where the model's cached prefixes are kept on disk (see
-        ``runner/prefix_disk.py``); found once, when its files are ready."""
-        if name not in self._prefix_dirs:
-            model = self.get(name)
-            async with self._locks[model.name]:
-                model_dir = await self._model_dir(model)
-            self._prefix_dirs[name] = await trio.to_thread.run_sync(
-                prefix_disk.directory, self.prefix_root, model_dir
-            )
-        return self._prefix_dirs[name]
+        ``runner/prefix_disk.py``; the runner is told), found once; ``None``
+        if it keeps none there: no disk tier, or no prefix cache at all."""
+        if self.settings.prefix_disk_bytes <= 0 or model.prefix_cache_bytes <= 0:
+            return None
+        if model.name not in self._prefix_dirs:
+            root = self.settings.cache_dir / "prefixes"
+            try:
+                self._prefix_dirs[model.name] = await trio.to_thread.run_sync(
+                    prefix_disk.directory, root, await self._model_dir(model)
+                )
+            except (OSError, ValueError, struct.error) as e:  # the load will say more
+                log.warning("cannot fingerprint the weights of %s: %s", model.name, e)
+                return None
+        return self._prefix_dirs[model.name]
 
     def prefix_disk_bytes(self, name: str) -> int:
         """Bytes of the model's prefixes on disk (0 until its files are known)."""
@@ -122,15 +119,14 @@ class Catalog:
         model = self.get(name)
         async with self._locks[model.name]:
             model_dir = await self._model_dir(model)
-        # A model configured with no prefix cache keeps none on disk either.
-        disk = self.settings.prefix_disk_bytes if model.prefix_cache_bytes > 0 else 0
+            prefix_dir = await self._prefix_dir(model)
         spec = RunnerSpec(
             model.name,
             model_dir,
             model.max_concurrency,
             prefill_chunk=model.prefill_chunk,
-            prefix_root=self.prefix_root if disk > 0 else None,
-            prefix_disk=disk,
+            prefix_dir=prefix_dir,
+            prefix_disk=self.settings.prefix_disk_bytes,
         )
         return RunnerProcess(
             spec,

@@ -114,10 +114,9 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngi
     """The engine for ``model_dir``; ``options`` are the ``load`` command's."""
     from mlx_lm.utils import load_model
 
-    from runner import prefix_disk
     from runner.engine import Engine
     from runner.grammar import Grammars
-    from runner.prefix import Disk, PrefixCache, trimmable
+    from runner.prefix import Disk, PrefixCache
     from runner.script import ScriptEngine
 
     max_batch = int(options.get("max_batch", 8))
@@ -125,11 +124,8 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngi
     if scripted is not None:
         return scripted
     model, _ = load_model(model_dir)
-    disk = None
-    root, disk_limit = options.get("prefix_root"), int(options.get("prefix_disk", 0))
-    if root and disk_limit > 0:
-        where = prefix_disk.directory(Path(root), model_dir)
-        disk = Disk(where, Path(root), disk_limit, trimmable(model))
+    where, disk_limit = options.get("prefix_dir"), int(options.get("prefix_disk", 0))
+    disk = Disk(Path(where), disk_limit) if where and disk_limit > 0 else None
     prefixes = PrefixCache(model, int(options.get("prefix_cache", 0)), disk)
     log.info("%s: %s", model_dir.name, prefixes.describe())
     chunk = options.get("prefill_chunk")
@@ -205,7 +201,7 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
                         **attrs.asdict(engine.stats),
                         "memory": memory(),
                         "prefill_chunk": engine.chunk,
-                        "prefix": _prefix_stats(engine),
+                        "prefix": None if engine.prefixes is None else engine.prefixes.summary(),
                     }
                 )
             elif op == "shutdown":
@@ -221,14 +217,6 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
             continue
         if outputs:
             send({"ev": "tokens", "batch": len(outputs), "out": outputs})
-
-
-def _prefix_stats(engine: Engine | ScriptEngine) -> dict[str, Any] | None:
-    prefixes = engine.prefixes
-    if prefixes is None:
-        return None
-    disk = prefixes.disk
-    return prefixes.summary() | {"disk_bytes": disk.nbytes if disk is not None else 0}
 
 
 def _persist(engine: Engine | ScriptEngine, send: Callable[[dict[str, Any]], None]) -> None:

@@ -37,15 +37,16 @@ SETTLE_S = 5.0
 class RunnerSpec:
     """A runner's model and settings. Its prefix cache starts with
     ``prefix_cache`` bytes (the pool sets it once the model is ready: what the
-    budget allows); ``prefix_root`` (``<cache_dir>/prefixes``) and
-    ``prefix_disk`` (bytes) turn the disk tier on."""
+    budget allows); ``prefix_dir`` (``<cache_dir>/prefixes/<fingerprint>``,
+    see ``runner/prefix_disk.py``) turns the disk tier on, with ``prefix_disk``
+    bytes for all models' prefix files together."""
 
     model: str
     model_dir: Path
     max_batch: int
     prefill_chunk: int | None = None  # None: sized by the runner (see runner/engine.py)
     prefix_cache: int = 0
-    prefix_root: Path | None = None
+    prefix_dir: Path | None = None
     prefix_disk: int = 0
 
     def load_message(self) -> dict[str, Any]:
@@ -55,7 +56,7 @@ class RunnerSpec:
             "max_batch": self.max_batch,
             "prefill_chunk": self.prefill_chunk,
             "prefix_cache": self.prefix_cache,
-            "prefix_root": str(self.prefix_root) if self.prefix_root is not None else None,
+            "prefix_dir": str(self.prefix_dir) if self.prefix_dir is not None else None,
             "prefix_disk": self.prefix_disk,
         }
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import time
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import attrs
@@ -206,7 +206,8 @@ class Engine:
         self.prefixes = prefixes
         self.fixed_chunk = chunk
         self.prefill_rate: float | None = None  # prompt tokens a second, as measured
-        self.can_trim = trimmable(model)  # whether a sequence can change paths
+        # Whether a sequence can change paths (its cache trimmed by a token).
+        self.can_trim = prefixes.can_trim if prefixes is not None else trimmable(model)
         self.stats = Stats()
         self._pending: deque[Sequence] = deque()
         self._single: Sequence | None = None
@@ -411,8 +412,7 @@ class Engine:
             return  # still reading its prompt in the batch, or its cache cannot move
         assert self._batch is not None
         cache, _ = self._batch.remove([uid], return_prompt_caches=True)[uid]
-        del self._in_batch[uid]
-        del self._uid[seq.req.id]
+        self._pop(uid)
         trim_prompt_cache(cache, 1)
         seq.cache, seq.in_cache = cache, len(seq.tokens) - 1
         self._single = seq
@@ -444,20 +444,26 @@ class Engine:
         self._in_batch[uid] = seq
         self._uid[seq.req.id] = uid
 
+    def _pop(self, uid: int) -> Sequence:
+        seq = self._in_batch.pop(uid)
+        del self._uid[seq.req.id]
+        return seq
+
     def _leave_batch(self, uid: int) -> None:
         """Take a sequence out of the batch, keeping its cache for reuse."""
         assert self._batch is not None
-        seq = self._in_batch.pop(uid)
-        del self._uid[seq.req.id]
+        self._pop(uid)
         cache, tokens = self._batch.remove([uid], return_prompt_caches=True)[uid]
-        self._keep(list(tokens), cache)
+        self._keep(tokens, cache)
 
     def _step_batch(self) -> list[Output]:
         assert self._batch is not None
-        self._share_prefill(self._batch)
-        with self._batch.stats() as done:
+        if self._share_prefill(self._batch):
+            with self._batch.stats() as done:  # measure while prompts are read
+                _, responses = self._batch.next()
+            self._measured(done.prompt_tokens, done.prompt_time)
+        else:
             _, responses = self._batch.next()
-        self._measured(done.prompt_tokens, done.prompt_time)
         out = []
         for r in responses:
             seq = self._in_batch.get(r.uid)
@@ -470,15 +476,15 @@ class Engine:
                 if r.finish_reason is None:
                     self._leave_batch(r.uid)
                 else:  # the batch has let it go already
-                    del self._in_batch[r.uid]
-                    del self._uid[seq.req.id]
-                    self._keep(list(r.all_tokens), r.prompt_cache)
+                    self._pop(r.uid)
+                    self._keep(r.all_tokens, r.prompt_cache)
             out.append((seq.req.id, r.token, finish, self._logprobs(seq, r.token, r.logprobs)))
         return out
 
-    def _share_prefill(self, batch: BatchGenerator) -> None:
+    def _share_prefill(self, batch: BatchGenerator) -> int:
         """While some sequences decode, the prompts being read share one
-        chunk of tokens per step, so a step stays about one chunk long."""
+        chunk of tokens per step, so a step stays about one chunk long.
+        Returns how many prompts are being read."""
         reading = sum(1 for s in self._in_batch.values() if s.generated == 0)
         decoding = len(self._in_batch) - reading
         together = min(reading, batch.prefill_batch_size)
@@ -486,11 +492,14 @@ class Engine:
             batch.prefill_step_size = _power_of_two(max(self.chunk // together, 16))
         else:
             batch.prefill_step_size = self.chunk
+        return reading
 
     # -- shared --------------------------------------------------------------
 
-    def _keep(self, tokens: list[int], cache: list[Any] | None) -> None:
-        if self.prefixes is not None and cache is not None and tokens:
+    def _keep(self, tokens: Iterable[int], cache: list[Any] | None) -> None:
+        """Leave a finished (or cancelled) sequence's cache, which holds
+        ``tokens``, to the prefix cache."""
+        if self.prefixes is not None and cache is not None:
             self.prefixes.store(tuple(tokens), cache)
 
     def _logprobs(self, seq: Sequence, token: int, logprobs: mx.array) -> Logprobs | None:

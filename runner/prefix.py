@@ -80,14 +80,12 @@ class Stats:
     cached_tokens: int = 0
     disk_hits: int = 0
     disk_writes: int = 0
-    disk_errors: int = 0
 
 
 class Index:
     """Token sequences in a trie, and the best one to reuse for a prompt."""
 
-    def __init__(self, can_trim: bool) -> None:
-        self.can_trim = can_trim
+    def __init__(self) -> None:
         self._trie = PromptTrie()
 
     def add(self, tokens: Tokens) -> None:
@@ -96,27 +94,29 @@ class Index:
     def remove(self, tokens: Tokens) -> None:
         self._trie.pop(_MODEL, list(tokens))
 
-    def best(self, tokens: list[int]) -> tuple[Tokens, int] | None:
+    def best(self, tokens: list[int], can_trim: bool) -> tuple[Tokens, int] | None:
         """The entry to use for ``tokens`` and how many of its tokens to keep
-        (at least one prompt token is always left to compute)."""
+        (at least one prompt token is always left to compute); an entry that
+        runs past the prompt needs a cache that ``can_trim``."""
         found = self._trie.search(_MODEL, tokens)
         options = []
-        if found.exact is not None and self.can_trim:
+        if found.exact is not None and can_trim:
             options.append((tuple(found.exact), len(tokens) - 1))
         if found.shorter is not None:
             options.append((tuple(found.shorter), len(found.shorter)))
-        if found.longer is not None and self.can_trim:
+        if found.longer is not None and can_trim:
             options.append((tuple(found.longer), min(len(tokens) - 1, found.common_prefix)))
         options = [o for o in options if o[1] > 0]
         return max(options, key=lambda o: o[1]) if options else None
 
 
 class Disk:
-    """One model's prefix files (see ``runner/prefix_disk.py``)."""
+    """One model's prefix files in ``where`` (see ``runner/prefix_disk.py``),
+    whose parent holds every model's and is bounded by ``limit`` bytes."""
 
-    def __init__(self, where: Path, root: Path, limit: int, can_trim: bool) -> None:
-        self.where, self.root, self.limit = where, root, limit
-        self.index = Index(can_trim)
+    def __init__(self, where: Path, limit: int) -> None:
+        self.where, self.limit = where, limit
+        self.index = Index()
         self.paths: dict[Tokens, Path] = {}
         where.mkdir(parents=True, exist_ok=True)
         prefix_disk.remove_stale(where)
@@ -173,14 +173,10 @@ class Disk:
             self.index.remove(tokens)
 
     def enforce(self, written: list[Path]) -> None:
-        for path in prefix_disk.enforce(self.root, self.limit, keep=written):
+        for path in prefix_disk.enforce(self.where.parent, self.limit, keep=written):
             for tokens, p in list(self.paths.items()):
                 if p == path:
                     self.forget(tokens)
-
-    @property
-    def nbytes(self) -> int:
-        return prefix_disk.usage(self.where)
 
 
 class PrefixCache:
@@ -189,7 +185,7 @@ class PrefixCache:
         self.limit = limit
         self.disk = disk
         self.stats = Stats()
-        self._index = Index(self.can_trim)
+        self._index = Index()
         self._entries: OrderedDict[Tokens, list[Any]] = OrderedDict()  # least recent first
         self._bytes: dict[Tokens, int] = {}
 
@@ -212,11 +208,11 @@ class PrefixCache:
     def lookup(self, tokens: list[int]) -> Hit:
         """The cache to start ``tokens`` from: a private copy of the best entry
         in memory or on disk (counted as a hit), or an empty ``Hit``."""
-        best = self._index.best(tokens)
+        best = self._index.best(tokens, self.can_trim)
         cache = None
         source = "memory"
         if self.disk is not None:
-            on_disk = self.disk.index.best(tokens)
+            on_disk = self.disk.index.best(tokens, self.can_trim)
             if on_disk is not None and self._worth_reading(on_disk, best):
                 loaded = self.disk.read(on_disk[0])
                 if loaded is not None:
@@ -272,9 +268,6 @@ class PrefixCache:
     def set_limit(self, limit: int) -> None:
         self.limit = limit
         self._shrink()
-
-    def clear(self) -> None:
-        self.set_limit(0)
 
     def persist(self) -> int:
         """Write the most recently used entries to disk, as many as its bound

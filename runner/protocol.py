@@ -7,12 +7,12 @@ stderr, which the daemon passes through to its own log).
 Commands (daemon → runner)::
 
     {"op": "load", "model_dir": "/models/x", "max_batch": 8, "prefill_chunk": 512,
-     "prefix_cache": 0, "prefix_root": "/cache/prefixes", "prefix_disk": 17179869184}
+     "prefix_cache": 0, "prefix_dir": "/cache/prefixes/3fa2...", "prefix_disk": 17179869184}
                                       first line to a runner started without a
                                       model (a spare); it then loads and says
                                       "ready". prefix_cache: bytes its prefix
-                                      cache may hold; prefix_root (or null) and
-                                      prefix_disk (bytes): its disk tier
+                                      cache may hold; prefix_dir (or null) and
+                                      prefix_disk (bytes, all models'): its disk tier
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,
@@ -40,7 +40,7 @@ Events (runner → daemon)::
         request asked for logprobs (below)
     {"ev": "error", "ids": [7], "message": "..."}    those requests failed
     {"ev": "stats", "active": 2, "max_batch": 4, ..., "memory": {...},
-     "prefix": {"bytes": ..., "entries": ..., "limit": ..., "hits": ..., "disk_bytes": ...}}
+     "prefix": {"bytes": ..., "entries": ..., "limit": ..., "hits": ..., "disk_hits": ...}}
     {"ev": "saving", "memory": {...}, "prefix_bytes": ...}
                                       after "shutdown": the model is freed; what
                                       is left is the prefixes being written
