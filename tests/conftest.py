@@ -56,6 +56,10 @@ class Daemon:
     settings: Settings
 
     def client(self, **kwargs: object) -> openai.AsyncOpenAI:
+        """The official client; a request gives up after 120 s unless told
+        otherwise (a model loads and answers well within that, even on a
+        loaded CPU)."""
+        kwargs.setdefault("timeout", 120)
         return openai.AsyncOpenAI(
             base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
         )  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ CHAT = [{"role": "user", "content": "Say something."}]
 
 
 async def ps(daemon: Daemon, model: str = "tiny") -> dict:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=120) as http:
         body = (await http.get(f"{daemon.url}/api/ps")).json()
     (entry,) = [m for m in body["models"] if m["model"] == model]
     return entry
@@ -176,7 +176,7 @@ async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
 async def test_bad_requests_get_openai_errors(
     tiny: Daemon, body: dict, status: int, param: str
 ) -> None:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=120) as http:
         resp = await http.post(f"{tiny.url}/v1/chat/completions", json=body)
         assert resp.status_code == status
         error = resp.json()["error"]

@@ -45,7 +45,7 @@ def daemon(config: Path) -> Iterator[subprocess.Popen[bytes]]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
+            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
                 break
         except httpx.TransportError:
             time.sleep(0.1)
@@ -95,7 +95,7 @@ def test_second_daemon_on_the_same_port_exits_with_a_clear_error(
 
 
 def models_of(url: str) -> set[str]:
-    return {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]}
+    return {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
 
 
 def test_sighup_adds_and_removes_models_while_a_stream_goes_on(

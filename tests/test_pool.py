@@ -24,7 +24,7 @@ NAMES = ("a", "b", "c")
 
 
 async def ps(daemon: Daemon) -> dict[str, Any]:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=60) as http:
         reply = await http.get(f"{daemon.url}/api/ps")
     reply.raise_for_status()
     return dict(reply.json())

@@ -206,7 +206,7 @@ def saved(smol: tuple[Any, Texts], tmp_path: Path) -> Iterator[tuple[Path, list[
     directory, the first turn's prompt and the follow-up's."""
     model, texts = smol
     where = tmp_path / "prefixes" / "model"
-    cache = PrefixCache(model, 1 << 30, Disk(where, tmp_path / "prefixes", 1 << 30, True))
+    cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
     first = texts.chat_prompt([SYSTEM, {"role": "user", "content": "Name a colour."}])
     out, _ = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, first, beside=False)
     assert cache.persist() == 1
@@ -228,7 +228,7 @@ def test_a_prefix_written_at_unload_is_read_back_after_a_reload(
 ) -> None:
     model, texts = smol
     where, first, follow = saved
-    disk = Disk(where, where.parent, 1 << 30, True)  # a new runner reads the index
+    disk = Disk(where, 1 << 30)  # a new runner reads the index
     cache = PrefixCache(model, 1 << 30, disk)
     out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, follow, beside=False)
     assert hit > len(first) - 2 and cache.stats.disk_hits == 1
@@ -242,7 +242,7 @@ def test_a_prefix_file_is_not_read_for_a_few_shared_tokens(
     would stall the running streams for nothing."""
     model, texts = smol
     where, first, _ = saved
-    cache = PrefixCache(model, 1 << 30, Disk(where, where.parent, 1 << 30, True))
+    cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
     other = first[:8] + texts.encode(" Something else entirely, please.")
     assert cache.lookup(other).tokens == 0 and cache.stats.disk_hits == 0
     assert cache.lookup([*first, 13]).tokens == len(first) and cache.stats.disk_hits == 1
@@ -277,7 +277,7 @@ def test_a_damaged_prefix_file_is_skipped_with_a_warning(
     else:  # the header intact, the end of the KV arrays overwritten
         path.write_bytes(data[:-4096] + b"\xff" * 4096)
     with caplog.at_level(logging.WARNING, logger="mlxd.prefix"):
-        cache = PrefixCache(model, 1 << 30, Disk(where, where.parent, 1 << 30, True))
+        cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
         out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, follow, False)
     assert out == answer(Engine(model, 4, chunk=64), texts, follow, beside=False)[0]
     assert hit == 0 and not path.exists()

@@ -51,7 +51,7 @@ async def turn(daemon: Daemon, model: str, messages: list[dict[str, Any]]) -> tu
 
 
 async def pool(daemon: Daemon) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=60) as http:
         reply = await http.get(f"{daemon.url}/api/ps")
     reply.raise_for_status()
     return {m["model"]: m for m in reply.json()["models"]}
@@ -89,7 +89,7 @@ async def test_a_conversation_reports_growing_cached_tokens_and_says_the_same(
 async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(smol: Daemon) -> None:
     messages: list[dict[str, Any]] = [SYSTEM, {"role": "user", "content": QUESTIONS[0]}]
     text, _ = await turn(smol, "smol", messages)
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=60) as http:
         (await http.post(f"{smol.url}/api/unload", json={"model": "smol"})).raise_for_status()
         await eventually(smol, lambda ps: "smol" not in resident(ps))
         models = await pool(smol)

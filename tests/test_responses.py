@@ -100,7 +100,7 @@ async def test_stream_and_create_agree(tiny: Daemon) -> None:
 async def test_bad_requests_get_openai_errors(
     tiny: Daemon, body: dict[str, Any], param: str
 ) -> None:
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=120) as http:
         reply = await http.post(f"{tiny.url}/v1/responses", json={"model": "tiny", **body})
     assert reply.status_code == 400
     error = reply.json()["error"]

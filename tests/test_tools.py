@@ -314,7 +314,7 @@ async def test_bad_tool_requests_get_openai_errors(
 ) -> None:
     import httpx
 
-    async with httpx.AsyncClient() as http:
+    async with httpx.AsyncClient(timeout=120) as http:
         reply = await http.post(
             f"{agents.url}/v1/chat/completions", json={"model": "agent", "messages": ASK} | body
         )
