@@ -19,6 +19,7 @@ from runner import prefix_disk, sources
 from runner.client import RunnerProcess, RunnerSpec, Spares
 from scheduler import memory
 from scheduler.errors import ModelLoadFailed, ModelNotFound
+from scheduler.policy import StartRunner
 
 log = logging.getLogger("mlxd.catalog")
 
@@ -115,8 +116,8 @@ class Catalog:
         where = self._prefix_dirs.get(name)
         return prefix_disk.usage(where) if where is not None else 0
 
-    async def make_runner(self, name: str) -> RunnerProcess:
-        model = self.get(name)
+    async def make_runner(self, start: StartRunner) -> RunnerProcess:
+        model = self.get(start.model)
         async with self._locks[model.name]:
             model_dir = await self._model_dir(model)
             prefix_dir = await self._prefix_dir(model)
@@ -125,8 +126,10 @@ class Catalog:
             model_dir,
             model.max_concurrency,
             prefill_chunk=model.prefill_chunk,
+            prefix_cache=start.prefixes,
             prefix_dir=prefix_dir,
             prefix_disk=self.settings.prefix_disk_bytes,
+            prompt=start.prompt,
         )
         return RunnerProcess(
             spec,

@@ -139,7 +139,7 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     if p.logprobs is not None:
         options["logprobs"] = p.logprobs
     asked = time.monotonic()
-    async with scheduler.lease(job.model, p.keep_alive_s) as runner:
+    async with scheduler.lease(job.model, p.keep_alive_s, job.prompt) as runner:
         job.record.granted(time.monotonic() - asked)
         async with runner.generate(
             job.prompt, job.max_tokens, p.sampling, stop_ids, **options

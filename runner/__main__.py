@@ -112,6 +112,7 @@ WARM_UP_AFTER_S = 0.05
 
 def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngine:
     """The engine for ``model_dir``; ``options`` are the ``load`` command's."""
+    import mlx.core as mx
     from mlx_lm.utils import load_model
 
     from runner.engine import Engine
@@ -123,11 +124,14 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngi
     scripted = ScriptEngine.from_dir(model_dir, max_batch)
     if scripted is not None:
         return scripted
-    model, _ = load_model(model_dir)
+    model, _ = load_model(model_dir, lazy=True)
     where, disk_limit = options.get("prefix_dir"), int(options.get("prefix_disk", 0))
     disk = Disk(Path(where), disk_limit) if where and disk_limit > 0 else None
     prefixes = PrefixCache(model, int(options.get("prefix_cache", 0)), disk)
     log.info("%s: %s", model_dir.name, prefixes.describe())
+    prefixes.read_ahead(options.get("prompt") or [])  # the first request's, meanwhile
+    mx.eval(model.parameters())
+    prefixes.settle()
     chunk = options.get("prefill_chunk")
     return Engine(model, max_batch, Grammars(model_dir), prefixes, chunk and int(chunk))
 
@@ -161,7 +165,9 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
     commands: queue.Queue[dict[str, Any]] = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
     load_s = time.perf_counter() - t0
-    send({"ev": "ready", "pid": os.getpid(), "memory": memory(), "load_s": load_s})
+    prefix_bytes = engine.prefixes.nbytes if engine.prefixes is not None else 0
+    ready = {"pid": os.getpid(), "memory": memory(), "load_s": load_s, "prefix_bytes": prefix_bytes}
+    send({"ev": "ready", **ready})
 
     # Warm up (the device loads its kernels) only if no request comes at once:
     # a request's own first step does that work anyway, and doing it twice

@@ -36,8 +36,9 @@ SETTLE_S = 5.0
 @attrs.frozen
 class RunnerSpec:
     """A runner's model and settings. Its prefix cache starts with
-    ``prefix_cache`` bytes (the pool sets it once the model is ready: what the
-    budget allows); ``prefix_dir`` (``<cache_dir>/prefixes/<fingerprint>``,
+    ``prefix_cache`` bytes (what the budget allows the load, for reading the
+    cached prefix of ``prompt`` while the weights load; the pool changes it
+    once the model is ready); ``prefix_dir`` (``<cache_dir>/prefixes/<fingerprint>``,
     see ``runner/prefix_disk.py``) turns the disk tier on, with ``prefix_disk``
     bytes for all models' prefix files together."""
 
@@ -48,6 +49,7 @@ class RunnerSpec:
     prefix_cache: int = 0
     prefix_dir: Path | None = None
     prefix_disk: int = 0
+    prompt: tuple[int, ...] = ()  # the first request's: its cached prefix is read ahead
 
     def load_message(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,7 @@ class RunnerSpec:
             "prefix_cache": self.prefix_cache,
             "prefix_dir": str(self.prefix_dir) if self.prefix_dir is not None else None,
             "prefix_disk": self.prefix_disk,
+            "prompt": list(self.prompt),
         }
 
 
@@ -198,6 +201,7 @@ class RunnerProcess:
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
         self.load_s: float | None = None  # the runner's own load time
+        self.prefix_bytes = 0  # its prefix cache's, once loaded (a read-ahead)
         # Called with the runner's memory once, on its way out, it has freed
         # the model and holds only the prefixes it is writing to disk.
         self.on_saving: Callable[[dict[str, int]], object] | None = None
@@ -247,6 +251,7 @@ class RunnerProcess:
                     raise ModelLoadFailed(_load_error(self.spec, first, proc.returncode))
                 self.memory = first.get("memory", {})
                 self.load_s = first.get("load_s")
+                self.prefix_bytes = int(first.get("prefix_bytes", 0))
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._settle, loading)
                     nursery.start_soon(self._write, proc.stdin)

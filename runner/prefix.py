@@ -13,12 +13,15 @@ Inside the runner, beside the engine. Two tiers:
 - **Disk** (optional): when the model is unloaded, ``persist`` writes the most
   recently used entries with ``save_prompt_cache`` (``runner/prefix_disk.py``
   says where and how the files are kept). A prompt whose longest prefix is on
-  disk rather than in memory loads it with ``load_prompt_cache``.
+  disk rather than in memory loads it with ``load_prompt_cache``. The prompt
+  that made the model load has its file read while the weights load
+  (``read_ahead``), in a thread with its own MLX stream.
 
 Models whose caches cannot be trimmed (rotating windows, state-space layers)
 reuse an entry only when the prompt extends it exactly.
 
-Only the runner's main thread calls into this module.
+Only the runner's main thread calls into this module (``read_ahead`` starts
+the one other thread, and its result is taken before any request is served).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -130,7 +134,13 @@ class Disk:
             self.paths[tokens] = path
             self.index.add(tokens)
 
-    def read(self, tokens: Tokens) -> list[Any] | None:
+    def size(self, tokens: Tokens) -> int:
+        try:
+            return self.paths[tokens].stat().st_size
+        except OSError:
+            return 0
+
+    def read(self, tokens: Tokens, when: str = "") -> list[Any] | None:
         path = self.paths[tokens]
         try:
             started = time.perf_counter()
@@ -138,10 +148,11 @@ class Disk:
             mx.eval([c.state for c in cache])
             os.utime(path)
             log.info(
-                "read a cached prefix of %d tokens (%d bytes) in %.3f s",
+                "read a cached prefix of %d tokens (%d bytes) in %.3f s%s",
                 len(tokens),
                 nbytes(cache),
                 time.perf_counter() - started,
+                when,
             )
             return cache
         except Exception as e:  # a damaged file costs a prefill, never the request
@@ -188,6 +199,8 @@ class PrefixCache:
         self._index = Index()
         self._entries: OrderedDict[Tokens, list[Any]] = OrderedDict()  # least recent first
         self._bytes: dict[Tokens, int] = {}
+        self._ahead: tuple[threading.Thread, dict[Tokens, list[Any]]] | None = None
+        self._from_disk: set[Tokens] = set()  # read ahead, not yet used
 
     @property
     def nbytes(self) -> int:
@@ -204,6 +217,43 @@ class PrefixCache:
             )
         where = f"; kept on disk in {self.disk.where}" if self.disk is not None else ""
         return f"prefix cache: {how}{where}"
+
+    def read_ahead(self, tokens: list[int]) -> None:
+        """Start reading the file ``lookup`` would read for ``tokens`` (the
+        prompt that made the model load), if it fits the limit, in a thread
+        with its own stream: the read overlaps the weights' (on an H200, 0.5 s
+        for the 1.7 GB of a 12k-token prompt of an 8B model). ``settle`` takes
+        the result."""
+        disk = self.disk
+        found = disk.index.best(tokens, self.can_trim) if disk is not None else None
+        if disk is None or found is None or not self._worth_reading(found, None):
+            return
+        key, box = found[0], {}
+        if disk.size(key) > self.limit:
+            return
+
+        def read() -> None:
+            with mx.stream(mx.new_stream(mx.default_device())):
+                cache = disk.read(key, " while the weights loaded")
+            if cache is not None:
+                box[key] = cache
+
+        thread = threading.Thread(target=read, name="prefix-read-ahead", daemon=True)
+        thread.start()
+        self._ahead = thread, box
+
+    def settle(self) -> None:
+        """Wait for ``read_ahead`` and keep what it read: the next ``lookup``
+        finds it in memory and reports it read from disk."""
+        if self._ahead is None:
+            return
+        thread, box = self._ahead
+        self._ahead = None
+        thread.join()
+        for key, cache in box.items():
+            self.store(key, cache)
+            if key in self._entries:
+                self._from_disk.add(key)
 
     def lookup(self, tokens: list[int]) -> Hit:
         """The cache to start ``tokens`` from: a private copy of the best entry
@@ -228,6 +278,10 @@ class PrefixCache:
         if cache is None:
             self._entries.move_to_end(key)
             cache = copy.deepcopy(self._entries[key])
+            if key in self._from_disk:  # read ahead, at load
+                self._from_disk.discard(key)
+                self.stats.disk_hits += 1
+                source = "disk"
         if keep < len(key):
             trim_prompt_cache(cache, len(key) - keep)
         self.stats.hits += 1
@@ -303,6 +357,7 @@ class PrefixCache:
     def _drop(self, tokens: Tokens) -> None:
         del self._entries[tokens]
         del self._bytes[tokens]
+        self._from_disk.discard(tokens)
         self._index.remove(tokens)
 
     def _shrink(self) -> None:

@@ -65,7 +65,10 @@ Then, at every event (``Tick`` only does this):
     Later candidates wait behind a blocked one.
 12. When no candidate waits, ready models whose prefix-cache reservation is
     below their ``prefix_cache`` get free memory for it, most recently used
-    first.
+    first; so does a load that has just started for a request, so that its
+    runner can read that request's cached prefix from disk while the weights
+    load. Until it is ready, a load's reservation counts as memory to come
+    for later candidates (they wait for it rather than evict).
 """
 
 from __future__ import annotations
@@ -112,6 +115,7 @@ class Ticket:
 
     model: str
     keep_alive_s: float | None = None  # overrides the model's, from this request on
+    prompt: tuple[int, ...] = ()  # its tokens: a load it causes reads their cached prefix
     id: int = attrs.field(factory=lambda: next(_ticket_ids))
     since: float = 0.0
     deadline: float = FOREVER
@@ -143,6 +147,7 @@ class Loaded:
     model: str
     runner: Any
     now: float = 0.0
+    prefixes: int = 0  # the bytes of cached prefixes its runner read ahead
 
 
 @attrs.frozen
@@ -232,7 +237,13 @@ class Reject:
 
 @attrs.frozen
 class StartRunner:
+    """Load ``model`` with a prefix cache of ``prefixes`` bytes, into which it
+    may read the cached prefix of ``prompt`` (the first waiting request's)
+    while its weights load."""
+
     model: str
+    prefixes: int = 0
+    prompt: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -347,13 +358,13 @@ class Policy:
                 if ticket in m.running:
                     m.running.discard(ticket)
                     m.last_used = now
-            case Loaded(model, runner):
+            case Loaded(model, runner, _, prefixes):
                 m = self.models[model]
-                m.runner, m.last_used = runner, now
+                m.runner, m.last_used, m.prefixes_used = runner, now, prefixes
                 if self.stopping:
                     m.state = State.STOPPING
                     return [StopRunner(model, runner, "shutdown")]
-                m.state = State.READY  # its prefix-cache reservation comes in step 12
+                m.state = State.READY  # its prefix cache grows in step 12
             case LoadFailed(model, error):
                 m = self.models[model]
                 self._absent(m)
@@ -484,11 +495,15 @@ class Policy:
         return sorted(names, key=lambda n: (self.models[n].last_used, self.models[n].keep_alive_s))
 
     def _room(self) -> tuple[int, int]:
-        """Free bytes now, and bytes that runners already stopping will free."""
-        stopping = sum(
-            m.bytes + m.prefixes for m in self.models.values() if m.state is State.STOPPING
+        """Free bytes now, and bytes to come: what runners already stopping
+        will free, and the prefix-cache reservations of loads (what a load's
+        read-ahead leaves unused can be taken back once it is ready)."""
+        coming = sum(
+            m.bytes + m.prefixes if m.state is State.STOPPING else m.prefixes
+            for m in self.models.values()
+            if m.state in (State.STOPPING, State.LOADING)
         )
-        return self.budget - self.used, stopping
+        return self.budget - self.used, coming
 
     def _reclaimable(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         """Prefix-cache bytes a load may take without evicting a model: the
@@ -546,7 +561,10 @@ class Policy:
 
     def _load(self) -> list[Effect]:
         effects: list[Effect] = []
-        over = -sum(self._room())  # bytes over budget, not counting runners on their way out
+        stopping = sum(
+            m.bytes + m.prefixes for m in self.models.values() if m.state is State.STOPPING
+        )
+        over = self.used - self.budget - stopping  # not counting runners on their way out
         if over > 0:  # measured use grew past the budget
             more, freed = self._make_room(over)
             effects += more
@@ -571,7 +589,7 @@ class Policy:
             if cost <= free:
                 m.state, m.bytes = State.LOADING, cost
                 free -= cost
-                effects.append(StartRunner(name))
+                effects.append(StartRunner(name, 0, m.queue[0].prompt if m.queue else ()))
                 continue
             if cost > free + incoming:
                 victims, reclaim = [], 0
@@ -595,8 +613,19 @@ class Policy:
             incoming -= cost - free
             free = 0
         if not any(self.models[n].state is State.ABSENT for n in candidates):
-            effects += self._grow()  # nobody waits for memory
+            # Nobody waits for memory: loads may read a cached prefix into it.
+            effects = [self._read_ahead(e) if isinstance(e, StartRunner) else e for e in effects]
+            effects += self._grow()
         return effects
+
+    def _read_ahead(self, start: StartRunner) -> StartRunner:
+        """Give a starting load's prefix cache free memory (up to its
+        ``prefix_cache``) when it has a prompt to read a cached prefix for."""
+        m = self.models[start.model]
+        if not start.prompt:
+            return start
+        m.prefixes = max(0, min(m.spec.prefix_cache, self.budget - self.used))
+        return attrs.evolve(start, prefixes=m.prefixes)
 
     def _blocked(self) -> tuple[str, int] | None:
         """The first load candidate that idle models cannot make room for, and

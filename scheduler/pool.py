@@ -38,6 +38,7 @@ class Runner(Protocol):
     pid: int | None
     memory: dict[str, int]  # MLX active, peak and cache bytes, as last reported
     load_s: float | None  # how long the runner itself took to load the model
+    prefix_bytes: int  # what its prefix cache read ahead while it loaded
     # Set by the scheduler: called once the runner, on its way out, has freed
     # its model and holds only the prefixes it is writing to disk.
     on_saving: Callable[[dict[str, int]], object] | None
@@ -58,8 +59,8 @@ def measured_bytes(memory: dict[str, int]) -> int:
 
 
 class _LeaseTicket(p.Ticket):
-    def __init__(self, model: str, keep_alive_s: float | None) -> None:
-        super().__init__(model, keep_alive_s)
+    def __init__(self, model: str, keep_alive_s: float | None, prompt: tuple[int, ...]) -> None:
+        super().__init__(model, keep_alive_s, prompt)
         self.done = trio.Event()
         self.runner: Any = None
         self.error: MlxdError | None = None
@@ -81,15 +82,16 @@ class Scheduler:
     def __init__(
         self,
         models: Sequence[ModelConfig],
-        make_runner: Callable[[str], Awaitable[Runner]],
+        make_runner: Callable[[p.StartRunner], Awaitable[Runner]],
         budget: int = 2**62,
         size_model: Callable[[str], Awaitable[int]] | None = None,
         max_turn_s: float = 10.0,
         metrics: Metrics | None = None,
         prefix_disk_bytes: Callable[[str], int] | None = None,
     ) -> None:
-        """``make_runner(model)`` prepares (but does not start) a runner for a
-        model; ``size_model(model)`` estimates its bytes before a first load;
+        """``make_runner(start)`` prepares (but does not start) a runner for
+        ``start.model``, with the policy's prefix-cache bytes and prompt to
+        read ahead; ``size_model(model)`` estimates its bytes before a first load;
         ``prefix_disk_bytes(model)`` says what its prefixes take on disk."""
         specs = _specs(models)
         self._policy = p.Policy(specs, budget, max_turn_s)
@@ -132,12 +134,15 @@ class Scheduler:
             return False  # run() has returned: nobody is left to tell
 
     @asynccontextmanager
-    async def lease(self, model: str, keep_alive_s: float | None = None) -> AsyncIterator[Any]:
+    async def lease(
+        self, model: str, keep_alive_s: float | None = None, prompt: Sequence[int] = ()
+    ) -> AsyncIterator[Any]:
         """Wait for a slot on ``model`` (loading it if needed) and hold it.
-        ``keep_alive_s`` overrides the model's keep-alive from this request on."""
+        ``keep_alive_s`` overrides the model's keep-alive from this request on;
+        a load for this request reads the cached prefix of ``prompt`` early."""
         if self._size_model is not None and self._policy.models[model].state is p.State.ABSENT:
             self._post(p.Sized(model, await self._size_model(model), trio.current_time()))
-        ticket = _LeaseTicket(model, keep_alive_s)
+        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt))
         if not self._post(p.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:
@@ -217,9 +222,9 @@ class Scheduler:
                 assert isinstance(ticket, _LeaseTicket)
                 ticket.error = error
                 ticket.done.set()
-            case p.StartRunner(model):
+            case p.StartRunner():
                 assert self._nursery is not None
-                self._nursery.start_soon(self._run_runner, model)
+                self._nursery.start_soon(self._run_runner, effect)
             case p.PrefixLimit(model, runner, nbytes, dropped):
                 if dropped:
                     log.info("drop prefix cache model=%s reason=memory", model)
@@ -232,8 +237,8 @@ class Scheduler:
                 self._stopping.add(model)
                 runner.stop()
 
-    async def _run_runner(self, model: str) -> None:
-        started = trio.current_time()
+    async def _run_runner(self, start: p.StartRunner) -> None:
+        model, started = start.model, trio.current_time()
 
         def loaded(runner: Runner) -> None:
             took = trio.current_time() - started
@@ -245,15 +250,16 @@ class Scheduler:
             )
             self.metrics.loads.labels(model).inc()
             self.metrics.load_duration.labels(model).observe(took)
-            self._post(p.Loaded(model, runner, trio.current_time()))
-            self._post(p.Measured(model, measured_bytes(runner.memory), 0, trio.current_time()))
+            now, prefixes = trio.current_time(), runner.prefix_bytes  # read ahead
+            self._post(p.Loaded(model, runner, now, prefixes))
+            self._post(p.Measured(model, measured_bytes(runner.memory), prefixes, now))
 
         def saving(memory: dict[str, int]) -> None:
             self._post(p.Measured(model, measured_bytes(memory), 0, trio.current_time()))
 
         status = _OnStarted(loaded)
         try:
-            runner = await self._make_runner(model)
+            runner = await self._make_runner(start)
             runner.on_saving = saving
             log.info("loading %s", model)
             await runner.run(task_status=status)

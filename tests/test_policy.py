@@ -306,6 +306,58 @@ def test_a_model_that_must_go_anyway_keeps_its_prefixes_for_the_disk() -> None:
     assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("b")]
 
 
+def test_a_load_for_a_prompt_gets_free_memory_to_read_its_cached_prefix_ahead() -> None:
+    pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=30 * GB), b=spec(40 * GB))
+    t = p.Ticket("a", prompt=(1, 2, 3))
+    assert pol.handle(p.Submitted(t)) == [p.StartRunner("a", 30 * GB, (1, 2, 3))]
+    assert pol.used == 70 * GB  # charged from the start: the budget holds
+    # It read 12 GB ahead; the rest of the reservation stays its own.
+    pol.handle(p.Loaded("a", RUNNER, 1, 12 * GB))
+    pol.handle(p.Measured("a", 52 * GB, 12 * GB, 1))
+    assert (pol.models["a"].bytes, pol.models["a"].prefixes) == (40 * GB, 30 * GB)
+
+
+def test_a_load_without_a_prompt_or_with_others_waiting_reads_nothing_ahead() -> None:
+    pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=30 * GB))
+    assert pol.handle(p.Submitted(p.Ticket("a"))) == [p.StartRunner("a")]  # ``mlxd load``
+    pol = policy(
+        budget=100 * GB,
+        x=spec(90 * GB),
+        a=spec(40 * GB, prefix_cache=30 * GB),
+        c=spec(50 * GB, prefix_cache=30 * GB),
+        d=spec(30 * GB),
+    )
+    (tx,) = tickets("x", 1)
+    pol.handle(p.Submitted(tx))
+    pol.handle(p.Loaded("x", RUNNER))
+    waiting = [p.Ticket("a", prompt=(1,)), p.Ticket("c", prompt=(2,)), p.Ticket("d", prompt=(3,))]
+    assert submit_all(pol, waiting, 1) == []  # "x" is busy
+    assert pol.handle(p.Released(tx, 2)) == [p.StopRunner("x", RUNNER, "memory")]
+    # "d" still waits for memory after "a" and "c" start: they take none for prefixes.
+    assert pol.handle(p.RunnerExited("x", 3)) == [
+        p.StartRunner("a", 0, (1,)),
+        p.StartRunner("c", 0, (2,)),
+    ]
+
+
+def test_a_later_load_waits_for_a_loading_models_reservation_rather_than_evict() -> None:
+    pol = policy(
+        budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(20 * GB), c=spec(30 * GB)
+    )
+    serve_once(pol, "c", 0)  # idle, evictable
+    t = p.Ticket("a", prompt=(1,))
+    assert pol.handle(p.Submitted(t, 1)) == [p.StartRunner("a", 30 * GB, (1,))]
+    (u,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(u, 2)) == []  # "c" stays
+    # It read 10 GB of cached prefixes: the rest of its reservation goes to "b".
+    assert pol.handle(p.Loaded("a", RUNNER, 3, 10 * GB)) == [
+        p.Grant(t, RUNNER),
+        p.PrefixLimit("a", RUNNER, 10 * GB),
+        p.StartRunner("b"),
+    ]
+    assert pol.models["c"].state is p.State.READY
+
+
 # -- keep-alive and unload ------------------------------------------------------
 
 

@@ -235,6 +235,26 @@ def test_a_prefix_written_at_unload_is_read_back_after_a_reload(
     assert out == answer(Engine(model, 4, chunk=64), texts, follow, beside=False)[0]
 
 
+def test_the_first_requests_prefix_is_read_while_the_weights_load(
+    smol: tuple[Any, Texts], saved: tuple[Path, list[int], list[int]]
+) -> None:
+    model, texts = smol
+    where, first, follow = saved
+    cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
+    cache.read_ahead(follow)  # in a thread of its own, as a runner's load does
+    mx.eval(model.parameters())
+    cache.settle()
+    assert cache.nbytes > 0 and cache.stats.disk_hits == 0
+    out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, follow, beside=False)
+    assert hit > len(first) - 2 and cache.stats.disk_hits == 1  # reported as a disk hit
+    assert out == answer(Engine(model, 4, chunk=64), texts, follow, beside=False)[0]
+    # Memory the budget does not give the cache is never read into.
+    small = PrefixCache(model, 1 << 10, Disk(where, 1 << 30))
+    small.read_ahead(follow)
+    small.settle()
+    assert small.nbytes == 0
+
+
 def test_a_prefix_file_is_not_read_for_a_few_shared_tokens(
     smol: tuple[Any, Texts], saved: tuple[Path, list[int], list[int]]
 ) -> None:

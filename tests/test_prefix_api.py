@@ -86,7 +86,9 @@ async def test_a_conversation_reports_growing_cached_tokens_and_says_the_same(
     assert reply.usage.input_tokens_details.cached_tokens >= cached[2]
 
 
-async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(smol: Daemon) -> None:
+async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(
+    smol: Daemon, capfd: pytest.CaptureFixture[str]
+) -> None:
     messages: list[dict[str, Any]] = [SYSTEM, {"role": "user", "content": QUESTIONS[0]}]
     text, _ = await turn(smol, "smol", messages)
     async with httpx.AsyncClient(timeout=60) as http:
@@ -97,6 +99,7 @@ async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(smol: Daem
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "More?"}]
         again, reused = await turn(smol, "smol", messages)
         assert reused > len(SYSTEM["content"]) // 8  # at least the system prompt, from disk
+        assert "while the weights loaded" in capfd.readouterr().err  # the load read it
         assert (again, 0) == await turn(smol, "plain", messages)
         metrics = (await http.get(f"{smol.url}/metrics")).text
     assert 'mlxd_prefix_cache_hits_total{model="smol"} 1.0' in metrics

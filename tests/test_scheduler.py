@@ -10,6 +10,7 @@ import trio.testing
 
 from config.settings import ModelConfig
 from scheduler.errors import ModelLoadFailed, QueueFull, QueueTimeout, ShuttingDown
+from scheduler.policy import StartRunner
 from scheduler.pool import Scheduler
 
 
@@ -20,6 +21,7 @@ class FakeRunner:
         self.model, self.load_s, self.fail = model, load_s, fail
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
+        self.prefix_bytes = 0
         self.exit = trio.Event()
         self.on_saving: Any = None
         self.prefix_limits: list[int] = []  # what the scheduler let its prefix cache hold
@@ -45,10 +47,12 @@ class Factory:
     def __init__(self, load_s: float = 120.0, fail: bool = False) -> None:
         self.load_s, self.fail = load_s, fail
         self.made: list[FakeRunner] = []
+        self.starts: list[StartRunner] = []
 
-    async def __call__(self, model: str) -> FakeRunner:
-        runner = FakeRunner(model, self.load_s, self.fail)
+    async def __call__(self, start: StartRunner) -> FakeRunner:
+        runner = FakeRunner(start.model, self.load_s, self.fail)
         self.made.append(runner)
+        self.starts.append(start)
         return runner
 
 
@@ -93,6 +97,17 @@ async def test_concurrent_first_requests_share_one_load(
             inner.start_soon(use)
     assert len(factory.made) == 1
     assert got == [factory.made[0]] * 10
+
+
+async def test_a_load_reads_ahead_for_its_first_request_in_memory_the_budget_has(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    factory = Factory()
+    scheduler = await started(nursery, factory, budget=12 * GB)  # "a" costs 10
+    async with scheduler.lease("a", prompt=[5, 6, 7]):
+        pass
+    (start,) = factory.starts
+    assert (start.model, start.prompt, start.prefixes) == ("a", (5, 6, 7), 2 * GB)
 
 
 async def test_resident_model_serves_while_another_loads(
