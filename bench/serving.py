@@ -20,7 +20,7 @@ table and the ratios the project targets, taken with the lean client:
 
 - one stream through mlxd >= 0.95x raw single-stream decode speed
 - N concurrent streams >= 0.90x raw BatchGenerator throughput
-- time to first token at N streams <= 1.5x raw
+- time to first token at N streams <= 1.3x raw
 
 Every stream ignores end-of-text so both sides make the same number of tokens.
 Without ``--model`` it uses the bundled SmolLM2-135M-Instruct.
@@ -152,7 +152,8 @@ async def stream_runner(runner: RunnerProcess, prompt: list[int], tokens: int) -
     t0, stamps = time.perf_counter(), []
     async with runner.generate(prompt, tokens, Sampling(temperature=0.0)) as chunks:
         async for chunk in chunks:
-            stamps.append(time.perf_counter())
+            if chunk.tokens:  # not the first, which only says what was cached
+                stamps.append(time.perf_counter())
             if chunk.finish or chunk.error:
                 break
     return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": len(stamps)}
@@ -298,7 +299,7 @@ def report(
     targets = {
         "single_decode": (">=", 0.95),
         f"throughput_{n}": (">=", 0.90),
-        f"ttft_{n}": ("<=", 1.5),
+        f"ttft_{n}": ("<=", 1.3),
     }
     print(f"device: {device}   tokens/stream: {args.tokens}   prompt tokens: {args.prompt_tokens}")
     print(f"{'':26}" + "".join(f"{name:>13}" for name in results))
