@@ -31,7 +31,7 @@ class Catalog:
         self._by_name = {n: m for m in settings.models for n in m.names}
         self._dirs: dict[str, Path] = {}
         self._texts: dict[str, Texts] = {}
-        self._costs: dict[str, int] = {}
+        self._costs: dict[str, memory.Size] = {}
         self._prefix_dirs: dict[str, Path] = {}
         self._locks = {m.name: trio.Lock() for m in settings.models}
         self.spares = Spares()
@@ -80,15 +80,15 @@ class Catalog:
         await self._prefix_dir(model)
         return self._texts[model.name]
 
-    async def cost(self, name: str) -> int:
-        """The model's estimated bytes when loaded (``scheduler/memory.py``)."""
+    async def size(self, name: str) -> memory.Size:
+        """The model's estimated bytes when loaded and KV bytes per token
+        (``scheduler/memory.py``)."""
         if name not in self._costs:
-            texts = await self.texts(name)
             model = self.get(name)
-            model_dir = self._dirs[model.name]
+            model_dir = await self._model_dir(model)
             try:
                 self._costs[name] = await trio.to_thread.run_sync(
-                    memory.estimate, model_dir, model, texts.max_context
+                    memory.estimate, model_dir, model
                 )
             except (OSError, ValueError, KeyError) as e:
                 raise ModelLoadFailed(f"cannot size model {name!r} from {model_dir}: {e}") from e

@@ -18,6 +18,7 @@ log = logging.getLogger("mlxd.api")
 STATUS: dict[type[e.MlxdError], tuple[int, str, str | None]] = {
     e.InvalidRequest: (400, "invalid_request_error", None),
     e.ContextLengthExceeded: (400, "invalid_request_error", "context_length_exceeded"),
+    e.RequestTooLarge: (400, "invalid_request_error", "request_too_large"),
     e.Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
     e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
     e.ModelLoadFailed: (500, "server_error", "model_load_failed"),

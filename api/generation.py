@@ -113,8 +113,9 @@ async def prepare(
         )
     chat = req if isinstance(req, ChatRequest) else None
     record.prompt_tokens = len(prompt)
+    max_tokens = wanted or min(room, catalog.settings.max_tokens_for(model))
     return Prepared(
-        model.name, req.params, prompt, wanted or room, texts, record, grammar, chat, reasoning
+        model.name, req.params, prompt, max_tokens, texts, record, grammar, chat, reasoning
     )
 
 
@@ -139,8 +140,9 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     if p.logprobs is not None:
         options["logprobs"] = p.logprobs
     asked = time.monotonic()
-    async with scheduler.lease(job.model, p.keep_alive_s, job.prompt) as runner:
-        job.record.granted(time.monotonic() - asked)
+    async with scheduler.lease(job.model, p.keep_alive_s, job.prompt, job.max_tokens) as runner:
+        kv = scheduler.kv_bytes(job.model, len(job.prompt), job.max_tokens)
+        job.record.granted(time.monotonic() - asked, kv)
         async with runner.generate(
             job.prompt, job.max_tokens, p.sampling, stop_ids, **options
         ) as chunks:

@@ -28,6 +28,7 @@ class Record:
     cached_tokens: int | None = None  # known once the runner has looked the prompt up
     generated_tokens: int = 0
     queue_s: float | None = None
+    kv_reserved: int | None = None  # KV cache bytes reserved for it once granted
     ttft_s: float | None = None
     streaming: bool = False  # then the stream's end finishes the record
     error: str | None = None  # a failure after a stream had started
@@ -35,8 +36,8 @@ class Record:
     _itl: Any = None
     _done: bool = False
 
-    def granted(self, waited_s: float) -> None:
-        self.queue_s = waited_s
+    def granted(self, waited_s: float, kv_reserved: int) -> None:
+        self.queue_s, self.kv_reserved = waited_s, kv_reserved
         self.metrics.queue_time.labels(self.model).observe(waited_s)
 
     def token(self) -> None:
@@ -68,7 +69,7 @@ class Record:
             m.prefix_tokens.labels(self.model).inc(self.cached_tokens)
         log.info(
             "request id=%s model=%s endpoint=%s status=%d prompt_tokens=%d cached_tokens=%s "
-            "generated_tokens=%d queue_s=%s ttft_s=%s duration_s=%.3f%s",
+            "generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s duration_s=%.3f%s",
             self.id,
             self.model or "-",
             self.endpoint,
@@ -76,6 +77,7 @@ class Record:
             self.prompt_tokens,
             "-" if self.cached_tokens is None else self.cached_tokens,
             self.generated_tokens,
+            "-" if self.kv_reserved is None else self.kv_reserved,
             _seconds(self.queue_s),
             _seconds(self.ttft_s),
             duration,

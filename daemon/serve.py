@@ -53,7 +53,7 @@ async def serve(
         settings.models,
         catalog.make_runner,
         budget=budget,
-        size_model=catalog.cost,
+        size_model=catalog.size,
         max_turn_s=settings.max_turn_s,
         prefix_disk_bytes=catalog.prefix_disk_bytes,
     )

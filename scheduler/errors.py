@@ -2,7 +2,8 @@
 
     MlxdError
     ├── InvalidRequest (ValueError)          the request itself is wrong
-    │   └── ContextLengthExceeded            prompt + max_tokens > the model's context
+    │   ├── ContextLengthExceeded            prompt + max_tokens > the model's context
+    │   └── RequestTooLarge                  its KV cache could never fit the memory budget
     ├── Unauthorized (PermissionError)       missing or wrong API key
     ├── ModelNotFound (LookupError)          no configured model by that name
     ├── ModelLoadFailed (RuntimeError)       the runner could not load the model
@@ -33,6 +34,10 @@ class InvalidRequest(MlxdError, ValueError):
 
 
 class ContextLengthExceeded(InvalidRequest):
+    pass
+
+
+class RequestTooLarge(InvalidRequest):
     pass
 
 

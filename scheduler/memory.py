@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from config.settings import ModelConfig
 
 RAM_FRACTION = 0.75  # default budget where Metal gives no figure
@@ -47,24 +49,34 @@ def resolve_budget(setting: int | float | None) -> tuple[int, str]:
     return int(total * fraction), f"{fraction:g} of {where}"
 
 
-def estimate(model_dir: Path, model: ModelConfig, max_context: int) -> int:
-    """Bytes the model will hold when loaded and busy: its weights, a KV cache
-    for ``max_concurrency`` sequences of ``max_context`` tokens, and working
-    memory (logits for the batch, activations of one prefill chunk)."""
+@attrs.frozen
+class Size:
+    """What a model costs: ``bytes`` while resident (weights and working
+    memory), and ``kv_per_token`` for each token a request holds."""
+
+    bytes: int
+    kv_per_token: int
+
+
+def estimate(model_dir: Path, model: ModelConfig) -> Size:
+    """The model's size from its files: weights, working memory for
+    ``max_concurrency`` sequences (logits, activations of one prefill chunk,
+    a tenth of the weights for the rest), and KV bytes per token. A request's
+    KV is charged as it runs (``scheduler/policy.py``), not here."""
     files = sorted(model_dir.glob("*.safetensors"))
     weights = sum(f.stat().st_size for f in files)
     config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config", config)
     act = _activation_bytes(files[0]) if files else 2
     heads = config.get("num_attention_heads", 1)
     kv_heads = config.get("num_key_value_heads", heads)
     head_dim = config.get("head_dim") or config.get("hidden_size", 0) // max(heads, 1)
     layers = config.get("num_hidden_layers", 0)
-    kv = 2 * layers * kv_heads * head_dim * act * max_context * model.max_concurrency
     hidden = config.get("hidden_size", 0)
     inter = config.get("intermediate_size", 4 * hidden)
     vocab = config.get("vocab_size", 0)
     work = model.max_concurrency * vocab * 4 + PREFILL_CHUNK * (4 * hidden + 3 * inter) * act
-    return int(weights + kv + work + weights // 10)
+    return Size(int(weights + work + weights // 10), 2 * layers * kv_heads * head_dim * act)
 
 
 def _activation_bytes(path: Path) -> int:

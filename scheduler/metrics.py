@@ -160,6 +160,16 @@ class _PoolCollector(Collector):
             "bytes": GaugeMetricFamily(
                 "mlxd_model_bytes", "Bytes charged to a resident model", labels=["model"]
             ),
+            "kv": GaugeMetricFamily(
+                "mlxd_kv_reserved_bytes",
+                "KV cache bytes reserved by the requests a model is running",
+                labels=["model"],
+            ),
+            "short": GaugeMetricFamily(
+                "mlxd_num_requests_waiting_for_memory",
+                "Requests queued until memory for their KV cache is free",
+                labels=["model"],
+            ),
             "prefix": GaugeMetricFamily(
                 "mlxd_prefix_cache_bytes",
                 "Bytes of cached prefixes a model holds in memory",
@@ -176,6 +186,8 @@ class _PoolCollector(Collector):
             gauges["waiting"].add_metric([m["model"]], m["queued"])
             gauges["running"].add_metric([m["model"]], m["running"])
             gauges["bytes"].add_metric([m["model"]], m["bytes"])
+            gauges["kv"].add_metric([m["model"]], m["kv_reserved"])
+            gauges["short"].add_metric([m["model"]], m["waiting_for_memory"])
             gauges["prefix"].add_metric([m["model"]], m["prefix_cache"]["bytes"])
             gauges["prefix_disk"].add_metric([m["model"]], m["prefix_cache"]["disk_bytes"])
             resident += m["state"] == "ready"

@@ -89,10 +89,12 @@ from scheduler.errors import (
     ModelTooLarge,
     QueueFull,
     QueueTimeout,
+    RequestTooLarge,
     ShuttingDown,
 )
 
 FOREVER = math.inf
+KV_STEP = 256  # tokens: mlx-lm's KV caches grow in steps of this many
 _ticket_ids = itertools.count(1)
 
 
@@ -100,7 +102,8 @@ _ticket_ids = itertools.count(1)
 class ModelSpec:
     """What the policy knows of a configured model."""
 
-    cost: int = 0  # estimated bytes when loaded; ``Sized`` may update it
+    cost: int = 0  # estimated bytes of weights and working memory; ``Sized`` may update it
+    kv_per_token: int = 0  # KV cache bytes per token of a sequence; ``Sized`` too
     max_concurrency: int = 8
     queue_limit: int = 64
     queue_timeout_s: float = 600.0
@@ -116,6 +119,7 @@ class Ticket:
     model: str
     keep_alive_s: float | None = None  # overrides the model's, from this request on
     prompt: tuple[int, ...] = ()  # its tokens: a load it causes reads their cached prefix
+    max_tokens: int = 0  # with the prompt, the tokens its KV reservation holds
     id: int = attrs.field(factory=lambda: next(_ticket_ids))
     since: float = 0.0
     deadline: float = FOREVER
@@ -166,7 +170,8 @@ class RunnerExited:
 @attrs.frozen
 class Sized:
     model: str
-    cost: int
+    cost: int  # weights and working memory
+    kv_per_token: int = 0  # KV cache bytes per token of a sequence
     now: float = 0.0
 
 
@@ -280,7 +285,9 @@ class ModelState:
     cost: int = 0
     state: State = State.ABSENT
     runner: Any = None
-    bytes: int = 0  # charged against the budget while not absent
+    bytes: int = 0  # charged against the budget while not absent (prefixes apart)
+    kv_per_token: int = 0
+    measured: int = 0  # what its runner last said it holds, less its cached prefixes
     prefixes: int = 0  # the prefix-cache reservation, charged too
     prefixes_used: int = 0  # what the runner last said its prefixes take
     queue: deque[Ticket] = attrs.field(factory=deque)
@@ -294,11 +301,26 @@ class ModelState:
 
     def __attrs_post_init__(self) -> None:
         self.keep_alive_s = self.spec.keep_alive_s
-        self.cost = self.spec.cost
+        self.cost, self.kv_per_token = self.spec.cost, self.spec.kv_per_token
 
     @property
     def idle(self) -> bool:
         return self.state is State.READY and not self.running and not self.queue
+
+    def kv(self, ticket: Ticket, max_tokens: int | None = None) -> int:
+        """The KV bytes ``ticket`` reserves (with ``max_tokens`` instead of its own)."""
+        more = ticket.max_tokens if max_tokens is None else max_tokens
+        return self.kv_bytes(len(ticket.prompt) + more)
+
+    def kv_bytes(self, tokens: int) -> int:
+        """The KV cache of one sequence of ``tokens`` (in the cache's steps)."""
+        return -(-tokens // KV_STEP) * KV_STEP * self.kv_per_token
+
+    def charge(self, extra: int = 0) -> int:
+        """A ready model's bytes: its weights and working memory plus the KV
+        its running requests (and ``extra``) reserve, never below what its
+        runner measures."""
+        return max(self.cost + sum(self.kv(t) for t in self.running) + extra, self.measured)
 
     @property
     def expires(self) -> float:
@@ -346,7 +368,7 @@ class Policy:
             return []  # news from a runner of a model already forgotten
         match event:
             case Submitted(ticket):
-                if (error := self._refusal(ticket.model)) is not None:
+                if (error := self._refusal(ticket)) is not None:
                     return [Reject(ticket, error)]
                 ticket.since = now
                 ticket.deadline = now + self.models[ticket.model].spec.queue_timeout_s
@@ -358,6 +380,8 @@ class Policy:
                 if ticket in m.running:
                     m.running.discard(ticket)
                     m.last_used = now
+                    if m.state is State.READY:
+                        m.bytes = m.charge()
             case Loaded(model, runner, _, prefixes):
                 m = self.models[model]
                 m.runner, m.last_used, m.prefixes_used = runner, now, prefixes
@@ -372,12 +396,14 @@ class Policy:
                 m.queue.clear()
             case RunnerExited(model):
                 self._absent(self.models[model])
-            case Sized(model, cost):
+            case Sized(model, cost, kv_per_token):
                 self.models[model].cost = cost
+                self.models[model].kv_per_token = kv_per_token
             case Measured(model, measured, prefixes):
                 m = self.models[model]
                 if m.state is State.READY:
-                    m.bytes = max(m.cost, measured - prefixes)
+                    m.measured = measured - prefixes
+                    m.bytes = m.charge()
                     m.prefixes_used = prefixes
                 elif m.state is State.STOPPING:
                     m.bytes, m.prefixes = min(m.bytes + m.prefixes, measured), 0
@@ -412,20 +438,15 @@ class Policy:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _refusal(self, model: str) -> MlxdError | None:
+    def _refusal(self, ticket: Ticket) -> MlxdError | None:
+        model = ticket.model
         m = self.models[model]
         if self.stopping:
             return ShuttingDown("the server is shutting down")
         pinned = sum(o.bytes for name, o in self.models.items() if o.spec.pinned and name != model)
-        if m.state is State.ABSENT and m.cost > self.budget - pinned:
-            held = f", {format_bytes(pinned)} of it held by pinned models" if pinned else ""
-            return ModelTooLarge(
-                f"model {model!r} needs about {format_bytes(m.cost)} ({m.cost} bytes) with "
-                f"its context and concurrency, but the memory budget is "
-                f"{format_bytes(self.budget)} ({self.budget} bytes{held}); lower its "
-                f"max_context or max_concurrency, or raise memory_budget",
-                param="model",
-            )
+        room = self.budget - pinned
+        if m.cost + m.kv(ticket) > room:
+            return self._too_large(ticket, room, pinned)
         if len(m.queue) + len(m.running) >= m.spec.queue_limit + m.spec.max_concurrency:
             return QueueFull(
                 f"model {model!r} has {len(m.running)} requests running and "
@@ -434,8 +455,32 @@ class Policy:
             )
         return None
 
+    def _too_large(self, ticket: Ticket, room: int, pinned: int) -> MlxdError:
+        """Why ``ticket`` could never run, even with its model alone: a 400 if
+        a smaller ``max_tokens`` would fit, else a 503."""
+        m = self.models[ticket.model]
+        budget = f"the memory budget is {format_bytes(self.budget)} ({self.budget} bytes"
+        budget += f", {format_bytes(pinned)} of it held by pinned models)" if pinned else ")"
+        kv = m.kv(ticket)
+        if m.cost + m.kv(ticket, 1) > room:
+            return ModelTooLarge(
+                f"model {ticket.model!r} needs about {format_bytes(m.cost)} ({m.cost} bytes) "
+                f"for its weights, plus {format_bytes(kv)} ({kv} bytes) of KV cache for this "
+                f"request, but {budget}; raise memory_budget or use a smaller model",
+                param="model",
+            )
+        fits = (room - m.cost) // max(m.kv_per_token, 1) // KV_STEP * KV_STEP
+        most = max(fits - len(ticket.prompt), 1)
+        return RequestTooLarge(
+            f"this request needs {format_bytes(kv)} ({kv} bytes) of KV cache for its "
+            f"{len(ticket.prompt)} prompt tokens plus max_tokens {ticket.max_tokens}, and "
+            f"model {ticket.model!r} {format_bytes(m.cost)} ({m.cost} bytes) for its weights, "
+            f"but {budget}; max_tokens {most} would fit",
+            param="max_tokens",
+        )
+
     def _absent(self, m: ModelState) -> None:
-        m.state, m.runner, m.bytes = State.ABSENT, None, 0
+        m.state, m.runner, m.bytes, m.measured = State.ABSENT, None, 0, 0
         m.prefixes = m.prefixes_used = 0
         m.running.clear()
         m.keep_alive_s = m.spec.keep_alive_s
@@ -463,24 +508,65 @@ class Policy:
                 elif now >= m.expires:
                     effects.append(self._stop(name, "idle" if m.keep_alive_s == 0 else "expired"))
         self._drain(now)
-        for m in self.models.values():
-            if m.state is State.READY and not m.draining:
-                while m.queue and len(m.running) < m.spec.max_concurrency:
-                    t = m.queue.popleft()
-                    m.running.add(t)
-                    m.last_used = now
-                    if t.keep_alive_s is not None:
-                        m.keep_alive_s = t.keep_alive_s
-                    effects.append(Grant(t, m.runner))
-        return effects + self._load()
+        effects += self._grant(now)
+        effects += self._load()
+        return effects + self._grant(now)  # into room the load step made
+
+    def waiting_for_memory(self) -> dict[str, int]:
+        """Queued tickets per model that wait for memory, not for a slot or a
+        load under way."""
+        return {
+            name: len(self.models[name].queue)
+            for name in self._candidates()
+            if self.models[name].state is not State.LOADING
+        }
+
+    def _grantable(self) -> list[ModelState]:
+        """Ready models with a queued ticket and a free slot."""
+        return [
+            m
+            for m in self.models.values()
+            if m.state is State.READY
+            and not m.draining
+            and m.queue
+            and len(m.running) < m.spec.max_concurrency
+        ]
+
+    def _grant(self, now: float) -> list[Effect]:
+        """Step 10: grant queued tickets, oldest first across ready models,
+        while each one's KV reservation fits in free memory; the first that
+        does not fit stops the rest (it waits for room, step 11)."""
+        effects: list[Effect] = []
+        while ready := self._grantable():
+            m = min(ready, key=lambda m: (m.queue[0].since, m.queue[0].id))
+            t = m.queue[0]
+            if m.charge(m.kv(t)) - m.bytes > self.budget - self.used:
+                break
+            m.queue.popleft()
+            m.running.add(t)
+            m.bytes = m.charge()
+            m.last_used = now
+            if t.keep_alive_s is not None:
+                m.keep_alive_s = t.keep_alive_s
+            effects.append(Grant(t, m.runner))
+        return effects
+
+    def _need(self, name: str) -> int:
+        """The bytes a candidate needs: an absent model its cost and its first
+        ticket's KV; a ready one the growth of its charge by that KV."""
+        m = self.models[name]
+        kv = m.kv(m.queue[0])
+        return m.cost + kv if m.state is State.ABSENT else m.charge(kv) - m.bytes
 
     def _candidates(self) -> list[str]:
+        """Models waiting for memory, oldest waiting ticket first: absent ones
+        with queued tickets, and ready ones whose next ticket did not fit."""
         waiting = [
-            (m.queue[0].since, name)
+            (m.queue[0].since, m.queue[0].id, name)
             for name, m in self.models.items()
-            if m.state is State.ABSENT and m.queue
+            if m.queue and (m.state is State.ABSENT or m in self._grantable())
         ]
-        return [name for _, name in sorted(waiting)]
+        return [name for *_, name in sorted(waiting)]
 
     def _evictable(self) -> list[str]:
         """Idle (or drained) unpinned ready models, in eviction order."""
@@ -578,7 +664,7 @@ class Policy:
         candidates = self._candidates()
         for name in candidates:
             m = self.models[name]
-            cost = m.cost
+            cost = self._need(name)
             if cost > free + incoming:
                 unused, held = self._reclaimable()
                 short = cost - free - incoming
@@ -587,9 +673,10 @@ class Policy:
                 effects += more
                 free += freed
             if cost <= free:
-                m.state, m.bytes = State.LOADING, cost
-                free -= cost
-                effects.append(StartRunner(name, 0, m.queue[0].prompt if m.queue else ()))
+                free -= cost  # a ready model's next ticket takes it in the next grant
+                if m.state is State.ABSENT:
+                    m.state, m.bytes = State.LOADING, m.cost
+                    effects.append(StartRunner(name, 0, m.queue[0].prompt))
                 continue
             if cost > free + incoming:
                 victims, reclaim = [], 0
@@ -612,7 +699,7 @@ class Policy:
             # later candidates do not take them.
             incoming -= cost - free
             free = 0
-        if not any(self.models[n].state is State.ABSENT for n in candidates):
+        if not [n for n in candidates if self.models[n].state is not State.LOADING]:
             # Nobody waits for memory: loads may read a cached prefix into it.
             effects = [self._read_ahead(e) if isinstance(e, StartRunner) else e for e in effects]
             effects += self._grow()
@@ -636,7 +723,7 @@ class Policy:
         spare = free + incoming + evictable + sum(b for _, b in unused)
         spare += sum(b for n, b in held if self.models[n].spec.pinned)
         for name in self._candidates():
-            cost = self.models[name].cost
+            cost = self._need(name)
             if cost > spare:
                 return name, cost - spare
             spare -= cost
@@ -656,7 +743,7 @@ class Policy:
         busy = [
             n
             for n, m in self.models.items()
-            if m.state is State.READY and not m.spec.pinned and (m.running or m.queue)
+            if m.state is State.READY and not m.spec.pinned and (m.running or m.queue) and n != name
         ]
         for n in sorted(busy, key=lambda n: self.models[n].last_used):
             if need <= 0:

@@ -25,6 +25,7 @@ import trio
 from config.settings import ModelConfig
 from scheduler import policy as p
 from scheduler.errors import MlxdError, ModelLoadFailed, RunnerCrashed, ShuttingDown
+from scheduler.memory import Size
 from scheduler.metrics import Metrics
 
 log = logging.getLogger("mlxd.scheduler")
@@ -59,8 +60,10 @@ def measured_bytes(memory: dict[str, int]) -> int:
 
 
 class _LeaseTicket(p.Ticket):
-    def __init__(self, model: str, keep_alive_s: float | None, prompt: tuple[int, ...]) -> None:
-        super().__init__(model, keep_alive_s, prompt)
+    def __init__(
+        self, model: str, keep_alive_s: float | None, prompt: tuple[int, ...], max_tokens: int
+    ) -> None:
+        super().__init__(model, keep_alive_s, prompt, max_tokens)
         self.done = trio.Event()
         self.runner: Any = None
         self.error: MlxdError | None = None
@@ -84,14 +87,15 @@ class Scheduler:
         models: Sequence[ModelConfig],
         make_runner: Callable[[p.StartRunner], Awaitable[Runner]],
         budget: int = 2**62,
-        size_model: Callable[[str], Awaitable[int]] | None = None,
+        size_model: Callable[[str], Awaitable[Size]] | None = None,
         max_turn_s: float = 10.0,
         metrics: Metrics | None = None,
         prefix_disk_bytes: Callable[[str], int] | None = None,
     ) -> None:
         """``make_runner(start)`` prepares (but does not start) a runner for
         ``start.model``, with the policy's prefix-cache bytes and prompt to
-        read ahead; ``size_model(model)`` estimates its bytes before a first load;
+        read ahead; ``size_model(model)`` estimates its bytes and KV bytes per
+        token before a first load;
         ``prefix_disk_bytes(model)`` says what its prefixes take on disk."""
         specs = _specs(models)
         self._policy = p.Policy(specs, budget, max_turn_s)
@@ -135,14 +139,20 @@ class Scheduler:
 
     @asynccontextmanager
     async def lease(
-        self, model: str, keep_alive_s: float | None = None, prompt: Sequence[int] = ()
+        self,
+        model: str,
+        keep_alive_s: float | None = None,
+        prompt: Sequence[int] = (),
+        max_tokens: int = 0,
     ) -> AsyncIterator[Any]:
-        """Wait for a slot on ``model`` (loading it if needed) and hold it.
+        """Wait for a slot on ``model`` (loading it if needed) and for memory
+        for the KV cache of ``prompt`` and ``max_tokens`` more, and hold them.
         ``keep_alive_s`` overrides the model's keep-alive from this request on;
         a load for this request reads the cached prefix of ``prompt`` early."""
         if self._size_model is not None and self._policy.models[model].state is p.State.ABSENT:
-            self._post(p.Sized(model, await self._size_model(model), trio.current_time()))
-        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt))
+            size = await self._size_model(model)
+            self._post(p.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
+        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens)
         if not self._post(p.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:
@@ -180,21 +190,26 @@ class Scheduler:
             return None if math.isinf(t) else round(wall + (t - now), 3)
 
         models = []
+        short = pol.waiting_for_memory()
         for name, m in pol.models.items():
+            memory = dict(getattr(m.runner, "memory", {}) or {})
             models.append(
                 {
                     "model": name,
                     "state": m.state.value,
                     "bytes": m.bytes + m.prefixes,
-                    "estimate": m.cost or None,
+                    "weights": m.cost or None,
+                    "kv_reserved": sum(m.kv(t) for t in m.running),
+                    "measured": measured_bytes(memory) if memory else None,
                     "running": len(m.running),
                     "queued": len(m.queue),
+                    "waiting_for_memory": short.get(name, 0),
                     "pinned": m.spec.pinned,
                     "keep_alive_s": None if math.isinf(m.keep_alive_s) else m.keep_alive_s,
                     "last_used": at(m.last_used) if m.state is p.State.READY else None,
                     "expires_at": at(m.expires) if m.idle else None,
                     "pid": getattr(m.runner, "pid", None),
-                    "memory": dict(getattr(m.runner, "memory", {}) or {}),
+                    "memory": memory,
                     "prefix_cache": {
                         "bytes": m.prefixes_used,
                         "limit": m.prefixes,
@@ -206,6 +221,10 @@ class Scheduler:
                 }
             )
         return {"budget": pol.budget, "used": pol.used, "models": models}
+
+    def kv_bytes(self, model: str, prompt_tokens: int, max_tokens: int) -> int:
+        """The KV cache bytes a request to ``model`` reserves."""
+        return self._policy.models[model].kv_bytes(prompt_tokens + max_tokens)
 
     def runner(self, model: str) -> Any:
         return self._policy.models[model].runner

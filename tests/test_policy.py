@@ -1,7 +1,18 @@
 """The pool's decisions, called directly: no trio, no processes, time passed in."""
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from scheduler import policy as p
-from scheduler.errors import ModelLoadFailed, ModelTooLarge, QueueFull, QueueTimeout, ShuttingDown
+from scheduler.errors import (
+    ModelLoadFailed,
+    ModelTooLarge,
+    QueueFull,
+    QueueTimeout,
+    RequestTooLarge,
+    ShuttingDown,
+)
+from scheduler.policy import KV_STEP
 
 RUNNER = object()
 GB = 10**9
@@ -511,3 +522,159 @@ def test_a_changed_model_reloads_when_idle_even_if_pinned() -> None:
     assert pol.models["a"].spec == new
     (t,) = tickets("a", 1)
     assert pol.handle(p.Submitted(t, 3)) == [p.StartRunner("a")]
+
+
+# -- KV reservations -------------------------------------------------------------
+
+MB = 10**6
+KV = 1 * MB  # KV bytes per token in these tests: 256 tokens take 256 MB
+
+
+def request(model: str, prompt: int, max_tokens: int) -> p.Ticket:
+    return p.Ticket(model, prompt=(1,) * prompt, max_tokens=max_tokens)
+
+
+def test_a_model_is_charged_its_weights_and_what_its_running_requests_reserve() -> None:
+    pol = policy(budget=100 * GB, a=spec(4 * GB, kv_per_token=KV))
+    t = request("a", 1000, 1000)  # 2000 tokens, in the cache's steps of 256: 2048
+    pol.handle(p.Submitted(t))
+    assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(t, RUNNER)]
+    assert pol.used == 4 * GB + 2048 * KV
+    pol.handle(p.Released(t, 1))
+    assert pol.used == 4 * GB
+    # What the runner measures counts when it is more than the reservations.
+    pol.handle(p.Measured("a", 5 * GB, 0, 2))
+    assert pol.used == 5 * GB
+
+
+def test_max_concurrency_is_a_cap_not_a_charge() -> None:
+    """Eight short requests run together on a model whose worst case (eight
+    sequences of its whole context) is far beyond the budget."""
+    pol = policy(budget=8 * GB, a=spec(4 * GB, kv_per_token=KV, max_concurrency=8))
+    ts = [request("a", 200, 56) for _ in range(9)]  # 256 MB each
+    submit_all(pol, ts)
+    effects = pol.handle(p.Loaded("a", RUNNER))
+    assert effects == [p.Grant(t, RUNNER) for t in ts[:8]]  # the ninth waits for a slot
+    assert pol.used == 4 * GB + 8 * 256 * MB
+
+
+def test_a_request_waits_for_memory_and_is_granted_when_another_ends() -> None:
+    pol = policy(budget=10 * GB, a=spec(4 * GB, kv_per_token=KV))
+    first, second = request("a", 3000, 1000), request("a", 3000, 1000)  # 4096 tokens each
+    submit_all(pol, [first, second])
+    assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(first, RUNNER)]
+    assert pol.waiting_for_memory() == {"a": 1}
+    assert pol.handle(p.Released(first, 1)) == [p.Grant(second, RUNNER)]
+
+
+def test_a_request_takes_memory_from_idle_prefix_caches_then_idle_models() -> None:
+    pol = policy(
+        budget=20 * GB,
+        a=spec(4 * GB, kv_per_token=KV),
+        b=spec(4 * GB, prefix_cache=2 * GB),
+        c=spec(4 * GB),
+    )
+    (tb,) = tickets("b", 1)
+    pol.handle(p.Submitted(tb, 0))
+    pol.handle(p.Loaded("b", RUNNER, 0))
+    pol.handle(p.Released(tb, 0))
+    pol.handle(p.Measured("b", 5 * GB, 1 * GB, 0))  # 1 GB of its 2 GB reservation used
+    serve_once(pol, "c", 1)
+    (running,) = tickets("a", 1)
+    pol.handle(p.Submitted(running, 2))
+    pol.handle(p.Loaded("a", RUNNER, 2))  # 4+2+4+4 = 14 GB used, 6 GB free
+    big = request("a", 6000, 1500)  # 7680 MB of KV: b's cached prefixes make up the rest
+    assert pol.handle(p.Submitted(big, 3)) == [
+        p.PrefixLimit("b", RUNNER, 0, dropped=True),
+        p.Grant(big, RUNNER),
+    ]
+    more = request("a", 1000, 1000)  # 2048 MB: now a model must go, the least recently used
+    assert pol.handle(p.Submitted(more, 4)) == [p.StopRunner("b", RUNNER, "memory")]
+    assert pol.handle(p.RunnerExited("b", 5)) == [p.Grant(more, RUNNER)]
+    assert pol.models["c"].state is p.State.READY
+    assert pol.used <= pol.budget
+
+
+def test_a_large_request_is_not_starved_by_a_stream_of_small_ones() -> None:
+    pol = policy(budget=10 * GB, a=spec(4 * GB, kv_per_token=KV, max_concurrency=8))
+    small = [request("a", 100, 100) for _ in range(4)]  # 256 MB each
+    submit_all(pol, small)
+    pol.handle(p.Loaded("a", RUNNER))  # 4976 MB free
+    hog = request("a", 1000, 4500)  # 5632 MB
+    assert pol.handle(p.Submitted(hog, 1)) == []
+    later = request("a", 100, 100)
+    assert pol.handle(p.Submitted(later, 2)) == []  # it would fit, but waits its turn
+    assert pol.handle(p.Released(small[0], 3)) == []
+    assert pol.handle(p.Released(small[1], 4)) == []
+    assert pol.handle(p.Released(small[2], 5)) == [p.Grant(hog, RUNNER)]
+    assert pol.handle(p.Released(small[3], 6)) == [p.Grant(later, RUNNER)]
+
+
+def test_a_request_that_could_never_fit_gets_400_if_fewer_tokens_would_fit() -> None:
+    pol = policy(budget=10 * GB, a=spec(4 * GB, kv_per_token=KV))
+    (reject,) = pol.handle(p.Submitted(request("a", 1000, 100_000)))
+    assert isinstance(reject.error, RequestTooLarge) and reject.error.param == "max_tokens"
+    message = reject.error.message
+    assert str(10 * GB) in message and str(101_120 * KV) in message
+    most = int(message.rsplit("max_tokens ", 1)[1].split()[0])
+    assert 4 * GB + pol.models["a"].kv(request("a", 1000, most)) <= 10 * GB
+    assert 4 * GB + pol.models["a"].kv(request("a", 1000, most + KV_STEP)) > 10 * GB
+    (reject,) = pol.handle(p.Submitted(request("a", 7000, 10)))  # the prompt alone is too big
+    assert isinstance(reject.error, ModelTooLarge)
+    assert pol.used == 0
+
+
+def test_a_laptop_budget_takes_an_8b_model_whatever_its_declared_context() -> None:
+    """A 16 GB Mac's default budget (Metal's working set, about 10.7 GB) and
+    an 8B model at 4 bits (4.5 GB of weights, 128 KiB of KV a token, a 131k
+    context): loading is about the weights, each request about its tokens."""
+    pol = policy(budget=int(10.7 * GB), m=spec(int(5.3 * GB), kv_per_token=128 * 1024))
+    ts = [request("m", 12_000, 4096) for _ in range(2)]  # two agents, 2.2 GB of KV each
+    effects = submit_all(pol, ts)
+    assert effects == [p.StartRunner("m", 0, ts[0].prompt)]
+    assert pol.handle(p.Loaded("m", RUNNER)) == [p.Grant(t, RUNNER) for t in ts]
+    assert pol.used <= pol.budget
+    long = request("m", 30_000, 4096)  # 4.5 GB: it waits for them, it is not refused
+    assert pol.handle(p.Submitted(long, 1)) == []
+    pol.handle(p.Released(ts[0], 2))
+    assert pol.handle(p.Released(ts[1], 3)) == [p.Grant(long, RUNNER)]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 2), st.integers(0, 9)), max_size=80))
+def test_no_sequence_of_events_charges_more_than_the_budget(
+    steps: list[tuple[int, int, int]],
+) -> None:
+    """Whatever arrives, finishes, loads, exits or is measured (a runner never
+    holds more than it was charged), the charges stay within the budget."""
+    pol = policy(
+        budget=16 * GB,
+        a=spec(4 * GB, kv_per_token=KV, max_concurrency=3, prefix_cache=2 * GB),
+        b=spec(6 * GB, kv_per_token=2 * KV, max_concurrency=2, queue_limit=3),
+        c=spec(3 * GB, kv_per_token=KV // 2, pinned=True),
+    )
+    names = sorted(pol.models)
+    now = 0.0
+    for kind, which, size in steps:
+        now += 1.0
+        name = names[which]
+        m = pol.models[name]
+        if kind in (0, 1):
+            event: p.Event = p.Submitted(request(name, 300 * size + 1, 500 * size), now)
+        elif kind == 2 and m.running:
+            event = p.Released(next(iter(m.running)), now)
+        elif kind == 3 and m.queue:
+            event = p.Withdrawn(m.queue[-1], now)
+        elif kind == 4 and m.state is p.State.LOADING:
+            event = p.Loaded(name, RUNNER, now)
+        elif kind == 5 and m.state is p.State.STOPPING:
+            event = p.RunnerExited(name, now)
+        elif kind == 6 and m.state is p.State.READY:
+            prefixes = min(m.prefixes, size * GB // 4)
+            event = p.Measured(name, m.bytes * size // 9 + prefixes, prefixes, now)
+        else:
+            event = p.Tick(now + 60 * size)
+        pol.handle(event)
+        assert pol.used <= pol.budget, (event, pol.models)
+        for m in pol.models.values():
+            assert len(m.running) <= m.spec.max_concurrency

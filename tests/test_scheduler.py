@@ -10,6 +10,7 @@ import trio.testing
 
 from config.settings import ModelConfig
 from scheduler.errors import ModelLoadFailed, QueueFull, QueueTimeout, ShuttingDown
+from scheduler.memory import Size
 from scheduler.policy import StartRunner
 from scheduler.pool import Scheduler
 
@@ -66,9 +67,10 @@ async def started(
     models: list[ModelConfig] = MODELS,
     budget: int = 100 * GB,
     cost: int = 10 * GB,
+    kv_per_token: int = 0,
 ) -> Scheduler:
-    async def size(model: str) -> int:
-        return cost
+    async def size(model: str) -> Size:
+        return Size(cost, kv_per_token)
 
     scheduler = Scheduler(models, factory, budget=budget, size_model=size)
     await nursery.start(scheduler.run)
