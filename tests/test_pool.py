@@ -14,7 +14,6 @@ import openai
 import pytest
 import trio
 
-from api.texts import Texts
 from config.settings import ModelConfig
 from daemon.cli import main
 from scheduler import memory
@@ -60,7 +59,7 @@ async def three(tiny_dir: Path, tmp_path: Path) -> Any:
         ModelConfig(n, str(tiny_dir), max_concurrency=1, queue_limit=1, keep_alive_s=600)
         for n in NAMES
     ]
-    cost = memory.estimate(tiny_dir, models[0], Texts(tiny_dir, None).max_context)
+    cost = memory.estimate(tiny_dir, models[0]).bytes
     settings = settings_for(tmp_path, *models, memory_budget=int(cost * 2.5))
     async with running(settings) as daemon:
         yield daemon

@@ -1,0 +1,117 @@
+"""The memory ledger end to end: a tiny model that declares a 131k context,
+under budgets far below its worst case (every sequence at full context),
+served by real runners over real HTTP. A request is charged the KV its own
+tokens need."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from config.settings import ModelConfig
+from scheduler import memory
+from tests.conftest import running, settings_for
+from tests.test_pool import eventually
+
+BUDGET = 64 * 2**20
+CONTEXT = 131_072
+
+
+@pytest.fixture(scope="module")
+def long_context(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, its config declaring a 131k context."""
+    out = tmp_path_factory.mktemp("long-context")
+    for f in tiny_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = CONTEXT
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def model_in(pool: dict[str, Any], name: str) -> dict[str, Any]:
+    (m,) = [m for m in pool["models"] if m["model"] == name]
+    return m
+
+
+async def test_eight_requests_run_together_far_below_the_worst_case(
+    long_context: Path, tmp_path: Path
+) -> None:
+    model = ModelConfig("long", str(long_context), max_concurrency=8)
+    size = memory.estimate(long_context, model)
+    assert size.bytes + 8 * CONTEXT * size.kv_per_token > 8 * BUDGET  # the worst case
+    settings = settings_for(tmp_path, model, memory_budget=BUDGET)
+    async with running(settings) as daemon, daemon.client() as client:
+        finished: list[str | None] = []
+
+        async def one(i: int) -> None:
+            reply = await client.completions.create(
+                model="long", prompt=f"Count to {i}:", max_tokens=16
+            )
+            finished.append(reply.choices[0].finish_reason)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(one, i)
+        assert len(finished) == 8
+        # 120k tokens of KV could never fit, though the context allows them.
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model="long", prompt="Hi", max_tokens=120_000)
+        assert info.value.code == "request_too_large"
+        assert str(BUDGET) in info.value.message and "max_tokens" in info.value.message
+
+
+async def test_a_long_request_waits_for_a_busy_model_then_evicts_it_once_idle(
+    long_context: Path, tmp_path: Path
+) -> None:
+    models = [
+        ModelConfig(name, str(long_context), max_concurrency=2, keep_alive_s=600)
+        for name in ("a", "b")
+    ]
+    settings = settings_for(tmp_path, *models, memory_budget=BUDGET)
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+        for name in ("a", "b"):  # both fit, with room for short requests
+            reply = await http.post(
+                f"{daemon.url}/v1/completions",
+                json={"model": name, "prompt": "Hi", "max_tokens": 2},
+            )
+            assert reply.status_code == 200
+        busy = {"model": "b", "prompt": "Go", "max_tokens": 20_000, "ignore_eos": True}
+        # A request whose KV fits beside "a" alone, not beside "b" too.
+        size = memory.estimate(long_context, models[0])
+        tokens = (BUDGET - 2 * size.bytes) // size.kv_per_token + 4096
+        assert size.bytes + tokens * size.kv_per_token < BUDGET - 4096 * size.kv_per_token
+        long = {"model": "a", "prompt": "Go", "max_tokens": tokens}
+        b_started, a_started = trio.Event(), trio.Event()
+
+        async def stream(body: dict[str, Any], started: trio.Event) -> None:
+            url = f"{daemon.url}/v1/completions"
+            async with http.stream("POST", url, json=body | {"stream": True}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                        started.set()
+
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as inner:
+                inner.start_soon(stream, busy, b_started)
+                await b_started.wait()
+                outer.start_soon(stream, long, a_started)
+                pool = await eventually(
+                    daemon, lambda pool: model_in(pool, "a")["waiting_for_memory"] == 1
+                )
+                assert model_in(pool, "b")["state"] == "ready" and not a_started.is_set()
+                inner.cancel_scope.cancel()  # b's client leaves: b is idle
+            with trio.fail_after(60):
+                await a_started.wait()
+            pool = await eventually(daemon, lambda pool: model_in(pool, "b")["state"] == "absent")
+            assert model_in(pool, "a")["kv_reserved"] >= tokens * size.kv_per_token
+            assert pool["used"] <= pool["budget"]
+            outer.cancel_scope.cancel()
