@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import importlib.util
 import json
 import logging
 import sys
 import time
+import types
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,11 +30,27 @@ def _load(path: str | None) -> Settings:
     return Settings.from_toml(default) if default.is_file() else Settings()
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    # Hide PyTorch before anything imports transformers (the tokenizers, through
-    # mlx-lm): it imports torch wherever it is installed, 10-20 s and hundreds
-    # of MB that the daemon never uses. See runner/__main__.py.
+def keep_daemon_light() -> None:
+    """Keep PyTorch and MLX out of the daemon process, which computes nothing.
+
+    PyTorch: ``transformers`` (the tokenizers, through mlx-lm) imports it
+    wherever it is installed, 10-20 s and hundreds of MB (see
+    runner/__main__.py). MLX: the daemon needs mlx-lm's tokenizer module, but
+    the ``mlx_lm`` package's ``__init__`` imports MLX, and on a CUDA host
+    importing MLX opens a context that holds 518 MiB of GPU memory outside the
+    ledger. An empty package in its place lets its submodules (the tokenizer,
+    chat templates, tool parsers: none imports MLX) load without it."""
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+    spec = importlib.util.find_spec("mlx_lm")
+    if "mlx_lm" not in sys.modules and spec is not None and spec.submodule_search_locations:
+        package = types.ModuleType("mlx_lm")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["mlx_lm"] = package
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    keep_daemon_light()
     from daemon.serve import serve
 
     settings = _load(args.config)

@@ -1,4 +1,5 @@
-"""Neither the daemon nor a runner imports PyTorch, even where it is installed.
+"""Neither the daemon nor a runner imports PyTorch, even where it is installed
+(and the daemon does not import MLX either).
 
 ``transformers`` (which mlx-lm's tokenizer code and the grammar tokenizer use)
 imports torch whenever it finds it installed: 10-20 s and hundreds of MB on a
@@ -132,3 +133,26 @@ def test_daemon_serves_a_chat_with_a_grammar_without_torch(
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait()
+
+
+def test_the_daemon_reads_chat_templates_without_importing_mlx(tiny_dir: Path) -> None:
+    """On a CUDA host, importing MLX opens a context holding 518 MiB of GPU
+    memory: the daemon, which computes nothing, must not (a runner does)."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from daemon.cli import keep_daemon_light\n"
+        "keep_daemon_light()\n"
+        "from api.texts import Texts\n"
+        "texts = Texts(Path(sys.argv[1]), None)\n"
+        "assert texts.chat_prompt([{'role': 'user', 'content': 'Hi'}])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'torch')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.strip() == "['torch']", out.stdout  # torch: the None that hides it
