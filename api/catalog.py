@@ -87,9 +87,7 @@ class Catalog:
             model = self.get(name)
             model_dir = await self._model_dir(model)
             try:
-                self._costs[name] = await trio.to_thread.run_sync(
-                    memory.estimate, model_dir, model
-                )
+                self._costs[name] = await trio.to_thread.run_sync(memory.estimate, model_dir, model)
             except (OSError, ValueError, KeyError) as e:
                 raise ModelLoadFailed(f"cannot size model {name!r} from {model_dir}: {e}") from e
         return self._costs[name]

@@ -125,9 +125,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         prefixes, sizes = m["prefix_cache"], [m["bytes"], m["weights"], m["kv_reserved"]]
         sizes += [prefixes["bytes"], m["measured"], prefixes["disk_bytes"]]
         cells = " ".join(f"{format_bytes(b) if b is not None else '-':>10}" for b in sizes)
-        print(
-            f"{m['model']:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}"
-        )
+        print(f"{m['model']:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}")
     spare = pool["spare"]
     pid = f" (pid {spare['pid']})" if spare["pid"] else ""
     print(f"spare runner: {spare['state']}{pid}")
