@@ -5,14 +5,14 @@ from the event, so every decision is tested by calling it directly. One task
 (``scheduler/pool.py``) owns the policy, carries out its effects and wakes it
 at ``next_deadline()``; nothing else touches its state.
 
-Each model is charged bytes against one budget: its estimated cost while it
-loads, then the larger of that and what its runner measures (the estimate
-reserves the KV cache for its full concurrency and context, which an idle
-runner has not allocated yet but a busy one will), plus a reservation for
-its prefix cache (the KV of earlier requests kept for reuse). The runner
-never lets its prefix cache outgrow the reservation, which the policy sets
-(``PrefixLimit``): up to the model's ``prefix_cache`` bytes, out of memory
-nobody else is waiting for. The part a model is not using goes back as soon
+Each model is charged bytes against one budget: its estimated cost (weights
+and working memory) while it loads; once ready, that plus the KV cache its
+running requests reserve (each its prompt plus ``max_tokens``, in the
+cache's steps), or what its runner measures if that is more; plus a
+reservation for its prefix cache (the KV of earlier requests kept for
+reuse). The runner never lets its prefix cache outgrow the reservation,
+which the policy sets (``PrefixLimit``): up to the model's ``prefix_cache``
+bytes, out of memory nobody else is waiting for. The part a model is not using goes back as soon
 as a load needs it; the cached prefixes of idle models go next, before any
 model is evicted.
 
@@ -45,11 +45,16 @@ Then, at every event (``Tick`` only does this):
 9.  Queued tickets past their deadline are rejected (``QueueTimeout``); idle
     unpinned models are stopped when asked to (``Unload``) or when their
     keep-alive has run out.
-10. Every ready model grants queued tickets in order, up to its concurrency,
-    unless it is draining (step 11): a resident model never waits on another
-    model's load.
-11. Absent models with queued tickets are load candidates, oldest waiting
-    ticket first. A candidate that fits in free memory starts loading
+10. Ready models grant queued tickets, oldest first across models, up to
+    each one's concurrency (unless it is draining, step 11), while each
+    ticket's KV reservation fits in free memory; the first that does not fit
+    stops the grants behind it (so a large request is not passed for ever by
+    small ones) and waits for room (step 11). A resident model never waits on
+    another model's load.
+11. Absent models with queued tickets are load candidates, and so are ready
+    models whose next ticket did not fit, oldest waiting ticket first; an
+    absent one needs its cost plus its first ticket's KV, a ready one that
+    KV. A candidate that fits in free memory starts loading
     (``StartRunner``, single-flight: one load however many wait). One that
     does not fit takes back the prefix-cache reservations models are not
     using; then, if the cached prefixes of idle models make up the rest, it
@@ -561,10 +566,11 @@ class Policy:
     def _candidates(self) -> list[str]:
         """Models waiting for memory, oldest waiting ticket first: absent ones
         with queued tickets, and ready ones whose next ticket did not fit."""
+        blocked = {id(m) for m in self._grantable()}  # after a grant pass: no room
         waiting = [
             (m.queue[0].since, m.queue[0].id, name)
             for name, m in self.models.items()
-            if m.queue and (m.state is State.ABSENT or m in self._grantable())
+            if m.queue and (m.state is State.ABSENT or id(m) in blocked)
         ]
         return [name for *_, name in sorted(waiting)]
 
