@@ -12,9 +12,9 @@ cache's steps), or what its runner measures if that is more; plus a
 reservation for its prefix cache (the KV of earlier requests kept for
 reuse). The runner never lets its prefix cache outgrow the reservation,
 which the policy sets (``PrefixLimit``): up to the model's ``prefix_cache``
-bytes, out of memory nobody else is waiting for. The part a model is not using goes back as soon
-as a load needs it; the cached prefixes of idle models go next, before any
-model is evicted.
+bytes, out of memory nobody else is waiting for. The part a model is not
+using goes back as soon as a load needs it; the cached prefixes of idle
+models go next, before any model is evicted.
 
 Decision steps, for each event:
 
@@ -290,7 +290,7 @@ class ModelState:
     cost: int = 0
     state: State = State.ABSENT
     runner: Any = None
-    bytes: int = 0  # charged against the budget while not absent (prefixes apart)
+    held: int = 0  # charged while loading (its cost) or stopping (what it still holds)
     kv_per_token: int = 0
     measured: int = 0  # what its runner last said it holds, less its cached prefixes
     prefixes: int = 0  # the prefix-cache reservation, charged too
@@ -320,6 +320,15 @@ class ModelState:
     def kv_bytes(self, tokens: int) -> int:
         """The KV cache of one sequence of ``tokens`` (in the cache's steps)."""
         return -(-tokens // KV_STEP) * KV_STEP * self.kv_per_token
+
+    @property
+    def bytes(self) -> int:
+        """Charged against the budget, its prefix-cache reservation apart."""
+        return self.charge() if self.state is State.READY else self.held
+
+    def stopping(self) -> None:
+        """Now on its way out: it holds what it was charged until it says less."""
+        self.held, self.state = self.bytes, State.STOPPING
 
     def charge(self, extra: int = 0) -> int:
         """A ready model's bytes: its weights and working memory plus the KV
@@ -385,13 +394,11 @@ class Policy:
                 if ticket in m.running:
                     m.running.discard(ticket)
                     m.last_used = now
-                    if m.state is State.READY:
-                        m.bytes = m.charge()
             case Loaded(model, runner, _, prefixes):
                 m = self.models[model]
                 m.runner, m.last_used, m.prefixes_used = runner, now, prefixes
                 if self.stopping:
-                    m.state = State.STOPPING
+                    m.stopping()
                     return [StopRunner(model, runner, "shutdown")]
                 m.state = State.READY  # its prefix cache grows in step 12
             case LoadFailed(model, error):
@@ -408,10 +415,9 @@ class Policy:
                 m = self.models[model]
                 if m.state is State.READY:
                     m.measured = measured - prefixes
-                    m.bytes = m.charge()
                     m.prefixes_used = prefixes
                 elif m.state is State.STOPPING:
-                    m.bytes, m.prefixes = min(m.bytes + m.prefixes, measured), 0
+                    m.held, m.prefixes = min(m.held + m.prefixes, measured), 0
             case Unload(model):
                 self.models[model].unload_asked = True
             case Reconfigure(specs, changed):
@@ -432,7 +438,7 @@ class Policy:
                     effects += [Reject(t, error) for t in m.queue]
                     m.queue.clear()
                     if m.state is State.READY:
-                        m.state = State.STOPPING
+                        m.stopping()
                         effects.append(StopRunner(name, m.runner, "shutdown"))
                 return effects
         for name in [n for n, m in self.models.items() if m.retired and m.state is State.ABSENT]:
@@ -485,7 +491,7 @@ class Policy:
         )
 
     def _absent(self, m: ModelState) -> None:
-        m.state, m.runner, m.bytes, m.measured = State.ABSENT, None, 0, 0
+        m.state, m.runner, m.held, m.measured = State.ABSENT, None, 0, 0
         m.prefixes = m.prefixes_used = 0
         m.running.clear()
         m.keep_alive_s = m.spec.keep_alive_s
@@ -493,7 +499,7 @@ class Policy:
 
     def _stop(self, name: str, reason: str) -> StopRunner:
         m = self.models[name]
-        m.state = State.STOPPING
+        m.stopping()
         return StopRunner(name, m.runner, reason)
 
     def _schedule(self, now: float) -> list[Effect]:
@@ -549,7 +555,6 @@ class Policy:
                 break
             m.queue.popleft()
             m.running.add(t)
-            m.bytes = m.charge()
             m.last_used = now
             if t.keep_alive_s is not None:
                 m.keep_alive_s = t.keep_alive_s
@@ -681,7 +686,7 @@ class Policy:
             if cost <= free:
                 free -= cost  # a ready model's next ticket takes it in the next grant
                 if m.state is State.ABSENT:
-                    m.state, m.bytes = State.LOADING, m.cost
+                    m.state, m.held = State.LOADING, m.cost
                     effects.append(StartRunner(name, 0, m.queue[0].prompt))
                 continue
             if cost > free + incoming:
