@@ -31,7 +31,7 @@ class Catalog:
         self._by_name = {n: m for m in settings.models for n in m.names}
         self._dirs: dict[str, Path] = {}
         self._texts: dict[str, Texts] = {}
-        self._costs: dict[str, memory.Size] = {}
+        self._sizes: dict[str, memory.Size] = {}
         self._prefix_dirs: dict[str, Path] = {}
         self._locks = {m.name: trio.Lock() for m in settings.models}
         self.spares = Spares()
@@ -45,7 +45,7 @@ class Catalog:
         removed = old.keys() - new.keys()
         changed = {n for n in new.keys() & old.keys() if new[n] != old[n]}
         for name in removed | changed:
-            for cache in (self._dirs, self._texts, self._costs, self._prefix_dirs):
+            for cache in (self._dirs, self._texts, self._sizes, self._prefix_dirs):
                 cache.pop(name, None)
         for name in added:
             self._locks[name] = trio.Lock()
@@ -83,14 +83,14 @@ class Catalog:
     async def size(self, name: str) -> memory.Size:
         """The model's estimated bytes when loaded and KV bytes per token
         (``scheduler/memory.py``)."""
-        if name not in self._costs:
+        if name not in self._sizes:
             model = self.get(name)
             model_dir = await self._model_dir(model)
             try:
-                self._costs[name] = await trio.to_thread.run_sync(memory.estimate, model_dir, model)
+                self._sizes[name] = await trio.to_thread.run_sync(memory.estimate, model_dir, model)
             except (OSError, ValueError, KeyError) as e:
                 raise ModelLoadFailed(f"cannot size model {name!r} from {model_dir}: {e}") from e
-        return self._costs[name]
+        return self._sizes[name]
 
     async def _prefix_dir(self, model: ModelConfig) -> Path | None:
         """Where the model's cached prefixes are kept on disk (see

@@ -330,11 +330,16 @@ class ModelState:
         """Now on its way out: it holds what it was charged until it says less."""
         self.held, self.state = self.bytes, State.STOPPING
 
+    @property
+    def reserved(self) -> int:
+        """The KV bytes its running requests reserve."""
+        return sum(self.kv(t) for t in self.running)
+
     def charge(self, extra: int = 0) -> int:
         """A ready model's bytes: its weights and working memory plus the KV
         its running requests (and ``extra``) reserve, never below what its
         runner measures."""
-        return max(self.cost + sum(self.kv(t) for t in self.running) + extra, self.measured)
+        return max(self.cost + self.reserved + extra, self.measured)
 
     @property
     def expires(self) -> float:

@@ -199,7 +199,7 @@ class Scheduler:
                     "state": m.state.value,
                     "bytes": m.bytes + m.prefixes,
                     "weights": m.cost or None,
-                    "kv_reserved": sum(m.kv(t) for t in m.running),
+                    "kv_reserved": m.reserved,
                     "measured": measured_bytes(memory) if memory else None,
                     "running": len(m.running),
                     "queued": len(m.queue),
