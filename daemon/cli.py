@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         return cmd
 
     client(
-        "ps", "list models (state, bytes, cached prefixes, requests, expiry), the spare runner"
+        "ps", "list models (state, the memory ledger, requests, expiry), the spare runner"
     ).set_defaults(func=cmd_ps)
     load = client("load", "load a model into the running daemon now")
     load.add_argument("name")
