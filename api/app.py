@@ -17,7 +17,7 @@ from api import errors, logprobs, sse
 from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
 from api.reader import ToolCall
-from api.record import CLIENT_GONE, Record
+from api.record import CLIENT_GONE, Intake, Record
 from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
 from config.settings import Settings
@@ -42,11 +42,13 @@ def create_app(
     )
     errors.install(app)
     metrics = scheduler.metrics
+    intake = Intake()
 
     @app.before_request
     async def _start_record() -> None:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        g.record = Record(f"req_{uuid.uuid4().hex[:16]}", rule, metrics)
+        reading = intake if request.method == "POST" else None
+        g.record = Record(f"req_{uuid.uuid4().hex[:16]}", rule, metrics, reading)
 
     @app.after_request
     async def _finish_record(response: Response) -> Response:

@@ -140,9 +140,12 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
     if p.logprobs is not None:
         options["logprobs"] = p.logprobs
     asked = time.monotonic()
+    job.record.queued()
     async with scheduler.lease(job.model, p.keep_alive_s, job.prompt, job.max_tokens) as runner:
         kv = scheduler.kv_bytes(job.model, len(job.prompt), job.max_tokens)
         job.record.granted(time.monotonic() - asked, kv)
+        if job.record.intake is not None and job.record.intake.busy():
+            options["more"] = True  # others arrive with it: worth a moment's wait
         async with runner.generate(
             job.prompt, job.max_tokens, p.sampling, stop_ids, **options
         ) as chunks:

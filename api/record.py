@@ -18,10 +18,41 @@ CLIENT_GONE = 499  # as nginx logs it: the client closed the connection first
 
 
 @attrs.define
+class Intake:
+    """The requests being read and prepared, not yet queued for a model.
+
+    A request sent to a runner while others are here says that more follow
+    (``more`` in the runner protocol), so that an idle runner waits a moment
+    and reads them together. Only a hint: a request that never leaves (its
+    handler cancelled mid-way) stops counting after ``STALE_S``.
+    """
+
+    STALE_S = 1.0
+
+    _entered: dict[str, float] = attrs.field(factory=dict)
+
+    def enter(self, request_id: str) -> None:
+        self._entered[request_id] = time.monotonic()
+
+    def leave(self, request_id: str) -> None:
+        self._entered.pop(request_id, None)
+
+    def busy(self) -> bool:
+        """Whether any request is being read or prepared now."""
+        since = time.monotonic() - self.STALE_S
+        for request_id, entered in list(self._entered.items()):
+            if entered >= since:
+                return True
+            del self._entered[request_id]
+        return False
+
+
+@attrs.define
 class Record:
     id: str
     endpoint: str
     metrics: Metrics
+    intake: Intake | None = None  # counted in it until queued (or finished)
     arrived: float = attrs.field(factory=time.monotonic)
     model: str = ""
     prompt_tokens: int = 0
@@ -35,6 +66,15 @@ class Record:
     _last_token: float | None = None
     _itl: Any = None
     _done: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.intake is not None:
+            self.intake.enter(self.id)
+
+    def queued(self) -> None:
+        """Read and prepared: it leaves the intake for its model's queue."""
+        if self.intake is not None:
+            self.intake.leave(self.id)
 
     def granted(self, waited_s: float, kv_reserved: int) -> None:
         self.queue_s, self.kv_reserved = waited_s, kv_reserved
@@ -54,6 +94,7 @@ class Record:
         if self._done:
             return
         self._done = True
+        self.queued()
         duration = time.monotonic() - self.arrived
         m = self.metrics
         m.requests.labels(self.endpoint, self.model, str(status)).inc()

@@ -250,6 +250,9 @@ def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subpr
     config.write_text(
         f'port = {port}\ncache_dir = "{workdir}"\n[[models]]\nname = "bench"\n'
         f'path = "{model_dir}"\nmax_concurrency = {max(streams, 8)}\nmax_context = 8192\n'
+        # Every run sends the same prompts again: with its prefix cache mlxd
+        # would read them from memory while raw mlx-lm reads them afresh.
+        "prefix_cache = 0\n"
     )
     log = (workdir / "mlxd.log").open("wb")
     return subprocess.Popen(

@@ -71,23 +71,26 @@ def _read_commands(q: queue.Queue[dict[str, Any]]) -> None:
     q.put({"op": "shutdown"})  # EOF: the daemon is gone
 
 
-BURST_GAP_S = 0.002
-BURST_MAX_S = 0.020
+BURST_GAP_S = 0.002  # after a request the daemon sent alone
+MORE_GAP_S = 0.010  # after one it says others follow
+BURST_MAX_S = 0.050
 
 
 def _burst(commands: queue.Queue[dict[str, Any]], idle_s: float | None) -> list[dict[str, Any]]:
     """Wait for work while idle (at most ``idle_s``, if given: then there is
-    none), then keep collecting while commands keep coming (gaps under 2 ms,
-    20 ms at most). Requests that arrive together (several clients at once)
-    are then prefilled as one batch instead of one after another; a lone
-    request pays at most one 2 ms gap."""
+    none), then keep collecting while requests keep coming: for 2 ms after
+    each, or 10 ms after one that says others follow (``more``: several
+    clients at once, still being read by the daemon); 50 ms at most. Requests
+    that arrive together are then prefilled as one batch instead of one
+    group after another, and a lone request waits 2 ms."""
     try:
         msgs = [commands.get(timeout=idle_s)]
     except queue.Empty:
         return []
     deadline = time.monotonic() + BURST_MAX_S
     while msgs[-1].get("op") == "generate":
-        wait = min(BURST_GAP_S, deadline - time.monotonic())
+        gap = MORE_GAP_S if msgs[-1].get("more") else BURST_GAP_S
+        wait = min(gap, deadline - time.monotonic())
         if wait <= 0:
             break
         try:

@@ -16,7 +16,8 @@ Commands (daemon → runner)::
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,
-     "frequency_penalty": 0.0, "logit_bias": {"42": -100.0}, "grammar": null}
+     "frequency_penalty": 0.0, "logit_bias": {"42": -100.0}, "grammar": null,
+     "more": false}
     {"op": "cancel", "id": 7}         stop generating for 7 at the next step
     {"op": "prefix_limit", "bytes": 1073741824}
                                       the prefix cache's limit from now on (0 drops it)
@@ -106,6 +107,7 @@ class Generate:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = attrs.field(factory=dict)
     grammar: dict[str, Any] | None = None
+    more: bool = False
 
     def to_message(self) -> dict[str, Any]:
         return {
@@ -120,6 +122,7 @@ class Generate:
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": {str(k): v for k, v in self.logit_bias.items()},
             "grammar": self.grammar,
+            "more": self.more,
         }
 
     @classmethod
@@ -136,6 +139,7 @@ class Generate:
             frequency_penalty=msg.get("frequency_penalty", 0.0),
             logit_bias={int(k): float(v) for k, v in msg.get("logit_bias", {}).items()},
             grammar=msg.get("grammar"),
+            more=bool(msg.get("more", False)),
         )
 
 
