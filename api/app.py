@@ -88,7 +88,8 @@ def create_app(
     async def ps() -> dict[str, Any]:
         """The pool: budget and bytes in use, every model's state, bytes,
         requests running and queued, last use and expiry, runner counters, and
-        the spare runner process ("none", "starting" or "ready")."""
+        the spare runner process ("none", "starting" or "ready"; its bytes are
+        ``spare_bytes``)."""
         pool = scheduler.status() | {"spare": catalog.spares.status()}
         for m in pool["models"]:
             runner = scheduler.runner(m["model"])

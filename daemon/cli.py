@@ -128,7 +128,10 @@ def cmd_ps(args: argparse.Namespace) -> int:
         print(f"{m['model']:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}")
     spare = pool["spare"]
     pid = f" (pid {spare['pid']})" if spare["pid"] else ""
-    print(f"spare runner: {spare['state']}{pid}")
+    held = f", holding {format_bytes(pool['spare_bytes'])}" if pool["spare_bytes"] else ""
+    print(f"spare runner: {spare['state']}{pid}{held}")
+    if pool["runner_bytes"]:
+        print(f"each runner holds {format_bytes(pool['runner_bytes'])} before its model (in BYTES)")
     return 0
 
 

@@ -78,6 +78,7 @@ async def serve(
 
             outer.start_soon(_reload_on_sighup, reload)
         outer.start_soon(_prepare_all, catalog)
+        catalog.spares.watch(scheduler.spare_held, scheduler.spare_fits)  # in the ledger
         await outer.start(catalog.spares.run)
         async with trio.open_nursery() as inner:
             await inner.start(scheduler.run)

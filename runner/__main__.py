@@ -101,13 +101,21 @@ def _burst(commands: queue.Queue[dict[str, Any]], idle_s: float | None) -> list[
 
 
 def memory() -> dict[str, int]:
+    """MLX's view of this process's memory, and the driver's where it has
+    one (``device``: all the GPU memory the process holds, see ``runner/device.py``)."""
     import mlx.core as mx
 
-    return {
+    from runner.device import held_bytes
+
+    out = {
         "active": mx.get_active_memory(),
         "peak": mx.get_peak_memory(),
         "cache": mx.get_cache_memory(),
     }
+    device = held_bytes()
+    if device is not None:
+        out["device"] = device
+    return out
 
 
 WARM_UP_AFTER_S = 0.05
@@ -152,7 +160,10 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
 
         if mx.default_device() == mx.gpu:
             warm_kernels()  # also starts the device (a CUDA context takes a second)
-        send({"ev": "spare", "pid": os.getpid(), "startup_s": time.perf_counter() - started})
+        mem = memory()
+        held = mem.get("device", mem["active"] + mem["cache"])  # what every runner holds
+        spare = {"pid": os.getpid(), "startup_s": time.perf_counter() - started, "bytes": held}
+        send({"ev": "spare", **spare})
         line = sys.stdin.buffer.readline()
         if not line:
             return 0

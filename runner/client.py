@@ -78,6 +78,7 @@ class _Spare:
         self.proc = proc
         self.announced = trio.Event()  # its "spare" line was read (or it died)
         self.ready = False
+        self.bytes = 0  # the memory it said it holds
 
     @property
     def alive(self) -> bool:
@@ -92,6 +93,11 @@ class Spares:
     the model. Whoever takes the spare owns it. The next one starts only once
     no load is under way (a load ends with its first request's first token),
     so that its imports and device start never compete with a swap.
+
+    The memory a spare holds (a CUDA context, on a CUDA host) is the pool's
+    to account for: ``watch`` gives the pool's callbacks, told what a spare
+    holds (None while one starts, 0 once there is none) and asked whether
+    one may start.
     """
 
     RETRY_S = 30.0  # after a spare died before it was ready
@@ -102,23 +108,34 @@ class Spares:
         self._spare: _Spare | None = None
         self._loads = 0
         self._wake = trio.Event()
+        self._held: Callable[[int | None], None] = lambda held: None
+        self._fits: Callable[[], bool] = lambda: True
+
+    def watch(self, held: Callable[[int | None], None], fits: Callable[[], bool]) -> None:
+        self._held, self._fits = held, fits
 
     def status(self) -> dict[str, Any]:
         spare = self._spare
         if spare is None or not spare.alive:
-            return {"state": "none", "pid": None}
-        return {"state": "ready" if spare.ready else "starting", "pid": spare.proc.pid}
+            return {"state": "none", "pid": None, "bytes": 0}
+        state = "ready" if spare.ready else "starting"
+        return {"state": state, "pid": spare.proc.pid, "bytes": spare.bytes}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a spare started while no load is under way; kill it on exit."""
         try:
             task_status.started()
             while True:
-                if self._loads or (self._spare is not None and self._spare.alive):
+                alive = self._spare is not None and self._spare.alive
+                if self._spare is not None and not alive:
+                    self._spare = None
+                    self._held(0)
+                if self._loads or alive or not self._fits():
                     self._wake = trio.Event()
                     with trio.move_on_after(1.0):  # also notices a spare that died
                         await self._wake.wait()
                     continue
+                self._held(None)
                 spare = self._spare = _Spare(await spawn(self._python))
                 await self._announce(spare)
                 if not spare.ready:
@@ -126,6 +143,7 @@ class Spares:
                     await trio.sleep(self.RETRY_S)
         finally:
             left, self._spare = self._spare, None
+            self._held(0)
             if left is not None:
                 left.proc.kill()
                 with trio.CancelScope(shield=True):
@@ -136,8 +154,15 @@ class Spares:
         try:
             line = await _first_line(spare.proc.stdout)
             if line is not None and line.get("ev") == "spare":
-                spare.ready = True
-                log.info("spare runner ready pid=%s startup_s=%.3f", line["pid"], line["startup_s"])
+                spare.ready, spare.bytes = True, int(line.get("bytes", 0))
+                if self._spare is spare:  # not taken meanwhile
+                    self._held(spare.bytes)
+                log.info(
+                    "spare runner ready pid=%s startup_s=%.3f bytes=%d",
+                    line["pid"],
+                    line["startup_s"],
+                    spare.bytes,
+                )
         finally:
             spare.announced.set()
 
@@ -156,6 +181,8 @@ class Spares:
         """A started runner process: the spare (waiting for it to be ready if
         it is still starting, up to ``START_TIMEOUT_S``) or a new one."""
         spare, self._spare = self._spare, None
+        if spare is not None:
+            self._held(0)  # its memory is the load's now
         if spare is not None and spare.alive:
             usable = False
             try:

@@ -27,8 +27,11 @@ Commands (daemon → runner)::
 
 Events (runner → daemon)::
 
-    {"ev": "spare", "pid": 123, "startup_s": 4.2}    started without a model:
-                                      imports done and device up, waiting for "load"
+    {"ev": "spare", "pid": 123, "startup_s": 4.2, "bytes": 541065216}
+                                      started without a model: imports done and
+                                      device up, waiting for "load"; bytes: the
+                                      memory it holds so (a CUDA context), as
+                                      every runner does before its model
     {"ev": "ready", "pid": 123, "memory": {...}, "load_s": 0.4}
                                       the model is loaded (in load_s seconds)
     {"ev": "cached", "id": 7, "tokens": 1200, "from": "memory"}
@@ -67,7 +70,9 @@ Generate options (each off by default):
   "stop" as usual. A grammar that does not compile fails only its request,
   with an "error" event.
 
-``memory`` is MLX's view: ``{"active": bytes, "peak": bytes, "cache": bytes}``.
+``memory`` is MLX's view: ``{"active": bytes, "peak": bytes, "cache": bytes}``,
+and ``"device"``: all the GPU memory the process holds, where the driver
+says (NVML, on a CUDA host: MLX's buffers and the CUDA context).
 Stdin reaching EOF means the daemon is gone: the runner exits.
 """
 

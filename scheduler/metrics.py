@@ -194,7 +194,9 @@ class _PoolCollector(Collector):
         yield from gauges.values()
         yield GaugeMetricFamily("mlxd_models_resident", "Models loaded", value=resident)
         yield GaugeMetricFamily(
-            "mlxd_memory_used_bytes", "Bytes charged to resident models", value=pool["used"]
+            "mlxd_memory_used_bytes",
+            "Bytes charged to resident models and the spare runner",
+            value=pool["used"],
         )
         yield GaugeMetricFamily(
             "mlxd_memory_budget_bytes", "The memory budget", value=pool["budget"]

@@ -189,6 +189,18 @@ class Measured:
 
 
 @attrs.frozen
+class SpareHeld:
+    """The spare runner (a process started ahead of the next load) holds
+    ``held`` bytes; None while one starts (it will hold what the last one
+    did), 0 when there is none. What a spare holds is what every runner
+    process holds before its model (on a CUDA host, its CUDA context), so
+    each model is charged that much too."""
+
+    held: int | None
+    now: float = 0.0
+
+
+@attrs.frozen
 class Unload:
     model: str
     now: float = 0.0
@@ -225,6 +237,7 @@ Event = (
     | Sized
     | Reconfigure
     | Measured
+    | SpareHeld
     | Unload
     | Tick
     | Shutdown
@@ -288,6 +301,7 @@ class State(enum.Enum):
 class ModelState:
     spec: ModelSpec
     cost: int = 0
+    context: int = 0  # what its runner process holds before the model (``SpareHeld``)
     state: State = State.ABSENT
     runner: Any = None
     held: int = 0  # charged while loading (its cost) or stopping (what it still holds)
@@ -322,6 +336,12 @@ class ModelState:
         return -(-tokens // KV_STEP) * KV_STEP * self.kv_per_token
 
     @property
+    def base(self) -> int:
+        """Its bytes with no request running: its runner process, its weights
+        and working memory."""
+        return self.context + self.cost
+
+    @property
     def bytes(self) -> int:
         """Charged against the budget, its prefix-cache reservation apart."""
         return self.charge() if self.state is State.READY else self.held
@@ -336,10 +356,9 @@ class ModelState:
         return sum(self.kv(t) for t in self.running)
 
     def charge(self, extra: int = 0) -> int:
-        """A ready model's bytes: its weights and working memory plus the KV
-        its running requests (and ``extra``) reserve, never below what its
-        runner measures."""
-        return max(self.cost + self.reserved + extra, self.measured)
+        """A ready model's bytes: its base plus the KV its running requests
+        (and ``extra``) reserve, never below what its runner measures."""
+        return max(self.base + self.reserved + extra, self.measured)
 
     @property
     def expires(self) -> float:
@@ -356,10 +375,21 @@ class Policy:
         self.max_turn_s = max_turn_s
         self.stopping = False
         self.now = 0.0
+        self.spare = 0  # what the spare runner holds
+        self.context = 0  # what a runner holds before its model, as the last spare measured
 
     @property
     def used(self) -> int:
-        return sum(m.bytes + m.prefixes for m in self.models.values())
+        return self.spare + sum(m.bytes + m.prefixes for m in self.models.values())
+
+    def spare_fits(self) -> bool:
+        """Whether a spare runner may start: nobody waits for memory, and
+        there is room for what a runner holds."""
+        return not self.stopping and not self._candidates() and self.free >= self.context
+
+    @property
+    def free(self) -> int:
+        return self.budget - self.used
 
     @property
     def finished(self) -> bool:
@@ -423,6 +453,12 @@ class Policy:
                     m.prefixes_used = prefixes
                 elif m.state is State.STOPPING:
                     m.held, m.prefixes = min(m.held + m.prefixes, measured), 0
+            case SpareHeld(held):
+                self.spare = self.context if held is None else held
+                if held:
+                    self.context = held
+                    for m in self.models.values():
+                        m.context = held
             case Unload(model):
                 self.models[model].unload_asked = True
             case Reconfigure(specs, changed):
@@ -435,7 +471,7 @@ class Policy:
                         if m.state is State.ABSENT:
                             self._absent(m)  # takes the new settings now
                 for name, spec in specs.items():
-                    self.models.setdefault(name, ModelState(spec))
+                    self.models.setdefault(name, ModelState(spec, context=self.context))
             case Shutdown():
                 self.stopping = True
                 for name, m in self.models.items():
@@ -461,7 +497,7 @@ class Policy:
             return ShuttingDown("the server is shutting down")
         pinned = sum(o.bytes for name, o in self.models.items() if o.spec.pinned and name != model)
         room = self.budget - pinned
-        if m.cost + m.kv(ticket) > room:
+        if m.base + m.kv(ticket) > room:
             return self._too_large(ticket, room, pinned)
         if len(m.queue) + len(m.running) >= m.spec.queue_limit + m.spec.max_concurrency:
             return QueueFull(
@@ -477,21 +513,23 @@ class Policy:
         m = self.models[ticket.model]
         budget = f"the memory budget is {format_bytes(self.budget)} ({self.budget} bytes"
         budget += f", {format_bytes(pinned)} of it held by pinned models)" if pinned else ")"
-        kv = m.kv(ticket)
-        if m.cost + m.kv(ticket, 1) > room:
+        kv, base = m.kv(ticket), m.base
+        weights = f"{format_bytes(base)} ({base} bytes) for its weights"
+        if m.context:
+            weights += f" and runner process ({format_bytes(m.context)} of it)"
+        if base + m.kv(ticket, 1) > room:
             return ModelTooLarge(
-                f"model {ticket.model!r} needs about {format_bytes(m.cost)} ({m.cost} bytes) "
-                f"for its weights, plus {format_bytes(kv)} ({kv} bytes) of KV cache for this "
-                f"request, but {budget}; raise memory_budget or use a smaller model",
+                f"model {ticket.model!r} needs about {weights}, plus {format_bytes(kv)} "
+                f"({kv} bytes) of KV cache for this request, but {budget}; raise "
+                "memory_budget or use a smaller model",
                 param="model",
             )
-        fits = (room - m.cost) // max(m.kv_per_token, 1) // KV_STEP * KV_STEP
+        fits = (room - base) // max(m.kv_per_token, 1) // KV_STEP * KV_STEP
         most = max(fits - len(ticket.prompt), 1)
         return RequestTooLarge(
             f"this request needs {format_bytes(kv)} ({kv} bytes) of KV cache for its "
             f"{len(ticket.prompt)} prompt tokens plus max_tokens {ticket.max_tokens}, and "
-            f"model {ticket.model!r} {format_bytes(m.cost)} ({m.cost} bytes) for its weights, "
-            f"but {budget}; max_tokens {most} would fit",
+            f"model {ticket.model!r} {weights}, but {budget}; max_tokens {most} would fit",
             param="max_tokens",
         )
 
@@ -556,7 +594,7 @@ class Policy:
         while ready := self._grantable():
             m = min(ready, key=lambda m: (m.queue[0].since, m.queue[0].id))
             t = m.queue[0]
-            if m.charge(m.kv(t)) - m.bytes > self.budget - self.used:
+            if m.charge(m.kv(t)) - m.bytes > self.free:
                 break
             m.queue.popleft()
             m.running.add(t)
@@ -567,11 +605,14 @@ class Policy:
         return effects
 
     def _need(self, name: str) -> int:
-        """The bytes a candidate needs: an absent model its cost and its first
-        ticket's KV; a ready one the growth of its charge by that KV."""
+        """The bytes a candidate needs: an absent model its base and its
+        first ticket's KV (less the spare runner's bytes, which its load
+        takes over); a ready one the growth of its charge by that KV."""
         m = self.models[name]
         kv = m.kv(m.queue[0])
-        return m.cost + kv if m.state is State.ABSENT else m.charge(kv) - m.bytes
+        if m.state is State.ABSENT:  # its load takes the spare runner, and its bytes
+            return m.base + kv - self.spare
+        return m.charge(kv) - m.bytes
 
     def _candidates(self) -> list[str]:
         """Models waiting for memory, oldest waiting ticket first: absent ones
@@ -605,7 +646,7 @@ class Policy:
             for m in self.models.values()
             if m.state in (State.STOPPING, State.LOADING)
         )
-        return self.budget - self.used, coming
+        return self.free, coming
 
     def _reclaimable(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         """Prefix-cache bytes a load may take without evicting a model: the
@@ -650,7 +691,7 @@ class Policy:
         effects: list[Effect] = []
         if any(m.state in (State.LOADING, State.STOPPING) for m in self.models.values()):
             return effects
-        free = self.budget - self.used
+        free = self.free
         ready = [(m.last_used, n) for n, m in self.models.items() if m.state is State.READY]
         for _, name in sorted(ready, reverse=True):
             m = self.models[name]
@@ -691,7 +732,7 @@ class Policy:
             if cost <= free:
                 free -= cost  # a ready model's next ticket takes it in the next grant
                 if m.state is State.ABSENT:
-                    m.state, m.held = State.LOADING, m.cost
+                    m.state, m.held, self.spare = State.LOADING, m.base, 0
                     effects.append(StartRunner(name, 0, m.queue[0].prompt))
                 continue
             if cost > free + incoming:
@@ -727,7 +768,7 @@ class Policy:
         m = self.models[start.model]
         if not start.prompt:
             return start
-        m.prefixes = max(0, min(m.spec.prefix_cache, self.budget - self.used))
+        m.prefixes = max(0, min(m.spec.prefix_cache, self.free))
         return attrs.evolve(start, prefixes=m.prefixes)
 
     def _blocked(self) -> tuple[str, int] | None:

@@ -55,8 +55,10 @@ class Runner(Protocol):
 
 def measured_bytes(memory: dict[str, int]) -> int:
     """What a runner holds: MLX's live buffers plus the freed ones it keeps
-    cached for reuse (both are the process's memory)."""
-    return int(memory.get("active", 0)) + int(memory.get("cache", 0))
+    cached for reuse (both are the process's memory), or all the device
+    memory the driver says it holds, if that is more (a CUDA context)."""
+    mlx = int(memory.get("active", 0)) + int(memory.get("cache", 0))
+    return max(mlx, int(memory.get("device", 0)))
 
 
 class _LeaseTicket(p.Ticket):
@@ -220,7 +222,22 @@ class Scheduler:
                     },
                 }
             )
-        return {"budget": pol.budget, "used": pol.used, "models": models}
+        return {
+            "budget": pol.budget,
+            "used": pol.used,
+            "runner_bytes": pol.context,
+            "spare_bytes": pol.spare,
+            "models": models,
+        }
+
+    def spare_held(self, held: int | None) -> None:
+        """The spare runner holds ``held`` bytes (None: one is starting; 0:
+        there is none). See ``policy.SpareHeld``."""
+        self._post(p.SpareHeld(held, trio.current_time()))
+
+    def spare_fits(self) -> bool:
+        """Whether a spare runner may start now (memory allowing)."""
+        return self._policy.spare_fits()
 
     def kv_bytes(self, model: str, prompt_tokens: int, max_tokens: int) -> int:
         """The KV cache bytes a request to ``model`` reserves."""

@@ -640,8 +640,47 @@ def test_a_laptop_budget_takes_an_8b_model_whatever_its_declared_context() -> No
     assert pol.handle(p.Released(ts[1], 3)) == [p.Grant(long, RUNNER)]
 
 
+def test_every_runner_is_charged_what_the_spare_runner_holds() -> None:
+    """On a CUDA host each runner process holds a CUDA context before any
+    model: the spare measures it, the spare is charged it while it waits, and
+    each model is charged it on top of its weights. A load takes the spare
+    over, with its bytes."""
+    pol = policy(budget=10 * GB, a=spec(int(8.5 * GB)), b=spec(int(9.5 * GB)))
+    pol.handle(p.SpareHeld(None))  # starting: the first one's size is not known yet
+    assert pol.used == 0
+    pol.handle(p.SpareHeld(GB))
+    assert pol.used == GB and pol.context == GB
+    (t,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(t)) == [p.StartRunner("a", 0, ())]
+    assert pol.used == int(9.5 * GB)  # the spare's gigabyte is the load's now, not twice
+    pol.handle(p.SpareHeld(0))  # the pool says so too, once it has taken it
+    assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(t, RUNNER)]
+    assert pol.used == int(9.5 * GB)
+    assert not pol.spare_fits()  # 0.5 GB left: no room for another runner
+    pol.handle(p.Released(t, 1))
+    (u,) = tickets("b", 1)
+    (reject,) = pol.handle(p.Submitted(u, 2))  # 9.5 GB of weights and a 1 GB runner
+    assert isinstance(reject.error, ModelTooLarge)
+    assert "runner process" in reject.error.message and str(int(10.5 * GB)) in reject.error.message
+
+
+def test_a_spare_runner_waits_while_a_model_waits_for_memory() -> None:
+    pol = policy(budget=20 * GB, a=spec(8 * GB), b=spec(8 * GB), c=spec(8 * GB))
+    pol.handle(p.SpareHeld(GB))
+    serve_once(pol, "a", 0)
+    pol.handle(p.SpareHeld(GB))  # the next spare
+    (t,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(t, 1)) == [p.StartRunner("b", 0, ())]
+    assert pol.spare_fits()  # 2 GB free
+    (u,) = tickets("c", 1)
+    assert pol.handle(p.Submitted(u, 2)) == [p.StopRunner("a", RUNNER, "memory")]
+    assert not pol.spare_fits()  # c waits for a's memory: a spare must not take it
+    assert pol.handle(p.RunnerExited("a", 3)) == [p.StartRunner("c", 0, ())]
+    assert pol.spare_fits()  # nobody waits, and 2 GB are free
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 2), st.integers(0, 9)), max_size=80))
+@given(st.lists(st.tuples(st.integers(0, 8), st.integers(0, 2), st.integers(0, 9)), max_size=80))
 def test_no_sequence_of_events_charges_more_than_the_budget(
     steps: list[tuple[int, int, int]],
 ) -> None:
@@ -672,6 +711,11 @@ def test_no_sequence_of_events_charges_more_than_the_budget(
         elif kind == 6 and m.state is p.State.READY:
             prefixes = min(m.prefixes, size * GB // 4)
             event = p.Measured(name, m.bytes * size // 9 + prefixes, prefixes, now)
+        elif kind == 7 and which == 0 and not pol.spare and pol.spare_fits():
+            pol.handle(p.SpareHeld(None, now))  # a spare starts, and says what it holds
+            event = p.SpareHeld(min(pol.free, size * GB // 8), now)
+        elif kind == 7 and which == 1:
+            event = p.SpareHeld(0, now)  # it died (or a load took it)
         else:
             event = p.Tick(now + 60 * size)
         pol.handle(event)

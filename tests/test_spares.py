@@ -59,13 +59,41 @@ async def test_a_load_takes_the_ready_spare_and_a_new_one_follows(
     runner.stop()
 
 
+async def test_the_pool_hears_what_a_spare_holds_and_says_when_one_may_start(
+    nursery: trio.Nursery,
+) -> None:
+    held: list[int | None] = []
+    asked = trio.Event()
+    room = False
+
+    def fits() -> bool:
+        asked.set()
+        return room
+
+    spares = Spares()
+    spares.watch(held.append, fits)
+    await nursery.start(spares.run)
+    with trio.fail_after(30):
+        await asked.wait()
+    assert spares.status()["state"] == "none" and held == []  # no room: no spare
+    room = True
+    spare = await ready_spare(spares)
+    assert held[0] is None  # starting: charged what a runner held last time
+    assert held[1:] == [spares.status()["bytes"]]  # then what it says it holds
+    with spares.loading():  # (so that no new spare starts meanwhile)
+        proc = await spares.take()
+        assert proc.pid == spare and held[-1] == 0  # the load's now
+    proc.kill()
+    await proc.wait()
+
+
 async def test_no_spare_starts_while_a_load_is_under_way(nursery: trio.Nursery) -> None:
     spares, spare = await started_spares(nursery)
     with spares.loading():
         proc = await spares.take()
         assert proc.pid == spare
         await trio.sleep(2.5)  # the keeper looks again every second
-        assert spares.status() == {"state": "none", "pid": None}
+        assert spares.status() == {"state": "none", "pid": None, "bytes": 0}
     assert await ready_spare(spares) != spare
     proc.kill()
     await proc.wait()
