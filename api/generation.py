@@ -98,9 +98,16 @@ async def prepare(
         prompt = list(req.prompt)
         if max(prompt) >= len(texts.tokenizer):
             raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")
+    vocabulary = len(texts.tokenizer)
     for token, _ in req.params.logit_bias:
-        if token >= len(texts.tokenizer):
+        if token >= vocabulary:
             raise InvalidRequest(f"token id {token} is outside the vocabulary", "logit_bias")
+    if req.params.sampling.top_k > vocabulary:
+        raise InvalidRequest(
+            f"'top_k' is {req.params.sampling.top_k}, but model {model.name!r} has "
+            f"{vocabulary} tokens",
+            "top_k",
+        )
     room = texts.max_context - len(prompt)
     wanted = req.params.max_tokens
     if room <= 0 or (wanted is not None and wanted > room):

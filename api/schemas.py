@@ -61,7 +61,7 @@ class GenerationParams:
             top_p=_number(body, "top_p", 0.0, 1.0, default=1.0, low_open=True),
             top_k=_field(body, "top_k", int, "an integer >= 0", check=lambda n: n >= 0) or 0,
             min_p=_number(body, "min_p", 0.0, 1.0, default=0.0),
-            seed=_field(body, "seed", int, "an integer"),
+            seed=_seed(body),
         )
         stop = body.get("stop")
         if stop is None:
@@ -107,6 +107,14 @@ class GenerationParams:
         )
 
 
+def _seed(body: Mapping[str, Any]) -> int | None:
+    """OpenAI's seed is a 64-bit integer, signed or not; MLX's key takes it
+    unsigned (-1 is 2**64 - 1)."""
+    expected = "an integer from -2**63 to 2**64 - 1"
+    seed = _field(body, "seed", int, expected, check=lambda n: -(2**63) <= n < 2**64)
+    return None if seed is None else seed % 2**64
+
+
 def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
     raw = _field(body, "logit_bias", dict, "an object of token ids to biases")
     if not raw:
@@ -116,7 +124,7 @@ def _logit_bias(body: Mapping[str, Any]) -> tuple[tuple[int, float], ...]:
     out = []
     for key, bias in raw.items():
         ok = isinstance(bias, (int, float)) and not isinstance(bias, bool) and -100 <= bias <= 100
-        if not (isinstance(key, str) and key.isdigit()) or not ok:
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()) or not ok:
             raise InvalidRequest(
                 f"'logit_bias' maps token ids to numbers in [-100, 100]; got {key!r}: {bias!r}",
                 param="logit_bias",

@@ -233,7 +233,12 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
             outputs = engine.step()
         except Exception as e:
             send({"ev": "error", "ids": engine.request_ids(), "message": _describe(e)})
-            engine.reset()
+            log.exception("a step failed; its requests got the error")
+            try:
+                engine.recover()
+            except Exception as broken:  # its state is spoiled: the daemon loads it afresh
+                log.error("cannot recover from the failed step (%s): exiting", _describe(broken))
+                return 1
             continue
         if outputs:
             send({"ev": "tokens", "batch": len(outputs), "out": outputs})

@@ -30,6 +30,7 @@ crosses threads.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
@@ -278,6 +279,15 @@ class Engine:
         self._in_batch.clear()
         self._uid.clear()
         self._batch = None
+
+    def recover(self) -> None:
+        """After a step failed: forget every sequence (``reset``), give MLX a
+        fresh random state (a sampler that failed mid-step leaves it without
+        a value, and every sampled token after would fail too), and check
+        that the model still decodes; raises if it does not."""
+        self.reset()
+        mx.random.seed(int.from_bytes(os.urandom(8)))
+        self.warm_up()
 
     @property
     def chunk(self) -> int:

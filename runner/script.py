@@ -68,6 +68,9 @@ class ScriptEngine:
     def reset(self) -> None:
         self._running.clear()
 
+    def recover(self) -> None:
+        self.reset()
+
     def step(self) -> list[Output]:
         out: list[Output] = []
         for replay in list(self._running.values())[: self.max_batch]:

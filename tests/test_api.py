@@ -171,6 +171,9 @@ async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
         ({"messages": CHAT}, 400, "model"),
         ({"model": "nope", "messages": CHAT}, 404, "model"),
         ({"model": "tiny", "messages": CHAT, "max_tokens": 10_000}, 400, "messages"),
+        ({"model": "tiny", "messages": CHAT, "top_k": 10**6}, 400, "top_k"),
+        ({"model": "tiny", "messages": CHAT, "seed": 2**64}, 400, "seed"),
+        ({"model": "tiny", "messages": CHAT, "logit_bias": {"²": 1}}, 400, "logit_bias"),
     ],
 )
 async def test_bad_requests_get_openai_errors(
