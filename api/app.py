@@ -21,7 +21,7 @@ from api.record import CLIENT_GONE, Intake, Record
 from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
 from config.settings import Settings
-from scheduler.errors import InvalidRequest, MlxdError, RunnerCrashed, Unauthorized
+from scheduler.errors import InvalidRequest, MlxdError, Unauthorized
 from scheduler.metrics import CONTENT_TYPE
 from scheduler.pool import Scheduler
 
@@ -87,19 +87,16 @@ def create_app(
     @app.get("/api/ps")
     async def ps() -> dict[str, Any]:
         """The pool: budget and bytes in use, every model's state, bytes,
-        requests running and queued, last use and expiry, runner counters, and
+        requests running and queued, last use and expiry, runner counters (as
+        the pool last measured them, every 2 s: a busy runner never holds this
+        up), and
         the spare runner process ("none", "starting" or "ready"; its bytes are
         ``spare_bytes``)."""
         pool = scheduler.status() | {"spare": catalog.spares.status()}
         for m in pool["models"]:
             runner = scheduler.runner(m["model"])
-            if m["state"] == "ready" and runner is not None:
-                try:
-                    stats = await runner.stats()
-                    stats.pop("ev", None)
-                    m["runner"] = stats
-                except RunnerCrashed:
-                    m["runner"] = None
+            ready = m["state"] == "ready" and runner is not None
+            m["runner"] = runner.last_stats if ready else None  # never waits on a busy runner
         return pool
 
     @app.get("/api/errors")

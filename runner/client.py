@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, aclosing, asynccontextmanager, contextmanager
 from pathlib import Path
@@ -227,6 +228,7 @@ class RunnerProcess:
         self._spares = spares
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
+        self.last_stats: dict[str, Any] | None = None  # the last "stats" event, and its time
         self.load_s: float | None = None  # the runner's own load time
         self.prefix_bytes = 0  # its prefix cache's, once loaded (a read-ahead)
         # Called with the runner's memory once, on its way out, it has freed
@@ -417,8 +419,12 @@ class RunnerProcess:
                     stream.send_nowait(Chunk((), error=err))
         elif ev == "stats":
             self.memory = msg.get("memory", self.memory)
+            self.last_stats = {k: v for k, v in msg.items() if k != "ev"} | {"at": time.time()}
             if self._stats:
-                self._stats.pop(0).send_nowait(msg)
+                try:
+                    self._stats.pop(0).send_nowait(msg)
+                except trio.BrokenResourceError:
+                    pass  # its waiter gave up
         else:
             log.warning("runner for %s sent an unknown event: %r", self.spec.model, msg)
 

@@ -319,19 +319,30 @@ class Scheduler:
         self._post(p.RunnerExited(model, trio.current_time()))
 
     async def _measure(self) -> None:
-        """Keep each resident model's measured bytes current as its caches grow."""
-        while True:
-            await trio.sleep(MEASURE_EVERY_S)
-            for name, m in list(self._policy.models.items()):
-                if m.state is p.State.READY and m.runner is not None:
-                    try:
-                        stats = await m.runner.stats()
-                    except RunnerCrashed:
-                        continue
-                    memory = stats.get("memory", {})
-                    prefixes = int((stats.get("prefix") or {}).get("bytes", 0))
-                    now = trio.current_time()
-                    self._post(p.Measured(name, measured_bytes(memory), prefixes, now))
+        """Keep each resident model's measured bytes (and its runner's last
+        stats, for ``/api/ps``) current as its caches grow. Runners answer
+        between steps, each in its own time: a busy one delays only itself."""
+        asking: set[str] = set()  # models whose runner has yet to answer
+
+        async def measure(name: str, runner: Runner) -> None:
+            try:
+                stats = await runner.stats()
+            except RunnerCrashed:
+                return
+            finally:
+                asking.discard(name)
+            memory = stats.get("memory", {})
+            prefixes = int((stats.get("prefix") or {}).get("bytes", 0))
+            self._post(p.Measured(name, measured_bytes(memory), prefixes, trio.current_time()))
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(MEASURE_EVERY_S)
+                for name, m in list(self._policy.models.items()):
+                    ready = m.state is p.State.READY and m.runner is not None
+                    if ready and name not in asking:
+                        asking.add(name)
+                        nursery.start_soon(measure, name, m.runner)
 
     async def _load_at_start(self, model: str) -> None:
         try:

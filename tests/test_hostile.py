@@ -3,6 +3,8 @@ hardening issue, each tried as a careless or hostile client would)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -63,4 +65,40 @@ async def test_a_failed_step_fails_its_requests_and_the_runner_samples_on(
     assert await outcome(Sampling(temperature=1.0, top_k=10**9)) == "error"
     assert await outcome(Sampling(temperature=1.0)) == "ok"
     assert await outcome(Sampling(temperature=1.0, seed=3)) == "ok"
+    runner.stop()
+
+
+async def test_ps_answers_while_a_runner_is_frozen_and_the_runner_serves_after(
+    tiny: Daemon,
+) -> None:
+    async with httpx.AsyncClient(timeout=120) as http:
+        chat = {"model": "tiny", "messages": CHAT, "max_tokens": 4}
+        assert (await http.post(f"{tiny.url}/v1/chat/completions", json=chat)).status_code == 200
+        (entry,) = (await http.get(f"{tiny.url}/api/ps")).json()["models"]
+        os.kill(entry["pid"], signal.SIGSTOP)  # as busy as a runner gets
+        try:
+            for _ in range(3):  # however often asked, and whoever gives up
+                with trio.move_on_after(0.01):
+                    await http.get(f"{tiny.url}/api/ps")
+                ps = await http.get(f"{tiny.url}/api/ps", timeout=10)
+                assert ps.status_code == 200
+                assert ps.json()["models"][0]["state"] == "ready"
+        finally:
+            os.kill(entry["pid"], signal.SIGCONT)
+        assert (await http.post(f"{tiny.url}/v1/chat/completions", json=chat)).status_code == 200
+
+
+async def test_a_stats_waiter_that_gives_up_leaves_the_runner_alone(
+    nursery: trio.Nursery, tiny_dir: Path
+) -> None:
+    runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 4)).run)
+    with trio.move_on_after(0):  # gone before the runner can answer
+        await runner.stats()
+    assert (await runner.stats())["active"] == 0  # the late answer went nowhere
+    async with runner.generate([1, 2, 3], 4, Sampling(temperature=0.0)) as chunks:
+        async for chunk in chunks:
+            assert chunk.error is None
+            if chunk.finish:
+                break
+    assert chunk.finish == "length"
     runner.stop()
