@@ -16,12 +16,13 @@ from quart_trio import QuartTrio
 from api import errors, logprobs, sse
 from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
+from api.guard import Guard
 from api.reader import ToolCall
 from api.record import CLIENT_GONE, Intake, Record
 from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
 from config.settings import Settings
-from scheduler.errors import InvalidRequest, MlxdError, Unauthorized
+from scheduler.errors import InvalidRequest, MlxdError
 from scheduler.metrics import CONTENT_TYPE
 from scheduler.pool import Scheduler
 
@@ -43,6 +44,7 @@ def create_app(
     errors.install(app)
     metrics = scheduler.metrics
     intake = Intake()
+    guard = Guard.from_settings(settings)
 
     @app.before_request
     async def _start_record() -> None:
@@ -57,16 +59,11 @@ def create_app(
             response.headers["X-Request-Id"] = record.id
             if not record.streaming:
                 record.finish(response.status_code)
-        return response
+        return guard.cors(response, request.headers.get("Origin"))
 
     @app.before_request
-    async def _check_key() -> None:
-        if not settings.api_keys or request.path == "/health":
-            return
-        header = request.headers.get("Authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or key not in settings.api_keys:
-            raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
+    async def _admit() -> Response | None:
+        return guard.admit(request)  # Host, Origin, Content-Type, API key
 
     @app.get("/health")
     async def health() -> dict[str, str]:

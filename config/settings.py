@@ -89,6 +89,8 @@ class Settings:
         ModelConfig(name="smollm2-135m-instruct", source=BUNDLED, aliases=("default",)),
     )
     api_keys: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback and ``host``
+    cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API
     max_body_bytes: int = 8 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     log_level: str = "info"
@@ -123,6 +125,10 @@ class Settings:
             "host": t.take("host", str, "a host name or address"),
             "port": t.take("port", int, "a port number (1-65535)", lambda p: 0 < p < 65536),
             "api_keys": t.take_list("api_keys", str, "a list of strings"),
+            "allowed_hosts": t.take_list("allowed_hosts", str, "a list of host names"),
+            "cors_origins": t.take_list(
+                "cors_origins", str, "a list of origins ('https://app.example')"
+            ),
             "max_body_bytes": t.take("max_body_bytes", int, "a positive integer", _positive),
             "shutdown_grace_s": t.take(
                 "shutdown_grace_s", (int, float), "a number of seconds >= 0", lambda s: s >= 0
@@ -154,8 +160,9 @@ class Settings:
             _check_unique_names(models)
             kwargs["models"] = models
         t.reject_unknown()
-        if "api_keys" in kwargs and kwargs["api_keys"] is not None:
-            kwargs["api_keys"] = tuple(kwargs["api_keys"])
+        for key in ("api_keys", "allowed_hosts", "cors_origins"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
 
     def describe(self) -> str:
@@ -163,6 +170,8 @@ class Settings:
         lines = [
             f"listen: {self.host}:{self.port}",
             f"api keys: {len(self.api_keys)} configured" if self.api_keys else "api keys: none",
+            f"hosts served: loopback, {self.host}" + "".join(f", {h}" for h in self.allowed_hosts),
+            "web origins allowed: " + (", ".join(self.cors_origins) or "none"),
             f"cache: {self.cache_dir}",
             f"memory budget: {self.memory_budget or 'device default'}",
             f"prefix cache on disk: {format_bytes(self.prefix_disk_bytes)}",

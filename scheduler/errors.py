@@ -3,8 +3,10 @@
     MlxdError
     ├── InvalidRequest (ValueError)          the request itself is wrong
     │   ├── ContextLengthExceeded            prompt + max_tokens > the model's context
-    │   └── RequestTooLarge                  its KV cache could never fit the memory budget
+    │   ├── RequestTooLarge                  its KV cache could never fit the memory budget
+    │   └── UnsupportedMediaType             a POST body that is not application/json
     ├── Unauthorized (PermissionError)       missing or wrong API key
+    ├── Forbidden (PermissionError)          a Host or Origin mlxd does not serve
     ├── ModelNotFound (LookupError)          no configured model by that name
     ├── ModelLoadFailed (RuntimeError)       the runner could not load the model
     ├── RunnerCrashed (RuntimeError)         the runner died while serving the request
@@ -41,7 +43,15 @@ class RequestTooLarge(InvalidRequest):
     pass
 
 
+class UnsupportedMediaType(InvalidRequest):
+    pass
+
+
 class Unauthorized(MlxdError, PermissionError):
+    pass
+
+
+class Forbidden(MlxdError, PermissionError):
     pass
 
 

@@ -218,7 +218,11 @@ async def test_malformed_and_oversized_bodies(tiny: Daemon) -> None:
         )
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
         huge = json.dumps({"model": "tiny", "messages": CHAT, "pad": "x" * (9 * 1024 * 1024)})
-        big = await http.post(f"{tiny.url}/v1/chat/completions", content=huge)
+        big = await http.post(
+            f"{tiny.url}/v1/chat/completions",
+            content=huge,
+            headers={"content-type": "application/json"},
+        )
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
         missing = await http.get(f"{tiny.url}/v1/nothing")
         assert missing.status_code == 404 and "error" in missing.json()

@@ -20,6 +20,7 @@ def test_defaults_are_safe_and_serve_the_bundled_model() -> None:
     s = Settings()
     assert s.host == "127.0.0.1"
     assert s.api_keys == ()
+    assert s.cors_origins == () and s.allowed_hosts == ()  # no web page may call it
     assert [m.source for m in s.models] == [BUNDLED]
 
 
@@ -43,6 +44,15 @@ max_concurrency = 4
     assert s.port == 9000
     assert (m.name, m.aliases, m.max_context, m.max_concurrency) == ("small", ("s",), 2048, 4)
     assert m.source == str((tmp_path / "m").resolve())
+
+
+def test_browser_settings(tmp_path: Path) -> None:
+    text = "allowed_hosts = ['mac.lan']\ncors_origins = ['https://app.example']\n"
+    s = Settings.from_toml(write(tmp_path, text))
+    assert s.allowed_hosts == ("mac.lan",) and s.cors_origins == ("https://app.example",)
+    assert "https://app.example" in s.describe()
+    with pytest.raises(ConfigError, match="cors_origins"):
+        Settings.from_toml(write(tmp_path, "cors_origins = 'https://app.example'\n"))
 
 
 def test_prefix_cache_settings(tmp_path: Path) -> None:

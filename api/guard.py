@@ -1,0 +1,105 @@
+"""What keeps a web page from driving mlxd, and the API key check.
+
+Any page a user visits can send requests to 127.0.0.1, and through DNS
+rebinding (a name of the attacker's that resolves to 127.0.0.1) read the
+answers too. So, before any route runs:
+
+- the Host header must name this server: a loopback name or address, the
+  listen address, or one of ``allowed_hosts`` (when listening on every
+  interface with no ``allowed_hosts``, any name does): 403 otherwise;
+- a request with an Origin header (browsers send one on cross-origin
+  requests and on every POST) must come from one of ``cors_origins`` or from
+  this server itself: 403 otherwise. A listed origin gets CORS headers, and
+  its preflight (OPTIONS) an answer;
+- a POST body must be ``application/json`` (415 otherwise): a page may send
+  text or a form anywhere without asking, but JSON only after a preflight,
+  which an unlisted origin fails;
+- with API keys configured, every request but ``/health`` needs one, and
+  keys are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from urllib.parse import urlsplit
+
+import attrs
+from quart import Request, Response
+
+from config.settings import Settings
+from scheduler.errors import Forbidden, Unauthorized, UnsupportedMediaType
+
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
+PREFLIGHT_MAX_AGE_S = 600
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header (or an origin's netloc), without its port:
+    ``[::1]:8642`` is ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+@attrs.frozen
+class Guard:
+    hosts: frozenset[str] | None  # None: any
+    origins: frozenset[str]
+    keys: tuple[bytes, ...]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Guard:
+        allowed = {host_name(h) for h in settings.allowed_hosts}
+        hosts = None
+        if settings.host not in EVERY_INTERFACE or allowed:
+            hosts = LOOPBACK | {host_name(settings.host)} | allowed
+        origins = frozenset(o.rstrip("/").lower() for o in settings.cors_origins)
+        return cls(hosts, origins, tuple(k.encode() for k in settings.api_keys))
+
+    def admit(self, request: Request) -> Response | None:
+        """Raise if ``request`` may not be served; the answer to a CORS
+        preflight from a listed origin; else None."""
+        host = request.headers.get("Host", "")
+        if self.hosts is not None and host_name(host) not in self.hosts:
+            raise Forbidden(f"this server does not serve the host {host!r}")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._same_server(origin, host):
+            if origin.rstrip("/").lower() not in self.origins:
+                raise Forbidden(
+                    f"requests from web pages at {origin} are not allowed "
+                    "(list the origin in cors_origins to allow them)"
+                )
+            if request.method == "OPTIONS":
+                return self.cors(Response("", status=204), origin, preflight=True)
+        if request.method == "POST" and request.mimetype != "application/json":
+            raise UnsupportedMediaType(
+                "the request body must be JSON, sent as Content-Type: application/json"
+            )
+        if self.keys and request.path != "/health":
+            scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+            given = key.strip().encode()
+            # Every key is compared, whether or not an earlier one matched.
+            matches = [hmac.compare_digest(given, k) for k in self.keys]
+            if scheme.lower() != "bearer" or not any(matches):
+                raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
+        return None
+
+    def cors(self, response: Response, origin: str | None, preflight: bool = False) -> Response:
+        """``response`` with the CORS headers a listed ``origin`` gets."""
+        if origin is None or origin.rstrip("/").lower() not in self.origins:
+            return response
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        if preflight:
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE_S)
+        else:
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"
+        return response
+
+    @staticmethod
+    def _same_server(origin: str, host: str) -> bool:
+        return urlsplit(origin).netloc.lower() == host.strip().lower()

@@ -1,0 +1,76 @@
+"""Web pages cannot drive mlxd: Host, Origin and Content-Type checks, CORS
+for listed origins only, API keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from api.guard import host_name
+from config.settings import ModelConfig
+from tests.conftest import running, settings_for
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+APP = "https://app.example"
+
+
+def test_host_names_lose_their_port() -> None:
+    assert host_name("127.0.0.1:8642") == "127.0.0.1"
+    assert host_name("[::1]:8642") == "::1"
+    assert host_name("LocalHost") == "localhost"
+    assert host_name("::1") == "::1"
+
+
+async def test_only_this_servers_hosts_and_listed_origins_get_answers(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        ModelConfig("tiny", str(tiny_dir)),
+        allowed_hosts=("mlxd.lan",),
+        cors_origins=(APP,),
+    )
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+        url = f"{daemon.url}/v1/chat/completions"
+        port = settings.port
+
+        async def post(headers: dict[str, str], **kw: object) -> httpx.Response:
+            return await http.post(url, headers=headers, **kw)  # type: ignore[arg-type]
+
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "mlxd.lan"):
+            assert (await post({"Host": host}, json=CHAT)).status_code == 200, host
+        # DNS rebinding: a page's own name, pointed at 127.0.0.1.
+        rebound = await post({"Host": f"evil.example:{port}"}, json=CHAT)
+        assert rebound.status_code == 403 and rebound.json()["error"]["code"] == "forbidden"
+
+        page = await post({"Origin": "https://evil.example"}, json=CHAT)
+        assert page.status_code == 403 and "cors_origins" in page.json()["error"]["message"]
+        assert "access-control-allow-origin" not in page.headers
+        # A page's "simple" request, which browsers send without asking first.
+        plain = await post({"Content-Type": "text/plain"}, content=b'{"model": "tiny"}')
+        assert plain.status_code == 415
+        assert plain.json()["error"]["code"] == "unsupported_media_type"
+
+        listed = await post({"Origin": APP}, json=CHAT)
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == APP
+        asking = {"Origin": APP, "Access-Control-Request-Method": "POST"}
+        preflight = await http.options(url, headers=asking)
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == APP
+        assert "content-type" in preflight.headers["access-control-allow-headers"].lower()
+        refused = await http.options(url, headers=asking | {"Origin": "https://evil.example"})
+        assert refused.status_code == 403
+        same = await post({"Origin": f"http://127.0.0.1:{port}"}, json=CHAT)
+        assert same.status_code == 200  # a page mlxd itself served
+
+
+async def test_api_keys_are_required_and_health_is_open(tiny_dir: Path, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir)), api_keys=("k1", "k2"))
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+        url = f"{daemon.url}/v1/chat/completions"
+        for key, status in (("k2", 200), ("k1", 200), ("k3", 401), ("k", 401), ("k1x", 401)):
+            resp = await http.post(url, json=CHAT, headers={"Authorization": f"Bearer {key}"})
+            assert resp.status_code == status, key
+        assert (await http.post(url, json=CHAT)).status_code == 401
+        assert (await http.get(f"{daemon.url}/health")).status_code == 200
