@@ -20,7 +20,7 @@ from api.guard import Guard
 from api.reader import ToolCall
 from api.record import CLIENT_GONE, Intake, Record
 from api.responses import Shaper, chat_request
-from api.schemas import ChatRequest, CompletionRequest, keep_alive_field
+from api.schemas import ChatRequest, CompletionRequest, keep_alive_field, parse_json
 from config.settings import Settings
 from scheduler.errors import InvalidRequest, MlxdError
 from scheduler.metrics import CONTENT_TYPE
@@ -248,11 +248,7 @@ def create_app(
 
 
 async def _json_body() -> Any:
-    raw = await request.get_data(cache=False)
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    return parse_json(await request.get_data(cache=False))
 
 
 def _model_field(body: Any) -> str:

@@ -88,7 +88,7 @@ class Catalog:
             model_dir = await self._model_dir(model)
             try:
                 self._sizes[name] = await trio.to_thread.run_sync(memory.estimate, model_dir, model)
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, struct.error) as e:
                 raise ModelLoadFailed(f"cannot size model {name!r} from {model_dir}: {e}") from e
         return self._sizes[name]
 

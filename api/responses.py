@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from api.generation import Delta, Usage
-from api.schemas import ChatRequest, json_object
+from api.schemas import MAX_MESSAGES, ChatRequest, json_object
 from scheduler.errors import InvalidRequest
 
 _PASSED = (
@@ -103,6 +103,8 @@ def _input_messages(value: Any) -> list[dict[str, Any]]:
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
         raise InvalidRequest("'input' must be a string or a non-empty list of items", "input")
+    if len(value) > MAX_MESSAGES:
+        raise InvalidRequest(f"'input' may hold at most {MAX_MESSAGES} items", "input")
     out: list[dict[str, Any]] = []
     for i, item in enumerate(value):
         if not isinstance(item, dict):

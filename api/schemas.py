@@ -24,6 +24,8 @@ from scheduler.errors import InvalidRequest
 T = TypeVar("T")
 _ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 16
+MAX_MESSAGES = 10_000  # a long agent session has a few thousand
+MAX_DEPTH = 64  # of JSON nesting: tool schemas included, real requests stay far below
 
 
 @attrs.frozen
@@ -206,6 +208,8 @@ class ChatRequest:
         raw = body.get("messages")
         if not isinstance(raw, list) or not raw:
             raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+        if len(raw) > MAX_MESSAGES:
+            raise InvalidRequest(f"'messages' may hold at most {MAX_MESSAGES}", param="messages")
         names: dict[str, str] = {}  # tool call id -> function name, for tool results
         messages = tuple(_message(m, i, names) for i, m in enumerate(raw))
         tools = tools_field(body)
@@ -265,6 +269,42 @@ class CompletionRequest:
         )
 
 
+def parse_json(raw: str | bytes) -> Any:
+    """A request body: JSON nested at most ``MAX_DEPTH`` deep whose every
+    string (keys too) is valid Unicode (JSON can spell a lone surrogate,
+    ``"\\ud800"``, which no tokenizer takes)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise InvalidRequest(f"the request body is nested more than {MAX_DEPTH} deep") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            _unicode(item)
+        elif isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise InvalidRequest(f"the request body is nested more than {MAX_DEPTH} deep")
+            if isinstance(item, dict):
+                for key in item:
+                    _unicode(key)
+                item = list(item.values())
+            stack.extend((x, depth + 1) for x in item)
+    return value
+
+
+def _unicode(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise InvalidRequest(
+                "the request body has text that is not valid Unicode (a lone surrogate)"
+            ) from None
+
+
 def json_object(body: Any) -> Mapping[str, Any]:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -278,11 +318,13 @@ def _message(raw: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"'{where}' must be an object", param=where)
     role = raw.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise InvalidRequest(
             f"'{where}.role' must be one of {', '.join(sorted(_ROLES))}", param=f"{where}.role"
         )
     calls = raw.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+        raise InvalidRequest(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
     if role == "assistant" and calls:
         content = raw.get("content")
         return {

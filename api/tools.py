@@ -63,7 +63,7 @@ def tool_choice_field(body: Mapping[str, Any], tools: tuple[dict[str, Any], ...]
         # chat nests the name under "function"; responses puts it beside "type"
         fn = raw.get("function")
         name = fn.get("name") if isinstance(fn, dict) else raw.get("name")
-        if name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or name not in {t["function"]["name"] for t in tools}:
             raise InvalidRequest(f"'tool_choice' names no tool in 'tools': {name!r}", "tool_choice")
         choice = ToolChoice("function", name)
     else:

@@ -27,7 +27,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"not a duration: {value!r}")
     if isinstance(value, int | float):
-        return math.inf if value < 0 else float(value)
+        try:
+            return math.inf if value < 0 else float(value)
+        except OverflowError:  # past a float: for ever, in effect
+            return math.inf
     if isinstance(value, str):
         if value.strip().lower() in {"forever", "inf", "-1"}:
             return math.inf

@@ -146,11 +146,7 @@ async def _reload(
         ", ".join(sorted(removed)) or "none",
         ", ".join(sorted(changed)) or "none",
     )
-    for name in sorted(added | changed):
-        try:
-            await catalog.texts(name)
-        except MlxdError as e:
-            log.error("%s", e.message)
+    await _prepare(catalog, sorted(added | changed))
     return kept
 
 
@@ -172,8 +168,14 @@ _RESTART_ONLY = (
 async def _prepare_all(catalog: Catalog) -> None:
     """Load every model's tokenizer (converting the bundled model if needed) in
     the background, so that the first request does not pay for it."""
-    for name in catalog.models:
+    await _prepare(catalog, list(catalog.models))
+
+
+async def _prepare(catalog: Catalog, names: list[str]) -> None:
+    for name in names:
         try:
             await catalog.texts(name)
         except MlxdError as e:
             log.error("%s", e.message)
+        except Exception:  # a broken model is its requests' error, never the daemon's end
+            log.exception("preparing model %s failed", name)

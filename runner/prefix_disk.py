@@ -42,6 +42,7 @@ log = logging.getLogger("mlxd.prefix")
 FORMAT = "mlxd-prefix-1"  # part of the fingerprint: a new layout starts afresh
 SUFFIX = ".safetensors"
 TMP = ".tmp-"
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's limit
 _SAMPLES = 8  # blocks read from each weights file
 _SAMPLE_BYTES = 64 * 1024
 
@@ -68,6 +69,8 @@ def _sampled(path: Path) -> Any:
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
         (header,) = struct.unpack("<Q", f.read(8))
+        if header > min(size - 8, MAX_HEADER):
+            raise ValueError(f"{path.name} is not a safetensors file (a {header}-byte header)")
         h.update(f.read(header))
         data = 8 + header
         span = max(size - data - _SAMPLE_BYTES, 0)

@@ -58,6 +58,9 @@ class Size:
     kv_per_token: int
 
 
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's limit on a header
+
+
 def estimate(model_dir: Path, model: ModelConfig) -> Size:
     """The model's size from its files: weights, working memory for
     ``max_concurrency`` sequences (logits, activations of one prefill chunk,
@@ -84,6 +87,8 @@ def _activation_bytes(path: Path) -> int:
     its activations and KV cache are computed in."""
     with path.open("rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
+        if size > min(os.fstat(f.fileno()).st_size - 8, MAX_HEADER):
+            raise ValueError(f"{path.name} is not a safetensors file (a {size}-byte header)")
         header: dict[str, Any] = json.loads(f.read(size))
     for name, info in header.items():
         if name.endswith("norm.weight"):

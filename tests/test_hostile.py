@@ -4,15 +4,17 @@ hardening issue, each tried as a careless or hostile client would)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import httpx
 import trio
 
+from config.settings import ModelConfig
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Sampling
-from tests.conftest import Daemon
+from tests.conftest import Daemon, running, settings_for
 
 CHAT = [{"role": "user", "content": "Say something."}]
 
@@ -102,3 +104,60 @@ async def test_a_stats_waiter_that_gives_up_leaves_the_runner_alone(
                 break
     assert chunk.finish == "length"
     runner.stop()
+
+
+MALFORMED = {
+    "a role that is a list": {"messages": [{"role": ["user"], "content": "hi"}]},
+    "a role that is an object": {"messages": [{"role": {"a": 1}, "content": "hi"}]},
+    "tool_calls as a number": {
+        "messages": [*CHAT, {"role": "assistant", "content": "", "tool_calls": 5}]
+    },
+    "a tool choice named by a list": {
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "tool_choice": {"type": "function", "function": {"name": ["f"]}},
+    },
+    "a logit_bias key of other digits": {"logit_bias": {"²": 1}},
+    "too many messages": {"messages": CHAT * 10_001},
+}
+RAW = {
+    "a lone surrogate": b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
+    "JSON nested 10,000 deep": b'{"model": "tiny", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+    "JSON nested 100 deep": b'{"model": "tiny", "x": ' + b"[" * 100 + b"]" * 100 + b"}",
+}
+
+
+async def test_malformed_bodies_get_400s_and_the_daemon_serves_on(tiny: Daemon) -> None:
+    url = f"{tiny.url}/v1/chat/completions"
+    headers = {"Content-Type": "application/json"}
+    async with httpx.AsyncClient(timeout=120) as http:
+        answers = {
+            name: await http.post(url, json={"model": "tiny", "messages": CHAT} | fields)
+            for name, fields in MALFORMED.items()
+        }
+        for name, raw in RAW.items():
+            answers[name] = await http.post(url, content=raw, headers=headers)
+        for name, resp in answers.items():
+            assert resp.status_code == 400, (name, resp.text)
+            assert resp.json()["error"]["type"] == "invalid_request_error", name
+        huge = {"model": "tiny", "messages": CHAT, "max_tokens": 2, "keep_alive": 10**400}
+        assert (await http.post(url, json=huge)).status_code == 200  # for ever, in effect
+
+
+async def test_a_model_with_corrupt_weights_fails_clearly_and_the_others_serve(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (weights,) = broken.glob("*.safetensors")
+    with weights.open("r+b") as f:
+        f.write(b"\xff" * 6)  # a header "length" of 281 TB
+    settings = settings_for(
+        tmp_path, ModelConfig("broken", str(broken)), ModelConfig("tiny", str(tiny_dir))
+    )
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+        url = f"{daemon.url}/v1/chat/completions"
+        bad = await http.post(url, json={"model": "broken", "messages": CHAT, "max_tokens": 2})
+        assert bad.status_code == 500 and bad.json()["error"]["code"] == "model_load_failed"
+        assert "not a safetensors file" in bad.json()["error"]["message"]
+        ok = await http.post(url, json={"model": "tiny", "messages": CHAT, "max_tokens": 2})
+        assert ok.status_code == 200
