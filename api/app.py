@@ -6,7 +6,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from contextlib import aclosing
 from typing import Any
 
 import trio
@@ -18,9 +17,10 @@ from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
 from api.guard import Guard
 from api.reader import ToolCall
-from api.record import CLIENT_GONE, Intake, Record
+from api.record import Intake, Record
 from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field, parse_json
+from api.stalls import Stalls
 from config.settings import Settings
 from scheduler.errors import InvalidRequest, MlxdError
 from scheduler.metrics import CONTENT_TYPE
@@ -45,6 +45,11 @@ def create_app(
     metrics = scheduler.metrics
     intake = Intake()
     guard = Guard.from_settings(settings)
+    stalls = Stalls(settings.send_timeout_s)
+
+    @app.before_serving
+    async def _watch_streams() -> None:
+        app.add_background_task(stalls.run)
 
     @app.before_request
     async def _start_record() -> None:
@@ -154,7 +159,7 @@ def create_app(
             }
 
         if job.params.stream:
-            return await _stream(scheduler, job, chunk, opening=chunk(Delta(""), True))
+            return await _stream(scheduler, job, chunk, chunk(Delta(""), True), stalls)
         usage = Usage(len(job.prompt))
         whole = await _collect(scheduler, job, usage)
         return _json_response(
@@ -208,7 +213,7 @@ def create_app(
             }
 
         if job.params.stream:
-            return await _stream(scheduler, job, chunk, opening=None)
+            return await _stream(scheduler, job, chunk, None, stalls)
         usage = Usage(len(job.prompt))
         whole = await _collect(scheduler, job, usage)
         return _json_response(
@@ -236,7 +241,7 @@ def create_app(
         job = await prepare(catalog, req, g.record)
         shaper = Shaper(job.model, req, body)
         if job.params.stream:
-            return await _stream_response(scheduler, job, shaper)
+            return await _stream_response(scheduler, job, shaper, stalls)
         usage = Usage(len(job.prompt))
         whole = await _collect(scheduler, job, usage)
         return _json_response(shaper.final(whole, usage))
@@ -308,31 +313,23 @@ async def _open(scheduler: Scheduler, job: Prepared) -> tuple[Delta, AsyncGenera
     return first, gen, usage
 
 
-def _sse(job: Prepared, frames: AsyncIterator[bytes]) -> Response:
+def _sse(job: Prepared, frames: AsyncIterator[bytes], stalls: Stalls) -> Response:
     """An event stream; its request is accounted for when the stream ends
-    (``CLIENT_GONE`` if the client left first)."""
-    record = job.record
-    record.streaming = True
-
-    async def accounted() -> AsyncIterator[bytes]:
-        status = CLIENT_GONE
-        try:
-            async with aclosing(frames) as it:  # type: ignore[type-var]
-                async for frame in it:
-                    yield frame
-            status = 200
-        finally:
-            record.finish(status)
-
+    (``CLIENT_GONE`` if the client left or stopped reading first)."""
+    job.record.streaming = True
     return Response(
-        accounted(),
+        stalls.body(frames, job.record),
         content_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def _stream(
-    scheduler: Scheduler, job: Prepared, shape: Shape, opening: dict[str, Any] | None
+    scheduler: Scheduler,
+    job: Prepared,
+    shape: Shape,
+    opening: dict[str, Any] | None,
+    stalls: Stalls,
 ) -> Response:
     """A chat or completions stream; a failure after it started is sent as an
     error event."""
@@ -359,10 +356,12 @@ async def _stream(
             with trio.CancelScope(shield=True):
                 await gen.aclose()
 
-    return _sse(job, body())
+    return _sse(job, body(), stalls)
 
 
-async def _stream_response(scheduler: Scheduler, job: Prepared, shaper: Shaper) -> Response:
+async def _stream_response(
+    scheduler: Scheduler, job: Prepared, shaper: Shaper, stalls: Stalls
+) -> Response:
     """A Responses API stream: typed events; a late failure is ``response.failed``."""
     first, gen, usage = await _open(scheduler, job)
 
@@ -377,4 +376,4 @@ async def _stream_response(scheduler: Scheduler, job: Prepared, shaper: Shaper) 
             with trio.CancelScope(shield=True):
                 await gen.aclose()
 
-    return _sse(job, body())
+    return _sse(job, body(), stalls)

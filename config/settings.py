@@ -93,6 +93,7 @@ class Settings:
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API
     max_body_bytes: int = 8 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is ended
     log_level: str = "info"
     cache_dir: Path = attrs.field(factory=default_cache_dir)
     memory_budget: int | float | None = None  # bytes, or a fraction of device memory
@@ -140,6 +141,7 @@ class Settings:
                 lambda s: s in {"debug", "info", "warning", "error"},
             ),
         }
+        kwargs["send_timeout_s"] = _duration(t, "send_timeout")
         kwargs["memory_budget"] = _budget(t)
         kwargs["max_turn_s"] = t.take(
             "max_turn_s", (int, float), "a number of seconds > 0", lambda s: s > 0

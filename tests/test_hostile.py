@@ -3,9 +3,11 @@ hardening issue, each tried as a careless or hostile client would)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
 
 import httpx
@@ -161,3 +163,45 @@ async def test_a_model_with_corrupt_weights_fails_clearly_and_the_others_serve(
         assert "not a safetensors file" in bad.json()["error"]["message"]
         ok = await http.post(url, json={"model": "tiny", "messages": CHAT, "max_tokens": 2})
         assert ok.status_code == 200
+
+
+async def test_a_client_that_stops_reading_loses_its_slot_and_the_next_is_served(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    long = tmp_path / "long"  # the tiny model, with room for thousands of tokens
+    shutil.copytree(tiny_dir, long)
+    config = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 16384}))
+    model = ModelConfig("tiny", str(long), max_concurrency=1)
+    settings = settings_for(tmp_path, model, send_timeout_s=1.0)
+    async with running(settings) as daemon:
+        body = json.dumps(
+            {"model": "tiny", "messages": CHAT, "max_tokens": 12_000, "ignore_eos": True}
+            | {"stream": True, "logprobs": True, "top_logprobs": 20}  # ~2 KB an event
+        ).encode()
+        stalled = trio.socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await stalled.connect(("127.0.0.1", settings.port))
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        await stalled.send(head.encode() + body)  # ...and then reads nothing
+        try:
+            async with httpx.AsyncClient(timeout=120) as http:
+                await _wait_running(http, daemon.url)
+                chat = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
+                after = await http.post(f"{daemon.url}/v1/chat/completions", json=chat)
+                assert after.status_code == 200, after.text
+                metrics = (await http.get(f"{daemon.url}/metrics")).text
+            assert 'status="499"' in metrics
+        finally:
+            stalled.close()
+
+
+async def _wait_running(http: httpx.AsyncClient, url: str) -> None:
+    with trio.fail_after(60):
+        while True:
+            if (await http.get(f"{url}/api/ps")).json()["models"][0]["running"] == 1:
+                return
+            await trio.sleep(0.05)

@@ -1,0 +1,66 @@
+"""Streams whose client stopped reading.
+
+A client that opens a stream and then reads nothing (a hung tool, a
+suspended laptop on the other end of a tunnel) would hold its request's slot
+for ever: once the socket's buffers are full the server's send blocks, the
+response body is never asked for its next event, and its generation, lease
+and place in the model's queue stay taken. ``Stalls`` watches every stream
+body: one that has waited more than ``send_timeout_s`` for its last event to
+be taken is closed, which ends its generation and frees its slot (the
+connection itself stays blocked until the client reads or leaves). The
+request is logged with status 499 and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+
+import trio
+
+from api.record import CLIENT_GONE, Record
+
+log = logging.getLogger("mlxd.api")
+
+
+class Stalls:
+    def __init__(self, send_timeout_s: float) -> None:
+        self.send_timeout_s = send_timeout_s
+        # Bodies that have handed an event over, and since when, and their request.
+        self._waiting: dict[AsyncGenerator[bytes, None], tuple[float, Record]] = {}
+
+    def body(self, frames: AsyncIterator[bytes], record: Record) -> AsyncGenerator[bytes, None]:
+        """``frames`` as a response body that is watched, and accounts for its
+        request when it ends (499 if the client left or stalled first)."""
+        me: list[AsyncGenerator[bytes, None]] = []
+
+        async def watched() -> AsyncGenerator[bytes, None]:
+            status = CLIENT_GONE
+            try:
+                async with aclosing(frames) as it:  # type: ignore[type-var]
+                    async for frame in it:
+                        self._waiting[me[0]] = (trio.current_time(), record)
+                        yield frame
+                        self._waiting.pop(me[0], None)
+                status = 200
+            finally:
+                self._waiting.pop(me[0], None)
+                record.finish(status)
+
+        me.append(watched())
+        return me[0]
+
+    async def run(self) -> None:
+        """Close the bodies whose client has taken nothing for too long."""
+        while True:
+            await trio.sleep(min(self.send_timeout_s / 4, 1.0))
+            now = trio.current_time()
+            for body, (since, record) in list(self._waiting.items()):
+                if now - since > self.send_timeout_s and body in self._waiting:
+                    del self._waiting[body]
+                    record.error = (
+                        f"the client read nothing for {self.send_timeout_s:g} s (send_timeout)"
+                    )
+                    log.warning("closing stream %s: %s", record.id, record.error)
+                    await body.aclose()
