@@ -71,7 +71,12 @@ def create_app(
         return guard.admit(request)  # Host, Origin, Content-Type, API key
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
+    async def health() -> dict[str, Any]:
+        """ "ok"; or "degraded", naming the runners that have not answered for
+        seconds (a long single step, or frozen: killed at ``runner_timeout``)."""
+        late = scheduler.unresponsive()
+        if late:
+            return {"status": "degraded", "unresponsive_runners_s": late}
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -94,6 +94,7 @@ class Settings:
     max_body_bytes: int = 8 * 1024 * 1024
     shutdown_grace_s: float = 30.0
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is ended
+    runner_timeout_s: float = 120.0  # a runner that answers nothing this long is killed
     log_level: str = "info"
     cache_dir: Path = attrs.field(factory=default_cache_dir)
     memory_budget: int | float | None = None  # bytes, or a fraction of device memory
@@ -142,6 +143,7 @@ class Settings:
             ),
         }
         kwargs["send_timeout_s"] = _duration(t, "send_timeout")
+        kwargs["runner_timeout_s"] = _duration(t, "runner_timeout")
         kwargs["memory_budget"] = _budget(t)
         kwargs["max_turn_s"] = t.take(
             "max_turn_s", (int, float), "a number of seconds > 0", lambda s: s > 0

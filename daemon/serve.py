@@ -56,6 +56,7 @@ async def serve(
         size_model=catalog.size,
         max_turn_s=settings.max_turn_s,
         prefix_disk_bytes=catalog.prefix_disk_bytes,
+        runner_timeout_s=settings.runner_timeout_s,
     )
     recent = RecentErrors()
     logging.getLogger("mlxd").addHandler(recent)
@@ -158,6 +159,7 @@ _RESTART_ONLY = (
     "allowed_hosts",
     "cors_origins",
     "send_timeout_s",
+    "runner_timeout_s",
     "memory_budget",
     "max_turn_s",
     "shutdown_grace_s",

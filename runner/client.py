@@ -243,6 +243,8 @@ class RunnerProcess:
         self._stats: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._stop_requested = trio.Event()
         self._first_output = trio.Event()
+        self._proc: trio.Process | None = None
+        self._killed: str | None = None  # why it was killed, if it was
         self.exit_code: int | None = None
 
     # -- lifecycle -----------------------------------------------------------
@@ -262,7 +264,7 @@ class RunnerProcess:
     async def _serve(
         self, proc: trio.Process, loading: ExitStack, task_status: trio.TaskStatus[RunnerProcess]
     ) -> None:
-        self.pid = proc.pid
+        self.pid, self._proc = proc.pid, proc
         assert proc.stdin is not None and proc.stdout is not None
         try:
             await proc.stdin.send_all(protocol.encode(self.spec.load_message()))
@@ -294,7 +296,8 @@ class RunnerProcess:
                 await self._reap(proc)
             self._fail_all(
                 RunnerCrashed(
-                    f"the runner for model {self.spec.model!r} exited "
+                    self._killed
+                    or f"the runner for model {self.spec.model!r} exited "
                     f"(code {proc.returncode}) while generating"
                 )
             )
@@ -311,6 +314,13 @@ class RunnerProcess:
         """Ask the runner to exit; it is killed if it has not within the grace period."""
         self._send_nowait({"op": "shutdown"})
         self._stop_requested.set()
+
+    def kill(self, reason: str) -> None:
+        """End the process at once (it stopped answering); its requests fail
+        with ``reason``."""
+        self._killed = reason
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
 
     async def _kill_after_grace(self, proc: trio.Process) -> None:
         await self._stop_requested.wait()

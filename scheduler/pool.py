@@ -50,6 +50,9 @@ class Runner(Protocol):
 
     def stop(self) -> None: ...
 
+    def kill(self, reason: str) -> None:
+        """End it at once; its requests fail with ``reason``."""
+
     def limit_prefixes(self, nbytes: int) -> None: ...
 
 
@@ -93,6 +96,7 @@ class Scheduler:
         max_turn_s: float = 10.0,
         metrics: Metrics | None = None,
         prefix_disk_bytes: Callable[[str], int] | None = None,
+        runner_timeout_s: float = 120.0,
     ) -> None:
         """``make_runner(start)`` prepares (but does not start) a runner for
         ``start.model``, with the policy's prefix-cache bytes and prompt to
@@ -105,6 +109,9 @@ class Scheduler:
         self._make_runner = make_runner
         self._size_model = size_model
         self._prefix_disk_bytes = prefix_disk_bytes
+        self._runner_timeout_s = runner_timeout_s
+        # Runners asked for their stats that have yet to answer: model, since when.
+        self._asked: dict[Runner, tuple[str, float]] = {}
         self._send, self._events = trio.open_memory_channel[p.Event](math.inf)
         self._nursery: trio.Nursery | None = None
         self.metrics = metrics or Metrics()
@@ -321,8 +328,11 @@ class Scheduler:
     async def _measure(self) -> None:
         """Keep each resident model's measured bytes (and its runner's last
         stats, for ``/api/ps``) current as its caches grow. Runners answer
-        between steps, each in its own time: a busy one delays only itself."""
-        asking: set[str] = set()  # models whose runner has yet to answer
+        between steps (a step is one prefill chunk or one token), each in its
+        own time: a busy one delays only itself. One that has not answered
+        for ``runner_timeout_s`` is frozen: it is killed, its requests fail,
+        and the next request loads the model again."""
+        asked = self._asked
 
         async def measure(name: str, runner: Runner) -> None:
             try:
@@ -330,7 +340,7 @@ class Scheduler:
             except RunnerCrashed:
                 return
             finally:
-                asking.discard(name)
+                asked.pop(runner, None)
             memory = stats.get("memory", {})
             prefixes = int((stats.get("prefix") or {}).get("bytes", 0))
             self._post(p.Measured(name, measured_bytes(memory), prefixes, trio.current_time()))
@@ -338,11 +348,31 @@ class Scheduler:
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.sleep(MEASURE_EVERY_S)
+                now = trio.current_time()
                 for name, m in list(self._policy.models.items()):
-                    ready = m.state is p.State.READY and m.runner is not None
-                    if ready and name not in asking:
-                        asking.add(name)
+                    if m.state is not p.State.READY or m.runner is None:
+                        continue
+                    if m.runner not in asked:
+                        asked[m.runner] = (name, now)
                         nursery.start_soon(measure, name, m.runner)
+                    elif now - asked[m.runner][1] > self._runner_timeout_s:
+                        asked[m.runner] = (name, math.inf)  # killed once
+                        reason = (
+                            f"the runner for model {name!r} stopped responding (no answer for "
+                            f"{self._runner_timeout_s:g} s); it was killed and will load again"
+                        )
+                        log.error("%s", reason)
+                        m.runner.kill(reason)
+
+    def unresponsive(self) -> dict[str, float]:
+        """Ready models whose runner has not answered for over ``MEASURE_EVERY_S``
+        (for ``/health``): seconds since it was asked."""
+        now = trio.current_time()
+        return {
+            name: round(now - since, 1)
+            for name, since in self._asked.values()
+            if math.isfinite(since) and now - since > 2 * MEASURE_EVERY_S
+        }
 
     async def _load_at_start(self, model: str) -> None:
         try:

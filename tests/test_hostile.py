@@ -205,3 +205,24 @@ async def _wait_running(http: httpx.AsyncClient, url: str) -> None:
             if (await http.get(f"{url}/api/ps")).json()["models"][0]["running"] == 1:
                 return
             await trio.sleep(0.05)
+
+
+async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_again(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir)), runner_timeout_s=2.0)
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+        url = f"{daemon.url}/v1/chat/completions"
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 400, "ignore_eos": True}
+        async with http.stream("POST", url, json=body | {"stream": True}) as stream:
+            lines = stream.aiter_lines()
+            async for line in lines:
+                if line.startswith("data: {"):
+                    break
+            (entry,) = (await http.get(f"{daemon.url}/api/ps")).json()["models"]
+            os.kill(entry["pid"], signal.SIGSTOP)  # hung: neither dead nor answering
+            with trio.fail_after(60):
+                rest = [line async for line in lines if line]
+        assert "stopped responding" in rest[-1], rest[-3:]
+        again = await http.post(url, json=body | {"max_tokens": 2})
+        assert again.status_code == 200, again.text

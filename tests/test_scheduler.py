@@ -26,6 +26,8 @@ class FakeRunner:
         self.exit = trio.Event()
         self.on_saving: Any = None
         self.prefix_limits: list[int] = []  # what the scheduler let its prefix cache hold
+        self.frozen = False  # then it answers nothing
+        self.killed: str | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         await trio.sleep(self.load_s)
@@ -35,9 +37,15 @@ class FakeRunner:
         await self.exit.wait()
 
     async def stats(self) -> dict[str, Any]:
+        if self.frozen:
+            await trio.sleep_forever()
         return {"memory": self.memory}
 
     def stop(self) -> None:
+        self.exit.set()
+
+    def kill(self, reason: str) -> None:
+        self.killed = reason
         self.exit.set()
 
     def limit_prefixes(self, nbytes: int) -> None:
@@ -68,11 +76,12 @@ async def started(
     budget: int = 100 * GB,
     cost: int = 10 * GB,
     kv_per_token: int = 0,
+    **kw: Any,
 ) -> Scheduler:
     async def size(model: str) -> Size:
         return Size(cost, kv_per_token)
 
-    scheduler = Scheduler(models, factory, budget=budget, size_model=size)
+    scheduler = Scheduler(models, factory, budget=budget, size_model=size, **kw)
     await nursery.start(scheduler.run)
     return scheduler
 
@@ -99,6 +108,28 @@ async def test_concurrent_first_requests_share_one_load(
             inner.start_soon(use)
     assert len(factory.made) == 1
     assert got == [factory.made[0]] * 10
+
+
+async def test_a_frozen_runner_is_reported_then_killed_and_the_next_request_loads_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    factory = Factory(load_s=1)
+    scheduler = await started(nursery, factory, runner_timeout_s=60)
+    async with scheduler.lease("a"):
+        pass
+    (runner,) = factory.made
+    await trio.sleep(10)
+    assert scheduler.unresponsive() == {}  # it answers
+    runner.frozen = True
+    await trio.sleep(30)
+    assert 20 < scheduler.unresponsive()["a"] <= 32
+    await trio.sleep(40)
+    assert runner.killed is not None and "stopped responding" in runner.killed
+    assert state(scheduler, "a")["state"] == "absent" and scheduler.unresponsive() == {}
+    async with scheduler.lease("a") as again:
+        assert again is not runner and len(factory.made) == 2
+    await trio.sleep(130)
+    assert not again.killed  # the new one answers: it is left alone
 
 
 async def test_a_load_reads_ahead_for_its_first_request_in_memory_the_budget_has(
