@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import trio
 from quart import Response, g, request
@@ -17,7 +18,7 @@ from api.catalog import Catalog
 from api.generation import Delta, Prepared, Usage, deltas, prepare
 from api.guard import Guard
 from api.reader import ToolCall
-from api.record import Intake, Record
+from api.record import CLIENT_GONE, Intake, Record
 from api.responses import Shaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, keep_alive_field, parse_json
 from api.stalls import Stalls
@@ -27,6 +28,9 @@ from scheduler.metrics import CONTENT_TYPE
 from scheduler.pool import Scheduler
 
 Shape = Callable[[Delta, bool], dict[str, Any]]
+
+
+Route = TypeVar("Route", bound=Callable[..., Awaitable[Any]])
 
 
 def create_app(
@@ -112,6 +116,7 @@ def create_app(
         return {"errors": list(recent_errors)}
 
     @app.post("/api/load")
+    @_accounted
     async def load() -> dict[str, Any]:
         body = await _json_body()
         model = catalog.get(_model_field(body)).name
@@ -126,6 +131,7 @@ def create_app(
         return {"model": model, "state": "unloading"}
 
     @app.post("/v1/chat/completions")
+    @_accounted
     async def chat_completions() -> Response:
         req = ChatRequest.from_openai(await _json_body())
         job = await prepare(catalog, req, g.record)
@@ -186,6 +192,7 @@ def create_app(
         )
 
     @app.post("/v1/completions")
+    @_accounted
     async def completions() -> Response:
         req = CompletionRequest.from_openai(await _json_body())
         job = await prepare(catalog, req, g.record)
@@ -240,6 +247,7 @@ def create_app(
         )
 
     @app.post("/v1/responses")
+    @_accounted
     async def responses() -> Response:
         body = await _json_body()
         req = chat_request(body)
@@ -265,6 +273,25 @@ def _model_field(body: Any) -> str:
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise InvalidRequest("'model' is required: a model name", param="model")
     return str(body["model"])
+
+
+def _accounted(route: Route) -> Route:
+    """A route whose request, if its client leaves before the response (while
+    it waits in a queue or for a load, or for a whole answer), is still
+    logged and counted, as 499."""
+
+    @functools.wraps(route)
+    async def handler(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await route(*args, **kwargs)
+        except trio.Cancelled:
+            record: Record | None = g.get("record")
+            if record is not None:
+                record.error = record.error or "the client left before the response"
+                record.finish(CLIENT_GONE)
+            raise
+
+    return handler  # type: ignore[return-value]
 
 
 def _json_response(body: dict[str, Any]) -> Response:
@@ -355,7 +382,7 @@ async def _stream(
                 yield sse.event(final)
             yield sse.DONE
         except MlxdError as exc:
-            job.record.error = exc.message
+            job.record.fail(exc)
             yield sse.event(errors.describe(exc)[1])
         finally:
             with trio.CancelScope(shield=True):
@@ -375,7 +402,7 @@ async def _stream_response(
             async for ev in shaper.events(first, lambda: anext(gen, None), usage):
                 yield sse.typed(ev)
         except MlxdError as exc:
-            job.record.error = exc.message
+            job.record.fail(exc)
             yield sse.typed(shaper.failed(errors.describe(exc)[1]))
         finally:
             with trio.CancelScope(shield=True):

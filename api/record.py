@@ -10,6 +10,8 @@ from typing import Any
 
 import attrs
 
+from api.errors import describe
+from scheduler.errors import MlxdError
 from scheduler.metrics import Metrics
 
 log = logging.getLogger("mlxd.request")
@@ -63,6 +65,7 @@ class Record:
     ttft_s: float | None = None
     streaming: bool = False  # then the stream's end finishes the record
     error: str | None = None  # a failure after a stream had started
+    failed: int | None = None  # its HTTP status, which the stream could no longer send
     _last_token: float | None = None
     _itl: Any = None
     _done: bool = False
@@ -70,6 +73,11 @@ class Record:
     def __attrs_post_init__(self) -> None:
         if self.intake is not None:
             self.intake.enter(self.id)
+
+    def fail(self, exc: MlxdError) -> None:
+        """The stream (already 200) failed: it is logged and counted with the
+        status the error would have had."""
+        self.error, self.failed = exc.message, describe(exc)[0]
 
     def queued(self) -> None:
         """Read and prepared: it leaves the intake for its model's queue."""
@@ -95,6 +103,7 @@ class Record:
             return
         self._done = True
         self.queued()
+        status = self.failed or status
         duration = time.monotonic() - self.arrived
         m = self.metrics
         m.requests.labels(self.endpoint, self.model, str(status)).inc()

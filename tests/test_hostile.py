@@ -168,11 +168,7 @@ async def test_a_model_with_corrupt_weights_fails_clearly_and_the_others_serve(
 async def test_a_client_that_stops_reading_loses_its_slot_and_the_next_is_served(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    long = tmp_path / "long"  # the tiny model, with room for thousands of tokens
-    shutil.copytree(tiny_dir, long)
-    config = json.loads((long / "config.json").read_text())
-    (long / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 16384}))
-    model = ModelConfig("tiny", str(long), max_concurrency=1)
+    model = ModelConfig("tiny", str(_long(tiny_dir, tmp_path)), max_concurrency=1)
     settings = settings_for(tmp_path, model, send_timeout_s=1.0)
     async with running(settings) as daemon:
         body = json.dumps(
@@ -189,7 +185,7 @@ async def test_a_client_that_stops_reading_loses_its_slot_and_the_next_is_served
         await stalled.send(head.encode() + body)  # ...and then reads nothing
         try:
             async with httpx.AsyncClient(timeout=120) as http:
-                await _wait_running(http, daemon.url)
+                await _wait_for(http, daemon.url, "running", 1)
                 chat = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
                 after = await http.post(f"{daemon.url}/v1/chat/completions", json=chat)
                 assert after.status_code == 200, after.text
@@ -199,10 +195,19 @@ async def test_a_client_that_stops_reading_loses_its_slot_and_the_next_is_served
             stalled.close()
 
 
-async def _wait_running(http: httpx.AsyncClient, url: str) -> None:
+def _long(tiny_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model, with room for thousands of tokens."""
+    long = tmp_path / "long"
+    shutil.copytree(tiny_dir, long)
+    config = json.loads((long / "config.json").read_text())
+    (long / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 16384}))
+    return long
+
+
+async def _wait_for(http: httpx.AsyncClient, url: str, what: str, n: int) -> None:
     with trio.fail_after(60):
         while True:
-            if (await http.get(f"{url}/api/ps")).json()["models"][0]["running"] == 1:
+            if (await http.get(f"{url}/api/ps")).json()["models"][0][what] == n:
                 return
             await trio.sleep(0.05)
 
@@ -226,3 +231,33 @@ async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_a
         assert "stopped responding" in rest[-1], rest[-3:]
         again = await http.post(url, json=body | {"max_tokens": 2})
         assert again.status_code == 200, again.text
+        metrics = (await http.get(f"{daemon.url}/metrics")).text
+        assert 'endpoint="/v1/chat/completions",model="tiny",status="502"} 1.0' in metrics
+
+
+async def test_a_request_whose_client_left_while_queued_is_logged_and_counted(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    model = ModelConfig("tiny", str(_long(tiny_dir, tmp_path)), max_concurrency=1)
+    async with running(settings_for(tmp_path, model)) as daemon:
+        async with httpx.AsyncClient(timeout=120) as http:
+            url = f"{daemon.url}/v1/chat/completions"
+            body = {"model": "tiny", "messages": CHAT, "max_tokens": 4}
+            hog = body | {"stream": True, "max_tokens": 12_000, "ignore_eos": True}
+            async with http.stream("POST", url, json=hog), trio.open_nursery() as nursery:
+                await _wait_for(http, daemon.url, "running", 1)  # the one slot is taken
+                cancel = trio.CancelScope()
+
+                async def queued() -> None:
+                    with cancel:
+                        await http.post(url, json=body)
+
+                nursery.start_soon(queued)
+                await _wait_for(http, daemon.url, "queued", 1)
+                cancel.cancel()  # the client gives up while it waits
+                with trio.fail_after(30):
+                    while True:
+                        metrics = (await http.get(f"{daemon.url}/metrics")).text
+                        if 'status="499"} 1.0' in metrics:  # the hog is still running
+                            break
+                        await trio.sleep(0.05)
