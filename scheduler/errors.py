@@ -72,7 +72,7 @@ class Overloaded(MlxdError, RuntimeError):
 
 
 class QueueFull(Overloaded):
-    retry_after_s = 1
+    retry_after_s = 1  # the policy sets each one's from the queue ahead
 
 
 class QueueTimeout(Overloaded):

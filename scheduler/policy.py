@@ -20,16 +20,21 @@ Decision steps, for each event:
 
 1. ``Submitted``: refuse at once if the daemon is stopping (``ShuttingDown``),
    if the model could not fit even with every unpinned model unloaded
-   (``ModelTooLarge``, naming the bytes), or if it already holds
-   ``max_concurrency`` + ``queue_limit`` requests (``QueueFull``); otherwise
-   queue the ticket (FIFO) with its deadline.
+   (``ModelTooLarge``, naming the bytes), if its last load failed within the
+   back-off (step 4), or if it already holds ``max_concurrency`` +
+   ``queue_limit`` requests (``QueueFull``, whose ``Retry-After`` is the
+   queue ahead, served ``max_concurrency`` at a time, times how long its
+   requests hold a slot on average); otherwise queue the ticket (FIFO) with
+   its deadline.
 2. ``Withdrawn`` (the client gave up while queued): drop it from the queue; if
    it was granted in the same instant, treat it as ``Released``.
 3. ``Released``: the request is done; its slot frees up and the model's idle
    time starts.
 4. ``Loaded`` / ``LoadFailed``: the runner is ready, or the model is absent
-   again and its queued tickets get the error (nothing retries by itself, so
-   a broken model cannot spin in a load loop; the next request tries again).
+   again and its queued tickets get the error. Nothing retries by itself, so
+   a broken model cannot spin in a load loop, and requests meanwhile get the
+   error at once, without a load, for a back-off (5 s, doubling with each
+   failure in a row, 5 min at most); the first request after it tries again.
 5. ``RunnerExited``: the model is absent and its bytes are free. Requests that
    were running have had their streams failed by the runner handle; queued
    ones make it a load candidate again (step 10).
@@ -90,6 +95,7 @@ import attrs
 from config.units import format_bytes
 from scheduler.errors import (
     MlxdError,
+    ModelLoadFailed,
     ModelNotFound,
     ModelTooLarge,
     QueueFull,
@@ -100,6 +106,9 @@ from scheduler.errors import (
 
 FOREVER = math.inf
 KV_STEP = 256  # tokens: mlx-lm's KV caches grow in steps of this many
+LOAD_BACKOFF_S = 5.0  # after a failed load, doubling with each failure in a row
+LOAD_BACKOFF_MAX_S = 300.0
+RETRY_AFTER_MAX_S = 600
 _ticket_ids = itertools.count(1)
 
 
@@ -128,6 +137,7 @@ class Ticket:
     id: int = attrs.field(factory=lambda: next(_ticket_ids))
     since: float = 0.0
     deadline: float = FOREVER
+    granted: float | None = None
 
 
 # -- events (each carries the time it happened) ------------------------------
@@ -316,6 +326,10 @@ class ModelState:
     unload_asked: bool = False
     draining: bool = False
     retired: bool = False  # gone from the config: forgotten once absent
+    hold_s: float = 0.0  # how long its requests hold a slot, on average (recent ones weigh most)
+    failures: int = 0  # loads that failed in a row
+    retry_at: float = 0.0  # no load is tried before this, after a failure
+    load_error: MlxdError | None = None  # the last failure's, for requests meanwhile
     stale: bool = False  # its config changed: unloaded once idle, even if pinned
 
     def __attrs_post_init__(self) -> None:
@@ -429,6 +443,9 @@ class Policy:
                 if ticket in m.running:
                     m.running.discard(ticket)
                     m.last_used = now
+                    if ticket.granted is not None:
+                        held = now - ticket.granted
+                        m.hold_s = held if not m.hold_s else 0.8 * m.hold_s + 0.2 * held
             case Loaded(model, runner, _, prefixes):
                 m = self.models[model]
                 m.runner, m.last_used, m.prefixes_used = runner, now, prefixes
@@ -436,9 +453,13 @@ class Policy:
                     m.stopping()
                     return [StopRunner(model, runner, "shutdown")]
                 m.state = State.READY  # its prefix cache grows in step 12
+                m.failures, m.retry_at, m.load_error = 0, 0.0, None
             case LoadFailed(model, error):
                 m = self.models[model]
                 self._absent(m)
+                m.failures += 1
+                m.retry_at = now + min(LOAD_BACKOFF_S * 2 ** (m.failures - 1), LOAD_BACKOFF_MAX_S)
+                m.load_error = error
                 effects += [Reject(t, error) for t in m.queue]
                 m.queue.clear()
             case RunnerExited(model):
@@ -467,6 +488,7 @@ class Policy:
                         m.retired = m.stale = True
                     elif name in changed:
                         m.spec, m.retired = specs[name], False
+                        m.failures, m.retry_at = 0, 0.0  # a new config may load
                         m.stale = m.state is not State.ABSENT
                         if m.state is State.ABSENT:
                             self._absent(m)  # takes the new settings now
@@ -499,12 +521,22 @@ class Policy:
         room = self.budget - pinned
         if m.base + m.kv(ticket) > room:
             return self._too_large(ticket, room, pinned)
+        if m.state is State.ABSENT and self.now < m.retry_at and m.load_error is not None:
+            return ModelLoadFailed(
+                f"{m.load_error.message} (failed {m.failures} time(s) in a row; mlxd tries "
+                f"again in {m.retry_at - self.now:.0f} s)",
+                param="model",
+            )
         if len(m.queue) + len(m.running) >= m.spec.queue_limit + m.spec.max_concurrency:
-            return QueueFull(
+            full = QueueFull(
                 f"model {model!r} has {len(m.running)} requests running and "
                 f"{len(m.queue)} waiting, its limit; retry later",
                 param="model",
             )
+            # Until a slot is likely free: the queue ahead, served max_concurrency at a time.
+            turns = (len(m.queue) + 1) / m.spec.max_concurrency
+            full.retry_after_s = max(1, min(math.ceil(turns * m.hold_s), RETRY_AFTER_MAX_S))
+            return full
         return None
 
     def _too_large(self, ticket: Ticket, room: int, pinned: int) -> MlxdError:
@@ -598,7 +630,7 @@ class Policy:
                 break
             m.queue.popleft()
             m.running.add(t)
-            m.last_used = now
+            m.last_used = t.granted = now
             if t.keep_alive_s is not None:
                 m.keep_alive_s = t.keep_alive_s
             effects.append(Grant(t, m.runner))

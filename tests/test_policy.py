@@ -97,15 +97,46 @@ def test_withdrawn_after_grant_frees_the_slot() -> None:
     assert pol.handle(p.Withdrawn(ts[0])) == [p.Grant(ts[1], RUNNER)]
 
 
-def test_load_failure_rejects_waiters_and_does_not_retry() -> None:
+def test_a_failed_load_rejects_its_waiters_and_is_not_retried_for_a_growing_while() -> None:
     pol = policy(a=spec())
     ts = tickets("a", 2)
     submit_all(pol, ts)
     err = ModelLoadFailed("broken weights")
     assert pol.handle(p.LoadFailed("a", err)) == [p.Reject(ts[0], err), p.Reject(ts[1], err)]
     assert pol.used == 0
-    (t,) = tickets("a", 1)  # the next request tries again, once
-    assert pol.handle(p.Submitted(t)) == [p.StartRunner("a")]
+    (t,) = tickets("a", 1)
+    (reject,) = pol.handle(p.Submitted(t, 3))  # at once, without a load
+    assert isinstance(reject.error, ModelLoadFailed)
+    assert "broken weights" in reject.error.message and "again in 2 s" in reject.error.message
+    (t,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(t, 5)) == [p.StartRunner("a")]  # 5 s on: tried again
+    pol.handle(p.LoadFailed("a", err, 6))
+    (t,) = tickets("a", 1)
+    assert rejected(pol.handle(p.Submitted(t, 15)))  # 10 s after a second failure
+    (t,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(t, 16)) == [p.StartRunner("a")]
+    pol.handle(p.Loaded("a", RUNNER, 17))
+    pol.handle(p.Released(t, 18))
+    pol.handle(p.Tick(10_000))  # expired
+    pol.handle(p.RunnerExited("a", 10_000))
+    (t,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(t, 10_001)) == [p.StartRunner("a")]
+    pol.handle(p.LoadFailed("a", err, 10_002))  # a first failure again: the success reset them
+    (t,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(t, 10_008)) == [p.StartRunner("a")]
+
+
+def test_retry_after_estimates_the_wait_from_the_queue() -> None:
+    pol = policy(a=spec(max_concurrency=2, queue_limit=4))
+    first = tickets("a", 2)
+    submit_all(pol, first)
+    pol.handle(p.Loaded("a", RUNNER, 0))
+    for t in first:
+        pol.handle(p.Released(t, 30))  # requests hold a slot 30 s
+    submit_all(pol, tickets("a", 6), now=31)  # 2 running, 4 waiting: full
+    (reject,) = pol.handle(p.Submitted(p.Ticket("a"), 32))
+    assert isinstance(reject.error, QueueFull)
+    assert reject.error.retry_after_s == 75  # 5 ahead, two at a time, 30 s each
 
 
 def test_runner_exit_frees_its_bytes_and_reloads_only_if_requests_wait() -> None:
