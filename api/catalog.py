@@ -119,6 +119,7 @@ class Catalog:
         async with self._locks[model.name]:
             model_dir = await self._model_dir(model)
             prefix_dir = await self._prefix_dir(model)
+        size = await self.size(model.name)
         spec = RunnerSpec(
             model.name,
             model_dir,
@@ -127,6 +128,7 @@ class Catalog:
             prefix_cache=start.prefixes,
             prefix_dir=prefix_dir,
             prefix_disk=self.settings.prefix_disk_bytes,
+            cache_limit=size.working,
             prompt=start.prompt,
         )
         return RunnerProcess(

@@ -143,6 +143,8 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | ScriptEngi
     prefixes.read_ahead(options.get("prompt") or [])  # the first request's, meanwhile
     mx.eval(model.parameters())
     prefixes.settle()
+    if options.get("cache_limit"):  # the working memory the pool charges it, beyond weights
+        mx.set_cache_limit(int(options["cache_limit"]))
     chunk = options.get("prefill_chunk")
     return Engine(model, max_batch, Grammars(model_dir), prefixes, chunk and int(chunk))
 

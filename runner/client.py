@@ -51,6 +51,7 @@ class RunnerSpec:
     prefix_dir: Path | None = None
     prefix_disk: int = 0
     prompt: tuple[int, ...] = ()  # the first request's: its cached prefix is read ahead
+    cache_limit: int | None = None  # bytes of freed buffers MLX may keep (None: its default)
 
     def load_message(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class RunnerSpec:
             "prefix_dir": str(self.prefix_dir) if self.prefix_dir is not None else None,
             "prefix_disk": self.prefix_disk,
             "prompt": list(self.prompt),
+            "cache_limit": self.cache_limit,
         }
 
 

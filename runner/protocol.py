@@ -7,12 +7,17 @@ stderr, which the daemon passes through to its own log).
 Commands (daemon → runner)::
 
     {"op": "load", "model_dir": "/models/x", "max_batch": 8, "prefill_chunk": 512,
-     "prefix_cache": 0, "prefix_dir": "/cache/prefixes/3fa2...", "prefix_disk": 17179869184}
+     "prefix_cache": 0, "prefix_dir": "/cache/prefixes/3fa2...", "prefix_disk": 17179869184,
+     "prompt": [1, 2], "cache_limit": 268435456}
                                       first line to a runner started without a
                                       model (a spare); it then loads and says
                                       "ready". prefix_cache: bytes its prefix
                                       cache may hold; prefix_dir (or null) and
-                                      prefix_disk (bytes, all models'): its disk tier
+                                      prefix_disk (bytes, all models'): its disk tier;
+                                      prompt: the first request's (its cached prefix
+                                      is read while the weights load); cache_limit:
+                                      bytes of freed buffers MLX may keep (the
+                                      working memory the pool charges beyond weights)
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,

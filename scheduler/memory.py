@@ -56,6 +56,13 @@ class Size:
 
     bytes: int
     kv_per_token: int
+    weights: int = 0  # of ``bytes``: the rest is working memory
+
+    @property
+    def working(self) -> int:
+        """What it may use beyond its weights (and the KV cache its requests
+        reserve): its runner keeps MLX's cache of freed buffers within this."""
+        return self.bytes - self.weights
 
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's limit on a header
@@ -79,7 +86,8 @@ def estimate(model_dir: Path, model: ModelConfig) -> Size:
     inter = config.get("intermediate_size", 4 * hidden)
     vocab = config.get("vocab_size", 0)
     work = model.max_concurrency * vocab * 4 + PREFILL_CHUNK * (4 * hidden + 3 * inter) * act
-    return Size(int(weights + work + weights // 10), 2 * layers * kv_heads * head_dim * act)
+    kv = 2 * layers * kv_heads * head_dim * act
+    return Size(int(weights + work + weights // 10), kv, weights)
 
 
 def _activation_bytes(path: Path) -> int:

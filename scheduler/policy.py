@@ -39,9 +39,11 @@ Decision steps, for each event:
    were running have had their streams failed by the runner handle; queued
    ones make it a load candidate again (step 10).
 6. ``Measured``: the runner's measured bytes (less its cached prefixes,
-   charged by their reservation) update the model's charge. A stopping
-   runner that has freed its weights to write its prefixes to disk is
-   charged what it still holds.
+   charged by their reservation) update the model's charge; measured while
+   it is idle, they raise its estimated cost if they are more (so that its
+   next load, and loads beside it, are admitted by what it really holds).
+   A stopping runner that has freed its weights to write its prefixes to
+   disk is charged what it still holds.
 7. ``Unload``: unload the model once it is idle.
 8. ``Shutdown``: reject queued tickets, stop every runner, accept nothing new.
 
@@ -472,6 +474,8 @@ class Policy:
                 if m.state is State.READY:
                     m.measured = measured - prefixes
                     m.prefixes_used = prefixes
+                    if not m.running:  # idle: what it holds is its weights and working memory
+                        m.cost = max(m.cost, m.measured - m.context)  # for its next load too
                 elif m.state is State.STOPPING:
                     m.held, m.prefixes = min(m.held + m.prefixes, measured), 0
             case SpareHeld(held):

@@ -671,6 +671,27 @@ def test_a_laptop_budget_takes_an_8b_model_whatever_its_declared_context() -> No
     assert pol.handle(p.Released(ts[1], 3)) == [p.Grant(long, RUNNER)]
 
 
+def test_what_an_idle_model_measures_becomes_its_cost_for_later_loads() -> None:
+    pol = policy(budget=30 * GB, a=spec(10 * GB), b=spec(10 * GB))
+    (t,) = tickets("a", 1)
+    pol.handle(p.Submitted(t, 0))
+    pol.handle(p.Loaded("a", RUNNER, 1))
+    pol.handle(p.Measured("a", 15 * GB, 0, 2))  # busy: its requests' KV is in there
+    assert pol.models["a"].cost == 10 * GB
+    pol.handle(p.Released(t, 3))
+    pol.handle(p.Measured("a", 12 * GB, 0, 4))  # idle: weights, buffers and cache
+    assert pol.models["a"].cost == 12 * GB and pol.used == 12 * GB
+    (u,) = tickets("b", 1)
+    assert pol.handle(p.Submitted(u, 5)) == [p.StartRunner("b", 0, ())]
+    pol.handle(p.Measured("a", 9 * GB, 0, 6))  # less, later: it keeps the most it was seen to hold
+    assert pol.models["a"].cost == 12 * GB
+    pol.handle(p.Unload("a", 7))
+    pol.handle(p.RunnerExited("a", 8))
+    (v,) = tickets("a", 1)
+    pol.handle(p.Submitted(v, 9))
+    assert pol.models["a"].held == 12 * GB  # its next load is charged what it held
+
+
 def test_every_runner_is_charged_what_the_spare_runner_holds() -> None:
     """On a CUDA host each runner process holds a CUDA context before any
     model: the spare measures it, the spare is charged it while it waits, and

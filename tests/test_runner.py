@@ -99,3 +99,20 @@ def test_kernel_warm_up_leaves_no_memory_behind() -> None:
     assert mx.get_peak_memory() > before  # it did run models
     assert mx.get_active_memory() == before
     assert mx.get_cache_memory() == 0
+
+
+async def test_the_runner_keeps_mlx_freed_buffers_within_its_cache_limit(
+    nursery: trio.Nursery, tiny_dir: Path
+) -> None:
+    """What the pool charges a model beyond its weights bounds the freed
+    buffers MLX keeps for reuse, which otherwise grow with every new shape."""
+    cached = {}
+    for limit in (None, 256 * 1024):
+        spec = RunnerSpec("tiny", tiny_dir, 8, cache_limit=limit)
+        runner = await nursery.start(RunnerProcess(spec).run)
+        async with trio.open_nursery() as batch:
+            for i in range(6):
+                batch.start_soon(tokens_of, runner, list(range(i, 150 + 20 * i)), 16)
+        cached[limit] = (await runner.stats())["memory"]["cache"]
+        runner.stop()
+    assert cached[256 * 1024] <= 256 * 1024 < cached[None]
