@@ -318,6 +318,8 @@ class Engine:
             out = self._step_single()
         else:
             out = self._step_batch()
+        if self._batch is not None and not self._in_batch:
+            self._batch = None  # an idle one still holds its last step's arrays
         self.stats.tokens += len(out)
         return out
 
