@@ -4,9 +4,10 @@ Any page a user visits can send requests to 127.0.0.1, and through DNS
 rebinding (a name of the attacker's that resolves to 127.0.0.1) read the
 answers too. So, before any route runs:
 
-- the Host header must name this server: a loopback name or address, the
-  listen address, or one of ``allowed_hosts`` (when listening on every
-  interface with no ``allowed_hosts``, any name does): 403 otherwise;
+- the Host header, if there is one, must name this server: a loopback name
+  or address, the listen address, or one of ``allowed_hosts`` (when
+  listening on every interface with no ``allowed_hosts``, any name does):
+  403 otherwise;
 - a request with an Origin header (browsers send one on cross-origin
   requests and on every POST) must come from one of ``cors_origins`` or from
   this server itself: 403 otherwise. A listed origin gets CORS headers, and
@@ -62,7 +63,8 @@ class Guard:
         """Raise if ``request`` may not be served; the answer to a CORS
         preflight from a listed origin; else None."""
         host = request.headers.get("Host", "")
-        if self.hosts is not None and host_name(host) not in self.hosts:
+        # No Host at all is an HTTP/1.0 tool's request; browsers always send one.
+        if self.hosts is not None and host and host_name(host) not in self.hosts:
             raise Forbidden(f"this server does not serve the host {host!r}")
         origin = request.headers.get("Origin")
         if origin is not None and not self._same_server(origin, host):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import trio
 
 from api.guard import host_name
 from config.settings import ModelConfig
@@ -63,6 +64,15 @@ async def test_only_this_servers_hosts_and_listed_origins_get_answers(
         assert refused.status_code == 403
         same = await post({"Origin": f"http://127.0.0.1:{port}"}, json=CHAT)
         assert same.status_code == 200  # a page mlxd itself served
+        # An HTTP/1.0 tool sends no Host at all; no browser does that.
+        raw = trio.socket.socket()
+        await raw.connect(("127.0.0.1", port))
+        with raw:
+            await raw.send(b"GET /v1/models HTTP/1.0\r\n\r\n")
+            head = b""
+            while len(head) < 12 and (part := await raw.recv(64)):
+                head += part
+            assert head.startswith(b"HTTP/1.1 200"), head
 
 
 async def test_api_keys_are_required_and_health_is_open(tiny_dir: Path, tmp_path: Path) -> None:
