@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import attrs
@@ -22,7 +23,8 @@ from api.schemas import ChatRequest, CompletionRequest, GenerationParams
 from api.texts import Texts
 from api.tools import forced_call
 from runner.client import Chunk
-from scheduler.errors import ContextLengthExceeded, InvalidRequest
+from runner.errors import RunnerError
+from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
 from scheduler.pool import Scheduler
 
 TOGETHER = 4  # the most chunks one event carries
@@ -148,45 +150,46 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
         options["logprobs"] = p.logprobs
     asked = time.monotonic()
     job.record.queued()
-    async with scheduler.lease(job.model, p.keep_alive_s, job.prompt, job.max_tokens) as runner:
-        kv = scheduler.kv_bytes(job.model, len(job.prompt), job.max_tokens)
-        job.record.granted(time.monotonic() - asked, kv)
-        if job.record.intake is not None and job.record.intake.busy():
-            options["more"] = True  # others arrive with it: worth a moment's wait
-        async with runner.generate(
-            job.prompt, job.max_tokens, p.sampling, stop_ids, **options
-        ) as chunks:
-            yield Delta("")  # the model has taken the request
-            async for first in chunks:
-                out = Delta("")
-                for chunk in _waiting(first, chunks):
-                    if chunk.error is not None:
-                        raise chunk.error
-                    if chunk.cached is not None:
-                        usage.cached_tokens = job.record.cached_tokens = chunk.cached
-                        continue
-                    lps = chunk.logprobs or (None,) * len(chunk.tokens)
-                    for token, lp in zip(chunk.tokens, lps, strict=True):
-                        if chunk.finish == "stop" and token in stop_ids:
-                            continue  # the end-of-turn token is not part of the answer
-                        usage.completion_tokens += 1
-                        job.record.token()
-                        out += parts.feed(text.feed(token))
-                        if parts.thinking:
-                            usage.reasoning_tokens += 1
-                        if lp is not None:
-                            out.logprobs.append({"id": token, **lp})
-                        if text.stopped:
-                            out += parts.end("stop")
+    with _as_runner_crash():
+        async with scheduler.lease(job.model, p.keep_alive_s, job.prompt, job.max_tokens) as runner:
+            kv = scheduler.kv_bytes(job.model, len(job.prompt), job.max_tokens)
+            job.record.granted(time.monotonic() - asked, kv)
+            if job.record.intake is not None and job.record.intake.busy():
+                options["more"] = True  # others arrive with it: worth a moment's wait
+            async with runner.generate(
+                job.prompt, job.max_tokens, p.sampling, stop_ids, **options
+            ) as chunks:
+                yield Delta("")  # the model has taken the request
+                async for first in chunks:
+                    out = Delta("")
+                    for chunk in _waiting(first, chunks):
+                        if chunk.error is not None:
+                            raise chunk.error
+                        if chunk.cached is not None:
+                            usage.cached_tokens = job.record.cached_tokens = chunk.cached
+                            continue
+                        lps = chunk.logprobs or (None,) * len(chunk.tokens)
+                        for token, lp in zip(chunk.tokens, lps, strict=True):
+                            if chunk.finish == "stop" and token in stop_ids:
+                                continue  # the end-of-turn token is not part of the answer
+                            usage.completion_tokens += 1
+                            job.record.token()
+                            out += parts.feed(text.feed(token))
+                            if parts.thinking:
+                                usage.reasoning_tokens += 1
+                            if lp is not None:
+                                out.logprobs.append({"id": token, **lp})
+                            if text.stopped:
+                                out += parts.end("stop")
+                                yield out
+                                return  # leaving the block cancels the generation
+                        if chunk.finish is not None:
+                            out += parts.feed(text.flush())
+                            out += parts.end(chunk.finish)
                             yield out
-                            return  # leaving the block cancels the generation
-                    if chunk.finish is not None:
-                        out += parts.feed(text.flush())
-                        out += parts.end(chunk.finish)
+                            return
+                    if out.text or out.reasoning or out.calls or out.logprobs:
                         yield out
-                        return
-                if out.text or out.reasoning or out.calls or out.logprobs:
-                    yield out
 
 
 def _waiting(first: Chunk, chunks: trio.MemoryReceiveChannel[Chunk]) -> Iterator[Chunk]:
@@ -235,3 +238,13 @@ class _Parts:
     def _delta(self, parts: Parts) -> Delta:
         self._called = self._called or bool(parts.calls)
         return Delta(parts.content, reasoning=parts.reasoning, calls=parts.calls)
+
+
+@contextmanager
+def _as_runner_crash() -> Iterator[None]:
+    """A runner's failure (its process gone, or a step failed) is the
+    request's ``RunnerCrashed``."""
+    try:
+        yield
+    except RunnerError as e:
+        raise RunnerCrashed(e.message) from e

@@ -3,7 +3,7 @@
 ``RunnerProcess.run`` is a long-lived task (started with ``nursery.start``) that
 spawns the process, waits for it to report ``ready``, and then pumps its
 events to the requests that are generating on it. It returns when the process
-exits, after failing every stream still open on it with ``RunnerCrashed``
+exits, after failing every stream still open on it with ``RunnerGone``
 (unless the exit was asked for and nothing was left running).
 
 Commands go through an unbounded outbox drained by a writer task, so that
@@ -28,7 +28,7 @@ import attrs
 import trio
 
 from runner import protocol
-from scheduler.errors import ModelLoadFailed, RunnerCrashed
+from runner.errors import LoadFailed, RunnerGone
 
 log = logging.getLogger("mlxd.runner")
 SETTLE_S = 5.0
@@ -255,7 +255,7 @@ class RunnerProcess:
         self, *, task_status: trio.TaskStatus[RunnerProcess] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Take a started runner process (a spare, if there is one), have it
-        load the model and serve until it exits. Raises ``ModelLoadFailed``
+        load the model and serve until it exits. Raises ``LoadFailed``
         (before ``started``) if the model cannot be loaded."""
         with ExitStack() as loading:  # closed once the load has settled (see _settle)
             if self._spares is not None:
@@ -281,7 +281,7 @@ class RunnerProcess:
                 if load_scope.cancelled_caught or first is None or first.get("ev") != "ready":
                     proc.kill()
                     await proc.wait()
-                    raise ModelLoadFailed(_load_error(self.spec, first, proc.returncode))
+                    raise LoadFailed(_load_error(self.spec, first, proc.returncode))
                 self.memory = first.get("memory", {})
                 self.load_s = first.get("load_s")
                 self.prefix_bytes = int(first.get("prefix_bytes", 0))
@@ -297,7 +297,7 @@ class RunnerProcess:
             with trio.CancelScope(shield=True):
                 await self._reap(proc)
             self._fail_all(
-                RunnerCrashed(
+                RunnerGone(
                     self._killed
                     or f"the runner for model {self.spec.model!r} exited "
                     f"(code {proc.returncode}) while generating"
@@ -374,7 +374,7 @@ class RunnerProcess:
         try:
             self._outbox_send.send_nowait(req.to_message())
         except trio.ClosedResourceError:
-            raise RunnerCrashed(f"the runner for model {self.spec.model!r} has exited") from None
+            raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
         try:
             yield recv
         finally:
@@ -393,9 +393,7 @@ class RunnerProcess:
             try:
                 return await recv.receive()
             except trio.EndOfChannel:
-                raise RunnerCrashed(
-                    f"the runner for model {self.spec.model!r} has exited"
-                ) from None
+                raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
 
     def _send_nowait(self, msg: dict[str, Any]) -> None:
         try:
@@ -424,7 +422,7 @@ class RunnerProcess:
                 self.on_saving(self.memory)
         elif ev == "error":
             self._first_output.set()
-            err = RunnerCrashed(f"generation failed in the runner: {msg.get('message')}")
+            err = RunnerGone(f"generation failed in the runner: {msg.get('message')}")
             for req_id in msg.get("ids", []):
                 stream = self._streams.pop(req_id, None)
                 if stream is not None:

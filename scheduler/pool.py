@@ -24,7 +24,7 @@ import trio
 
 from config.settings import ModelConfig
 from scheduler import policy as p
-from scheduler.errors import MlxdError, ModelLoadFailed, RunnerCrashed, ShuttingDown
+from scheduler.errors import MlxdError, ModelLoadFailed, ShuttingDown
 from scheduler.memory import Size
 from scheduler.metrics import Metrics
 
@@ -46,7 +46,8 @@ class Runner(Protocol):
 
     async def run(self, *, task_status: Any = ...) -> None: ...
 
-    async def stats(self) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, Any]:
+        """Its counters and memory; raises ``RuntimeError`` once it is gone."""
 
     def stop(self) -> None: ...
 
@@ -310,11 +311,9 @@ class Scheduler:
             if status.fired:
                 log.exception("runner task for %s failed", model)
             else:
-                error = (
-                    e
-                    if isinstance(e, ModelLoadFailed)
-                    else ModelLoadFailed(f"model {model!r} failed to load: {e}")
-                )
+                # The runner's own reason (its client's, or the catalog's), if it gave one.
+                reason = getattr(e, "message", None) or f"model {model!r} failed to load: {e}"
+                error = ModelLoadFailed(reason)
                 log.error("%s", error.message)
                 self.metrics.load_failures.labels(model).inc()
                 self._post(p.LoadFailed(model, error, trio.current_time()))
@@ -337,7 +336,7 @@ class Scheduler:
         async def measure(name: str, runner: Runner) -> None:
             try:
                 stats = await runner.stats()
-            except RunnerCrashed:
+            except RuntimeError:  # it is gone (see ``Runner.stats``)
                 return
             finally:
                 asked.pop(runner, None)

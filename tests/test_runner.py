@@ -11,8 +11,8 @@ import trio
 
 from api.texts import Texts
 from runner.client import RunnerProcess, RunnerSpec
+from runner.errors import LoadFailed, RunnerGone
 from runner.protocol import Sampling
-from scheduler.errors import ModelLoadFailed, RunnerCrashed
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -67,7 +67,7 @@ async def test_joining_a_batch_and_leaving_it_keeps_greedy_output(
 
 async def test_bad_model_directory_fails_to_load_clearly(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    with pytest.raises(ModelLoadFailed, match="No safetensors found") as info:
+    with pytest.raises(LoadFailed, match="No safetensors found") as info:
         await RunnerProcess(RunnerSpec("broken", tmp_path, 1)).run()
     assert "'broken' failed to load" in str(info.value)
 
@@ -82,7 +82,7 @@ async def test_killed_runner_fails_its_streams(nursery: trio.Nursery, tiny_dir: 
                 errors.append(chunk.error)
                 break
             os.kill(runner.pid, signal.SIGKILL)
-    assert len(errors) == 1 and isinstance(errors[0], RunnerCrashed)
+    assert len(errors) == 1 and isinstance(errors[0], RunnerGone)
 
 
 def test_kernel_warm_up_leaves_no_memory_behind() -> None:

@@ -1,0 +1,22 @@
+"""What goes wrong with a runner, as its client (``runner/client.py``) says.
+
+The runner is a leaf: it knows nothing of the scheduler or of HTTP. The
+layers above turn these into the errors clients see (``scheduler/errors.py``:
+``ModelLoadFailed`` and ``RunnerCrashed``).
+"""
+
+from __future__ import annotations
+
+
+class RunnerError(RuntimeError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class LoadFailed(RunnerError):
+    """The runner could not load its model."""
+
+
+class RunnerGone(RunnerError):
+    """The runner exited, or failed a step: the requests on it fail."""
