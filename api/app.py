@@ -100,9 +100,8 @@ def create_app(
         """The pool: budget and bytes in use, every model's state, bytes,
         requests running and queued, last use and expiry, runner counters (as
         the pool last measured them, every 2 s: a busy runner never holds this
-        up), and
-        the spare runner process ("none", "starting" or "ready"; its bytes are
-        ``spare_bytes``)."""
+        up), and the spare runner process ("none", "starting" or "ready"; its
+        bytes are ``spare_bytes``)."""
         pool = scheduler.status() | {"spare": catalog.spares.status()}
         for m in pool["models"]:
             runner = scheduler.runner(m["model"])

@@ -87,6 +87,7 @@ async def prepare(
     record.model = model.name
     texts = await catalog.texts(model.name)
     grammar, reasoning = req.params.grammar, False
+    vocabulary = len(texts.tokenizer)
     if isinstance(req, ChatRequest):
         tools = req.tools if req.tool_choice.mode != "none" else ()
         prompt = await trio.to_thread.run_sync(
@@ -98,9 +99,8 @@ async def prepare(
         prompt = await trio.to_thread.run_sync(texts.encode, req.prompt)
     else:
         prompt = list(req.prompt)
-        if max(prompt) >= len(texts.tokenizer):
+        if max(prompt) >= vocabulary:
             raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")
-    vocabulary = len(texts.tokenizer)
     for token, _ in req.params.logit_bias:
         if token >= vocabulary:
             raise InvalidRequest(f"token id {token} is outside the vocabulary", "logit_bias")
@@ -154,8 +154,8 @@ async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGene
         async with scheduler.lease(job.model, p.keep_alive_s, job.prompt, job.max_tokens) as runner:
             kv = scheduler.kv_bytes(job.model, len(job.prompt), job.max_tokens)
             job.record.granted(time.monotonic() - asked, kv)
-            if job.record.intake is not None and job.record.intake.busy():
-                options["more"] = True  # others arrive with it: worth a moment's wait
+            if job.record.others_arriving():
+                options["more"] = True  # worth a moment's wait for the runner
             async with runner.generate(
                 job.prompt, job.max_tokens, p.sampling, stop_ids, **options
             ) as chunks:

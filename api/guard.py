@@ -35,6 +35,11 @@ EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
 PREFLIGHT_MAX_AGE_S = 600
 
 
+def _origin(value: str) -> str:
+    """An origin as the config lists it: lower case, no trailing slash."""
+    return value.rstrip("/").lower()
+
+
 def host_name(value: str) -> str:
     """The name in a Host header (or an origin's netloc), without its port:
     ``[::1]:8642`` is ``::1``."""
@@ -56,7 +61,7 @@ class Guard:
         hosts = None
         if settings.host not in EVERY_INTERFACE or allowed:
             hosts = LOOPBACK | {host_name(settings.host)} | allowed
-        origins = frozenset(o.rstrip("/").lower() for o in settings.cors_origins)
+        origins = frozenset(_origin(o) for o in settings.cors_origins)
         return cls(hosts, origins, tuple(k.encode() for k in settings.api_keys))
 
     def admit(self, request: Request) -> Response | None:
@@ -68,7 +73,7 @@ class Guard:
             raise Forbidden(f"this server does not serve the host {host!r}")
         origin = request.headers.get("Origin")
         if origin is not None and not self._same_server(origin, host):
-            if origin.rstrip("/").lower() not in self.origins:
+            if _origin(origin) not in self.origins:
                 raise Forbidden(
                     f"requests from web pages at {origin} are not allowed "
                     "(list the origin in cors_origins to allow them)"
@@ -90,7 +95,7 @@ class Guard:
 
     def cors(self, response: Response, origin: str | None, preflight: bool = False) -> Response:
         """``response`` with the CORS headers a listed ``origin`` gets."""
-        if origin is None or origin.rstrip("/").lower() not in self.origins:
+        if origin is None or _origin(origin) not in self.origins:
             return response
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"

@@ -84,6 +84,10 @@ class Record:
         if self.intake is not None:
             self.intake.leave(self.id)
 
+    def others_arriving(self) -> bool:
+        """Whether other requests are being read or prepared right now."""
+        return self.intake is not None and self.intake.busy()
+
     def granted(self, waited_s: float, kv_reserved: int) -> None:
         self.queue_s, self.kv_reserved = waited_s, kv_reserved
         self.metrics.queue_time.labels(self.model).observe(waited_s)

@@ -162,8 +162,8 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
 
         if mx.default_device() == mx.gpu:
             warm_kernels()  # also starts the device (a CUDA context takes a second)
-        mem = memory()
-        held = mem.get("device", mem["active"] + mem["cache"])  # what every runner holds
+        mem = memory()  # what every runner holds before its model (as the pool measures it)
+        held = max(mem["active"] + mem["cache"], mem.get("device", 0))
         spare = {"pid": os.getpid(), "startup_s": time.perf_counter() - started, "bytes": held}
         send({"ev": "spare", **spare})
         line = sys.stdin.buffer.readline()

@@ -67,7 +67,7 @@ async def test_only_this_servers_hosts_and_listed_origins_get_answers(
         # An HTTP/1.0 tool sends no Host at all; no browser does that.
         raw = trio.socket.socket()
         await raw.connect(("127.0.0.1", port))
-        with raw:
+        with raw, trio.fail_after(60):
             await raw.send(b"GET /v1/models HTTP/1.0\r\n\r\n")
             head = b""
             while len(head) < 12 and (part := await raw.recv(64)):

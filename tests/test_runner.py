@@ -110,9 +110,10 @@ async def test_the_runner_keeps_mlx_freed_buffers_within_its_cache_limit(
     for limit in (None, 256 * 1024):
         spec = RunnerSpec("tiny", tiny_dir, 8, cache_limit=limit)
         runner = await nursery.start(RunnerProcess(spec).run)
-        async with trio.open_nursery() as batch:
-            for i in range(6):
-                batch.start_soon(tokens_of, runner, list(range(i, 150 + 20 * i)), 16)
+        with trio.fail_after(120):
+            async with trio.open_nursery() as batch:
+                for i in range(6):
+                    batch.start_soon(tokens_of, runner, list(range(i, 150 + 20 * i)), 16)
         cached[limit] = (await runner.stats())["memory"]["cache"]
         runner.stop()
     assert cached[256 * 1024] <= 256 * 1024 < cached[None]
