@@ -39,11 +39,14 @@ Decision steps, for each event:
    were running have had their streams failed by the runner handle; queued
    ones make it a load candidate again (step 10).
 6. ``Measured``: the runner's measured bytes (less its cached prefixes,
-   charged by their reservation) update the model's charge; measured while
-   it is idle, they raise its estimated cost if they are more (so that its
-   next load, and loads beside it, are admitted by what it really holds).
-   A stopping runner that has freed its weights to write its prefixes to
-   disk is charged what it still holds.
+   charged by their reservation) update the model's charge; what they hold
+   beyond its runner process and the KV its running requests reserve raises
+   its estimated cost if it is more (so that its next load, and loads beside
+   it, are admitted by what it really holds). If that puts the charges over
+   the budget, prefix-cache reservations nobody uses go first (a load's
+   read-ahead too: its runner drops what it read beyond the new limit once
+   ready), then idle models. A stopping runner that has freed its weights to
+   write its prefixes to disk is charged what it still holds.
 7. ``Unload``: unload the model once it is idle.
 8. ``Shutdown``: reject queued tickets, stop every runner, accept nothing new.
 
@@ -451,6 +454,9 @@ class Policy:
             case Loaded(model, runner, _, prefixes):
                 m = self.models[model]
                 m.runner, m.last_used, m.prefixes_used = runner, now, prefixes
+                if prefixes > m.prefixes:  # its reservation was cut while it read ahead
+                    effects.append(PrefixLimit(model, runner, m.prefixes, dropped=True))
+                    m.prefixes_used = m.prefixes
                 if self.stopping:
                     m.stopping()
                     return [StopRunner(model, runner, "shutdown")]
@@ -474,8 +480,9 @@ class Policy:
                 if m.state is State.READY:
                     m.measured = measured - prefixes
                     m.prefixes_used = prefixes
-                    if not m.running:  # idle: what it holds is its weights and working memory
-                        m.cost = max(m.cost, m.measured - m.context)  # for its next load too
+                    # Beyond its runner and its requests' KV, what it holds is
+                    # its weights and working memory: its cost, next load too.
+                    m.cost = max(m.cost, m.measured - m.context - m.reserved)
                 elif m.state is State.STOPPING:
                     m.held, m.prefixes = min(m.held + m.prefixes, measured), 0
             case SpareHeld(held):
@@ -684,12 +691,17 @@ class Policy:
         )
         return self.free, coming
 
-    def _reclaimable(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    def _reclaimable(
+        self, loading: bool = False
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
         """Prefix-cache bytes a load may take without evicting a model: the
-        reservations ready models are not using (any model), then the cached
-        prefixes of idle ones (least recently used first); as (model, bytes)."""
+        reservations ready models are not using (any model; with ``loading``,
+        loads' read-ahead too), then the cached prefixes of idle ones (least
+        recently used first); as (model, bytes)."""
         ready = [(n, m) for n, m in self.models.items() if m.state is State.READY]
         unused = [(n, m.prefixes - m.prefixes_used) for n, m in ready]
+        if loading:
+            unused += [(n, m.prefixes) for n, m in self.models.items() if m.state is State.LOADING]
         idle = sorted((m.last_used, n) for n, m in ready if m.idle or m.draining)
         held = [(n, min(self.models[n].prefixes, self.models[n].prefixes_used)) for _, n in idle]
         return [u for u in unused if u[1] > 0], [h for h in held if h[1] > 0]
@@ -701,24 +713,32 @@ class Policy:
         return PrefixLimit(name, m.runner, m.prefixes, dropped)
 
     def _make_room(
-        self, need: int, unused: bool = True, held: bool = True, spare: tuple[str, ...] = ()
+        self,
+        need: int,
+        unused: bool = True,
+        held: bool = True,
+        spare: tuple[str, ...] = (),
+        loading: bool = False,
     ) -> tuple[list[Effect], int]:
         """Free up to ``need`` bytes of prefix-cache reservations: ``unused``
-        ones first, then the ``held`` cached prefixes of idle models other
-        than those in ``spare`` (models being evicted, whose prefixes go to
-        disk with them). Returns the effects and the bytes freed."""
+        ones first (``loading``: loads' read-ahead too, whose runners hear
+        their limit once ready), then the ``held`` cached prefixes of idle
+        models other than those in ``spare`` (models being evicted, whose
+        prefixes go to disk with them). Returns the effects and the bytes freed."""
         limits: dict[str, PrefixLimit] = {}  # one effect per model: its last limit
         freed = 0
-        free_unused, free_held = self._reclaimable()
+        free_unused, free_held = self._reclaimable(loading)
         steps = [(free_unused, False)] * unused + [(free_held, True)] * held
         for amounts, dropped in steps:
             for name, size in amounts:
                 if freed >= need:
                     break
                 if name not in spare:
+                    if self.models[name].state is State.LOADING:  # keep what it may read
+                        size = min(size, need - freed)
                     limits[name] = self._shrink(name, size, dropped)
                     freed += size
-        return list(limits.values()), freed
+        return [e for e in limits.values() if e.runner is not None], freed
 
     def _grow(self) -> list[Effect]:
         """Give free memory to prefix caches below their limit (step 12),
@@ -745,7 +765,7 @@ class Policy:
         )
         over = self.used - self.budget - stopping  # not counting runners on their way out
         if over > 0:  # measured use grew past the budget
-            more, freed = self._make_room(over)
+            more, freed = self._make_room(over, loading=True)
             effects += more
             over -= freed
         for v in self._evictable():

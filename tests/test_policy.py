@@ -400,6 +400,26 @@ def test_a_later_load_waits_for_a_loading_models_reservation_rather_than_evict()
     assert pol.models["c"].state is p.State.READY
 
 
+def test_a_busy_model_outgrowing_its_charge_takes_back_a_loads_read_ahead() -> None:
+    """A model measured above its estimate while another load's read-ahead
+    has all the free memory: the read-ahead gives way, so the charges stay
+    within the budget, and the loaded runner trims what it read beyond it."""
+    pol = policy(budget=100 * GB, a=spec(40 * GB), b=spec(40 * GB, prefix_cache=30 * GB))
+    (t,) = tickets("a", 1)
+    pol.handle(p.Submitted(t))
+    pol.handle(p.Loaded("a", RUNNER))
+    u = p.Ticket("b", prompt=(1, 2))
+    assert pol.handle(p.Submitted(u, 1)) == [p.StartRunner("b", 20 * GB, (1, 2))]
+    assert pol.used == 100 * GB
+    assert pol.handle(p.Measured("a", 43 * GB, 0, 2)) == []  # 3 GB over its estimate
+    assert pol.used == 100 * GB and pol.models["b"].prefixes == 17 * GB
+    assert pol.handle(p.Loaded("b", RUNNER, 3, 19 * GB)) == [
+        p.PrefixLimit("b", RUNNER, 17 * GB, dropped=True),
+        p.Grant(u, RUNNER),
+    ]
+    assert pol.used == 100 * GB
+
+
 # -- keep-alive and unload ------------------------------------------------------
 
 
@@ -671,13 +691,15 @@ def test_a_laptop_budget_takes_an_8b_model_whatever_its_declared_context() -> No
     assert pol.handle(p.Released(ts[1], 3)) == [p.Grant(long, RUNNER)]
 
 
-def test_what_an_idle_model_measures_becomes_its_cost_for_later_loads() -> None:
-    pol = policy(budget=30 * GB, a=spec(10 * GB), b=spec(10 * GB))
-    (t,) = tickets("a", 1)
+def test_what_a_model_measures_beyond_its_requests_kv_becomes_its_cost_for_later_loads() -> None:
+    pol = policy(budget=30 * GB, a=spec(10 * GB, kv_per_token=KV), b=spec(10 * GB))
+    t = request("a", 3000, 1000)  # reserves 4096 tokens' KV: 4.096 GB
     pol.handle(p.Submitted(t, 0))
     pol.handle(p.Loaded("a", RUNNER, 1))
-    pol.handle(p.Measured("a", 15 * GB, 0, 2))  # busy: its requests' KV is in there
+    pol.handle(p.Measured("a", 14 * GB, 0, 2))  # busy: its requests' KV is in there
     assert pol.models["a"].cost == 10 * GB
+    pol.handle(p.Measured("a", 15 * GB, 0, 2))  # more than its KV explains
+    assert pol.models["a"].cost == 15 * GB - 4096 * KV
     pol.handle(p.Released(t, 3))
     pol.handle(p.Measured("a", 12 * GB, 0, 4))  # idle: weights, buffers and cache
     assert pol.models["a"].cost == 12 * GB and pol.used == 12 * GB
