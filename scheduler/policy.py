@@ -525,6 +525,8 @@ class Policy:
 
     def _refusal(self, ticket: Ticket) -> MlxdError | None:
         model = ticket.model
+        if model not in self.models:  # named before a reload removed it
+            return ModelNotFound(f"the model {model!r} was removed from the config", "model")
         m = self.models[model]
         if self.stopping:
             return ShuttingDown("the server is shutting down")

@@ -159,7 +159,8 @@ class Scheduler:
         for the KV cache of ``prompt`` and ``max_tokens`` more, and hold them.
         ``keep_alive_s`` overrides the model's keep-alive from this request on;
         a load for this request reads the cached prefix of ``prompt`` early."""
-        if self._size_model is not None and self._policy.models[model].state is p.State.ABSENT:
+        known = self._policy.models.get(model)  # (the policy answers for an unknown one)
+        if self._size_model is not None and known is not None and known.state is p.State.ABSENT:
             size = await self._size_model(model)
             self._post(p.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
         ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens)

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from scheduler import policy as p
 from scheduler.errors import (
     ModelLoadFailed,
+    ModelNotFound,
     ModelTooLarge,
     QueueFull,
     QueueTimeout,
@@ -548,6 +549,10 @@ def test_reconfigure_adds_and_forgets_models_after_their_requests() -> None:
     pol.handle(p.RunnerExited("a", 5))
     assert set(pol.models) == {"b", "c"}
     assert pol.handle(p.Measured("a", GB, 6)) == []  # late news of a is ignored
+    # A request that named "a" before the reload gets a 404, not a crash.
+    (late,) = tickets("a", 1)
+    (reject,) = pol.handle(p.Submitted(late, 7))
+    assert isinstance(reject.error, ModelNotFound) and "removed" in reject.error.message
 
 
 def test_reconfigure_refuses_what_waits_for_a_removed_absent_model() -> None:
