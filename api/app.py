@@ -38,7 +38,11 @@ def create_app(
     catalog: Catalog,
     scheduler: Scheduler,
     recent_errors: Iterable[dict[str, Any]] = (),
+    *,
+    spares: Callable[[], dict[str, Any]],
 ) -> QuartTrio:
+    """The app, on the daemon's catalog and scheduler; ``spares`` says how the
+    spare runner process stands (for ``/api/ps``)."""
     app = QuartTrio("mlxd")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -102,7 +106,7 @@ def create_app(
         the pool last measured them, every 2 s: a busy runner never holds this
         up), and the spare runner process ("none", "starting" or "ready"; its
         bytes are ``spare_bytes``)."""
-        pool = scheduler.status() | {"spare": catalog.spares.status()}
+        pool = scheduler.status() | {"spare": spares()}
         for m in pool["models"]:
             runner = scheduler.runner(m["model"])
             ready = m["state"] == "ready" and runner is not None

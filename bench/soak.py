@@ -33,10 +33,10 @@ from typing import Any
 import httpx
 import trio
 
-from api.catalog import Catalog
 from bench.random_model import write
 from bench.serving import ROOT, wait_ready
 from config.settings import BUNDLED, ModelConfig, Settings, default_cache_dir
+from daemon.launcher import Launcher
 from runner import sources
 
 CHAT = [{"role": "user", "content": "Tell me a story."}]
@@ -144,8 +144,8 @@ def tiny_models(n: int, where: Path) -> list[Path]:
 def start_daemon(args: argparse.Namespace, work: Path) -> tuple[subprocess.Popen[bytes], list[str]]:
     """``mlxd serve`` with the tiny models, under a budget that holds two."""
     dirs = tiny_models(args.models, work)
-    catalog = Catalog(Settings(models=(ModelConfig("x", str(dirs[0])),), cache_dir=work))
-    each = trio.run(catalog.size, "x").bytes
+    launcher = Launcher(Settings(cache_dir=work))
+    each = trio.run(launcher.size, ModelConfig("x", str(dirs[0]))).bytes
     lines = [f"port = {args.port}", f'cache_dir = "{work}"', f"memory_budget = {int(each * 2.5)}"]
     for d in dirs:
         lines += ["[[models]]", f'name = "{d.name}"', f'path = "{d}"', "keep_alive = 5"]

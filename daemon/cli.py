@@ -152,7 +152,7 @@ def cmd_unload(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from runner import hub
-    from runner.sources import SourceError
+    from runner.errors import SourceError
 
     try:
         path = hub.pull(args.repo, args.revision)

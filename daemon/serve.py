@@ -29,9 +29,12 @@ from api.app import create_app
 from api.catalog import Catalog
 from config.settings import ConfigError, Settings
 from config.units import format_bytes
+from daemon.launcher import Launcher
 from daemon.recent import RecentErrors
+from runner.client import RunnerProcess
 from scheduler.errors import MlxdError
-from scheduler.memory import resolve_budget
+from scheduler.memory import Size, resolve_budget
+from scheduler.policy import StartRunner
 from scheduler.pool import Scheduler
 
 log = logging.getLogger("mlxd")
@@ -46,21 +49,29 @@ async def serve(
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None;
     then SIGHUP reloads the models from ``config_path``)."""
-    catalog = Catalog(settings)
+    launcher = Launcher(settings)
+    catalog = Catalog(settings, launcher.model_dir)
     budget, where = resolve_budget(settings.memory_budget)
     log.info("memory budget %s (%s)", format_bytes(budget), where)
+
+    async def make_runner(start: StartRunner) -> RunnerProcess:
+        return await launcher.runner(catalog.get(start.model), start)
+
+    async def size_model(name: str) -> Size:
+        return await launcher.size(catalog.get(name))
+
     scheduler = Scheduler(
         settings.models,
-        catalog.make_runner,
+        make_runner,
         budget=budget,
-        size_model=catalog.size,
+        size_model=size_model,
         max_turn_s=settings.max_turn_s,
-        prefix_disk_bytes=catalog.prefix_disk_bytes,
+        prefix_disk_bytes=launcher.prefix_disk_bytes,
         runner_timeout_s=settings.runner_timeout_s,
     )
     recent = RecentErrors()
     logging.getLogger("mlxd").addHandler(recent)
-    app = create_app(settings, catalog, scheduler, recent.records)
+    app = create_app(settings, catalog, scheduler, recent.records, spares=launcher.spares.status)
     config = hypercorn.config.Config()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_s
@@ -75,12 +86,12 @@ async def serve(
 
             async def reload() -> None:
                 nonlocal settings
-                settings = await _reload(settings, config_path, catalog, scheduler)
+                settings = await _reload(settings, config_path, catalog, launcher, scheduler)
 
             outer.start_soon(_reload_on_sighup, reload)
-        outer.start_soon(_prepare_all, catalog)
-        catalog.spares.watch(scheduler.spare_held, scheduler.spare_fits)  # in the ledger
-        await outer.start(catalog.spares.run)
+        outer.start_soon(_prepare, catalog, launcher, list(catalog.models))
+        launcher.spares.watch(scheduler.spare_held, scheduler.spare_fits)  # in the ledger
+        await outer.start(launcher.spares.run)
         async with trio.open_nursery() as inner:
             await inner.start(scheduler.run)
 
@@ -123,7 +134,11 @@ async def _reload_on_sighup(reload: Callable[[], Awaitable[None]]) -> None:
 
 
 async def _reload(
-    settings: Settings, path: Path | None, catalog: Catalog, scheduler: Scheduler
+    settings: Settings,
+    path: Path | None,
+    catalog: Catalog,
+    launcher: Launcher,
+    scheduler: Scheduler,
 ) -> Settings:
     """Apply a changed config's models; keep the old config if the new one is bad."""
     if path is None:
@@ -147,7 +162,7 @@ async def _reload(
         ", ".join(sorted(removed)) or "none",
         ", ".join(sorted(changed)) or "none",
     )
-    await _prepare(catalog, sorted(added | changed))
+    await _prepare(catalog, launcher, sorted(added | changed))
     return kept
 
 
@@ -170,16 +185,14 @@ _RESTART_ONLY = (
 )
 
 
-async def _prepare_all(catalog: Catalog) -> None:
-    """Load every model's tokenizer (converting the bundled model if needed) in
-    the background, so that the first request does not pay for it."""
-    await _prepare(catalog, list(catalog.models))
-
-
-async def _prepare(catalog: Catalog, names: list[str]) -> None:
+async def _prepare(catalog: Catalog, launcher: Launcher, names: list[str]) -> None:
+    """Load models' tokenizers (converting the bundled model if needed) and
+    find their cached prefixes on disk, in the background, so that the first
+    request does not pay for it."""
     for name in names:
         try:
             await catalog.texts(name)
+            await launcher.prefix_dir(catalog.get(name))
         except MlxdError as e:
             log.error("%s", e.message)
         except Exception:  # a broken model is its requests' error, never the daemon's end

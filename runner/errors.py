@@ -1,4 +1,6 @@
-"""What goes wrong with a runner, as its client (``runner/client.py``) says.
+"""What goes wrong on the runner's side: finding a model's files
+(``runner/sources.py``, ``runner/hub.py``), and a runner, as its client
+(``runner/client.py``) says.
 
 The runner is a leaf: it knows nothing of the scheduler or of HTTP. The
 layers above turn these into the errors clients see (``scheduler/errors.py``:
@@ -20,3 +22,7 @@ class LoadFailed(RunnerError):
 
 class RunnerGone(RunnerError):
     """The runner exited, or failed a step: the requests on it fail."""
+
+
+class SourceError(RuntimeError):
+    """A model's files cannot be found or prepared."""

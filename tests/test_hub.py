@@ -13,8 +13,8 @@ from huggingface_hub import constants
 from config.settings import Settings
 from daemon.cli import main
 from runner import sources
+from runner.errors import SourceError
 from runner.hub import pull, resolve_cached
-from runner.sources import SourceError
 from tests.fake_hub import FakeHub
 
 REPO = "org/name"
