@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -19,6 +20,10 @@ from daemon.serve import serve
 from runner import sources
 
 TESTS = Path(__file__).parent
+
+# Runners started by these tests (they inherit the environment) load the
+# scripted test models of tests/scripted.py through the runner's engine hook.
+os.environ["MLXD_ENGINE"] = "tests.script_engine:load"
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@
 model has: ``<think>`` and ``</think>`` tokens, and a chat template that
 renders tools, calls and their results in the common JSON-between-markers
 format and honours ``enable_thinking``. ``scripted_model`` makes a model
-directory whose runner replays a given text (``runner/script.py``).
+directory whose runner replays a given text (``tests/script_engine.py``).
 """
 
 from __future__ import annotations

@@ -3,16 +3,22 @@
 Tool calls and reasoning come from models trained to emit them, and none is
 reachable where the tests run. A model directory whose ``config.json`` says
 ``"model_type": "mlxd_script"`` and holds ``"script": [token ids]`` (plus the
-tokenizer files, for the daemon) loads this engine instead of MLX weights: each
-request gets the script's tokens, one per step, through the same events,
-stop-token, ``max_tokens`` and cancellation handling as a real model. Only the
-sampling is absent: there are no logits to sample from.
+tokenizer files, for the daemon; ``tests/scripted.py`` writes one) loads this
+engine instead of MLX weights: each request gets the script's tokens, one per
+step, through the same events, stop-token, ``max_tokens`` and cancellation
+handling as a real model. Only the sampling is absent: there are no logits to
+sample from.
+
+The runner reaches it through its engine hook: the tests set
+``MLXD_ENGINE=tests.script_engine:load`` (``tests/conftest.py``), and
+``load`` answers for scripted directories only.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -37,14 +43,6 @@ class ScriptEngine:
         self.max_batch = max_batch
         self.stats = Stats()
         self._running: dict[int, _Replay] = {}
-
-    @classmethod
-    def from_dir(cls, model_dir: Path, max_batch: int) -> ScriptEngine | None:
-        """The engine for a scripted model directory; ``None`` for a real model."""
-        config = json.loads((model_dir / "config.json").read_text())
-        if config.get("model_type") != "mlxd_script":
-            return None
-        return cls([int(t) for t in config["script"]], max_batch)
 
     def warm_up(self) -> None:
         pass
@@ -89,3 +87,12 @@ class ScriptEngine:
         self.stats.tokens += len(out)
         self.stats.max_batch = max(self.stats.max_batch, len(out))
         return out
+
+
+def load(model_dir: Path, options: dict[str, Any]) -> ScriptEngine | None:
+    """The runner's engine hook: the engine for a scripted model directory;
+    ``None`` for a real model (which the runner then loads itself)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if config.get("model_type") != "mlxd_script":
+        return None
+    return ScriptEngine([int(t) for t in config["script"]], int(options.get("max_batch", 8)))
