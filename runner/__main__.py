@@ -152,27 +152,15 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine:
 
 
 def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float) -> int:
-    import mlx.core as mx
 
     def send(msg: dict[str, Any]) -> None:
         out.write(protocol.encode(msg))
 
     if model_dir is None:  # a spare: wait for the model to load
-        import mlx_lm.utils  # noqa: F401  (what load_engine needs: seconds of imports)
-
-        from runner.engine import warm_kernels
-
-        if mx.default_device() == mx.gpu:
-            warm_kernels()  # also starts the device (a CUDA context takes a second)
-        mem = memory()  # what every runner holds before its model (as the pool measures it)
-        held = max(mem["active"] + mem["cache"], mem.get("device", 0))
-        spare = {"pid": os.getpid(), "startup_s": time.perf_counter() - started, "bytes": held}
-        send({"ev": "spare", **spare})
-        line = sys.stdin.buffer.readline()
-        if not line:
+        load = _wait_as_spare(send, started)
+        if load is None:
             return 0
-        options = protocol.decode(line)
-        model_dir = options["model_dir"]
+        options, model_dir = load, load["model_dir"]
     t0 = time.perf_counter()
     try:
         engine = load_engine(Path(model_dir).resolve(), options)
@@ -203,34 +191,10 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
             except queue.Empty:
                 break
         for msg in msgs:
-            op = msg.get("op")
-            if op == "generate":
-                try:
-                    hit = engine.add(protocol.Generate.from_message(msg))
-                except Exception as e:  # a bad request fails alone
-                    send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
-                else:
-                    cached = {"id": msg["id"], "tokens": hit.tokens, "from": hit.source}
-                    send({"ev": "cached", **cached})
-            elif op == "cancel":
-                engine.cancel(msg["id"])
-            elif op == "prefix_limit":
-                if engine.prefixes is not None:
-                    engine.prefixes.set_limit(int(msg["bytes"]))
-            elif op == "stats":
-                send(
-                    {
-                        "ev": "stats",
-                        "active": engine.active,
-                        **attrs.asdict(engine.stats),
-                        "memory": memory(),
-                        "prefill_chunk": engine.chunk,
-                        "prefix": None if engine.prefixes is None else engine.prefixes.summary(),
-                    }
-                )
-            elif op == "shutdown":
+            if msg.get("op") == "shutdown":
                 _persist(engine, send)
                 return 0
+            _command(engine, msg, send)
         if not engine.active:
             continue
         try:
@@ -246,6 +210,52 @@ def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started
             continue
         if outputs:
             send({"ev": "tokens", "batch": len(outputs), "out": outputs})
+
+
+def _wait_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> dict[str, Any] | None:
+    """As a spare: import what a load needs, start the device, say what that
+    holds, and wait for the ``load`` command (None if the daemon went away)."""
+    import mlx.core as mx
+    import mlx_lm.utils  # noqa: F401  (what load_engine needs: seconds of imports)
+
+    from runner.engine import warm_kernels
+
+    if mx.default_device() == mx.gpu:
+        warm_kernels()  # also starts the device (a CUDA context takes a second)
+    mem = memory()  # what every runner holds before its model (as the pool measures it)
+    held = max(mem["active"] + mem["cache"], mem.get("device", 0))
+    spare = {"pid": os.getpid(), "startup_s": time.perf_counter() - started, "bytes": held}
+    send({"ev": "spare", **spare})
+    line = sys.stdin.buffer.readline()
+    return protocol.decode(line) if line else None
+
+
+def _command(engine: Engine, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+    """Carry out one command from the daemon (``shutdown`` aside)."""
+    op = msg.get("op")
+    if op == "generate":
+        try:
+            hit = engine.add(protocol.Generate.from_message(msg))
+        except Exception as e:  # a bad request fails alone
+            send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
+        else:
+            send({"ev": "cached", "id": msg["id"], "tokens": hit.tokens, "from": hit.source})
+    elif op == "cancel":
+        engine.cancel(msg["id"])
+    elif op == "prefix_limit":
+        if engine.prefixes is not None:
+            engine.prefixes.set_limit(int(msg["bytes"]))
+    elif op == "stats":
+        send(
+            {
+                "ev": "stats",
+                "active": engine.active,
+                **attrs.asdict(engine.stats),
+                "memory": memory(),
+                "prefill_chunk": engine.chunk,
+                "prefix": None if engine.prefixes is None else engine.prefixes.summary(),
+            }
+        )
 
 
 def _persist(engine: Engine, send: Callable[[dict[str, Any]], None]) -> None:

@@ -1,9 +1,11 @@
 """The memory budget, and what a model will cost before it is loaded.
 
-The daemon itself never runs MLX work: on Linux it does not even import MLX
-(a CUDA context there would share the GPU with the runners). On a Mac it asks
-Metal for the recommended working-set size, which is what MLX itself treats
-as the memory it can use without the system swapping.
+The daemon itself never runs MLX work. It imports MLX only through mlx-lm's
+tokenizer wrapper (``api/texts.py``), which starts no device: on the CUDA
+host ``nvidia-smi --query-compute-apps=pid`` lists the runners and never the
+daemon, so all the device memory in use is the runners', in the ledger. On a
+Mac it asks Metal for the recommended working-set size, which is what MLX
+itself treats as the memory it can use without the system swapping.
 """
 
 from __future__ import annotations

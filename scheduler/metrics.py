@@ -27,94 +27,68 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
+        self.registry = r = CollectorRegistry()
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(name, doc, list(labels or ["model"]), registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ["model"], buckets=buckets, registry=r)
+
+        self.requests = counter(
             "mlxd_requests",
             "HTTP requests by endpoint, model and status code",
-            ["endpoint", "model", "status"],
-            registry=r,
+            *("endpoint", "model", "status"),
         )
-        self.prompt_tokens = Counter(
-            "mlxd_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
-        )
-        self.generation_tokens = Counter(
-            "mlxd_generation_tokens", "Tokens generated", ["model"], registry=r
-        )
-        self.queue_time = Histogram(
+        self.prompt_tokens = counter("mlxd_prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = counter("mlxd_generation_tokens", "Tokens generated")
+        self.queue_time = histogram(
             "mlxd_request_queue_time_seconds",
             "Wait for a model slot (queue and load)",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = histogram(
             "mlxd_time_to_first_token_seconds",
             "From arrival to the first generated token",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.itl = Histogram(
+        self.itl = histogram(
             "mlxd_inter_token_latency_seconds",
             "Time between consecutive generated tokens",
-            ["model"],
-            buckets=TOKEN_GAP_BUCKETS,
-            registry=r,
+            TOKEN_GAP_BUCKETS,
         )
-        self.e2e = Histogram(
-            "mlxd_e2e_request_latency_seconds",
-            "From arrival to the last token",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.e2e = histogram(
+            "mlxd_e2e_request_latency_seconds", "From arrival to the last token", LATENCY_BUCKETS
         )
-        self.loads = Counter("mlxd_model_loads", "Models loaded", ["model"], registry=r)
-        self.load_failures = Counter(
-            "mlxd_model_load_failures", "Model loads that failed", ["model"], registry=r
-        )
-        self.load_duration = Histogram(
+        self.loads = counter("mlxd_model_loads", "Models loaded")
+        self.load_failures = counter("mlxd_model_load_failures", "Model loads that failed")
+        self.load_duration = histogram(
             "mlxd_model_load_duration_seconds",
             "From starting a runner to the model being ready",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
-        self.evictions = Counter(
+        self.evictions = counter(
             "mlxd_evictions",
             "Models unloaded, by reason (idle, expired, memory, manual)",
-            ["model", "reason"],
-            registry=r,
+            *("model", "reason"),
         )
-        self.prefix_hits = Counter(
+        self.prefix_hits = counter(
             "mlxd_prefix_cache_hits",
             "Requests that reused a cached prefix (in memory or from disk)",
-            ["model"],
-            registry=r,
         )
-        self.prefix_misses = Counter(
-            "mlxd_prefix_cache_misses",
-            "Requests that found no cached prefix to reuse",
-            ["model"],
-            registry=r,
+        self.prefix_misses = counter(
+            "mlxd_prefix_cache_misses", "Requests that found no cached prefix to reuse"
         )
-        self.prefix_tokens = Counter(
+        self.prefix_tokens = counter(
             "mlxd_prefix_cache_tokens",
             "Prompt tokens taken from the prefix cache instead of being read",
-            ["model"],
-            registry=r,
         )
-        self.prefix_drops = Counter(
+        self.prefix_drops = counter(
             "mlxd_prefix_cache_drops",
             "Times an idle model's cached prefixes were dropped to make room for a load",
-            ["model"],
-            registry=r,
         )
-        self.runner_crashes = Counter(
-            "mlxd_runner_crashes",
-            "Runner processes that exited without being asked",
-            ["model"],
-            registry=r,
+        self.runner_crashes = counter(
+            "mlxd_runner_crashes", "Runner processes that exited without being asked"
         )
 
     def add_models(self, names: Iterable[str]) -> None:

@@ -476,15 +476,7 @@ class Policy:
                 self.models[model].cost = cost
                 self.models[model].kv_per_token = kv_per_token
             case Measured(model, measured, prefixes):
-                m = self.models[model]
-                if m.state is State.READY:
-                    m.measured = measured - prefixes
-                    m.prefixes_used = prefixes
-                    # Beyond its runner and its requests' KV, what it holds is
-                    # its weights and working memory: its cost, next load too.
-                    m.cost = max(m.cost, m.measured - m.context - m.reserved)
-                elif m.state is State.STOPPING:
-                    m.held, m.prefixes = min(m.held + m.prefixes, measured), 0
+                self._measured(self.models[model], measured, prefixes)
             case SpareHeld(held):
                 self.spare = self.context if held is None else held
                 if held:
@@ -494,27 +486,9 @@ class Policy:
             case Unload(model):
                 self.models[model].unload_asked = True
             case Reconfigure(specs, changed):
-                for name, m in self.models.items():
-                    if name not in specs:
-                        m.retired = m.stale = True
-                    elif name in changed:
-                        m.spec, m.retired = specs[name], False
-                        m.failures, m.retry_at = 0, 0.0  # a new config may load
-                        m.stale = m.state is not State.ABSENT
-                        if m.state is State.ABSENT:
-                            self._absent(m)  # takes the new settings now
-                for name, spec in specs.items():
-                    self.models.setdefault(name, ModelState(spec, context=self.context))
+                self._reconfigure(specs, changed)
             case Shutdown():
-                self.stopping = True
-                for name, m in self.models.items():
-                    error = ShuttingDown("the server is shutting down")
-                    effects += [Reject(t, error) for t in m.queue]
-                    m.queue.clear()
-                    if m.state is State.READY:
-                        m.stopping()
-                        effects.append(StopRunner(name, m.runner, "shutdown"))
-                return effects
+                return self._shutdown()
         for name in [n for n, m in self.models.items() if m.retired and m.state is State.ABSENT]:
             m = self.models.pop(name)
             error = ModelNotFound(f"the model {name!r} was removed from the config", "model")
@@ -522,6 +496,41 @@ class Policy:
         return effects + self._schedule(now)
 
     # -- helpers ---------------------------------------------------------------
+
+    def _measured(self, m: ModelState, measured: int, prefixes: int) -> None:
+        if m.state is State.READY:
+            m.measured = measured - prefixes
+            m.prefixes_used = prefixes
+            # Beyond its runner and its requests' KV, what it holds is its
+            # weights and working memory: its cost, for its next load too.
+            m.cost = max(m.cost, m.measured - m.context - m.reserved)
+        elif m.state is State.STOPPING:
+            m.held, m.prefixes = min(m.held + m.prefixes, measured), 0
+
+    def _reconfigure(self, specs: Mapping[str, ModelSpec], changed: frozenset[str]) -> None:
+        for name, m in self.models.items():
+            if name not in specs:
+                m.retired = m.stale = True
+            elif name in changed:
+                m.spec, m.retired = specs[name], False
+                m.failures, m.retry_at = 0, 0.0  # a new config may load
+                m.stale = m.state is not State.ABSENT
+                if m.state is State.ABSENT:
+                    self._absent(m)  # takes the new settings now
+        for name, spec in specs.items():
+            self.models.setdefault(name, ModelState(spec, context=self.context))
+
+    def _shutdown(self) -> list[Effect]:
+        self.stopping = True
+        effects: list[Effect] = []
+        for name, m in self.models.items():
+            error = ShuttingDown("the server is shutting down")
+            effects += [Reject(t, error) for t in m.queue]
+            m.queue.clear()
+            if m.state is State.READY:
+                m.stopping()
+                effects.append(StopRunner(name, m.runner, "shutdown"))
+        return effects
 
     def _refusal(self, ticket: Ticket) -> MlxdError | None:
         model = ticket.model
