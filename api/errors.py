@@ -23,6 +23,7 @@ STATUS: dict[type[e.MlxdError], tuple[int, str, str | None]] = {
     e.Unauthorized: (401, "invalid_request_error", "invalid_api_key"),
     e.Forbidden: (403, "invalid_request_error", "forbidden"),
     e.ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    e.ResponseNotFound: (404, "invalid_request_error", "not_found"),
     e.ModelLoadFailed: (500, "server_error", "model_load_failed"),
     e.RunnerCrashed: (502, "server_error", "runner_crashed"),
     e.Overloaded: (503, "server_error", "overloaded"),

@@ -8,6 +8,7 @@
     ├── Unauthorized (PermissionError)       missing or wrong API key
     ├── Forbidden (PermissionError)          a Host or Origin mlxd does not serve
     ├── ModelNotFound (LookupError)          no configured model by that name
+    ├── ResponseNotFound (LookupError)       no stored response (or item) by that id
     ├── ModelLoadFailed (RuntimeError)       the runner could not load the model
     ├── RunnerCrashed (RuntimeError)         the runner died while serving the request
     ├── Overloaded (RuntimeError)            no room for the request now
@@ -56,6 +57,10 @@ class Forbidden(MlxdError, PermissionError):
 
 
 class ModelNotFound(MlxdError, LookupError):
+    pass
+
+
+class ResponseNotFound(MlxdError, LookupError):
     pass
 
 

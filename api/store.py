@@ -1,0 +1,164 @@
+"""Stored responses: what ``previous_response_id``, ``item_reference`` and
+``GET``/``DELETE /v1/responses/{id}`` read.
+
+A response made with ``store`` (the default, as OpenAI's) is kept with its
+request's input items and its output items, in a store bounded by entries
+and bytes: the least recently used go first. A follow-up names the response
+it continues, and its conversation is that chain, walked back to its start;
+reading a chain touches every response in it, so a live conversation's
+early turns are the last to go. A response whose chain was cut by eviction
+answers as not found, never with part of its context.
+
+Each response belongs to the API key that made it (a hash of it: requests
+without keys share one owner); another key cannot see it, which answers as
+not found too. With a ``path``, the store is written there (``save``, at
+shutdown) and read back when the daemon starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from scheduler.errors import ResponseNotFound
+
+log = logging.getLogger("mlxd.store")
+
+
+def owner_of(api_key: str | None) -> str:
+    """Who owns what a request stores: a digest of its key (never the key)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:24] if api_key else ""
+
+
+@attrs.define
+class Entry:
+    owner: str
+    response: dict[str, Any]  # the response object, as the client got it
+    input_items: list[dict[str, Any]]  # its request's input, as items with ids
+    previous: str | None  # the response it continued
+    nbytes: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.nbytes = len(json.dumps([self.response, self.input_items]))
+
+    @property
+    def items(self) -> Iterator[dict[str, Any]]:
+        """Its input and output items, in conversation order."""
+        yield from self.input_items
+        yield from self.response.get("output", ())
+
+
+class ResponseStore:
+    def __init__(self, max_entries: int, max_bytes: int, path: Path | None = None) -> None:
+        self.max_entries, self.max_bytes, self.path = max_entries, max_bytes, path
+        self._entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
+        self._items: dict[str, str] = {}  # item id -> the response that holds it
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(
+        self,
+        owner: str,
+        response: dict[str, Any],
+        input_items: list[dict[str, Any]],
+        previous: str | None = None,
+    ) -> None:
+        """Keep ``response`` (its ``id`` is the key), evicting the least
+        recently used beyond the bounds. One larger than the whole byte
+        bound is not kept."""
+        entry = Entry(owner, response, input_items, previous)
+        if entry.nbytes > self.max_bytes or self.max_entries <= 0:
+            log.warning(
+                "response %s (%d bytes) is too large to store", response["id"], entry.nbytes
+            )
+            return
+        self._drop(response["id"])
+        self._entries[response["id"]] = entry
+        self.nbytes += entry.nbytes
+        for item in entry.items:
+            if isinstance(item.get("id"), str):
+                self._items[item["id"]] = response["id"]
+        while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def get(self, owner: str, response_id: str, param: str | None = None) -> Entry:
+        entry = self._entries.get(response_id)
+        if entry is None or entry.owner != owner:
+            raise ResponseNotFound(f"no stored response with id {response_id!r}", param)
+        self._entries.move_to_end(response_id)
+        return entry
+
+    def delete(self, owner: str, response_id: str) -> None:
+        self.get(owner, response_id)
+        self._drop(response_id)
+
+    def conversation(self, owner: str, response_id: str) -> list[dict[str, Any]]:
+        """The items of the conversation ``response_id`` ends, oldest first
+        (for ``previous_response_id``)."""
+        chain: list[str] = []
+        at: str | None = response_id
+        while at is not None:
+            if at in chain:  # a store file edited by hand could loop
+                break
+            chain.append(at)
+            at = self.get(owner, at, "previous_response_id").previous
+        return [item for rid in reversed(chain) for item in self._entries[rid].items]
+
+    def item(self, owner: str, item_id: str) -> dict[str, Any]:
+        """A stored input or output item, by its id (for ``item_reference``)."""
+        response_id = self._items.get(item_id)
+        if response_id is None:
+            raise ResponseNotFound(f"no stored item with id {item_id!r}", "input")
+        for item in self.get(owner, response_id, "input").items:
+            if item.get("id") == item_id:
+                return item
+        raise ResponseNotFound(f"no stored item with id {item_id!r}", "input")
+
+    def _drop(self, response_id: str) -> None:
+        entry = self._entries.pop(response_id, None)
+        if entry is None:
+            return
+        self.nbytes -= entry.nbytes
+        for item in entry.items:
+            if self._items.get(item.get("id", "")) == response_id:
+                del self._items[item["id"]]
+
+    def save(self) -> None:
+        """Write the store to ``path`` (atomically), oldest entry first."""
+        if self.path is None:
+            return
+        entries = [
+            {
+                "owner": e.owner,
+                "response": e.response,
+                "input": e.input_items,
+                "previous": e.previous,
+            }
+            for e in self._entries.values()
+        ]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"version": 1, "entries": entries}))
+        os.replace(tmp, self.path)
+
+    def load(self) -> None:
+        """Read back what ``save`` wrote; a missing file is an empty store, an
+        unreadable one is ignored with a warning."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            for e in data["entries"]:
+                self.put(e["owner"], e["response"], e["input"], e["previous"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring the stored responses in %s: %s", self.path, exc)
