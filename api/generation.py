@@ -1,83 +1,60 @@
-"""From a validated request to text deltas: tokenize, check the context, lease
-the model, generate, detokenize.
+"""From a validated request to deltas: tokenize, check the context, build the
+runner's request, lease the model, generate, decode.
 
 ``prepare`` does everything that can fail before a model is touched (unknown
 model, no chat template, prompt too long), so those failures cost no load.
-``deltas`` holds the model's lease for exactly as long as the caller iterates.
+A ``Generation`` then holds the model's lease from ``start`` (which returns
+once the model has taken the request) until ``aclose``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack
+from types import TracebackType
 from typing import Any
 
 import attrs
 import trio
 
 from api.catalog import Catalog
-from api.reader import Parts, Reader, ToolCall
+from api.decoder import Decoder
+from api.delta import Delta
+from api.reader import Reader
 from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams
 from api.texts import Texts
 from api.tools import forced_call
 from runner.client import Chunk
 from runner.errors import RunnerError
+from runner.protocol import Generate
 from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
 from scheduler.pool import Scheduler
 
-TOGETHER = 4  # the most chunks one event carries
+TOGETHER = 4  # the most chunks one delta carries
 
 
 @attrs.frozen
 class Prepared:
     model: str  # canonical name
     params: GenerationParams
-    prompt: list[int]
-    max_tokens: int
+    request: Generate  # the runner's, built once
     texts: Texts
     record: Record  # the request's account (timings, tokens)
-    grammar: dict[str, Any] | None = None  # the runner's: structured output or a forced call
     chat: ChatRequest | None = None  # a chat's output is read into parts (api.reader)
     reasoning: bool = False  # the prompt opened a reasoning block
 
-
-@attrs.define
-class Delta:
-    text: str  # content
-    finish: str | None = None  # "stop", "length" or "tool_calls"
-    # per token, when asked for: {"id", "logprob", "top": [[id, logprob], ...]}
-    logprobs: list[dict[str, Any]] = attrs.field(factory=list)
-    reasoning: str = ""
-    calls: list[ToolCall] = attrs.field(factory=list)
-
-    def __iadd__(self, other: Delta) -> Delta:
-        self.text += other.text
-        self.reasoning += other.reasoning
-        self.calls += other.calls
-        self.logprobs += other.logprobs
-        self.finish = other.finish
-        return self
-
-
-@attrs.define
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens the runner took from its prefix cache
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
-        }
-        if self.reasoning_tokens:
-            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
-        return out
+    def decoder(self) -> Decoder:
+        text = self.texts.text_stream(self.params.stop)
+        chat, reader = self.chat, None
+        if chat is not None:
+            reader = Reader(
+                self.texts.markers,
+                tools=chat.tools,
+                parse_calls=chat.tool_choice.mode != "none",
+                reasoning=self.reasoning,
+            )
+        return Decoder(text, reader, self.record.tokens)
 
 
 async def prepare(
@@ -86,30 +63,12 @@ async def prepare(
     model = catalog.get(req.params.model)
     record.model = model.name
     texts = await catalog.texts(model.name)
-    grammar, reasoning = req.params.grammar, False
-    vocabulary = len(texts.tokenizer)
-    if isinstance(req, ChatRequest):
-        tools = req.tools if req.tool_choice.mode != "none" else ()
-        prompt = await trio.to_thread.run_sync(
-            texts.chat_prompt, list(req.messages), tools, req.thinking
-        )
-        grammar = grammar or forced_call(texts.markers, req.tools, req.tool_choice)
-        reasoning = texts.opens_reasoning(prompt)
-    elif isinstance(req.prompt, str):
-        prompt = await trio.to_thread.run_sync(texts.encode, req.prompt)
-    else:
-        prompt = list(req.prompt)
-        if max(prompt) >= vocabulary:
-            raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")
-    for token, _ in req.params.logit_bias:
-        if token >= vocabulary:
-            raise InvalidRequest(f"token id {token} is outside the vocabulary", "logit_bias")
-    if req.params.sampling.top_k > vocabulary:
-        raise InvalidRequest(
-            f"'top_k' is {req.params.sampling.top_k}, but model {model.name!r} has "
-            f"{vocabulary} tokens",
-            "top_k",
-        )
+    chat = req if isinstance(req, ChatRequest) else None
+    prompt, reasoning = await _prompt(texts, req)
+    grammar = req.params.grammar
+    if chat is not None:
+        grammar = grammar or forced_call(texts.markers, chat.tools, chat.tool_choice)
+    _check(texts, req.params, model.name)
     room = texts.max_context - len(prompt)
     wanted = req.params.max_tokens
     if room <= 0 or (wanted is not None and wanted > room):
@@ -118,133 +77,167 @@ async def prepare(
             f"this model's maximum context length is {texts.max_context} tokens; the prompt "
             f"has {len(prompt)} tokens{asked}, which is "
             f"{len(prompt) + (wanted or 1)} in total",
-            param="messages" if isinstance(req, ChatRequest) else "prompt",
+            param="messages" if chat is not None else "prompt",
         )
-    chat = req if isinstance(req, ChatRequest) else None
-    record.prompt_tokens = len(prompt)
+    record.tokens.prompt = len(prompt)
     max_tokens = wanted or min(room, catalog.settings.max_tokens_for(model))
-    return Prepared(
-        model.name, req.params, prompt, max_tokens, texts, record, grammar, chat, reasoning
+    request = _request(texts, req.params, prompt, max_tokens, grammar)
+    return Prepared(model.name, req.params, request, texts, record, chat, reasoning)
+
+
+async def _prompt(texts: Texts, req: ChatRequest | CompletionRequest) -> tuple[list[int], bool]:
+    """The prompt's tokens, and whether it opened a reasoning block."""
+    if isinstance(req, ChatRequest):
+        tools = req.tools if req.tool_choice.mode != "none" else ()
+        prompt = await trio.to_thread.run_sync(
+            texts.chat_prompt, list(req.messages), tools, req.thinking
+        )
+        return prompt, texts.opens_reasoning(prompt)
+    if isinstance(req.prompt, str):
+        return await trio.to_thread.run_sync(texts.encode, req.prompt), False
+    prompt = list(req.prompt)
+    if max(prompt) >= len(texts.tokenizer):
+        raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")
+    return prompt, False
+
+
+def _check(texts: Texts, params: GenerationParams, model: str) -> None:
+    """Token ids the request names must be in the model's vocabulary."""
+    vocabulary = len(texts.tokenizer)
+    for token, _ in params.logit_bias:
+        if token >= vocabulary:
+            raise InvalidRequest(f"token id {token} is outside the vocabulary", "logit_bias")
+    if params.sampling.top_k > vocabulary:
+        raise InvalidRequest(
+            f"'top_k' is {params.sampling.top_k}, but model {model!r} has {vocabulary} tokens",
+            "top_k",
+        )
+
+
+def _request(
+    texts: Texts,
+    p: GenerationParams,
+    prompt: list[int],
+    max_tokens: int,
+    grammar: dict[str, Any] | None,
+) -> Generate:
+    return Generate(
+        prompt,
+        max_tokens,
+        p.sampling,
+        () if p.ignore_eos else texts.stop_ids,
+        logprobs=p.logprobs,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        logit_bias=dict(p.logit_bias),
+        grammar=grammar,
     )
 
 
-async def deltas(scheduler: Scheduler, job: Prepared, usage: Usage) -> AsyncGenerator[Delta, None]:
-    """Generate, yielding text as it becomes safe to show. The first delta is
-    empty and comes as soon as the model has taken the request (queued,
-    loaded, granted); the last has ``finish`` set. ``usage.completion_tokens`` is kept current."""
-    text = job.texts.text_stream(job.params.stop)
-    parts = _Parts(job)
-    p = job.params
-    stop_ids = () if p.ignore_eos else job.texts.stop_ids
-    options: dict[str, Any] = {  # only what a request turns on: plain requests stay plain
-        k: v
-        for k, v in (
-            ("presence_penalty", p.presence_penalty),
-            ("frequency_penalty", p.frequency_penalty),
-            ("logit_bias", dict(p.logit_bias)),
-            ("grammar", job.grammar),
-        )
-        if v
-    }
-    if p.logprobs is not None:
-        options["logprobs"] = p.logprobs
-    asked = time.monotonic()
-    job.record.queued()
-    with _as_runner_crash():
-        async with scheduler.lease(job.model, p.keep_alive_s, job.prompt, job.max_tokens) as runner:
-            kv = scheduler.kv_bytes(job.model, len(job.prompt), job.max_tokens)
-            job.record.granted(time.monotonic() - asked, kv)
-            if job.record.others_arriving():
-                options["more"] = True  # worth a moment's wait for the runner
-            async with runner.generate(
-                job.prompt, job.max_tokens, p.sampling, stop_ids, **options
-            ) as chunks:
-                yield Delta("")  # the model has taken the request
-                async for first in chunks:
-                    out = Delta("")
-                    for chunk in _waiting(first, chunks):
-                        if chunk.error is not None:
-                            raise chunk.error
-                        if chunk.cached is not None:
-                            usage.cached_tokens = job.record.cached_tokens = chunk.cached
-                            continue
-                        lps = chunk.logprobs or (None,) * len(chunk.tokens)
-                        for token, lp in zip(chunk.tokens, lps, strict=True):
-                            if chunk.finish == "stop" and token in stop_ids:
-                                continue  # the end-of-turn token is not part of the answer
-                            usage.completion_tokens += 1
-                            job.record.token()
-                            out += parts.feed(text.feed(token))
-                            if parts.thinking:
-                                usage.reasoning_tokens += 1
-                            if lp is not None:
-                                out.logprobs.append({"id": token, **lp})
-                            if text.stopped:
-                                out += parts.end("stop")
-                                yield out
-                                return  # leaving the block cancels the generation
-                        if chunk.finish is not None:
-                            out += parts.feed(text.flush())
-                            out += parts.end(chunk.finish)
-                            yield out
-                            return
-                    if out.text or out.reasoning or out.calls or out.logprobs:
-                        yield out
+class Generation:
+    """One request's generation, in two explicit steps.
 
+    ``start`` waits until the model has taken the request (queued, loaded,
+    granted, sent to its runner): a failure to get there is an ordinary
+    error, before any response has begun. Then the generation is an async
+    iterator of deltas, the last with ``finish`` set. It holds the model's
+    lease until ``aclose`` (or the end of ``async with``), which a stream
+    calls after its last byte, so that a model is released when the
+    *stream* ends, not when its handler returns.
+    """
 
-def _waiting(first: Chunk, chunks: trio.MemoryReceiveChannel[Chunk]) -> Iterator[Chunk]:
-    """``first`` and up to ``TOGETHER - 1`` chunks already waiting behind it.
-    Under load a stream falls a few tokens behind its runner; sending them as
-    one event costs the daemon one write instead of several (a write per
-    token was most of its work at 32 streams). The bound keeps a stream that
-    is far behind a stream of pieces, not one block."""
-    yield first
-    for _ in range(TOGETHER - 1):
+    def __init__(self, scheduler: Scheduler, job: Prepared) -> None:
+        self._scheduler = scheduler
+        self._job = job
+        self._held = AsyncExitStack()
+        self._chunks: trio.MemoryReceiveChannel[Chunk] | None = None
+        self._decoder = job.decoder()
+        self._done = False
+
+    async def start(self) -> None:
+        job, record, request = self._job, self._job.record, self._job.request
+        asked = time.monotonic()
+        record.queued()
         try:
-            yield chunks.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return
-
-
-class _Parts:
-    """Text into deltas: a chat's through its reader, a completion's as it is."""
-
-    def __init__(self, job: Prepared) -> None:
-        chat = job.chat
-        self._reader = None
-        if chat is not None:
-            self._reader = Reader(
-                job.texts.markers,
-                tools=chat.tools,
-                parse_calls=chat.tool_choice.mode != "none",
-                reasoning=job.reasoning,
+            lease = self._scheduler.lease(
+                job.model, job.params.keep_alive_s, request.prompt, request.max_tokens
             )
-        self._called = False
+            runner = await self._held.enter_async_context(lease)
+            kv = self._scheduler.kv_bytes(job.model, len(request.prompt), request.max_tokens)
+            record.granted(time.monotonic() - asked, kv)
+            # Others on their way: worth a moment's wait for the runner.
+            more = record.others_arriving()
+            self._chunks = await self._held.enter_async_context(runner.generate(request, more=more))
+        except BaseException as e:
+            await self.aclose()
+            if isinstance(e, RunnerError):
+                raise _crashed(e) from e
+            raise
 
-    @property
-    def thinking(self) -> bool:
-        return self._reader is not None and self._reader.state == "reasoning"
+    async def aclose(self) -> None:
+        """Leave the runner's stream (cancelling what is left of it) and the lease."""
+        with trio.CancelScope(shield=True):
+            await self._held.aclose()
 
-    def feed(self, text: str) -> Delta:
-        if self._reader is None:
-            return Delta(text)
-        return self._delta(self._reader.feed(text))
+    async def __aenter__(self) -> Generation:
+        await self.start()
+        return self
 
-    def end(self, finish: str) -> Delta:
-        d = self._delta(self._reader.flush()) if self._reader is not None else Delta("")
-        d.finish = "tool_calls" if finish == "stop" and self._called else finish
-        return d
+    async def __aexit__(
+        self, kind: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
-    def _delta(self, parts: Parts) -> Delta:
-        self._called = self._called or bool(parts.calls)
-        return Delta(parts.content, reasoning=parts.reasoning, calls=parts.calls)
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Delta:
+        """The next delta: the tokens of one chunk and of up to ``TOGETHER - 1``
+        more already waiting behind it. Under load a stream falls a few
+        tokens behind its runner; sending them as one event costs the daemon
+        one write instead of several (a write per token was most of its work
+        at 32 streams). The bound keeps a stream that is far behind a stream
+        of pieces, not one block."""
+        chunks, decoder, record = self._chunks, self._decoder, self._job.record
+        assert chunks is not None, "start() first"
+        while not self._done:
+            try:
+                chunk = await chunks.receive()
+            except trio.EndOfChannel:
+                break
+            for taken in range(1, TOGETHER + 1):
+                if chunk.error is not None:
+                    raise _crashed(chunk.error) from chunk.error
+                if chunk.cached is not None:
+                    record.tokens.cached = chunk.cached
+                elif chunk.token is not None:
+                    record.token()
+                    if decoder.feed(chunk.token, chunk.logprob):
+                        self._done = True  # a stop string: leaving cancels the generation
+                        return decoder.finish("stop")
+                if chunk.finish is not None:
+                    self._done = True
+                    return decoder.finish(chunk.finish)
+                if taken == TOGETHER:
+                    break
+                try:
+                    chunk = chunks.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            out = decoder.take()
+            if out is not None:
+                return out
+        raise StopAsyncIteration
+
+    async def whole(self) -> Delta:
+        """The whole answer as one delta (after ``start``)."""
+        whole = Delta()
+        async for d in self:
+            whole += d
+        return whole
 
 
-@contextmanager
-def _as_runner_crash() -> Iterator[None]:
+def _crashed(e: Exception) -> RunnerCrashed:
     """A runner's failure (its process gone, or a step failed) is the
     request's ``RunnerCrashed``."""
-    try:
-        yield
-    except RunnerError as e:
-        raise RunnerCrashed(e.message) from e
+    return RunnerCrashed(e.message if isinstance(e, RunnerError) else str(e))

@@ -11,52 +11,20 @@ marker. A call that does not parse stays text, markers included.
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import attrs
-
+from api.delta import Delta, ToolCall
 from api.texts import Markers, held_back
 
 log = logging.getLogger("mlxd.api")
 
 
-@attrs.frozen
-class ToolCall:
-    id: str
-    name: str
-    arguments: str  # JSON text, as OpenAI sends it
-
-    @classmethod
-    def from_parsed(cls, parsed: dict[str, Any]) -> ToolCall:
-        name, args = parsed["name"], parsed.get("arguments", {})
-        if not isinstance(name, str):
-            raise ValueError("a tool call's name must be a string")
-        text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-        given = parsed.get("id")  # some formats carry the model's own id
-        return cls(given if isinstance(given, str) else f"call_{uuid.uuid4().hex[:24]}", name, text)
-
-
-@attrs.define
-class Parts:
-    """What a piece of output held, by part."""
-
-    reasoning: str = ""
-    content: str = ""
-    calls: list[ToolCall] = attrs.field(factory=list)
-
-    def __iadd__(self, other: Parts) -> Parts:
-        self.reasoning += other.reasoning
-        self.content += other.content
-        self.calls += other.calls
-        return self
-
-
 class Reader:
-    """Reads one generation. ``feed`` text as it comes, then ``flush`` once."""
+    """Reads one generation. ``feed`` text as it comes, then ``flush`` once;
+    both add what they could decide to the delta they are given (the
+    decoder's, so that no token makes an object of its own)."""
 
     def __init__(
         self,
@@ -73,28 +41,24 @@ class Reader:
         self._buf = ""
         self._trim = False  # drop the whitespace that follows a closing marker
 
-    def feed(self, text: str) -> Parts:
+    def feed(self, text: str, out: Delta) -> None:
         self._buf += text
-        out = Parts()
         while self._step(out):
             pass
-        return out
 
-    def flush(self) -> Parts:
-        out = Parts()
+    def flush(self, out: Delta) -> None:
         buf, self._buf = self._buf, ""
         if self.state == "reasoning":
             out.reasoning += buf
         elif self.state == "tool":
             start, end = self._markers.tool or ("", "")
             if not end and self._parse(buf, out):
-                return out  # a format whose calls run to the end of the output
-            out.content += start + buf
+                return  # a format whose calls run to the end of the output
+            out.text += start + buf
         else:
-            out.content += buf.lstrip() if self._trim else buf
-        return out
+            out.text += buf.lstrip() if self._trim else buf
 
-    def _step(self, out: Parts) -> bool:
+    def _step(self, out: Delta) -> bool:
         """Move what can be decided from the buffer into ``out``; true if the
         state changed and there may be more to decide."""
         think, tool = self._markers.think, self._markers.tool
@@ -118,7 +82,7 @@ class Reader:
             self._take(len(end))
             parsed = self._parse(call, out)
             if not parsed:
-                out.content += tool[0] + call + end
+                out.text += tool[0] + call + end
             self.state, self._trim = "content", parsed
             return True
         if self._trim:
@@ -131,10 +95,10 @@ class Reader:
             opens[tool[0]] = "tool"
         hits = [(i, m) for m in opens if (i := self._buf.find(m)) >= 0]
         if not hits:
-            out.content += self._take(len(self._buf) - held_back(self._buf, list(opens)))
+            out.text += self._take(len(self._buf) - held_back(self._buf, list(opens)))
             return False
         i, marker = min(hits)
-        out.content += self._take(i)
+        out.text += self._take(i)
         self._take(len(marker))
         self.state = opens[marker]
         return True
@@ -143,7 +107,7 @@ class Reader:
         taken, self._buf = self._buf[:n], self._buf[n:]
         return taken
 
-    def _parse(self, text: str, out: Parts) -> bool:
+    def _parse(self, text: str, out: Delta) -> bool:
         assert self._markers.parse_tool is not None
         try:
             parsed = self._markers.parse_tool(text, self._tools or None)

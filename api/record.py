@@ -50,6 +50,18 @@ class Intake:
 
 
 @attrs.define
+class Tokens:
+    """A request's token counts: the one tally that its usage (in every
+    endpoint's shape) and its log line and metrics all read. The decoder
+    counts what is generated; the runner says what was cached."""
+
+    prompt: int = 0
+    cached: int | None = None  # known once the runner has looked the prompt up
+    generated: int = 0
+    reasoning: int = 0  # of ``generated``, those inside a reasoning block
+
+
+@attrs.define
 class Record:
     id: str
     endpoint: str
@@ -57,9 +69,7 @@ class Record:
     intake: Intake | None = None  # counted in it until queued (or finished)
     arrived: float = attrs.field(factory=time.monotonic)
     model: str = ""
-    prompt_tokens: int = 0
-    cached_tokens: int | None = None  # known once the runner has looked the prompt up
-    generated_tokens: int = 0
+    tokens: Tokens = attrs.field(factory=Tokens)
     queue_s: float | None = None
     kv_reserved: int | None = None  # KV cache bytes reserved for it once granted
     ttft_s: float | None = None
@@ -93,6 +103,7 @@ class Record:
         self.metrics.queue_time.labels(self.model).observe(waited_s)
 
     def token(self) -> None:
+        """A token has come (the decoder counts it): its timing."""
         now = time.monotonic()
         if self._last_token is None:
             self.ttft_s = now - self.arrived
@@ -100,7 +111,6 @@ class Record:
         else:
             self._itl.observe(now - self._last_token)
         self._last_token = now
-        self.generated_tokens += 1
 
     def finish(self, status: int) -> None:
         if self._done:
@@ -109,18 +119,18 @@ class Record:
         self.queued()
         status = self.failed or status
         duration = time.monotonic() - self.arrived
-        m = self.metrics
+        m, tokens = self.metrics, self.tokens
         m.requests.labels(self.endpoint, self.model, str(status)).inc()
         if self.model and self.queue_s is not None:
-            m.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
-            m.generation_tokens.labels(self.model).inc(self.generated_tokens)
+            m.prompt_tokens.labels(self.model).inc(tokens.prompt)
+            m.generation_tokens.labels(self.model).inc(tokens.generated)
             if self.ttft_s is not None:
                 m.ttft.labels(self.model).observe(self.ttft_s)
                 m.e2e.labels(self.model).observe(duration)
-        if self.model and self.cached_tokens is not None:
-            hit = m.prefix_hits if self.cached_tokens else m.prefix_misses
+        if self.model and tokens.cached is not None:
+            hit = m.prefix_hits if tokens.cached else m.prefix_misses
             hit.labels(self.model).inc()
-            m.prefix_tokens.labels(self.model).inc(self.cached_tokens)
+            m.prefix_tokens.labels(self.model).inc(tokens.cached)
         log.info(
             "request id=%s model=%s endpoint=%s status=%d prompt_tokens=%d cached_tokens=%s "
             "generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s duration_s=%.3f%s",
@@ -128,9 +138,9 @@ class Record:
             self.model or "-",
             self.endpoint,
             status,
-            self.prompt_tokens,
-            "-" if self.cached_tokens is None else self.cached_tokens,
-            self.generated_tokens,
+            tokens.prompt,
+            "-" if tokens.cached is None else tokens.cached,
+            tokens.generated,
             "-" if self.kv_reserved is None else self.kv_reserved,
             _seconds(self.queue_s),
             _seconds(self.ttft_s),

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from api.generation import Delta, Usage
+from api import sse
+from api.delta import Delta
+from api.record import Tokens
 from api.schemas import MAX_MESSAGES, ChatRequest, json_object
 from scheduler.errors import InvalidRequest
 
@@ -144,22 +145,28 @@ def _text(content: Any, i: int) -> Any:
     return "".join(texts)
 
 
-class Shaper:
-    """Builds the response object and the stream's events for one request.
+class ResponseShaper:
+    """Builds the response object and the stream's events for one request
+    (the face of ``api.shapers.Shaper``).
 
     The output is a list of items in the order the model produced them: a
     reasoning item, a message, function calls."""
 
-    def __init__(self, model: str, req: ChatRequest, body: dict[str, Any]) -> None:
+    end = b""  # the stream ends with its response.completed (or incomplete) event
+
+    def __init__(self, model: str, req: ChatRequest, body: dict[str, Any], tokens: Tokens) -> None:
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.req = req
         self.body = body
+        self.tokens = tokens
         self.seq = 0
+        self._items = _Items()  # a stream's
+        self._finish: str | None = None
 
     def response(
-        self, status: str, output: list[dict[str, Any]], usage: Usage | None, **extra: Any
+        self, status: str, output: list[dict[str, Any]], tokens: Tokens | None, **extra: Any
     ) -> dict[str, Any]:
         p = self.req.params
         choice = self.req.tool_choice
@@ -182,49 +189,49 @@ class Shaper:
             "text": {"format": (self.body.get("text") or {}).get("format") or {"type": "text"}},
             "error": None,
             "incomplete_details": None,
-            "usage": _usage(usage) if usage is not None else None,
+            "usage": _usage(tokens) if tokens is not None else None,
             **extra,
         }
 
-    def final(self, whole: Delta, usage: Usage) -> dict[str, Any]:
+    def final(self, whole: Delta) -> dict[str, Any]:
         items = _Items()
         items.add(whole)
-        return self._finished(items.close(whole.finish), whole.finish, usage)
+        return self._finished(items.close(whole.finish), whole.finish)
 
-    def _finished(
-        self, output: list[dict[str, Any]], finish: str | None, usage: Usage
-    ) -> dict[str, Any]:
+    def _finished(self, output: list[dict[str, Any]], finish: str | None) -> dict[str, Any]:
         if finish == "length":
             return self.response(
-                "incomplete", output, usage, incomplete_details={"reason": "max_output_tokens"}
+                "incomplete",
+                output,
+                self.tokens,
+                incomplete_details={"reason": "max_output_tokens"},
             )
-        return self.response("completed", output, usage)
+        return self.response("completed", output, self.tokens)
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
         return {"type": kind, "sequence_number": self.seq - 1, **fields}
 
-    async def events(
-        self, first: Delta, more: Callable[[], Any], usage: Usage
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The stream, from the first delta on; ``more()`` awaits the next one
-        (``None`` at the end)."""
+    def frame(self, event: dict[str, Any]) -> bytes:
+        return sse.typed(event)
+
+    def opening(self) -> list[dict[str, Any]]:
         start = self.response("in_progress", [], None)
-        yield self.event("response.created", response=start)
-        yield self.event("response.in_progress", response=start)
-        items = _Items()
-        d: Delta | None = first
-        finish = None
-        while d is not None:
-            for kind, fields in items.add(d):
-                yield self.event(kind, **fields)
-            finish = d.finish
-            d = None if d.finish else await more()
-        for kind, fields in items.closing(finish):
-            yield self.event(kind, **fields)
-        final = self._finished(items.done, finish, usage)
+        return [
+            self.event("response.created", response=start),
+            self.event("response.in_progress", response=start),
+        ]
+
+    def events(self, d: Delta) -> list[dict[str, Any]]:
+        self._finish = d.finish
+        return [self.event(kind, **fields) for kind, fields in self._items.add(d)]
+
+    def closing(self) -> list[dict[str, Any]]:
+        finish = self._finish
+        out = [self.event(kind, **fields) for kind, fields in self._items.closing(finish)]
+        final = self._finished(self._items.done, finish)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-        yield self.event(kind, response=final)
+        return [*out, self.event(kind, response=final)]
 
     def failed(self, error: dict[str, Any]) -> dict[str, Any]:
         info = error["error"]
@@ -353,11 +360,11 @@ def _text_part(text: str) -> dict[str, Any]:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _usage(usage: Usage) -> dict[str, Any]:
+def _usage(tokens: Tokens) -> dict[str, Any]:
     return {
-        "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
-        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "input_tokens": tokens.prompt,
+        "input_tokens_details": {"cached_tokens": tokens.cached or 0},
+        "output_tokens": tokens.generated,
+        "output_tokens_details": {"reasoning_tokens": tokens.reasoning},
+        "total_tokens": tokens.prompt + tokens.generated,
     }

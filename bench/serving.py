@@ -49,7 +49,7 @@ from bench import client
 from config.settings import BUNDLED, default_cache_dir
 from runner import sources
 from runner.client import RunnerProcess, RunnerSpec
-from runner.protocol import Sampling
+from runner.protocol import Generate, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = (
@@ -150,9 +150,9 @@ async def stream_httpx(http: httpx.AsyncClient, port: int, prompt: list[int], to
 
 async def stream_runner(runner: RunnerProcess, prompt: list[int], tokens: int) -> dict:
     t0, stamps = time.perf_counter(), []
-    async with runner.generate(prompt, tokens, Sampling(temperature=0.0)) as chunks:
+    async with runner.generate(Generate(prompt, tokens, Sampling(temperature=0.0))) as chunks:
         async for chunk in chunks:
-            if chunk.tokens:  # not the first, which only says what was cached
+            if chunk.token is not None:  # not the first, which only says what was cached
                 stamps.append(time.perf_counter())
             if chunk.finish or chunk.error:
                 break

@@ -205,14 +205,19 @@ class Spares:
 
 @attrs.frozen
 class Chunk:
-    """Tokens for one request from one decoding step (or a final error). The
-    first chunk of every request carries no tokens but ``cached``: how many
-    prompt tokens its runner took from the prefix cache."""
+    """What one decoding step made for one request: a token (with its
+    logprobs, when asked for), or the end, or a failure.
 
-    tokens: tuple[int, ...]
+    The first chunk of every request carries no token but ``cached``: how many
+    prompt tokens its runner took from the prefix cache. A request that ends
+    on one of its ``stop_ids`` ends with a chunk whose ``token`` is ``None``:
+    the end-of-turn token is the runner's business (its cache holds it), not
+    part of the answer, so no layer above ever has to drop it."""
+
+    token: int | None
     finish: str | None = None
+    logprob: dict[str, Any] | None = None  # {"logprob": x, "top": [[id, x], ...]}
     error: Exception | None = None
-    logprobs: tuple[dict[str, Any] | None, ...] = ()  # per token, when asked for
     cached: int | None = None
 
 
@@ -240,7 +245,8 @@ class RunnerProcess:
         self._stop_grace_s = stop_grace_s
         self._python = python
         self._ids = itertools.count(1)
-        self._streams: dict[int, trio.MemorySendChannel[Chunk]] = {}
+        # Each open request's channel and its stop tokens.
+        self._streams: dict[int, tuple[trio.MemorySendChannel[Chunk], tuple[int, ...]]] = {}
         self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._stats: list[trio.MemorySendChannel[dict[str, Any]]] = []
         self._stop_requested = trio.Event()
@@ -356,23 +362,17 @@ class RunnerProcess:
 
     @asynccontextmanager
     async def generate(
-        self,
-        prompt: list[int],
-        max_tokens: int,
-        sampling: protocol.Sampling,
-        stop_ids: tuple[int, ...] = (),
-        **options: Any,
+        self, request: protocol.Generate, *, more: bool = False
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Chunk]]:
         """Start generating; yields a channel of chunks ending with one whose
         ``finish`` (or ``error``) is set. Leaving early cancels the generation.
-        ``options`` are ``protocol.Generate``'s optional fields (logprobs,
-        penalties, logit bias, grammar)."""
+        ``more``: other requests are on their way (see the protocol)."""
         req_id = next(self._ids)
         send, recv = trio.open_memory_channel[Chunk](math.inf)  # bounded by max_tokens
-        self._streams[req_id] = send
-        req = protocol.Generate(req_id, tuple(prompt), max_tokens, sampling, stop_ids, **options)
+        self._streams[req_id] = (send, request.stop_ids)
+        message = attrs.evolve(request, id=req_id, more=more).to_message()
         try:
-            self._outbox_send.send_nowait(req.to_message())
+            self._outbox_send.send_nowait(message)
         except trio.ClosedResourceError:
             raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
         try:
@@ -406,16 +406,20 @@ class RunnerProcess:
         if ev == "tokens":
             self._first_output.set()
             for req_id, token, finish, lp in msg["out"]:
-                stream = self._streams.get(req_id)
-                if stream is None:
+                open_ = self._streams.get(req_id)
+                if open_ is None:
                     continue  # cancelled; the runner drops it at its next step
-                stream.send_nowait(Chunk((token,), finish, logprobs=(lp,)))
+                stream, stop_ids = open_
+                if finish == "stop" and token in stop_ids:
+                    stream.send_nowait(Chunk(None, finish))
+                else:
+                    stream.send_nowait(Chunk(token, finish, lp))
                 if finish is not None:
                     del self._streams[req_id]
         elif ev == "cached":
-            stream = self._streams.get(msg["id"])
-            if stream is not None:
-                stream.send_nowait(Chunk((), cached=int(msg["tokens"])))
+            open_ = self._streams.get(msg["id"])
+            if open_ is not None:
+                open_[0].send_nowait(Chunk(None, cached=int(msg["tokens"])))
         elif ev == "saving":
             self.memory = msg.get("memory", self.memory)
             if self.on_saving is not None:
@@ -424,9 +428,9 @@ class RunnerProcess:
             self._first_output.set()
             err = RunnerGone(f"generation failed in the runner: {msg.get('message')}")
             for req_id in msg.get("ids", []):
-                stream = self._streams.pop(req_id, None)
-                if stream is not None:
-                    stream.send_nowait(Chunk((), error=err))
+                open_ = self._streams.pop(req_id, None)
+                if open_ is not None:
+                    open_[0].send_nowait(Chunk(None, error=err))
         elif ev == "stats":
             self.memory = msg.get("memory", self.memory)
             self.last_stats = {k: v for k, v in msg.items() if k != "ev"} | {"at": time.time()}
@@ -440,8 +444,8 @@ class RunnerProcess:
 
     def _fail_all(self, err: Exception) -> None:
         streams, self._streams = self._streams, {}
-        for stream in streams.values():
-            stream.send_nowait(Chunk((), error=err))
+        for stream, _ in streams.values():
+            stream.send_nowait(Chunk(None, error=err))
         for waiter in self._stats:
             waiter.close()
         self._stats.clear()

@@ -84,6 +84,7 @@ Stdin reaching EOF means the daemon is gone: the runner exits.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -100,10 +101,17 @@ class Sampling:
     seed: int | None = None
 
 
+def _token_ids(ids: Iterable[int]) -> tuple[int, ...]:
+    return tuple(ids)
+
+
 @attrs.frozen
 class Generate:
-    id: int
-    prompt: tuple[int, ...]
+    """A request to generate. The API builds it once, when the request has
+    been read; the runner's client stamps it with its ``id`` on that runner
+    (and ``more``, the hint of the moment) as it sends it."""
+
+    prompt: tuple[int, ...] = attrs.field(converter=_token_ids)
     max_tokens: int
     sampling: Sampling
     stop_ids: tuple[int, ...] = ()
@@ -118,6 +126,7 @@ class Generate:
     logit_bias: dict[int, float] = attrs.field(factory=dict)
     grammar: dict[str, Any] | None = None
     more: bool = False
+    id: int = attrs.field(default=0, kw_only=True)
 
     def to_message(self) -> dict[str, Any]:
         return {

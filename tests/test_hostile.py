@@ -15,7 +15,7 @@ import trio
 
 from config.settings import ModelConfig
 from runner.client import RunnerProcess, RunnerSpec
-from runner.protocol import Sampling
+from runner.protocol import Generate, Sampling
 from tests.conftest import Daemon, running, settings_for
 
 CHAT = [{"role": "user", "content": "Say something."}]
@@ -58,7 +58,7 @@ async def test_a_failed_step_fails_its_requests_and_the_runner_samples_on(
     runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 4)).run)
 
     async def outcome(sampling: Sampling) -> str:
-        async with runner.generate([1, 2, 3], 4, sampling) as chunks:
+        async with runner.generate(Generate([1, 2, 3], 4, sampling)) as chunks:
             async for chunk in chunks:
                 if chunk.error is not None:
                     return "error"
@@ -99,7 +99,7 @@ async def test_a_stats_waiter_that_gives_up_leaves_the_runner_alone(
     with trio.move_on_after(0):  # gone before the runner can answer
         await runner.stats()
     assert (await runner.stats())["active"] == 0  # the late answer went nowhere
-    async with runner.generate([1, 2, 3], 4, Sampling(temperature=0.0)) as chunks:
+    async with runner.generate(Generate([1, 2, 3], 4, Sampling(temperature=0.0))) as chunks:
         async for chunk in chunks:
             assert chunk.error is None
             if chunk.finish:

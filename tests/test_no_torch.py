@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from runner.client import RunnerProcess, RunnerSpec
-from runner.protocol import Sampling
+from runner.protocol import Generate, Sampling
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,12 +74,12 @@ async def test_spare_runner_loads_and_applies_a_grammar_without_torch(
         runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 2)).run)
         tokens: list[int] = []
         grammar = {"type": "json_object"}
-        async with runner.generate(
-            [1, 2, 3], 8, Sampling(temperature=0.0), grammar=grammar
-        ) as chunks:
+        request = Generate([1, 2, 3], 8, Sampling(temperature=0.0), grammar=grammar)
+        async with runner.generate(request) as chunks:
             async for chunk in chunks:
                 assert chunk.error is None
-                tokens += chunk.tokens
+                if chunk.token is not None:
+                    tokens.append(chunk.token)
                 if chunk.finish:
                     break
         assert tokens

@@ -59,7 +59,7 @@ def tiny(tiny_dir: Path) -> tuple[Any, Texts]:
 
 
 def request(texts: Texts, prompt: list[int], max_tokens: int = 8) -> Generate:
-    return Generate(next(_ids), tuple(prompt), max_tokens, GREEDY, tuple(texts.stop_ids))
+    return Generate(prompt, max_tokens, GREEDY, tuple(texts.stop_ids), id=next(_ids))
 
 
 def finish(engine: Engine, rid: int) -> list[int]:

@@ -12,7 +12,7 @@ import trio
 from api.texts import Texts
 from runner.client import RunnerProcess, RunnerSpec
 from runner.errors import LoadFailed, RunnerGone
-from runner.protocol import Sampling
+from runner.protocol import Generate, Sampling
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -25,10 +25,11 @@ async def tokens_of(
     after: int = 0,
 ) -> list[int]:
     out: list[int] = []
-    async with runner.generate(prompt, n, GREEDY) as chunks:
+    async with runner.generate(Generate(prompt, n, GREEDY)) as chunks:
         async for chunk in chunks:
             assert chunk.error is None
-            out += chunk.tokens
+            if chunk.token is not None:
+                out.append(chunk.token)
             if started is not None and len(out) >= after:
                 started.set()
             if chunk.finish:
@@ -76,7 +77,7 @@ async def test_killed_runner_fails_its_streams(nursery: trio.Nursery, tiny_dir: 
     runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 2)).run)
     assert runner.pid is not None
     errors = []
-    async with runner.generate([1, 2, 3], 10_000, GREEDY) as chunks:
+    async with runner.generate(Generate([1, 2, 3], 10_000, GREEDY)) as chunks:
         async for chunk in chunks:
             if chunk.error is not None:
                 errors.append(chunk.error)

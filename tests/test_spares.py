@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from runner.client import RunnerProcess, RunnerSpec, Spares
-from runner.protocol import Sampling
+from runner.protocol import Generate, Sampling
 
 
 async def spare_in(spares: Spares, state: str, timeout_s: float = 120) -> int | None:
@@ -38,7 +38,7 @@ async def started_spares(nursery: trio.Nursery) -> tuple[Spares, int]:
 
 
 async def generates(runner: RunnerProcess) -> bool:
-    async with runner.generate([1, 2, 3], 4, Sampling(temperature=0.0)) as chunks:
+    async with runner.generate(Generate([1, 2, 3], 4, Sampling(temperature=0.0))) as chunks:
         async for chunk in chunks:
             if chunk.error is not None:
                 return False

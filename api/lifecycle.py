@@ -1,0 +1,73 @@
+"""The daemon's own routes: its health, the pool's state, loading and
+unloading models by hand, recent errors, and the Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from quart import Blueprint, Response
+
+from api.catalog import Catalog
+from api.http import accounted, json_body, model_field
+from api.schemas import keep_alive_field
+from scheduler.metrics import CONTENT_TYPE
+from scheduler.pool import Scheduler
+
+
+def blueprint(
+    catalog: Catalog,
+    scheduler: Scheduler,
+    spares: Callable[[], dict[str, Any]],
+    recent_errors: Iterable[dict[str, Any]] = (),
+) -> Blueprint:
+    bp = Blueprint("lifecycle", __name__)
+
+    @bp.get("/health")
+    async def health() -> dict[str, Any]:
+        """ "ok"; or "degraded", naming the runners that have not answered for
+        seconds (a long single step, or frozen: killed at ``runner_timeout``)."""
+        late = scheduler.unresponsive()
+        if late:
+            return {"status": "degraded", "unresponsive_runners_s": late}
+        return {"status": "ok"}
+
+    @bp.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(scheduler.metrics.exposition(), content_type=CONTENT_TYPE)
+
+    @bp.get("/api/ps")
+    async def ps() -> dict[str, Any]:
+        """The pool: budget and bytes in use, every model's state, bytes,
+        requests running and queued, last use and expiry, runner counters (as
+        the pool last measured them, every 2 s: a busy runner never holds this
+        up), and the spare runner process ("none", "starting" or "ready"; its
+        bytes are ``spare_bytes``)."""
+        pool = scheduler.status() | {"spare": spares()}
+        for m in pool["models"]:
+            runner = scheduler.runner(m["model"])
+            ready = m["state"] == "ready" and runner is not None
+            m["runner"] = runner.last_stats if ready else None  # never waits on a busy runner
+        return pool
+
+    @bp.get("/api/errors")
+    async def recent() -> dict[str, Any]:
+        """The daemon's recent warnings and errors (for ``mlxd doctor``)."""
+        return {"errors": list(recent_errors)}
+
+    @bp.post("/api/load")
+    @accounted
+    async def load() -> dict[str, Any]:
+        body = await json_body()
+        model = catalog.get(model_field(body)).name
+        await catalog.texts(model)
+        await scheduler.load(model, keep_alive_field(body))
+        return {"model": model, "state": "ready"}
+
+    @bp.post("/api/unload")
+    async def unload() -> dict[str, Any]:
+        model = catalog.get(model_field(await json_body())).name
+        scheduler.unload(model)
+        return {"model": model, "state": "unloading"}
+
+    return bp

@@ -1,0 +1,59 @@
+"""How an answer goes out: whole, as one JSON object, or streamed, as
+server-sent events. One driver for every endpoint; the endpoint's shaper
+(``api/shapers.py``, ``api/responses.py``) says what the events are.
+
+A stream starts only once the model has taken the request
+(``Generation.start``), so that a failure to queue or load is an ordinary
+HTTP error rather than an error inside a 200 stream, while the headers still
+go out during the prefill instead of after it. From then on the response
+body owns the generation and the model's lease, until its last byte is sent
+or the client goes away (or stops reading: ``api/stalls.py``); a failure
+after that is sent as the endpoint's error event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from quart import Response
+
+from api import errors
+from api.generation import Generation, Prepared
+from api.http import json_response
+from api.record import Record
+from api.shapers import Shaper
+from api.stalls import Stalls
+from scheduler.errors import MlxdError
+
+
+async def answer(generation: Generation, job: Prepared, shaper: Shaper, stalls: Stalls) -> Response:
+    """The response the request asked for: whole, or a stream."""
+    if not job.params.stream:
+        async with generation:
+            whole = await generation.whole()
+        return json_response(shaper.final(whole))
+    await generation.start()
+    job.record.streaming = True  # then the stream's end accounts for the request
+    return Response(
+        stalls.body(_frames(generation, shaper, job.record), job.record),
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _frames(generation: Generation, shaper: Shaper, record: Record) -> AsyncIterator[bytes]:
+    try:
+        for event in shaper.opening():
+            yield shaper.frame(event)
+        async for d in generation:
+            for event in shaper.events(d):
+                yield shaper.frame(event)
+        for event in shaper.closing():
+            yield shaper.frame(event)
+        if shaper.end:
+            yield shaper.end
+    except MlxdError as exc:
+        record.fail(exc)
+        yield shaper.frame(shaper.failed(errors.describe(exc)[1]))
+    finally:
+        await generation.aclose()  # shielded: the lease is released whatever happens
