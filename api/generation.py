@@ -25,9 +25,8 @@ from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams
 from api.texts import Texts
 from api.tools import forced_call
-from runner.client import Chunk
 from runner.errors import RunnerError
-from runner.protocol import Generate
+from runner.protocol import Chunk, Generate
 from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
 from scheduler.pool import Scheduler
 

@@ -29,6 +29,7 @@ import trio
 
 from runner import protocol
 from runner.errors import LoadFailed, RunnerGone
+from runner.protocol import Chunk
 
 log = logging.getLogger("mlxd.runner")
 SETTLE_S = 5.0
@@ -201,24 +202,6 @@ class Spares:
                 return spare.proc
             log.warning("the spare runner was not ready in time; starting another")
         return await spawn(self._python)
-
-
-@attrs.frozen
-class Chunk:
-    """What one decoding step made for one request: a token (with its
-    logprobs, when asked for), or the end, or a failure.
-
-    The first chunk of every request carries no token but ``cached``: how many
-    prompt tokens its runner took from the prefix cache. A request that ends
-    on one of its ``stop_ids`` ends with a chunk whose ``token`` is ``None``:
-    the end-of-turn token is the runner's business (its cache holds it), not
-    part of the answer, so no layer above ever has to drop it."""
-
-    token: int | None
-    finish: str | None = None
-    logprob: dict[str, Any] | None = None  # {"logprob": x, "top": [[id, x], ...]}
-    error: Exception | None = None
-    cached: int | None = None
 
 
 class RunnerProcess:

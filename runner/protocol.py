@@ -196,3 +196,21 @@ def to_llguidance(grammar: dict[str, Any]) -> str:
     if kind == "lark":
         return llguidance.LLMatcher.grammar_from_lark(str(grammar.get("lark")))
     raise ValueError(f"unknown grammar type {kind!r}")
+
+
+@attrs.frozen
+class Chunk:
+    """What one decoding step made for one request: a token (with its
+    logprobs, when asked for), or the end, or a failure.
+
+    The first chunk of every request carries no token but ``cached``: how many
+    prompt tokens its runner took from the prefix cache. A request that ends
+    on one of its ``stop_ids`` ends with a chunk whose ``token`` is ``None``:
+    the end-of-turn token is the runner's business (its cache holds it), not
+    part of the answer, so no layer above ever has to drop it."""
+
+    token: int | None
+    finish: str | None = None
+    logprob: dict[str, Any] | None = None  # {"logprob": x, "top": [[id, x], ...]}
+    error: Exception | None = None
+    cached: int | None = None
