@@ -16,6 +16,7 @@ from api.catalog import Catalog
 from api.guard import Guard
 from api.record import Intake, Record
 from api.stalls import Stalls
+from api.store import ResponseStore
 from config.settings import Settings
 from scheduler.pool import Scheduler
 
@@ -27,9 +28,10 @@ def create_app(
     recent_errors: Iterable[dict[str, Any]] = (),
     *,
     spares: Callable[[], dict[str, Any]],
+    store: ResponseStore,
 ) -> QuartTrio:
     """The app, on the daemon's catalog and scheduler; ``spares`` says how the
-    spare runner process stands (for ``/api/ps``)."""
+    spare runner process stands (for ``/api/ps``); ``store`` keeps Responses."""
     app = QuartTrio("mlxd")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -62,8 +64,10 @@ def create_app(
 
     @app.before_request
     async def _admit() -> Response | None:
-        return guard.admit(request)  # Host, Origin, Content-Type, API key
+        answer = guard.admit(request)  # Host, Origin, Content-Type, API key
+        g.owner = guard.owner(request)  # whose stored responses it may see
+        return answer
 
     app.register_blueprint(lifecycle.blueprint(catalog, scheduler, spares, recent_errors))
-    app.register_blueprint(openai_routes.blueprint(catalog, scheduler, stalls))
+    app.register_blueprint(openai_routes.blueprint(catalog, scheduler, stalls, store))
     return app

@@ -84,6 +84,14 @@ async def prepare(
     return Prepared(model.name, req.params, request, texts, record, chat, reasoning)
 
 
+async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
+    """The tokens ``req``'s prompt takes, as its model's template renders it
+    (what ``/v1/responses/input_tokens`` and ``/v1/messages/count_tokens`` say)."""
+    texts = await catalog.texts(catalog.get(req.params.model).name)
+    prompt, _ = await _prompt(texts, req)
+    return len(prompt)
+
+
 async def _prompt(texts: Texts, req: ChatRequest | CompletionRequest) -> tuple[list[int], bool]:
     """The prompt's tokens, and whether it opened a reasoning block."""
     if isinstance(req, ChatRequest):

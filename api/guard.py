@@ -15,7 +15,8 @@ answers too. So, before any route runs:
 - a POST body must be ``application/json`` (415 otherwise): a page may send
   text or a form anywhere without asking, but JSON only after a preflight,
   which an unlisted origin fails;
-- with API keys configured, every request but ``/health`` needs one, and
+- with API keys configured, every request but ``/health`` needs one
+  (``Authorization: Bearer KEY``, or Anthropic's ``x-api-key: KEY``), and
   keys are compared in constant time.
 """
 
@@ -27,17 +28,28 @@ from urllib.parse import urlsplit
 import attrs
 from quart import Request, Response
 
+from api.store import owner_of
 from config.settings import Settings
 from scheduler.errors import Forbidden, Unauthorized, UnsupportedMediaType
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
 PREFLIGHT_MAX_AGE_S = 600
+ALLOWED_HEADERS = "Authorization, Content-Type, x-api-key, anthropic-version"
 
 
 def _origin(value: str) -> str:
     """An origin as the config lists it: lower case, no trailing slash."""
     return value.rstrip("/").lower()
+
+
+def presented_key(request: Request) -> str | None:
+    """The API key a request presents: OpenAI's ``Authorization: Bearer``,
+    or Anthropic's ``x-api-key``."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
+    return request.headers.get("x-api-key") or None
 
 
 def host_name(value: str) -> str:
@@ -85,13 +97,19 @@ class Guard:
                 "the request body must be JSON, sent as Content-Type: application/json"
             )
         if self.keys and request.path != "/health":
-            scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-            given = key.strip().encode()
+            given = (presented_key(request) or "").encode()
             # Every key is compared, whether or not an earlier one matched.
-            matches = [hmac.compare_digest(given, k) for k in self.keys]
-            if scheme.lower() != "bearer" or not any(matches):
-                raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
+            if not any([hmac.compare_digest(given, k) for k in self.keys]):
+                raise Unauthorized(
+                    "a valid API key is required (Authorization: Bearer KEY, or x-api-key: KEY)"
+                )
         return None
+
+    def owner(self, request: Request) -> str:
+        """Whose the request's stored responses are (``api/store.py``): its
+        key's, where keys are configured; everyone's alike where they are not
+        (any key is accepted then, so none sets anything apart)."""
+        return owner_of(presented_key(request)) if self.keys else ""
 
     def cors(self, response: Response, origin: str | None, preflight: bool = False) -> Response:
         """``response`` with the CORS headers a listed ``origin`` gets."""
@@ -100,8 +118,10 @@ class Guard:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"
         if preflight:
-            response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
-            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            response.headers["Access-Control-Allow-Headers"] = (
+                "Authorization, Content-Type, x-api-key, anthropic-version"
+            )
             response.headers["Access-Control-Max-Age"] = str(PREFLIGHT_MAX_AGE_S)
         else:
             response.headers["Access-Control-Expose-Headers"] = "X-Request-Id"

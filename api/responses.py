@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from api import sse
+from api.conversation import Turn
 from api.delta import Delta
 from api.record import Tokens
 from api.schemas import MAX_MESSAGES, ChatRequest, json_object
@@ -41,14 +43,15 @@ _RENAMED = {
 }
 
 
-def chat_request(body: Any) -> ChatRequest:
+def chat_request(body: Any, turn: Turn | None = None) -> ChatRequest:
+    """The chat request for a Responses body; with ``turn``, its input is
+    the turn's (references resolved) after the conversation it continues."""
     body = json_object(body)
-    for key in ("previous_response_id", "conversation"):
-        if body.get(key) is not None:
-            raise InvalidRequest(
-                f"'{key}' is not supported: mlxd stores no responses; send the whole input",
-                param=key,
-            )
+    if body.get("conversation") is not None:
+        raise InvalidRequest(
+            "'conversation' is not supported: continue a response with 'previous_response_id'",
+            param="conversation",
+        )
     text = body.get("text")
     if text is not None and not isinstance(text, dict):
         raise InvalidRequest("'text' must be an object", param="text")
@@ -58,7 +61,9 @@ def chat_request(body: Any) -> ChatRequest:
         if not isinstance(instructions, str):
             raise InvalidRequest("'instructions' must be a string", param="instructions")
         messages.append({"role": "system", "content": instructions})
-    messages += _input_messages(body.get("input"))
+    if turn is not None and turn.context:
+        messages += _input_messages(turn.context)
+    messages += _input_messages(turn.items if turn is not None else body.get("input"))
     chat: dict[str, Any] = {k: body[k] for k in _PASSED if k in body}
     chat["messages"] = messages
     if body.get("tools") is not None:
@@ -154,7 +159,15 @@ class ResponseShaper:
 
     end = b""  # the stream ends with its response.completed (or incomplete) event
 
-    def __init__(self, model: str, req: ChatRequest, body: dict[str, Any], tokens: Tokens) -> None:
+    def __init__(
+        self,
+        model: str,
+        req: ChatRequest,
+        body: Mapping[str, Any],
+        tokens: Tokens,
+        keep: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.keep = keep  # stores the finished response (``api/conversation.py``)
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
@@ -190,6 +203,8 @@ class ResponseShaper:
             "error": None,
             "incomplete_details": None,
             "usage": _usage(tokens) if tokens is not None else None,
+            "store": self.keep is not None,
+            "previous_response_id": self.body.get("previous_response_id"),
             **extra,
         }
 
@@ -200,13 +215,17 @@ class ResponseShaper:
 
     def _finished(self, output: list[dict[str, Any]], finish: str | None) -> dict[str, Any]:
         if finish == "length":
-            return self.response(
+            done = self.response(
                 "incomplete",
                 output,
                 self.tokens,
                 incomplete_details={"reason": "max_output_tokens"},
             )
-        return self.response("completed", output, self.tokens)
+        else:
+            done = self.response("completed", output, self.tokens)
+        if self.keep is not None:
+            self.keep(done)
+        return done
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1

@@ -26,6 +26,7 @@ DEFAULT_PORT = 8642
 DEFAULT_PREFIX_CACHE = 4 * 1024**3  # per model; what the budget allows, if less
 DEFAULT_PREFIX_DISK = 16 * 1024**3  # all models' prefixes on disk together
 DEFAULT_MAX_TOKENS = 4096  # a request that gives no max_tokens generates at most this
+DEFAULT_RESPONSE_STORE = 256 * 1024**2  # stored Responses, all keys together
 T = TypeVar("T")
 
 
@@ -101,6 +102,9 @@ class Settings:
     max_turn_s: float = 10.0
     prefix_disk_bytes: int = DEFAULT_PREFIX_DISK  # 0: prefixes are not kept on disk
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that give none
+    response_store_entries: int = 1000  # stored Responses kept (least recently used go)
+    response_store_bytes: int = DEFAULT_RESPONSE_STORE
+    persist_responses: bool = False  # keep stored Responses across restarts (in cache_dir)
 
     def max_tokens_for(self, model: ModelConfig) -> int:
         """What a request to ``model`` that gives no ``max_tokens`` may generate."""
@@ -152,6 +156,11 @@ class Settings:
         kwargs["default_max_tokens"] = t.take(
             "default_max_tokens", int, "a positive integer", _positive
         )
+        kwargs["response_store_entries"] = t.take(
+            "response_store_entries", int, "an integer >= 0", lambda n: n >= 0
+        )
+        kwargs["response_store_bytes"] = _size(t, "response_store_size")
+        kwargs["persist_responses"] = t.take("persist_responses", bool, "true or false")
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
@@ -180,6 +189,9 @@ class Settings:
             f"memory budget: {self.memory_budget or 'device default'}",
             f"prefix cache on disk: {format_bytes(self.prefix_disk_bytes)}",
             f"default max_tokens: {self.default_max_tokens}",
+            f"stored responses: {self.response_store_entries}, "
+            f"{format_bytes(self.response_store_bytes)}"
+            + (" (kept across restarts)" if self.persist_responses else ""),
         ]
         for m in self.models:
             alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""

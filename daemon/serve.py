@@ -10,7 +10,8 @@
 
 On stop, Hypercorn stops accepting and lets open responses finish (up to
 ``shutdown_grace_s``); then the scheduler stops every runner, each of which
-is killed if it has not exited within the same grace.
+is killed if it has not exited within the same grace. Stored Responses are
+written out last (with ``persist_responses``), and read back at start.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import trio
 
 from api.app import create_app
 from api.catalog import Catalog
+from api.store import ResponseStore
 from config.settings import ConfigError, Settings
 from config.units import format_bytes
 from daemon.launcher import Launcher
@@ -71,7 +73,15 @@ async def serve(
     )
     recent = RecentErrors()
     logging.getLogger("mlxd").addHandler(recent)
-    app = create_app(settings, catalog, scheduler, recent.records, spares=launcher.spares.status)
+    store = ResponseStore(
+        settings.response_store_entries,
+        settings.response_store_bytes,
+        settings.cache_dir / "responses.json" if settings.persist_responses else None,
+    )
+    await trio.to_thread.run_sync(store.load)
+    app = create_app(
+        settings, catalog, scheduler, recent.records, spares=launcher.spares.status, store=store
+    )
     config = hypercorn.config.Config()
     config.bind = [f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_s
@@ -109,6 +119,8 @@ async def serve(
             )
             task_status.started(binds)
         outer.cancel_scope.cancel()
+    with trio.CancelScope(shield=True):  # a second signal still leaves the file whole
+        await trio.to_thread.run_sync(store.save)
     logging.getLogger("mlxd").removeHandler(recent)
     log.info("stopped")
 
@@ -182,6 +194,9 @@ _RESTART_ONLY = (
     "max_body_bytes",
     "log_level",
     "prefix_disk_bytes",
+    "response_store_entries",
+    "response_store_bytes",
+    "persist_responses",
 )
 
 

@@ -158,3 +158,13 @@ def test_config_check_prints_the_error_and_exits_1(
     assert main(["config", "check", str(write(tmp_path, "api_keys = ['sk-secret']"))]) == 0
     out = capsys.readouterr().out
     assert "ok" in out and "sk-secret" not in out
+
+
+def test_response_store_settings(tmp_path: Path) -> None:
+    assert not Settings().persist_responses  # conversations stay off the disk unless asked
+    text = "response_store_entries = 50\nresponse_store_size = '8MiB'\npersist_responses = true\n"
+    s = Settings.from_toml(write(tmp_path, text))
+    assert (s.response_store_entries, s.response_store_bytes) == (50, 8 * 1024**2)
+    assert s.persist_responses and "kept across restarts" in s.describe()
+    with pytest.raises(ConfigError, match="persist_responses"):
+        Settings.from_toml(write(tmp_path, "persist_responses = 'yes'\n"))

@@ -1,0 +1,121 @@
+"""Stateful Responses through the official client: previous_response_id,
+item_reference, retrieve, delete, input items and input token counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from config.settings import ModelConfig
+from tests.conftest import Daemon, running, settings_for
+
+ASK: dict[str, Any] = {"model": "tiny", "max_output_tokens": 6, "temperature": 0}
+
+
+async def test_a_follow_up_continues_the_stored_conversation(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        first = await client.responses.create(input="Name a colour.", **ASK)
+        follow = await client.responses.create(
+            previous_response_id=first.id, input="And another?", **ASK
+        )
+        # The same conversation sent whole: the same prompt, token for token.
+        whole = [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "And another?"},
+        ]
+        assert follow.previous_response_id == first.id and follow.store
+        counted = await client.responses.input_tokens.count(model="tiny", input=whole)  # type: ignore[arg-type]
+        assert follow.usage is not None
+        assert follow.usage.input_tokens == counted.input_tokens
+        stateless = await client.responses.create(input=whole, **ASK)  # type: ignore[arg-type]
+        assert follow.output_text == stateless.output_text  # greedy: same prompt, same text
+
+        again = await client.responses.retrieve(first.id)
+        assert (again.id, again.output_text) == (first.id, first.output_text)
+        items = await client.responses.input_items.list(follow.id)
+        texts = [part.text for item in items.data for part in item.content]  # type: ignore[union-attr]
+        assert texts == ["And another?"]
+
+
+async def test_an_item_reference_stands_for_the_stored_item(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        first = await client.responses.create(input="Say hello.", **ASK)
+        message = first.output[-1]
+        by_reference = [
+            {"type": "item_reference", "id": message.id},
+            {"role": "user", "content": "Again."},
+        ]
+        written_out = [
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Again."},
+        ]
+        a = await client.responses.input_tokens.count(model="tiny", input=by_reference)  # type: ignore[arg-type]
+        b = await client.responses.input_tokens.count(model="tiny", input=written_out)  # type: ignore[arg-type]
+        assert a.input_tokens == b.input_tokens > 0
+        reply = await client.responses.create(input=by_reference, **ASK)  # type: ignore[arg-type]
+        assert reply.status in ("completed", "incomplete")
+
+
+async def test_unknown_deleted_and_unstored_responses_are_404(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        kept = await client.responses.create(input="Hi", **ASK)
+        unkept = await client.responses.create(input="Hi", store=False, **ASK)
+        assert not unkept.store
+        await client.responses.delete(kept.id)
+        for gone in (kept.id, unkept.id, "resp_nonesuch"):
+            with pytest.raises(openai.NotFoundError) as e:
+                await client.responses.retrieve(gone)
+            assert gone in str(e.value)
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.responses.create(previous_response_id=kept.id, input="Hi", **ASK)
+        assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
+        with pytest.raises(openai.NotFoundError):
+            await client.responses.create(
+                input=[{"type": "item_reference", "id": "msg_nonesuch"}],  # type: ignore[list-item]
+                **ASK,
+            )
+
+
+async def test_one_keys_responses_are_invisible_to_another_and_outlive_a_restart(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    settings = settings_for(
+        tmp_path,
+        ModelConfig("tiny", str(tiny_dir)),
+        api_keys=("key-one", "key-two"),
+        persist_responses=True,
+    )
+
+    def client(daemon: Daemon, key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{daemon.url}/v1", api_key=key, max_retries=0, timeout=120
+        )
+
+    async with running(settings) as daemon:
+        async with client(daemon, "key-one") as one, client(daemon, "key-two") as two:
+            mine = await one.responses.create(input="Hi", stream=False, **ASK)
+            with pytest.raises(openai.NotFoundError):
+                await two.responses.retrieve(mine.id)
+            with pytest.raises(openai.NotFoundError):
+                await two.responses.create(previous_response_id=mine.id, input="Hi", **ASK)
+    async with running(settings) as daemon:  # stored at shutdown, read back at start
+        async with client(daemon, "key-one") as one, client(daemon, "key-two") as two:
+            assert (await one.responses.retrieve(mine.id)).output_text == mine.output_text
+            with pytest.raises(openai.NotFoundError):
+                await two.responses.retrieve(mine.id)
+
+
+async def test_a_streamed_response_is_stored_when_it_ends(tiny: Daemon) -> None:
+    async with tiny.client() as client:
+        stream = await client.responses.create(input="Hi", stream=True, **ASK)
+        done = None
+        async for event in stream:
+            if event.type in ("response.completed", "response.incomplete"):
+                done = event.response
+        assert done is not None
+        stored = await client.responses.retrieve(done.id)
+        assert stored.output_text == done.output_text
