@@ -1,5 +1,5 @@
 """Anthropic's Messages API (``POST /v1/messages``): its request turned into
-a chat request.
+a chat request, and its answer shaped as Anthropic's clients parse it.
 
 As with Responses, the request is validated by turning it into a
 chat-completions body for ``ChatRequest.from_openai``, so every endpoint
@@ -10,13 +10,21 @@ messages (before the user's own text, as Anthropic orders them), and
 ``thinking`` blocks are left out of the prompt (as chat templates leave out
 earlier reasoning). Images and documents are refused: mlxd serves text
 models.
+
+The answer is a message of content blocks in the order the model produced
+them (thinking, text, tool use); streamed, each block opens, grows by deltas
+and closes, between ``message_start`` and ``message_stop``.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
+from api import errors, sse
+from api.delta import Delta, ToolCall
+from api.record import Tokens
 from api.schemas import MAX_MESSAGES, ChatRequest, json_object
 from scheduler.errors import InvalidRequest
 
@@ -185,3 +193,117 @@ def _tool_choice(value: Any) -> dict[str, Any]:
     if value.get("disable_parallel_tool_use") is not None:
         out["parallel_tool_calls"] = not value["disable_parallel_tool_use"]
     return out
+
+
+_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+
+
+class MessageShaper:
+    """A ``message`` and its stream's events for one request (the face of
+    ``api.shapers.Shaper``)."""
+
+    end = b""  # the stream ends with message_stop
+
+    def __init__(self, model: str, tokens: Tokens) -> None:
+        self.id = f"msg_{uuid.uuid4().hex}"
+        self.model = model
+        self.tokens = tokens
+        self._kind: str | None = None  # the open block's type
+        self._index = -1  # the open block's index
+        self._end: Delta | None = None  # the last delta: why it ended
+
+    def final(self, whole: Delta) -> dict[str, Any]:
+        blocks: list[dict[str, Any]] = []
+        if whole.reasoning:
+            blocks.append({"type": "thinking", "thinking": whole.reasoning, "signature": ""})
+        if whole.text or not (whole.reasoning or whole.calls):
+            blocks.append({"type": "text", "text": whole.text})
+        blocks += [_tool_use(call) for call in whole.calls]
+        return self._message(blocks, whole) | {"usage": self._usage()}
+
+    def opening(self) -> list[dict[str, Any]]:
+        start = self._message([], None) | {
+            "usage": {"input_tokens": self.tokens.prompt, "output_tokens": 0}
+        }
+        return [{"type": "message_start", "message": start}, {"type": "ping"}]
+
+    def events(self, d: Delta) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if d.reasoning:
+            out += self._open("thinking", {"thinking": "", "signature": ""})
+            out.append(self._delta({"type": "thinking_delta", "thinking": d.reasoning}))
+        if d.text:
+            out += self._open("text", {"text": ""})
+            out.append(self._delta({"type": "text_delta", "text": d.text}))
+        for call in d.calls:
+            out += self._open("tool_use", _tool_use(call) | {"input": {}}, again=True)
+            out.append(self._delta({"type": "input_json_delta", "partial_json": call.arguments}))
+        if d.finish is not None:
+            self._end = d
+        return out
+
+    def closing(self) -> list[dict[str, Any]]:
+        out = [] if self._index >= 0 else self._open("text", {"text": ""})
+        out += self._close()
+        end = self._stop(self._end)
+        out.append({"type": "message_delta", "delta": end, "usage": self._usage()})
+        return [*out, {"type": "message_stop"}]
+
+    def failed(self, status: int, error: dict[str, Any]) -> dict[str, Any]:
+        return errors.anthropic(status, error)
+
+    def frame(self, event: dict[str, Any]) -> bytes:
+        return sse.typed(event)
+
+    def _message(self, content: list[dict[str, Any]], end: Delta | None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            **self._stop(end),
+        }
+
+    def _stop(self, end: Delta | None) -> dict[str, Any]:
+        if end is None or end.finish is None:
+            return {"stop_reason": None, "stop_sequence": None}
+        if end.stop_sequence is not None:
+            return {"stop_reason": "stop_sequence", "stop_sequence": end.stop_sequence}
+        return {"stop_reason": _STOP_REASONS.get(end.finish, "end_turn"), "stop_sequence": None}
+
+    def _usage(self) -> dict[str, Any]:
+        cached = self.tokens.cached or 0
+        return {
+            "input_tokens": self.tokens.prompt - cached,  # Anthropic counts cache reads apart
+            "output_tokens": self.tokens.generated,
+            "cache_read_input_tokens": cached,
+            "cache_creation_input_tokens": 0,
+        }
+
+    def _open(self, kind: str, block: dict[str, Any], again: bool = False) -> list[dict[str, Any]]:
+        """Open a block of ``kind`` unless one is open (``again``: always)."""
+        if self._kind == kind and not again:
+            return []
+        out = self._close()
+        self._kind, self._index = kind, self._index + 1
+        start = {"type": kind, **block}
+        return [*out, {"type": "content_block_start", "index": self._index, "content_block": start}]
+
+    def _delta(self, delta: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "content_block_delta", "index": self._index, "delta": delta}
+
+    def _close(self) -> list[dict[str, Any]]:
+        if self._kind is None:
+            return []
+        self._kind = None
+        return [{"type": "content_block_stop", "index": self._index}]
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    return {
+        "type": "tool_use",
+        "id": call.id,
+        "name": call.name,
+        "input": json.loads(call.arguments),
+    }

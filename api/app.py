@@ -1,6 +1,6 @@
 """The Quart-trio application: what every request goes through (the guard,
-its account, CORS), and the two sets of routes (``api/openai_routes.py``,
-``api/lifecycle.py``)."""
+its account, CORS), and the sets of routes (``api/openai_routes.py``,
+``api/anthropic_routes.py``, ``api/lifecycle.py``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from api import errors, lifecycle, openai_routes
+from api import anthropic_routes, errors, lifecycle, openai_routes
 from api.catalog import Catalog
 from api.guard import Guard
 from api.record import Intake, Record
@@ -70,4 +70,5 @@ def create_app(
 
     app.register_blueprint(lifecycle.blueprint(catalog, scheduler, spares, recent_errors))
     app.register_blueprint(openai_routes.blueprint(catalog, scheduler, stalls, store))
+    app.register_blueprint(anthropic_routes.blueprint(catalog, scheduler, stalls))
     return app

@@ -72,4 +72,5 @@ class Decoder:
             self._reader.flush(out)
         called = self._called or bool(out.calls)
         out.finish = "tool_calls" if reason == "stop" and called else reason
+        out.stop_sequence = self._text.matched
         return out

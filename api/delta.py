@@ -30,7 +30,8 @@ class ToolCall:
 class Delta:
     """Text, reasoning and tool calls as the reader split them; per token,
     when asked for, ``{"id", "logprob", "top": [[id, logprob], ...]}``; and,
-    on the last one, why the answer ended ("stop", "length" or "tool_calls").
+    on the last one, why the answer ended ("stop", "length" or "tool_calls")
+    and the stop string that ended it, if one did.
     Added up (``+=``), the deltas of a generation are its whole answer."""
 
     text: str = ""
@@ -38,13 +39,14 @@ class Delta:
     calls: list[ToolCall] = attrs.field(factory=list)
     logprobs: list[dict[str, Any]] = attrs.field(factory=list)
     finish: str | None = None
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     def __iadd__(self, other: Delta) -> Delta:
         self.text += other.text
         self.reasoning += other.reasoning
         self.calls += other.calls
         self.logprobs += other.logprobs
-        self.finish = other.finish
+        self.finish, self.stop_sequence = other.finish, other.stop_sequence
         return self
 
     @property

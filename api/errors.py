@@ -1,12 +1,15 @@
-"""The one place errors become HTTP responses, always in OpenAI's shape:
-``{"error": {"message", "type", "param", "code"}}``."""
+"""The one place errors become HTTP responses: in OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, or for Anthropic's
+Messages API (``/v1/messages``) in its shape,
+``{"type": "error", "error": {"type", "message"}}``."""
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
-from quart import Quart, Response
+from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
 from scheduler import errors as e
@@ -48,6 +51,26 @@ def describe(exc: e.MlxdError) -> tuple[int, dict[str, Any]]:
     raise TypeError(f"{type(exc).__name__} has no HTTP mapping")
 
 
+# HTTP status -> Anthropic's error type (the status stays the same).
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "invalid_request_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic(status: int, body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI error body in Anthropic's shape."""
+    kind = ANTHROPIC_TYPES.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": body["error"]["message"]}}
+
+
 def _http_error(exc: HTTPException) -> tuple[int, dict[str, Any]]:
     status = exc.code or 500
     codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
@@ -85,6 +108,6 @@ def install(app: Quart) -> None:
 
 
 def _json(body: dict[str, Any], status: int) -> Response:
-    import json
-
+    if request.path.startswith("/v1/messages"):
+        body = anthropic(status, body)
     return Response(json.dumps(body), status=status, content_type="application/json")

@@ -252,7 +252,7 @@ class ResponseShaper:
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         return [*out, self.event(kind, response=final)]
 
-    def failed(self, error: dict[str, Any]) -> dict[str, Any]:
+    def failed(self, status: int, error: dict[str, Any]) -> dict[str, Any]:
         info = error["error"]
         failed = self.response(
             "failed",

@@ -54,6 +54,6 @@ async def _frames(generation: Generation, shaper: Shaper, record: Record) -> Asy
             yield shaper.end
     except MlxdError as exc:
         record.fail(exc)
-        yield shaper.frame(shaper.failed(errors.describe(exc)[1]))
+        yield shaper.frame(shaper.failed(*errors.describe(exc)))
     finally:
         await generation.aclose()  # shielded: the lease is released whatever happens

@@ -141,6 +141,7 @@ class TextStream:
         self._stops = [s for s in stops if s]
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, token: int) -> str:
         if self.stopped or token in self._hidden:
@@ -149,11 +150,12 @@ class TextStream:
         if not self._stops:
             return piece
         text = self._held + piece
-        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        hits = [(i, s) for i, s in ((text.find(s), s) for s in self._stops) if i >= 0]
         if hits:
+            at, self.matched = min(hits)
             self.stopped = True
             self._held = ""
-            return text[: min(hits)]
+            return text[:at]
         keep = held_back(text, self._stops)
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]

@@ -1,0 +1,149 @@
+"""Anthropic's Messages API through the official anthropic client: the tiny
+model for text, a scripted agent model for thinking and tool use."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+
+from config.settings import ModelConfig
+from tests.conftest import Daemon, running, settings_for
+from tests.scripted import scripted_model
+
+THOUGHT = "The user wants the weather."
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+WEATHER = {
+    "name": "get_weather",
+    "description": "Current weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+HI: list[Any] = [{"role": "user", "content": "Tell me about the sea."}]
+GREEDY = {"temperature": 0}  # the SDK no longer names sampling settings; the API takes them
+
+
+def client(daemon: Daemon, key: str = "unused") -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(base_url=daemon.url, api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+async def daemon(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    agent = scripted_model(
+        tiny_dir, tmp_path / "agent", f"<think>{THOUGHT}</think>\n\nOn it.{CALL}"
+    )
+    settings = settings_for(
+        tmp_path, ModelConfig("tiny", str(tiny_dir)), ModelConfig("agent", str(agent))
+    )
+    async with running(settings) as d:
+        yield d
+
+
+async def test_create_stream_and_count_agree(daemon: Daemon) -> None:
+    async with client(daemon) as c:
+        whole = await c.messages.create(
+            model="tiny", max_tokens=8, messages=HI, extra_body=GREEDY, system="Be brief."
+        )
+        assert whole.role == "assistant" and whole.type == "message"
+        assert whole.stop_reason == "max_tokens" and whole.usage.output_tokens == 8
+        (block,) = whole.content
+        assert block.type == "text" and block.text
+
+        kinds = []
+        async with c.messages.stream(
+            model="tiny", max_tokens=8, messages=HI, extra_body=GREEDY, system="Be brief."
+        ) as stream:
+            async for event in stream:
+                kinds.append(event.type)
+            streamed = await stream.get_final_message()
+        assert streamed.content[0].text == block.text  # type: ignore[union-attr]
+        assert streamed.stop_reason == "max_tokens"
+        assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+        assert kinds.index("content_block_start") < kinds.index("content_block_stop")
+        assert "message_delta" in kinds
+
+        counted = await c.messages.count_tokens(model="tiny", messages=HI, system="Be brief.")
+        read = whole.usage.input_tokens + (whole.usage.cache_read_input_tokens or 0)
+        assert counted.input_tokens == read > 0
+
+
+async def test_a_stop_sequence_ends_the_message_and_is_named(daemon: Daemon) -> None:
+    async with client(daemon) as c:
+        free = await c.messages.create(model="tiny", max_tokens=16, messages=HI, extra_body=GREEDY)
+        text = free.content[0].text  # type: ignore[union-attr]
+        stop = text[len(text) // 2 :][:3]
+        assert stop.strip(), text
+        cut = await c.messages.create(
+            model="tiny", max_tokens=16, messages=HI, extra_body=GREEDY, stop_sequences=[stop]
+        )
+        assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+        assert cut.content[0].text == text[: text.index(stop)]  # type: ignore[union-attr]
+
+
+async def test_thinking_and_a_tool_round_trip(daemon: Daemon) -> None:
+    async with client(daemon) as c:
+        ask = [{"role": "user", "content": "Weather in Paris?"}]
+        reply = await c.messages.create(
+            model="agent",
+            max_tokens=200,
+            messages=ask,
+            tools=[WEATHER],  # type: ignore[arg-type,list-item]
+        )
+        assert reply.stop_reason == "tool_use"
+        thinking, text, use = reply.content
+        assert thinking.type == "thinking" and thinking.thinking == THOUGHT
+        assert text.type == "text" and text.text.strip() == "On it."
+        assert use.type == "tool_use" and use.name == "get_weather"
+        assert use.input == {"city": "Paris"}
+
+        async with c.messages.stream(
+            model="agent",
+            max_tokens=200,
+            messages=ask,
+            tools=[WEATHER],  # type: ignore[arg-type,list-item]
+        ) as stream:
+            streamed = await stream.get_final_message()
+        assert [b.type for b in streamed.content] == ["thinking", "text", "tool_use"]
+        assert streamed.content[2].input == {"city": "Paris"}  # type: ignore[union-attr]
+
+        result = {"type": "tool_result", "tool_use_id": use.id, "content": "18 C, sunny"}
+        follow = [
+            *ask,
+            {"role": "assistant", "content": reply.content},
+            {"role": "user", "content": [result]},
+        ]
+        again = await c.messages.create(
+            model="agent",
+            max_tokens=200,
+            messages=follow,
+            tools=[WEATHER],  # type: ignore[arg-type]
+        )
+        assert again.stop_reason == "tool_use"  # the script answers the same way
+
+
+async def test_errors_take_anthropics_shape_and_keys_go_in_x_api_key(
+    daemon: Daemon, tiny_dir: Path, tmp_path: Path
+) -> None:
+    async with client(daemon) as c:
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            await c.messages.create(model="tiny", max_tokens=8, messages=[])
+        assert bad.value.body == {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": "'messages' must be a non-empty list",
+            },
+        }
+        with pytest.raises(anthropic.NotFoundError) as missing:
+            await c.messages.create(model="nope", max_tokens=8, messages=HI)
+        assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    keyed = settings_for(tmp_path / "keyed", ModelConfig("tiny", str(tiny_dir)), api_keys=("k1",))
+    async with running(keyed) as d:
+        async with client(d, "k1") as good, client(d, "wrong") as bad_key:
+            reply = await good.messages.create(model="tiny", max_tokens=2, messages=HI)
+            assert reply.usage.output_tokens == 2
+            with pytest.raises(anthropic.AuthenticationError) as denied:
+                await bad_key.messages.create(model="tiny", max_tokens=2, messages=HI)
+            assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
