@@ -275,10 +275,11 @@ class MessageShaper:
     def _usage(self) -> dict[str, Any]:
         cached = self.tokens.cached or 0
         return {
-            "input_tokens": self.tokens.prompt - cached,  # Anthropic counts cache reads apart
+            # Anthropic counts cache reads and writes apart from the rest.
+            "input_tokens": self.tokens.prompt - cached - self.tokens.written,
             "output_tokens": self.tokens.generated,
             "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0,
+            "cache_creation_input_tokens": self.tokens.written,
         }
 
     def _open(self, kind: str, block: dict[str, Any], again: bool = False) -> list[dict[str, Any]]:

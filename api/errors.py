@@ -9,7 +9,7 @@ import json
 import logging
 from typing import Any
 
-from quart import Quart, Response, request
+from quart import Quart, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from scheduler import errors as e
@@ -86,6 +86,7 @@ def install(app: Quart) -> None:
     @app.errorhandler(e.MlxdError)
     async def _mlxd(exc: e.MlxdError) -> Response:
         status, body = describe(exc)
+        _noted(exc.message)
         response = _json(body, status)
         if isinstance(exc, e.QueueFull):
             response.headers["Retry-After"] = str(exc.retry_after_s)
@@ -94,6 +95,7 @@ def install(app: Quart) -> None:
     @app.errorhandler(HTTPException)
     async def _http(exc: HTTPException) -> Response:
         status, body = _http_error(exc)
+        _noted(body["error"]["message"])
         response = _json(body, status)
         if status == 413:
             # The rest of the body is never read: close the connection, so a
@@ -105,6 +107,13 @@ def install(app: Quart) -> None:
     async def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error", exc_info=exc)
         return _json(error_body(f"internal error: {type(exc).__name__}", "server_error"), 500)
+
+
+def _noted(message: str) -> None:
+    """Put why a request was refused in its log line (``api/record.py``)."""
+    record = g.get("record")
+    if record is not None and not record.error:
+        record.error = message
 
 
 def _json(body: dict[str, Any], status: int) -> Response:

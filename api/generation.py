@@ -79,6 +79,7 @@ async def prepare(
             param="messages" if chat is not None else "prompt",
         )
     record.tokens.prompt = len(prompt)
+    record.tokens.caching = model.prefix_cache_bytes > 0
     max_tokens = wanted or min(room, catalog.settings.max_tokens_for(model))
     request = _request(texts, req.params, prompt, max_tokens, grammar)
     return Prepared(model.name, req.params, request, texts, record, chat, reasoning)

@@ -59,6 +59,13 @@ class Tokens:
     cached: int | None = None  # known once the runner has looked the prompt up
     generated: int = 0
     reasoning: int = 0  # of ``generated``, those inside a reasoning block
+    caching: bool = False  # the model keeps prompts in its prefix cache
+
+    @property
+    def written(self) -> int:
+        """Prompt tokens the request adds to its model's prefix cache: those
+        it did not find there (none if the model keeps no prefix cache)."""
+        return self.prompt - (self.cached or 0) if self.caching else 0
 
 
 @attrs.define

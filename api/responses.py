@@ -382,7 +382,10 @@ def _text_part(text: str) -> dict[str, Any]:
 def _usage(tokens: Tokens) -> dict[str, Any]:
     return {
         "input_tokens": tokens.prompt,
-        "input_tokens_details": {"cached_tokens": tokens.cached or 0},
+        "input_tokens_details": {
+            "cached_tokens": tokens.cached or 0,
+            "cache_write_tokens": tokens.written,
+        },
         "output_tokens": tokens.generated,
         "output_tokens_details": {"reasoning_tokens": tokens.reasoning},
         "total_tokens": tokens.prompt + tokens.generated,

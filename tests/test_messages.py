@@ -65,7 +65,10 @@ async def test_create_stream_and_count_agree(daemon: Daemon) -> None:
         assert "message_delta" in kinds
 
         counted = await c.messages.count_tokens(model="tiny", messages=HI, system="Be brief.")
-        read = whole.usage.input_tokens + (whole.usage.cache_read_input_tokens or 0)
+        u = whole.usage
+        read = (
+            u.input_tokens + (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+        )
         assert counted.input_tokens == read > 0
 
 

@@ -3,11 +3,13 @@ item_reference, retrieve, delete, input items and input token counts."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from openai.types.responses import Response
 
 from config.settings import ModelConfig
 from tests.conftest import Daemon, running, settings_for
@@ -28,6 +30,7 @@ async def test_a_follow_up_continues_the_stored_conversation(tiny: Daemon) -> No
             {"role": "user", "content": "And another?"},
         ]
         assert follow.previous_response_id == first.id and follow.store
+        Response.model_validate(follow.model_dump())  # every field the SDK's types require
         counted = await client.responses.input_tokens.count(model="tiny", input=whole)  # type: ignore[arg-type]
         assert follow.usage is not None
         assert follow.usage.input_tokens == counted.input_tokens
@@ -60,7 +63,10 @@ async def test_an_item_reference_stands_for_the_stored_item(tiny: Daemon) -> Non
         assert reply.status in ("completed", "incomplete")
 
 
-async def test_unknown_deleted_and_unstored_responses_are_404(tiny: Daemon) -> None:
+async def test_unknown_deleted_and_unstored_responses_are_404(
+    tiny: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mlxd.request")
     async with tiny.client() as client:
         kept = await client.responses.create(input="Hi", **ASK)
         unkept = await client.responses.create(input="Hi", store=False, **ASK)
@@ -70,6 +76,8 @@ async def test_unknown_deleted_and_unstored_responses_are_404(tiny: Daemon) -> N
             with pytest.raises(openai.NotFoundError) as e:
                 await client.responses.retrieve(gone)
             assert gone in str(e.value)
+        refused = [r.getMessage() for r in caplog.records if "status=404" in r.getMessage()]
+        assert any("no stored response with id 'resp_nonesuch'" in line for line in refused)
         with pytest.raises(openai.NotFoundError) as e:
             await client.responses.create(previous_response_id=kept.id, input="Hi", **ASK)
         assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
