@@ -63,6 +63,12 @@ async def prepare(
     record.model = model.name
     texts = await catalog.texts(model.name)
     chat = req if isinstance(req, ChatRequest) else None
+    if chat is not None and chat.tools and chat.tool_choice.mode != "none":
+        if not texts.renders_tools:
+            raise InvalidRequest(
+                f"model {model.name!r} cannot take tools: its chat template leaves them out",
+                param="tools",
+            )
     prompt, reasoning = await _prompt(texts, req)
     grammar = req.params.grammar
     if chat is not None:

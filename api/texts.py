@@ -55,6 +55,7 @@ class Texts:
         self._thinking = (
             re.compile(re.escape(think[0]) + ".*?" + re.escape(think[1]), re.S) if think else None
         )
+        self.renders_tools = self._renders_tools()
 
     @property
     def backend(self) -> Tokenizer:
@@ -83,6 +84,21 @@ class Texts:
             **kwargs,
         )
         return self.encode(text)
+
+    def _renders_tools(self) -> bool:
+        """Whether the chat template puts tools in the prompt at all (many
+        leave them out without a word: their requests would be answered as
+        if no tools had been given)."""
+        if not self.tokenizer.has_chat_template:
+            return False
+        probe = {"type": "function", "function": {"name": "mlxd_probe", "parameters": {}}}
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}], tools=[probe], tokenize=False
+            )
+        except Exception:  # a template that fails on tools takes none
+            return False
+        return "mlxd_probe" in text
 
     def opens_reasoning(self, prompt: list[int]) -> bool:
         """Whether the prompt ends inside a reasoning block (the template

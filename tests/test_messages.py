@@ -139,6 +139,8 @@ async def test_errors_take_anthropics_shape_and_keys_go_in_x_api_key(
                 "message": "'messages' must be a non-empty list",
             },
         }
+        with pytest.raises(anthropic.BadRequestError, match="cannot take tools"):
+            await c.messages.create(model="tiny", max_tokens=8, messages=HI, tools=[WEATHER])  # type: ignore[list-item]
         with pytest.raises(anthropic.NotFoundError) as missing:
             await c.messages.create(model="nope", max_tokens=8, messages=HI)
         assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]

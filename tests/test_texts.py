@@ -1,10 +1,12 @@
 """Detokenizing streams and cutting at stop strings."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from api.texts import Texts, TextStream
+from tests.scripted import agent_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,20 @@ def test_chat_prompt_uses_the_template_and_context_comes_from_config(texts: Text
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     assert texts.max_context == 8192
     assert texts.stop_ids == (2,)
+
+
+def test_whether_a_template_renders_tools_is_known(
+    texts: Texts, smollm2_dir: Path, tmp_path: Path
+) -> None:
+    assert not texts.renders_tools  # SmolLM2's template has no place for tools
+    agent_dir = agent_tokenizer(smollm2_dir, tmp_path / "agent")
+    shutil.copy(smollm2_dir / "config.json", agent_dir / "config.json")
+    agent = Texts(agent_dir, None)
+    assert agent.renders_tools
+
+
+def test_the_stop_string_that_ended_the_text_is_named(texts: Texts) -> None:
+    stream = TextStream(texts.backend, ["lazy", "fox"])
+    for token in texts.encode("The quick brown fox jumps over the lazy dog"):
+        stream.feed(token)
+    assert stream.stopped and stream.matched == "fox"
