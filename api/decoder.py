@@ -24,17 +24,21 @@ from api.texts import TextStream
 
 
 class Decoder:
-    def __init__(self, text: TextStream, reader: Reader | None, tokens: Tokens) -> None:
+    def __init__(
+        self, text: TextStream, reader: Reader | None, tokens: Tokens, one_call: bool = False
+    ) -> None:
         self._text = text
         self._reader = reader  # None: the text is all content (a completion)
+        self._one_call = one_call  # ``parallel_tool_calls: false``: end at the first call
+        self._cut = False  # ended at that call
         self.tokens = tokens
         self._out = Delta()
         self._called = False  # a tool call was made: "stop" reads "tool_calls"
 
     def feed(self, token: int, logprob: dict[str, Any] | None = None) -> bool:
         """Add one generated token (and its logprobs, if asked for). True once
-        a stop string has ended the answer: the caller then calls ``finish("stop")``
-        and feeds nothing more."""
+        a stop string (or, with ``one_call``, a tool call) has ended the
+        answer: the caller then calls ``finish("stop")`` and feeds nothing more."""
         self.tokens.generated += 1
         piece = self._text.feed(token)
         reader = self._reader
@@ -47,6 +51,10 @@ class Decoder:
                 self.tokens.reasoning += 1
         if logprob is not None:
             self._out.logprobs.append({"id": token, **logprob})
+        if self._one_call and (self._called or self._out.calls):
+            del self._out.calls[0 if self._called else 1 :]
+            self._cut = True  # what the reader holds now came after the call
+            return True
         return self._text.stopped
 
     def take(self) -> Delta | None:
@@ -67,7 +75,7 @@ class Decoder:
         held = self._text.flush()
         if self._reader is None:
             out.text += held
-        else:
+        elif not self._cut:
             self._reader.feed(held, out)
             self._reader.flush(out)
         called = self._called or bool(out.calls)

@@ -53,7 +53,8 @@ class Prepared:
                 parse_calls=chat.tool_choice.mode != "none",
                 reasoning=self.reasoning,
             )
-        return Decoder(text, reader, self.record.tokens)
+        one_call = chat is not None and not chat.parallel_tool_calls
+        return Decoder(text, reader, self.record.tokens, one_call)
 
 
 async def prepare(

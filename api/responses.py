@@ -33,6 +33,7 @@ _PASSED = (
     "min_p",
     "tool_choice",
     "thinking",
+    "parallel_tool_calls",
 )
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _RENAMED = {
@@ -198,7 +199,7 @@ class ResponseShaper:
             "tool_choice": (
                 {"type": "function", "name": choice.name} if choice.name else choice.mode
             ),
-            "parallel_tool_calls": True,
+            "parallel_tool_calls": self.req.parallel_tool_calls,
             "text": {"format": (self.body.get("text") or {}).get("format") or {"type": "text"}},
             "error": None,
             "incomplete_details": None,

@@ -200,6 +200,7 @@ class ChatRequest:
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: ToolChoice = attrs.field(factory=lambda: ToolChoice("none"))
     thinking: bool | None = None  # None: the chat template's default
+    parallel_tool_calls: bool = True  # False: the answer ends with its first call
 
     @classmethod
     def from_openai(cls, body: Any) -> ChatRequest:
@@ -219,7 +220,8 @@ class ChatRequest:
                 "'response_format' and a required tool call cannot both constrain the output",
                 param="tool_choice",
             )
-        return cls(params, messages, tools, choice, _thinking(body))
+        parallel = _field(body, "parallel_tool_calls", bool, "true or false")
+        return cls(params, messages, tools, choice, _thinking(body), parallel is not False)
 
 
 def _thinking(body: Mapping[str, Any]) -> bool | None:

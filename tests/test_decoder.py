@@ -26,9 +26,11 @@ def texts(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Texts:
     return Texts(scripted_model(tiny_dir, tmp_path_factory.mktemp("agent"), ANSWER), None)
 
 
-def decoder(texts: Texts, *, chat: bool = True, stops: tuple[str, ...] = ()) -> Decoder:
+def decoder(
+    texts: Texts, *, chat: bool = True, stops: tuple[str, ...] = (), one_call: bool = False
+) -> Decoder:
     reader = Reader(texts.markers, parse_calls=True) if chat else None
-    return Decoder(texts.text_stream(stops), reader, Tokens(prompt=3))
+    return Decoder(texts.text_stream(stops), reader, Tokens(prompt=3), one_call)
 
 
 def run(d: Decoder, tokens: list[int], size: int, finish: str = "stop") -> tuple[Delta, int]:
@@ -103,3 +105,17 @@ def test_what_might_begin_a_stop_string_is_held_until_the_end(texts: Texts) -> N
     assert d.take() is None  # nothing decided yet
     last = d.finish("length")
     assert (last.text, last.finish) == ("ST", "length")
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_without_parallel_calls_the_answer_ends_at_its_first_call(texts: Texts, size: int) -> None:
+    second = '<tool_call>\n{"name": "g", "arguments": {}}\n</tool_call>'
+    tokens = texts.encode(ANSWER + second + " and more")
+    d = decoder(texts, one_call=True)
+    whole, _ = run(d, tokens, size, finish="length")
+    assert [c.name for c in whole.calls] == ["f"]
+    assert whole.text == "Let me check."  # nothing of what came after the call
+    assert whole.finish == "tool_calls"
+    assert d.tokens.generated < len(tokens)  # the rest is never generated
+    both, _ = run(decoder(texts), tokens, size, finish="length")
+    assert [c.name for c in both.calls] == ["f", "g"]

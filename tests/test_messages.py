@@ -34,8 +34,12 @@ async def daemon(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
     agent = scripted_model(
         tiny_dir, tmp_path / "agent", f"<think>{THOUGHT}</think>\n\nOn it.{CALL}"
     )
+    twice = scripted_model(tiny_dir, tmp_path / "twice", CALL + CALL.replace("Paris", "Oslo"))
     settings = settings_for(
-        tmp_path, ModelConfig("tiny", str(tiny_dir)), ModelConfig("agent", str(agent))
+        tmp_path,
+        ModelConfig("tiny", str(tiny_dir)),
+        ModelConfig("agent", str(agent)),
+        ModelConfig("twice", str(twice)),
     )
     async with running(settings) as d:
         yield d
@@ -124,6 +128,22 @@ async def test_thinking_and_a_tool_round_trip(daemon: Daemon) -> None:
             tools=[WEATHER],  # type: ignore[arg-type]
         )
         assert again.stop_reason == "tool_use"  # the script answers the same way
+
+
+async def test_parallel_tool_use_can_be_turned_off(daemon: Daemon) -> None:
+    ask: Any = [{"role": "user", "content": "Weather in Paris and Oslo?"}]
+    async with client(daemon) as c:
+        both = await c.messages.create(model="twice", max_tokens=200, messages=ask, tools=[WEATHER])  # type: ignore[list-item]
+        assert [b.input for b in both.content] == [{"city": "Paris"}, {"city": "Oslo"}]  # type: ignore[union-attr]
+        one = await c.messages.create(
+            model="twice",
+            max_tokens=200,
+            messages=ask,
+            tools=[WEATHER],  # type: ignore[list-item]
+            tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+        )
+        assert [b.input for b in one.content] == [{"city": "Paris"}]  # type: ignore[union-attr]
+        assert one.stop_reason == "tool_use"
 
 
 async def test_errors_take_anthropics_shape_and_keys_go_in_x_api_key(
