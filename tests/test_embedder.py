@@ -3,6 +3,8 @@ through the daemon's client."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -49,4 +51,9 @@ async def test_a_padded_batch_embeds_each_input_as_alone(
     assert chunk.error is not None and "does not generate" in str(chunk.error)
     again = await runner.embed(inputs[:1])
     np.testing.assert_allclose(again[0], batch[0], atol=1e-5)
-    runner.stop()
+
+    # A runner that dies fails the requests waiting on it, like any request.
+    assert runner.pid is not None
+    os.kill(runner.pid, signal.SIGKILL)
+    with trio.fail_after(30), pytest.raises(RunnerGone, match="exit"):
+        await runner.embed(inputs)
