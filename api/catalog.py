@@ -16,9 +16,16 @@ from pathlib import Path
 
 import trio
 
+from api.encoder import Encoder
 from api.texts import Texts
 from config.settings import ModelConfig, Settings
-from scheduler.errors import ModelLoadFailed, ModelNotFound
+from scheduler.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
+from scheduler.kinds import kind_of
+
+SERVES = {
+    "chat": "a chat model: it generates text (chat, completions, responses, messages)",
+    "embed": "an embedding model: it serves /v1/embeddings",
+}
 
 
 class Catalog:
@@ -30,6 +37,8 @@ class Catalog:
         self._by_name = {n: m for m in settings.models for n in m.names}
         self._model_dir = model_dir
         self._texts: dict[ModelConfig, Texts] = {}  # a changed config is a new key
+        self._encoders: dict[ModelConfig, Encoder] = {}
+        self._kinds: dict[ModelConfig, str] = {}
         self._locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(trio.Lock)
 
     def reconfigure(self, settings: Settings) -> tuple[set[str], set[str], set[str]]:
@@ -41,6 +50,8 @@ class Catalog:
         changed = {n for n in new.keys() & old.keys() if new[n] != old[n]}
         for name in removed | changed:
             self._texts.pop(old[name], None)
+            self._encoders.pop(old[name], None)
+            self._kinds.pop(old[name], None)
         self.settings, self.models = settings, new
         self._by_name = {n: m for m in settings.models for n in m.names}
         return set(added), set(removed), changed
@@ -53,6 +64,44 @@ class Catalog:
             raise ModelNotFound(
                 f"the model {name!r} does not exist; available models: {known}", param="model"
             ) from None
+
+    async def kind(self, name: str) -> str:
+        """What the model does: "chat" or "embed" (``scheduler/kinds.py``),
+        from its config, or from its files (found, not loaded) under "auto"."""
+        model = self.get(name)
+        if (known := model.known_kind) is not None:
+            return known
+        if model not in self._kinds:
+            model_dir = await self._model_dir(model)
+            self._kinds[model] = await trio.to_thread.run_sync(kind_of, model, model_dir)
+        return self._kinds[model]
+
+    async def require(self, name: str, kind: str) -> None:
+        """Refuse a request that asks ``name`` for what it does not do."""
+        does = await self.kind(name)
+        if does != kind:
+            asked = "embeddings" if kind == "embed" else "text generation"
+            raise InvalidRequest(
+                f"model {self.get(name).name!r} is {SERVES[does]}; this request asks for {asked}",
+                param="model",
+            )
+
+    async def encoder(self, name: str) -> Encoder:
+        """An embedding model's tokenizer and limits (``api/encoder.py``)."""
+        model = self.get(name)
+        if (encoder := self._encoders.get(model)) is not None:
+            return encoder
+        async with self._locks[model.name]:
+            if model not in self._encoders:
+                model_dir = await self._model_dir(model)
+                try:
+                    encoder = await trio.to_thread.run_sync(Encoder, model_dir, model.max_context)
+                except Exception as e:  # tokenizers raises its own errors for a bad file
+                    raise ModelLoadFailed(
+                        f"cannot load the tokenizer of {model.name!r} from {model_dir}: {e}"
+                    ) from e
+                self._encoders[model] = encoder
+        return self._encoders[model]
 
     async def texts(self, name: str) -> Texts:
         model = self.get(name)

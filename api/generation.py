@@ -2,7 +2,8 @@
 runner's request, lease the model, generate, decode.
 
 ``prepare`` does everything that can fail before a model is touched (unknown
-model, no chat template, prompt too long), so those failures cost no load.
+model, an embedding model, no chat template, prompt too long), so those
+failures cost no load.
 A ``Generation`` then holds the model's lease from ``start`` (which returns
 once the model has taken the request) until ``aclose``.
 """
@@ -62,6 +63,7 @@ async def prepare(
 ) -> Prepared:
     model = catalog.get(req.params.model)
     record.model = model.name
+    await catalog.require(model.name, "chat")
     texts = await catalog.texts(model.name)
     chat = req if isinstance(req, ChatRequest) else None
     if chat is not None and chat.tools and chat.tool_choice.mode != "none":
@@ -95,7 +97,9 @@ async def prepare(
 async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
     """The tokens ``req``'s prompt takes, as its model's template renders it
     (what ``/v1/responses/input_tokens`` and ``/v1/messages/count_tokens`` say)."""
-    texts = await catalog.texts(catalog.get(req.params.model).name)
+    name = catalog.get(req.params.model).name
+    await catalog.require(name, "chat")
+    texts = await catalog.texts(name)
     prompt, _ = await _prompt(texts, req)
     return len(prompt)
 

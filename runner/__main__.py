@@ -34,6 +34,7 @@ from runner import protocol
 log = logging.getLogger("mlxd.runner")
 
 if TYPE_CHECKING:
+    from runner.embedder import Embedder
     from runner.engine import Engine
 
 _BLAS_CANDIDATES = (
@@ -122,8 +123,9 @@ def memory() -> dict[str, int]:
 WARM_UP_AFTER_S = 0.05
 
 
-def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine:
-    """The engine for ``model_dir``; ``options`` are the ``load`` command's."""
+def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
+    """The engine for ``model_dir``; ``options`` are the ``load`` command's
+    (``kind`` "embed": an embedding model, ``runner/embedder.py``)."""
     import mlx.core as mx
     from mlx_lm.utils import load_model
 
@@ -136,6 +138,10 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine:
         engine = getattr(importlib.import_module(module), function)(model_dir, options)
         if engine is not None:
             return cast("Engine", engine)
+    if options.get("kind") == "embed":
+        from runner.embedder import Embedder
+
+        return Embedder.load(model_dir)
     max_batch = int(options.get("max_batch", 8))
     model, _ = load_model(model_dir, lazy=True)
     where, disk_limit = options.get("prefix_dir"), int(options.get("prefix_disk", 0))
@@ -152,6 +158,7 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine:
 
 
 def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float) -> int:
+    engine: Engine | Embedder
 
     def send(msg: dict[str, Any]) -> None:
         out.write(protocol.encode(msg))
@@ -230,10 +237,22 @@ def _wait_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> di
     return protocol.decode(line) if line else None
 
 
-def _command(engine: Engine, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]) -> None:
+def _command(
+    engine: Engine | Embedder, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]
+) -> None:
     """Carry out one command from the daemon (``shutdown`` aside)."""
     op = msg.get("op")
-    if op == "generate":
+    if op == "embed":
+        embed = getattr(engine, "embed", None)
+        try:
+            if embed is None:
+                raise ValueError("this model generates text; it does not embed")
+            vectors = embed(msg["inputs"])
+        except Exception as e:  # a bad request fails alone
+            send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
+        else:
+            send(protocol.vectors_message(msg["id"], vectors))
+    elif op == "generate":
         try:
             hit = engine.add(protocol.Generate.from_message(msg))
         except Exception as e:  # a bad request fails alone
@@ -258,7 +277,7 @@ def _command(engine: Engine, msg: dict[str, Any], send: Callable[[dict[str, Any]
         )
 
 
-def _persist(engine: Engine, send: Callable[[dict[str, Any]], None]) -> None:
+def _persist(engine: Engine | Embedder, send: Callable[[dict[str, Any]], None]) -> None:
     """On the way out: free the model, say what is still held, and write the
     most recently used prefixes to disk (the daemon may start the next load
     meanwhile, in the memory the model gave back)."""

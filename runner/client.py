@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import trio
 
 from runner import protocol
@@ -53,6 +54,7 @@ class RunnerSpec:
     prefix_disk: int = 0
     prompt: tuple[int, ...] = ()  # the first request's: its cached prefix is read ahead
     cache_limit: int | None = None  # bytes of freed buffers MLX may keep (None: its default)
+    kind: str = "chat"  # or "embed": the runner loads an embedding engine
 
     def load_message(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,7 @@ class RunnerSpec:
             "prefix_disk": self.prefix_disk,
             "prompt": list(self.prompt),
             "cache_limit": self.cache_limit,
+            "kind": self.kind,
         }
 
 
@@ -232,6 +235,8 @@ class RunnerProcess:
         self._streams: dict[int, tuple[trio.MemorySendChannel[Chunk], tuple[int, ...]]] = {}
         self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._stats: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        # Embed requests waiting for their answer: an "embeddings" or "error" event.
+        self._embeds: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._stop_requested = trio.Event()
         self._first_output = trio.Event()
         self._proc: trio.Process | None = None
@@ -378,6 +383,31 @@ class RunnerProcess:
             except trio.EndOfChannel:
                 raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
 
+    async def embed(self, inputs: list[list[int]]) -> np.ndarray:
+        """The vectors of ``inputs`` (token ids), count x dims float32, unit
+        length. Raises ``RunnerGone`` if the runner fails the request or exits
+        first; leaving early (cancelled) drops the answer when it comes."""
+        req_id = next(self._ids)
+        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+        self._embeds[req_id] = send
+        try:
+            self._outbox_send.send_nowait({"op": "embed", "id": req_id, "inputs": inputs})
+        except trio.ClosedResourceError:
+            del self._embeds[req_id]
+            raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
+        async with recv:
+            try:
+                msg = await recv.receive()
+            except trio.EndOfChannel:
+                raise RunnerGone(
+                    f"the runner for model {self.spec.model!r} exited while embedding"
+                ) from None
+            finally:
+                self._embeds.pop(req_id, None)
+        if msg.get("ev") == "error":
+            raise RunnerGone(f"embedding failed in the runner: {msg.get('message')}")
+        return protocol.vectors_of(msg)
+
     def _send_nowait(self, msg: dict[str, Any]) -> None:
         try:
             self._outbox_send.send_nowait(msg)
@@ -407,10 +437,14 @@ class RunnerProcess:
             self.memory = msg.get("memory", self.memory)
             if self.on_saving is not None:
                 self.on_saving(self.memory)
+        elif ev == "embeddings":
+            self._first_output.set()
+            self._answer_embed(msg["id"], msg)
         elif ev == "error":
             self._first_output.set()
             err = RunnerGone(f"generation failed in the runner: {msg.get('message')}")
             for req_id in msg.get("ids", []):
+                self._answer_embed(req_id, msg)
                 open_ = self._streams.pop(req_id, None)
                 if open_ is not None:
                     open_[0].send_nowait(Chunk(None, error=err))
@@ -425,13 +459,22 @@ class RunnerProcess:
         else:
             log.warning("runner for %s sent an unknown event: %r", self.spec.model, msg)
 
+    def _answer_embed(self, req_id: int, msg: dict[str, Any]) -> None:
+        waiter = self._embeds.pop(req_id, None)
+        if waiter is not None:
+            try:
+                waiter.send_nowait(msg)
+            except trio.BrokenResourceError:
+                pass  # its waiter gave up
+
     def _fail_all(self, err: Exception) -> None:
         streams, self._streams = self._streams, {}
         for stream, _ in streams.values():
             stream.send_nowait(Chunk(None, error=err))
-        for waiter in self._stats:
+        for waiter in [*self._stats, *self._embeds.values()]:
             waiter.close()
         self._stats.clear()
+        self._embeds.clear()
         self._outbox_send.close()
 
 

@@ -8,7 +8,7 @@ Commands (daemon → runner)::
 
     {"op": "load", "model_dir": "/models/x", "max_batch": 8, "prefill_chunk": 512,
      "prefix_cache": 0, "prefix_dir": "/cache/prefixes/3fa2...", "prefix_disk": 17179869184,
-     "prompt": [1, 2], "cache_limit": 268435456}
+     "prompt": [1, 2], "cache_limit": 268435456, "kind": "chat"}
                                       first line to a runner started without a
                                       model (a spare); it then loads and says
                                       "ready". prefix_cache: bytes its prefix
@@ -17,12 +17,19 @@ Commands (daemon → runner)::
                                       prompt: the first request's (its cached prefix
                                       is read while the weights load); cache_limit:
                                       bytes of freed buffers MLX may keep (the
-                                      working memory the pool charges beyond weights)
+                                      working memory the pool charges beyond weights);
+                                      kind: "chat", or "embed" for an embedding
+                                      model (``runner/embedder.py``), which
+                                      answers "embed" and refuses "generate"
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,
      "frequency_penalty": 0.0, "logit_bias": {"42": -100.0}, "grammar": null,
      "more": false}
+    {"op": "embed", "id": 8, "inputs": [[101, 7592, 102], [101, 102]]}
+                                      embed each input (token ids, special tokens
+                                      included: the daemon tokenizes), answered
+                                      with one "embeddings" event (or "error")
     {"op": "cancel", "id": 7}         stop generating for 7 at the next step
     {"op": "prefix_limit", "bytes": 1073741824}
                                       the prefix cache's limit from now on (0 drops it)
@@ -47,6 +54,11 @@ Events (runner → daemon)::
         one decoding step: [id, token, finish, lp] for every sequence that made
         a token; finish is null, "stop" or "length"; lp is null unless the
         request asked for logprobs (below)
+    {"ev": "embeddings", "id": 8, "count": 2, "dims": 384, "data": "AAB..."}
+                                      request 8's vectors, in its inputs' order:
+                                      count x dims little-endian float32, base64
+                                      (a fifth of a JSON list's size, and exact);
+                                      unit length, as the model pools them
     {"ev": "error", "ids": [7], "message": "..."}    those requests failed
     {"ev": "stats", "active": 2, "max_batch": 4, ..., "memory": {...},
      "prefix": {"bytes": ..., "entries": ..., "limit": ..., "hits": ..., "disk_hits": ...}}
@@ -83,11 +95,13 @@ Stdin reaching EOF means the daemon is gone: the runner exits.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
+import numpy as np
 
 MAX_LOGPROBS = 20
 
@@ -160,6 +174,19 @@ class Generate:
             grammar=msg.get("grammar"),
             more=bool(msg.get("more", False)),
         )
+
+
+def vectors_message(req_id: int, vectors: np.ndarray) -> dict[str, Any]:
+    """The "embeddings" event for ``vectors`` (count x dims)."""
+    count, dims = vectors.shape
+    data = base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode()
+    return {"ev": "embeddings", "id": req_id, "count": count, "dims": dims, "data": data}
+
+
+def vectors_of(msg: dict[str, Any]) -> np.ndarray:
+    """The vectors an "embeddings" event carries (count x dims float32)."""
+    raw = np.frombuffer(base64.b64decode(msg["data"]), dtype="<f4")
+    return raw.reshape(int(msg["count"]), int(msg["dims"])).astype(np.float32)
 
 
 def encode(msg: dict[str, Any]) -> bytes:

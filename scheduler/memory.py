@@ -20,9 +20,11 @@ from typing import Any
 import attrs
 
 from config.settings import ModelConfig
+from scheduler.kinds import kind_of
 
 RAM_FRACTION = 0.75  # default budget where Metal gives no figure
 PREFILL_CHUNK = 2048  # mlx-lm's prefill step: the activations held at once
+EMBED_BATCH_TOKENS = 4096  # padded tokens an embedding runner reads at once (runner/embedder.py)
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
@@ -87,6 +89,10 @@ def estimate(model_dir: Path, model: ModelConfig) -> Size:
     hidden = config.get("hidden_size", 0)
     inter = config.get("intermediate_size", 4 * hidden)
     vocab = config.get("vocab_size", 0)
+    if kind_of(model, model_dir) == "embed":
+        longest = min(config.get("max_position_embeddings", 512), EMBED_BATCH_TOKENS)
+        rows = EMBED_BATCH_TOKENS * ((4 * hidden + 3 * inter) * act + heads * longest * 4)
+        return Size(int(weights + rows + weights // 10), 0, weights)
     work = model.max_concurrency * vocab * 4 + PREFILL_CHUNK * (4 * hidden + 3 * inter) * act
     kv = 2 * layers * kv_heads * head_dim * act
     return Size(int(weights + work + weights // 10), kv, weights)
@@ -101,6 +107,6 @@ def _activation_bytes(path: Path) -> int:
             raise ValueError(f"{path.name} is not a safetensors file (a {size}-byte header)")
         header: dict[str, Any] = json.loads(f.read(size))
     for name, info in header.items():
-        if name.endswith("norm.weight"):
+        if name.lower().endswith("norm.weight"):  # BERT's are "LayerNorm.weight"
             return _DTYPE_BYTES.get(info.get("dtype", ""), 2)
     return 2

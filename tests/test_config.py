@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import BUNDLED, ConfigError, Settings
+from config.settings import BUNDLED, BUNDLED_EMBED, ConfigError, Settings
 from config.units import parse_bytes, parse_duration
 from daemon.cli import main
 
@@ -16,12 +16,26 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_are_safe_and_serve_the_bundled_model() -> None:
+def test_defaults_are_safe_and_serve_the_bundled_models() -> None:
     s = Settings()
     assert s.host == "127.0.0.1"
     assert s.api_keys == ()
     assert s.cors_origins == () and s.allowed_hosts == ()  # no web page may call it
-    assert [m.source for m in s.models] == [BUNDLED]
+    assert [m.source for m in s.models] == [BUNDLED, BUNDLED_EMBED]
+    assert [m.name for m in s.models] == ["smollm2-135m-instruct", "all-minilm-l6-v2"]
+    assert [m.known_kind for m in s.models] == ["chat", "embed"]
+
+
+def test_model_kind(tmp_path: Path) -> None:
+    text = "[[models]]\nname = 'e'\npath = '/e'\nkind = 'embed'\n"
+    (m,) = Settings.from_toml(write(tmp_path, text)).models
+    assert m.kind == "embed" and m.known_kind == "embed"
+    (auto,) = Settings.from_toml(write(tmp_path, "[[models]]\nname = 'a'\npath = '/a'\n")).models
+    assert auto.kind == "auto" and auto.known_kind is None  # its files decide
+    bundled = "[[models]]\nname = 'm'\npath = 'bundled:all-minilm-l6-v2'\n"
+    assert Settings.from_toml(write(tmp_path, bundled)).models[0].known_kind == "embed"
+    with pytest.raises(ConfigError, match=r"models\[0\]\.kind"):
+        Settings.from_toml(write(tmp_path, text.replace("'embed'", "'rerank'")))
 
 
 def test_reads_models_with_relative_paths(tmp_path: Path) -> None:

@@ -115,3 +115,17 @@ async def test_a_long_request_waits_for_a_busy_model_then_evicts_it_once_idle(
             assert model_in(pool, "a")["kv_reserved"] >= tokens * size.kv_per_token
             assert pool["used"] <= pool["budget"]
             outer.cancel_scope.cancel()
+
+
+def test_an_embedding_model_is_charged_weights_and_one_batch_no_kv(
+    minilm_dir: Path, tiny_dir: Path
+) -> None:
+    from scheduler.kinds import kind_of_directory
+
+    assert kind_of_directory(minilm_dir) == "embed"  # modules.json, and BertModel
+    assert kind_of_directory(tiny_dir) == "chat"
+    size = memory.estimate(minilm_dir, ModelConfig("m", str(minilm_dir)))
+    weights = (minilm_dir / "model.safetensors").stat().st_size
+    assert size.kv_per_token == 0 and size.weights == weights
+    # float32 activations (its LayerNorm weights say so) for one batch of 4096 tokens
+    assert weights + 200 * 2**20 < size.bytes < weights + 600 * 2**20
