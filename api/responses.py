@@ -36,6 +36,7 @@ _PASSED = (
     "parallel_tool_calls",
 )
 _TEXT_PARTS = {"input_text", "output_text", "text"}
+SUMMARIES = ("auto", "concise", "detailed")
 _RENAMED = {
     "max_tokens": "max_output_tokens",
     "messages": "input",
@@ -76,6 +77,10 @@ def chat_request(body: Any, turn: Turn | None = None) -> ChatRequest:
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
         chat["reasoning_effort"] = reasoning["effort"]
+    if isinstance(reasoning, dict) and reasoning.get("summary") not in (None, *SUMMARIES):
+        raise InvalidRequest(
+            "'reasoning.summary' must be 'auto', 'concise' or 'detailed'", "reasoning.summary"
+        )
     try:
         return ChatRequest.from_openai(chat)
     except InvalidRequest as e:
@@ -176,7 +181,8 @@ class ResponseShaper:
         self.body = body
         self.tokens = tokens
         self.seq = 0
-        self._items = _Items()  # a stream's
+        self.summary = (self.body.get("reasoning") or {}).get("summary") is not None
+        self._items = _Items(self.summary)  # a stream's
         self._finish: str | None = None
 
     def response(
@@ -210,7 +216,7 @@ class ResponseShaper:
         }
 
     def final(self, whole: Delta) -> dict[str, Any]:
-        items = _Items()
+        items = _Items(self.summary)
         items.add(whole)
         return self._finished(items.close(whole.finish), whole.finish)
 
@@ -271,16 +277,20 @@ class _Items:
     """The output items, opened and closed as the parts of the output arrive;
     ``add`` and ``closing`` return the stream events that go with that."""
 
-    def __init__(self) -> None:
+    def __init__(self, summary: bool = False) -> None:
         self.done: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None
         self._text = ""
+        # Reasoning as its summary too, when the request asks for one: mlxd's
+        # models summarise nothing, so the summary is the reasoning itself.
+        self._summary = summary
 
     def add(self, d: Delta) -> list[Event]:
         events: list[Event] = []
         if d.reasoning:
             events += self._ensure("reasoning")
-            events.append(self._delta("response.reasoning_text.delta", d.reasoning))
+            kind = "summary_text" if self._summary else "text"
+            events.append(self._delta(f"response.reasoning_{kind}.delta", d.reasoning))
         if d.text:
             events += self._ensure("message")
             events.append(self._delta("response.output_text.delta", d.text, logprobs=[]))
@@ -335,6 +345,9 @@ class _Items:
         )
         if kind == "message":
             events.append(("response.content_part.added", self._where() | {"part": _text_part("")}))
+        elif self._summary:
+            part = {"part": {"type": "summary_text", "text": ""}}
+            events.append(("response.reasoning_summary_part.added", self._where() | part))
         return events
 
     def _delta(self, kind: str, text: str, **extra: Any) -> Event:
@@ -345,7 +358,13 @@ class _Items:
         if self._open is None:
             return []
         text, item = self._text, self._item(status)
-        if self._open["type"] == "reasoning":
+        if self._open["type"] == "reasoning" and self._summary:
+            part = {"part": {"type": "summary_text", "text": text}}
+            events = [
+                ("response.reasoning_summary_text.done", self._where() | {"text": text}),
+                ("response.reasoning_summary_part.done", self._where() | part),
+            ]
+        elif self._open["type"] == "reasoning":
             events = [("response.reasoning_text.done", self._where() | {"text": text})]
         else:
             events = [
@@ -359,14 +378,20 @@ class _Items:
 
     def _where(self) -> dict[str, Any]:
         assert self._open is not None
-        return {"item_id": self._open["id"], "output_index": len(self.done), "content_index": 0}
+        where = {"item_id": self._open["id"], "output_index": len(self.done)}
+        if self._open["type"] == "reasoning" and self._summary:
+            return where | {"summary_index": 0}
+        return where | {"content_index": 0}
 
     def _item(self, status: str) -> dict[str, Any]:
         assert self._open is not None
         started = status == "in_progress"
         if self._open["type"] == "reasoning":
             content = [] if started else [{"type": "reasoning_text", "text": self._text}]
-            return self._open | {"summary": [], "content": content, "status": status}
+            summary = (
+                [{"type": "summary_text", "text": self._text}] if content and self._summary else []
+            )
+            return self._open | {"summary": summary, "content": content, "status": status}
         content = [] if started else [_text_part(self._text)]
         return self._open | {"status": status, "role": "assistant", "content": content}
 

@@ -320,3 +320,20 @@ async def test_bad_tool_requests_get_openai_errors(
         )
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+async def test_responses_give_the_reasoning_as_its_summary_when_asked(agents: Daemon) -> None:
+    types: list[str] = []
+    ask: dict[str, Any] = {"model": "agent", "input": "Weather?", "tools": [FLAT_WEATHER]}
+    async with agents.client() as client:
+        async with client.responses.stream(**ask, reasoning={"summary": "auto"}) as stream:
+            async for event in stream:
+                types.append(event.type)
+            final = await stream.get_final_response()
+        whole = await client.responses.create(**ask, reasoning={"summary": "detailed"})
+    assert "response.reasoning_summary_text.delta" in types
+    assert "response.reasoning_text.delta" not in types
+    for response in (final, whole):
+        reasoning = response.output[0]
+        assert reasoning.type == "reasoning"
+        assert [(s.type, s.text) for s in reasoning.summary] == [("summary_text", THOUGHT)]
