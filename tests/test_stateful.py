@@ -7,12 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types.responses import Response
 
 from config.settings import ModelConfig
 from tests.conftest import Daemon, running, settings_for
+from tests.scripted import scripted_model
 
 ASK: dict[str, Any] = {"model": "tiny", "max_output_tokens": 6, "temperature": 0}
 
@@ -127,3 +129,47 @@ async def test_a_streamed_response_is_stored_when_it_ends(tiny: Daemon) -> None:
         assert done is not None
         stored = await client.responses.retrieve(done.id)
         assert stored.output_text == done.output_text
+
+
+async def test_a_vercel_ai_sdk_tool_loop_refers_to_earlier_items_by_id(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """The AI SDK's Responses provider sends earlier assistant output back as
+    item references (message, reasoning and call alike) with the tool's result."""
+    thought, call = "Check the weather.", '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    script = f"<think>{thought}</think>\n\nLooking.<tool_call>\n{call}\n</tool_call>"
+    agent = scripted_model(tiny_dir, tmp_path / "agent", script)
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    async with running(settings_for(tmp_path, ModelConfig("agent", str(agent)))) as daemon:
+        url = f"{daemon.url}/v1/responses"
+        async with httpx.AsyncClient(timeout=120) as http:
+            ask = {"role": "user", "content": [{"type": "input_text", "text": "Oslo?"}]}
+            first = await http.post(url, json={"model": "agent", "input": [ask], "tools": [tool]})
+            assert first.status_code == 200, first.text
+            output = first.json()["output"]
+            assert [item["type"] for item in output] == ["reasoning", "message", "function_call"]
+            fn = output[2]
+            follow = {
+                "model": "agent",
+                "tools": [tool],
+                "input": [
+                    ask,
+                    *({"type": "item_reference", "id": item["id"]} for item in output),
+                    {"type": "function_call_output", "call_id": fn["call_id"], "output": "-3 C"},
+                ],
+            }
+            second = await http.post(url, json=follow)
+            assert second.status_code == 200, second.text
+            # The references stand for the message and the call (the reasoning
+            # stays out of the prompt): the same prompt as both written out.
+            written = {
+                **follow,
+                "input": [
+                    ask,
+                    {"role": "assistant", "content": "Looking."},
+                    {k: fn[k] for k in ("type", "call_id", "name", "arguments")},
+                    follow["input"][-1],
+                ],
+            }
+            counted = await http.post(f"{url}/input_tokens", json=written)
+            assert second.json()["usage"]["input_tokens"] == counted.json()["input_tokens"]
