@@ -82,11 +82,7 @@ async def serve(
     app = create_app(
         settings, catalog, scheduler, recent.records, spares=launcher.spares.status, store=store
     )
-    config = hypercorn.config.Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
-    config.graceful_timeout = settings.shutdown_grace_s
-    config.accesslog = None
-    config.errorlog = logging.getLogger("mlxd.http")
+    config = _hypercorn_config(settings)
     watch_signals = stop is None
     stop = trio.Event() if stop is None else stop
 
@@ -123,6 +119,15 @@ async def serve(
         await trio.to_thread.run_sync(store.save)
     logging.getLogger("mlxd").removeHandler(recent)
     log.info("stopped")
+
+
+def _hypercorn_config(settings: Settings) -> hypercorn.config.Config:
+    config = hypercorn.config.Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.accesslog = None
+    config.errorlog = logging.getLogger("mlxd.http")
+    return config
 
 
 async def _stop_on_signal(stop: trio.Event, everything: trio.CancelScope) -> None:
