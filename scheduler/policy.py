@@ -482,7 +482,8 @@ class Policy:
                 if held:
                     self.context = held
                     for m in self.models.values():
-                        m.context = held
+                        if m.state is State.ABSENT:  # a running one's measurement covers it
+                            m.context = held
             case Unload(model):
                 self.models[model].unload_asked = True
             case Reconfigure(specs, changed):
@@ -589,6 +590,7 @@ class Policy:
 
     def _absent(self, m: ModelState) -> None:
         m.state, m.runner, m.held, m.measured = State.ABSENT, None, 0, 0
+        m.context = self.context  # what its next runner will hold before the model
         m.prefixes = m.prefixes_used = 0
         m.running.clear()
         m.keep_alive_s = m.spec.keep_alive_s
