@@ -8,8 +8,10 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
+import httpx
 import openai
 import pytest
 import trio
@@ -50,19 +52,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def healthy(proc: subprocess.Popen[bytes], url: str) -> bool:
+    """Whether the daemon answers ``/health``; a daemon that exited fails the test."""
+    if proc.poll() is not None:
+        pytest.fail(f"the daemon exited with {proc.returncode}")
+    try:
+        return httpx.get(f"{url}/health", timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @attrs.frozen
 class Daemon:
     url: str
     settings: Settings
 
-    def client(self, **kwargs: object) -> openai.AsyncOpenAI:
+    def client(self, timeout: float = 120) -> openai.AsyncOpenAI:
         """The official client; a request gives up after 120 s unless told
         otherwise (a model loads and answers well within that, even on a
         loaded CPU)."""
-        kwargs.setdefault("timeout", 120)
         return openai.AsyncOpenAI(
-            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
-        )  # type: ignore[arg-type]
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=timeout
+        )
 
 
 @asynccontextmanager
@@ -74,10 +85,10 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
         stop.set()
 
 
-def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: object) -> Settings:
+def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: Any) -> Settings:
     return Settings(
         port=free_port(), models=models, cache_dir=tmp_path, shutdown_grace_s=3.0, **kwargs
-    )  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture

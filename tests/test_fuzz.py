@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TESTS, free_port
+from tests.conftest import TESTS, free_port, healthy
 from tests.scripted import scripted_model
+from tests.waiting import eventually_blocking
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -68,7 +68,7 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     for field in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
         body[field] = draw(values)
     if path == "/v1/chat/completions" and draw(st.booleans()):
-        message = dict(MESSAGES[0])
+        message: dict[str, Any] = dict(MESSAGES[0])
         for field in draw(st.lists(st.sampled_from(MESSAGE_FIELDS), min_size=1, max_size=2)):
             message[field] = draw(values)
         body["messages"] = [message]
@@ -94,22 +94,11 @@ def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while not _healthy(url):
-                assert proc.poll() is None, "the daemon exited"
-                assert time.monotonic() < deadline, "the daemon did not start in 120 s"
-                time.sleep(0.1)
+            eventually_blocking(lambda: healthy(proc, url), what="the daemon to serve")
             yield url
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 @settings(
