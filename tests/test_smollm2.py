@@ -3,12 +3,14 @@
 from pathlib import Path
 
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
 from config.settings import BUNDLED, ModelConfig
 from tests.conftest import Daemon, running, settings_for
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ASKED = "What is the capital of France?"
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": ASKED}]
 
 
 @pytest.fixture
@@ -63,13 +65,13 @@ async def test_streams_paris(smol: Daemon) -> None:
 async def test_answers_paris_through_the_responses_api(smol: Daemon) -> None:
     async with smol.client() as client:
         reply = await client.responses.create(
-            model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=30
+            model="smollm2", input=ASKED, temperature=0, max_output_tokens=30
         )
         chat = await client.chat.completions.create(
             model="smollm2", messages=QUESTION, temperature=0, max_tokens=30
         )
         async with client.responses.stream(
-            model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=30
+            model="smollm2", input=ASKED, temperature=0, max_output_tokens=30
         ) as stream:
             streamed = await stream.get_final_response()  # needs response.completed
     assert reply.status == streamed.status == "completed"
