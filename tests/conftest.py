@@ -1,12 +1,21 @@
-"""Shared fixtures: real models made here, and a real daemon on a free port."""
+"""Shared fixtures: real models made here, and a real daemon on a free port.
+
+A test that needs a daemon of its own (one it configures, or whose counters,
+runners or logs it looks at) starts one in its own trio run (``running``,
+``tiny``). Tests that only send requests and read the answers share one
+``mlxd serve`` process per module (``serve_process``, ``shared_tiny``): a
+daemon, its spare runner and its first load cost seconds of CPU each time.
+"""
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +28,7 @@ import trio
 from config.settings import BUNDLED, ModelConfig, Settings
 from daemon.serve import serve
 from runner import sources
+from tests.waiting import eventually_blocking
 
 TESTS = Path(__file__).parent
 
@@ -85,6 +95,35 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
         stop.set()
 
 
+@contextmanager
+def serve_process(work: Path, *models: dict[str, Any]) -> Iterator[Daemon]:
+    """``mlxd serve`` as a process, serving ``models`` (their TOML tables),
+    with its cache and log (``mlxd.log``) in ``work``."""
+    port = free_port()
+    toml = f'port = {port}\ncache_dir = "{work}"\nshutdown_grace_s = 3\n'
+    for model in models:
+        toml += "[[models]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
+    config = work / "mlxd.toml"
+    config.write_text(toml)
+    daemon = Daemon(f"http://127.0.0.1:{port}", Settings.from_toml(config))
+    with (work / "mlxd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
+            cwd=TESTS.parent,
+            stderr=log,
+        )
+    try:
+        eventually_blocking(lambda: healthy(proc, daemon.url), what="the daemon to serve")
+        yield daemon
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: Any) -> Settings:
     return Settings(
         port=free_port(), models=models, cache_dir=tmp_path, shutdown_grace_s=3.0, **kwargs
@@ -97,3 +136,13 @@ async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
     settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir), max_concurrency=8))
     async with running(settings) as daemon:
         yield daemon
+
+
+@pytest.fixture(scope="module")
+def shared_tiny(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon process serving the tiny model as "tiny", shared by a module's
+    tests: for those that change nothing another test could see (no runner
+    killed, no counters asserted)."""
+    work = tmp_path_factory.mktemp("shared-tiny")
+    with serve_process(work, {"name": "tiny", "path": str(tiny_dir), "max_concurrency": 8}) as d:
+        yield d

@@ -1,4 +1,8 @@
-"""The HTTP API against real runners on a tiny random-weight model."""
+"""The HTTP API against real runners on a tiny random-weight model.
+
+Tests that only send requests and read answers share one daemon
+(``shared_tiny``); those that kill its runner or count its cancellations have
+their own (``tiny``)."""
 
 from __future__ import annotations
 
@@ -40,15 +44,15 @@ async def runner_stats(daemon: Daemon, after: float = 0.0, **want: int) -> dict[
     return await eventually(measured, what=f"runner counters {want} measured after {after}")
 
 
-async def test_models_lists_configured(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_models_lists_configured(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         models = await client.models.list()
         assert [m.id for m in models.data] == ["tiny"]
         assert (await client.models.retrieve("tiny")).id == "tiny"
 
 
-async def test_max_tokens_gives_length_and_exact_usage(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_max_tokens_gives_length_and_exact_usage(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         reply = await client.chat.completions.create(
             model="tiny", messages=CHAT, max_tokens=12, temperature=0
         )
@@ -56,8 +60,8 @@ async def test_max_tokens_gives_length_and_exact_usage(tiny: Daemon) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens == 12
 
 
-async def test_completions_stream_and_not_agree_greedy(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_completions_stream_and_not_agree_greedy(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         whole = await client.completions.create(
             model="tiny", prompt="Once upon a time", max_tokens=16, temperature=0
         )
@@ -69,8 +73,8 @@ async def test_completions_stream_and_not_agree_greedy(tiny: Daemon) -> None:
     assert whole.choices[0].finish_reason == "length"
 
 
-async def test_stop_string_never_leaks(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_stop_string_never_leaks(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         free = await client.completions.create(
             model="tiny", prompt="Hello", max_tokens=24, temperature=0
         )
@@ -90,8 +94,8 @@ async def test_stop_string_never_leaks(tiny: Daemon) -> None:
     assert streamed == cut.choices[0].text
 
 
-async def test_seed_makes_sampling_reproducible(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_seed_makes_sampling_reproducible(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         runs = [
             (
                 await client.completions.create(
@@ -106,7 +110,7 @@ async def test_seed_makes_sampling_reproducible(tiny: Daemon) -> None:
     assert runs[0] != runs[2]
 
 
-async def test_ten_concurrent_requests_are_batched(tiny: Daemon) -> None:
+async def test_ten_concurrent_requests_are_batched(shared_tiny: Daemon) -> None:
     results: list[str] = []
 
     async def one(client: openai.AsyncOpenAI, i: int) -> None:
@@ -119,11 +123,11 @@ async def test_ten_concurrent_requests_are_batched(tiny: Daemon) -> None:
         assert reply.choices[0].finish_reason == "length"
         results.append(reply.choices[0].message.content or "")
 
-    async with tiny.client() as client, trio.open_nursery() as nursery:
+    async with shared_tiny.client() as client, trio.open_nursery() as nursery:
         for i in range(10):
             nursery.start_soon(one, client, i)
     assert len(results) == 10
-    stats = await runner_stats(tiny, time.time(), active=0)
+    stats = await runner_stats(shared_tiny, time.time(), active=0)
     assert stats["max_batch"] > 1
 
 
@@ -144,7 +148,7 @@ async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
     assert generated < 400 - 16  # warm-up tokens aside, it stopped early
 
 
-async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(tiny: Daemon) -> None:
+async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(shared_tiny: Daemon) -> None:
     """A refusal reaches the client as OpenAI's error object, from every
     endpoint (each field's checks are in ``test_requests.py``); the refusals
     that need the model's tokenizer (its vocabulary, its context) are tried
@@ -163,19 +167,21 @@ async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(tiny: Dae
     ]  # fmt: skip
     async with httpx.AsyncClient(timeout=120) as http:
         for path, body, status, param, fragment in cases:
-            resp = await http.post(f"{tiny.url}{path}", json=body)
+            resp = await http.post(f"{shared_tiny.url}{path}", json=body)
             assert resp.status_code == status, (body, resp.text)
             error = resp.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
             assert error["type"] == "invalid_request_error"
             assert error["param"] == param and fragment in error["message"], (body, error)
         # The daemon serves on.
-        ok = await http.post(f"{tiny.url}/v1/chat/completions", json=chat | {"max_tokens": 2})
+        ok = await http.post(
+            f"{shared_tiny.url}/v1/chat/completions", json=chat | {"max_tokens": 2}
+        )
         assert ok.status_code == 200
 
 
-async def test_context_overflow_names_both_numbers(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_context_overflow_names_both_numbers(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         with pytest.raises(openai.BadRequestError) as info:
             await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=500)
     err = info.value.body
@@ -183,22 +189,22 @@ async def test_context_overflow_names_both_numbers(tiny: Daemon) -> None:
     assert "512" in err["message"] and "500" in err["message"]
 
 
-async def test_malformed_and_oversized_bodies(tiny: Daemon) -> None:
+async def test_malformed_and_oversized_bodies(shared_tiny: Daemon) -> None:
     async with httpx.AsyncClient(timeout=60) as http:
         bad = await http.post(
-            f"{tiny.url}/v1/chat/completions",
+            f"{shared_tiny.url}/v1/chat/completions",
             content=b"{not json",
             headers={"content-type": "application/json"},
         )
         assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
         huge = json.dumps({"model": "tiny", "messages": CHAT, "pad": "x" * (9 * 1024 * 1024)})
         big = await http.post(
-            f"{tiny.url}/v1/chat/completions",
+            f"{shared_tiny.url}/v1/chat/completions",
             content=huge,
             headers={"content-type": "application/json"},
         )
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-        missing = await http.get(f"{tiny.url}/v1/nothing")
+        missing = await http.get(f"{shared_tiny.url}/v1/nothing")
         assert missing.status_code == 404 and "error" in missing.json()
 
 

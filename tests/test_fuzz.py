@@ -10,9 +10,6 @@ checks is answered at once. Derandomized: the same examples every run.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TESTS, free_port, healthy
+from tests.conftest import serve_process
 from tests.scripted import scripted_model
-from tests.waiting import eventually_blocking
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -81,24 +77,8 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("fuzz")
     model = scripted_model(tiny_dir, work / "m", "Hi there.")
-    port = free_port()
-    config = work / "mlxd.toml"
-    config.write_text(
-        f'port = {port}\ncache_dir = "{work}"\n[[models]]\nname = "m"\npath = "{model}"\n'
-    )
-    with (work / "mlxd.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
-            cwd=TESTS.parent,
-            stderr=log,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            eventually_blocking(lambda: healthy(proc, url), what="the daemon to serve")
-            yield url
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+    with serve_process(work, {"name": "m", "path": str(model)}) as d:
+        yield d.url
 
 
 @settings(

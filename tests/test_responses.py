@@ -24,6 +24,12 @@ ORDER = [
 ]
 
 
+@pytest.fixture(scope="module")
+def tiny(shared_tiny: Daemon) -> Daemon:
+    """One daemon for this module: its tests only send requests and read answers."""
+    return shared_tiny
+
+
 async def test_create_with_instructions_and_a_token_limit(tiny: Daemon, tiny_dir: Path) -> None:
     async with tiny.client() as client:
         plain = await client.responses.create(model="tiny", input="Hi", max_output_tokens=5)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import pydantic
+import pytest
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 from openai.types.responses import ResponseFormatTextJSONSchemaConfigParam
@@ -16,6 +17,12 @@ from tokenizers import Tokenizer
 from tests.conftest import Daemon
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_tiny: Daemon) -> Daemon:
+    """One daemon for this module: its tests only send requests and read answers."""
+    return shared_tiny
 
 
 class Verdict(pydantic.BaseModel):

@@ -5,7 +5,7 @@ emit; a forced call is decoded from the tiny model's real logits."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,8 +14,7 @@ from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMes
 from openai.types.responses import FunctionToolParam
 
 from api.texts import Texts
-from config.settings import ModelConfig
-from tests.conftest import Daemon, running, settings_for
+from tests.conftest import Daemon, serve_process
 from tests.scripted import agent_model, scripted_model
 
 THOUGHT = "The user wants the weather."
@@ -54,15 +53,17 @@ QUESTION = {"role": "user", "content": "What's the weather in Paris?"}
 ASK: list[ChatCompletionMessageParam] = [{"role": "user", "content": QUESTION["content"]}]
 
 
-@pytest.fixture
-async def agents(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
-    models = [
-        ModelConfig("agent", str(scripted_model(tiny_dir, tmp_path / "agent", AGENT))),
-        ModelConfig("broken", str(scripted_model(tiny_dir, tmp_path / "broken", BROKEN))),
-        ModelConfig("tiny-agent", str(agent_model(tiny_dir, tmp_path / "tiny-agent"))),
-    ]
-    async with running(settings_for(tmp_path, *models)) as daemon:
-        yield daemon
+@pytest.fixture(scope="module")
+def agents(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for this module's tests, which only send requests and read answers."""
+    work = tmp_path_factory.mktemp("agents")
+    models = {
+        "agent": scripted_model(tiny_dir, work / "agent", AGENT),
+        "broken": scripted_model(tiny_dir, work / "broken", BROKEN),
+        "tiny-agent": agent_model(tiny_dir, work / "tiny-agent"),
+    }
+    with serve_process(work, *[{"name": n, "path": str(p)} for n, p in models.items()]) as d:
+        yield d
 
 
 def extra(obj: Any, key: str) -> Any:
@@ -121,9 +122,7 @@ async def test_tool_choice_none_leaves_tools_out_and_calls_as_text(agents: Daemo
     assert none.usage.prompt_tokens < auto.usage.prompt_tokens  # no tools in the prompt
 
 
-async def test_tool_results_and_the_thinking_switch_reach_the_template(
-    agents: Daemon, tmp_path: Path
-) -> None:
+async def test_tool_results_and_the_thinking_switch_reach_the_template(agents: Daemon) -> None:
     conversation: list[Any] = [
         *ASK,
         {
@@ -153,7 +152,8 @@ async def test_tool_results_and_the_thinking_switch_reach_the_template(
                 {"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}},
             )
         ]
-    texts = Texts(tmp_path / "agent", None)
+    (agent,) = [m.source for m in agents.settings.models if m.name == "agent"]
+    texts = Texts(Path(agent), None)
     expected = texts.chat_prompt(
         [
             QUESTION,
