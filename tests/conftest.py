@@ -96,11 +96,14 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
 
 
 @contextmanager
-def serve_process(work: Path, *models: dict[str, Any]) -> Iterator[Daemon]:
+def serve_process(
+    work: Path, *models: dict[str, Any], cache_dir: Path | None = None
+) -> Iterator[Daemon]:
     """``mlxd serve`` as a process, serving ``models`` (their TOML tables),
-    with its cache and log (``mlxd.log``) in ``work``."""
+    with its config and log (``mlxd.log``) in ``work``, and its cache too
+    unless told otherwise."""
     port = free_port()
-    toml = f'port = {port}\ncache_dir = "{work}"\nshutdown_grace_s = 3\n'
+    toml = f'port = {port}\ncache_dir = "{cache_dir or work}"\nshutdown_grace_s = 3\n'
     for model in models:
         toml += "[[models]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
     config = work / "mlxd.toml"

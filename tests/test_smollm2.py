@@ -1,23 +1,28 @@
 """The real instruction-tuned model, converted by mlxd, through the official client."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
-from config.settings import BUNDLED, ModelConfig
-from tests.conftest import Daemon, running, settings_for
+from config.settings import BUNDLED
+from tests.conftest import Daemon, serve_process
 
 ASKED = "What is the capital of France?"
 QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": ASKED}]
 
 
-@pytest.fixture
-async def smol(smollm2_dir: Path, model_cache: Path, tmp_path: Path):
-    settings = settings_for(model_cache, ModelConfig("smollm2", BUNDLED))
-    async with running(settings) as daemon:
-        yield daemon
+@pytest.fixture(scope="module")
+def smol(
+    smollm2_dir: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    """One daemon for this module's tests, which only send requests and read
+    answers; the model is the one ``smollm2_dir`` converted into the cache."""
+    work = tmp_path_factory.mktemp("smol")
+    with serve_process(work, {"name": "smollm2", "path": BUNDLED}, cache_dir=model_cache) as d:
+        yield d
 
 
 def _tokenizer(smollm2_dir: Path):
