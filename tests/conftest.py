@@ -1,16 +1,27 @@
-"""Shared fixtures: real models made here, and a real daemon on a free port."""
+"""Shared fixtures: real models made here, and a real daemon on a free port.
+
+A test that needs a daemon of its own (one it configures, or whose counters,
+runners or logs it looks at) starts one in its own trio run (``running``,
+``tiny``). Tests that only send requests and read the answers share one
+``mlxd serve`` process per module (``serve_process``, ``shared_tiny``): a
+daemon, its spare runner and its first load cost seconds of CPU each time.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
+import httpx
 import openai
 import pytest
 import trio
@@ -18,6 +29,7 @@ import trio
 from config.settings import BUNDLED, BUNDLED_EMBED, ModelConfig, Settings
 from daemon.serve import serve
 from runner import sources
+from tests.waiting import eventually_blocking
 
 TESTS = Path(__file__).parent
 
@@ -61,19 +73,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def healthy(proc: subprocess.Popen[bytes], url: str) -> bool:
+    """Whether the daemon answers ``/health``; a daemon that exited fails the test."""
+    if proc.poll() is not None:
+        pytest.fail(f"the daemon exited with {proc.returncode}")
+    try:
+        return httpx.get(f"{url}/health", timeout=10).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @attrs.frozen
 class Daemon:
     url: str
     settings: Settings
 
-    def client(self, **kwargs: object) -> openai.AsyncOpenAI:
+    def client(self, timeout: float = 120) -> openai.AsyncOpenAI:
         """The official client; a request gives up after 120 s unless told
         otherwise (a model loads and answers well within that, even on a
         loaded CPU)."""
-        kwargs.setdefault("timeout", 120)
         return openai.AsyncOpenAI(
-            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs
-        )  # type: ignore[arg-type]
+            base_url=f"{self.url}/v1", api_key="unused", max_retries=0, timeout=timeout
+        )
 
 
 @asynccontextmanager
@@ -85,10 +106,42 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
         stop.set()
 
 
-def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: object) -> Settings:
+@contextmanager
+def serve_process(
+    work: Path, *models: dict[str, Any], cache_dir: Path | None = None
+) -> Iterator[Daemon]:
+    """``mlxd serve`` as a process, serving ``models`` (their TOML tables),
+    with its config and log (``mlxd.log``) in ``work``, and its cache too
+    unless told otherwise."""
+    port = free_port()
+    toml = f'port = {port}\ncache_dir = "{cache_dir or work}"\nshutdown_grace_s = 3\n'
+    for model in models:
+        toml += "[[models]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
+    config = work / "mlxd.toml"
+    config.write_text(toml)
+    daemon = Daemon(f"http://127.0.0.1:{port}", Settings.from_toml(config))
+    with (work / "mlxd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
+            cwd=TESTS.parent,
+            stderr=log,
+        )
+    try:
+        eventually_blocking(lambda: healthy(proc, daemon.url), what="the daemon to serve")
+        yield daemon
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: Any) -> Settings:
     return Settings(
         port=free_port(), models=models, cache_dir=tmp_path, shutdown_grace_s=3.0, **kwargs
-    )  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture
@@ -97,3 +150,13 @@ async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
     settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir), max_concurrency=8))
     async with running(settings) as daemon:
         yield daemon
+
+
+@pytest.fixture(scope="module")
+def shared_tiny(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon process serving the tiny model as "tiny", shared by a module's
+    tests: for those that change nothing another test could see (no runner
+    killed, no counters asserted)."""
+    work = tmp_path_factory.mktemp("shared-tiny")
+    with serve_process(work, {"name": "tiny", "path": str(tiny_dir), "max_concurrency": 8}) as d:
+        yield d

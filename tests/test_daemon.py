@@ -6,14 +6,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, healthy
+from tests.waiting import eventually_blocking
 
 
 @pytest.fixture
@@ -41,14 +41,9 @@ def daemon(config: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)], stderr=log
         )
-    url = f"http://127.0.0.1:{port_of(config)}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=10).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    eventually_blocking(
+        lambda: healthy(proc, f"http://127.0.0.1:{port_of(config)}"), what="the daemon to serve"
+    )
     yield proc
     if proc.poll() is None:
         proc.kill()
@@ -117,22 +112,23 @@ def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
             assert models_of(url) == {"tiny"}
             config.write_text(original + f'[[models]]\nname = "added"\npath = "{tiny_dir}"\n')
             daemon.send_signal(signal.SIGHUP)
-            deadline = time.monotonic() + 30
-            while models_of(url) != {"tiny", "added"} and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert models_of(url) == {"tiny", "added"}
+            eventually_blocking(
+                lambda: models_of(url) == {"tiny", "added"}, what="the added model to be served"
+            )
             short = {"model": "added", "prompt": "Hi", "max_tokens": 2}
             assert http.post(f"{url}/v1/completions", json=short).status_code == 200
 
             # Removing "added", and a broken file that is refused
             config.write_text(original)
             daemon.send_signal(signal.SIGHUP)
-            while models_of(url) != {"tiny"} and time.monotonic() < deadline:
-                time.sleep(0.1)
+            eventually_blocking(lambda: models_of(url) == {"tiny"}, what="the model's removal")
             assert http.post(f"{url}/v1/completions", json=short).status_code == 404
             config.write_text(original.replace("port = ", "port = 'x' #"))
             daemon.send_signal(signal.SIGHUP)
-            time.sleep(1)
+            eventually_blocking(
+                lambda: "the new config is refused" in http.get(f"{url}/api/errors").text,
+                what="the broken config's refusal",
+            )
             assert models_of(url) == {"tiny"}
     assert events[-1] == "data: [DONE]"  # the stream on "tiny" went on unharmed
     assert '"finish_reason":"length"' in events[-2]  # all 200 tokens came

@@ -20,7 +20,7 @@ from tests.test_embedder import token_ids
 
 SIMILAR = ["A cat sits on the mat.", "A kitten is lying on the rug."]
 UNRELATED = "Stock prices fell sharply today."
-CHAT = [{"role": "user", "content": "Say something."}]
+CHAT: Any = [{"role": "user", "content": "Say something."}]
 
 
 def cos(a: Any, b: Any) -> float:
@@ -97,7 +97,7 @@ async def test_embeddings_beside_a_chat_model(
             body = info.value.body
             assert isinstance(body, dict) and body["param"] == param, body
             assert words in body["message"], body
-        assert body["code"] == "context_length_exceeded"
+        assert isinstance(body, dict) and body["code"] == "context_length_exceeded"
 
         async with httpx.AsyncClient(timeout=30) as http:
             metrics = (await http.get(f"{daemon.url}/metrics")).text

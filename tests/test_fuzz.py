@@ -10,10 +10,6 @@ checks is answered at once. Derandomized: the same examples every run.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TESTS, free_port
+from tests.conftest import serve_process
 from tests.scripted import scripted_model
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -68,7 +64,7 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     for field in draw(st.lists(st.sampled_from(FIELDS), max_size=3)):
         body[field] = draw(values)
     if path == "/v1/chat/completions" and draw(st.booleans()):
-        message = dict(MESSAGES[0])
+        message: dict[str, Any] = dict(MESSAGES[0])
         for field in draw(st.lists(st.sampled_from(MESSAGE_FIELDS), min_size=1, max_size=2)):
             message[field] = draw(values)
         body["messages"] = [message]
@@ -81,35 +77,8 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("fuzz")
     model = scripted_model(tiny_dir, work / "m", "Hi there.")
-    port = free_port()
-    config = work / "mlxd.toml"
-    config.write_text(
-        f'port = {port}\ncache_dir = "{work}"\n[[models]]\nname = "m"\npath = "{model}"\n'
-    )
-    with (work / "mlxd.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
-            cwd=TESTS.parent,
-            stderr=log,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while not _healthy(url):
-                assert proc.poll() is None, "the daemon exited"
-                assert time.monotonic() < deadline, "the daemon did not start in 120 s"
-                time.sleep(0.1)
-            yield url
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
+    with serve_process(work, {"name": "m", "path": str(model)}) as d:
+        yield d.url
 
 
 @settings(

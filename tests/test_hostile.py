@@ -17,36 +17,52 @@ from config.settings import ModelConfig
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
 from tests.conftest import Daemon, running, settings_for
+from tests.waiting import eventually
 
 CHAT = [{"role": "user", "content": "Say something."}]
 
 
-async def test_a_poison_sampling_value_is_refused_and_the_stream_beside_it_completes(
+async def test_poison_values_and_malformed_bodies_are_refused_and_the_stream_beside_completes(
     tiny: Daemon,
 ) -> None:
+    """Each check is tried directly in ``test_requests.py``; here the refusals
+    come over HTTP while another client's stream runs, which completes."""
+    url = f"{tiny.url}/v1/chat/completions"
     async with httpx.AsyncClient(timeout=120) as http:
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 64, "temperature": 1.0}
         body |= {"stream": True, "ignore_eos": True}
-        async with http.stream("POST", f"{tiny.url}/v1/chat/completions", json=body) as stream:
+        async with http.stream("POST", url, json=body) as stream:
             assert stream.status_code == 200
             lines = stream.aiter_lines()
             async for line in lines:
                 if line.startswith("data: {"):
                     break  # it is running
-            for poison in ({"top_k": 10**9}, {"seed": -(2**64)}):
+            for poison in ({"top_k": 10**9}, {"seed": -(2**64)}, {"messages": CHAT * 10_001}):
                 bad = await http.post(
-                    f"{tiny.url}/v1/chat/completions",
-                    json={"model": "tiny", "messages": CHAT, "temperature": 1.0, **poison},
+                    url, json={"model": "tiny", "messages": CHAT, "temperature": 1.0} | poison
                 )
                 assert bad.status_code == 400, bad.text
+            for raw in RAW:
+                bad = await http.post(
+                    url, content=raw, headers={"Content-Type": "application/json"}
+                )
+                assert bad.status_code == 400, (raw[:40], bad.text)
+                assert bad.json()["error"]["type"] == "invalid_request_error"
             rest = [line async for line in lines if line]
         assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
         for seed in (-1, 2**64 - 1, 7):  # as signed or unsigned 64-bit integers
             ok = await http.post(
-                f"{tiny.url}/v1/chat/completions",
-                json={"model": "tiny", "messages": CHAT, "max_tokens": 4, "seed": seed},
+                url, json={"model": "tiny", "messages": CHAT, "max_tokens": 4, "seed": seed}
             )
             assert ok.status_code == 200, ok.text
+        huge = {"model": "tiny", "messages": CHAT, "max_tokens": 2, "keep_alive": 10**400}
+        assert (await http.post(url, json=huge)).status_code == 200  # for ever, in effect
+
+
+RAW = [
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',  # a lone surrogate
+    b'{"model": "tiny", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",  # nested 10,000 deep
+]
 
 
 async def test_a_failed_step_fails_its_requests_and_the_runner_samples_on(
@@ -106,43 +122,6 @@ async def test_a_stats_waiter_that_gives_up_leaves_the_runner_alone(
                 break
     assert chunk.finish == "length"
     runner.stop()
-
-
-MALFORMED = {
-    "a role that is a list": {"messages": [{"role": ["user"], "content": "hi"}]},
-    "a role that is an object": {"messages": [{"role": {"a": 1}, "content": "hi"}]},
-    "tool_calls as a number": {
-        "messages": [*CHAT, {"role": "assistant", "content": "", "tool_calls": 5}]
-    },
-    "a tool choice named by a list": {
-        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-        "tool_choice": {"type": "function", "function": {"name": ["f"]}},
-    },
-    "a logit_bias key of other digits": {"logit_bias": {"²": 1}},
-    "too many messages": {"messages": CHAT * 10_001},
-}
-RAW = {
-    "a lone surrogate": b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}',
-    "JSON nested 10,000 deep": b'{"model": "tiny", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
-    "JSON nested 100 deep": b'{"model": "tiny", "x": ' + b"[" * 100 + b"]" * 100 + b"}",
-}
-
-
-async def test_malformed_bodies_get_400s_and_the_daemon_serves_on(tiny: Daemon) -> None:
-    url = f"{tiny.url}/v1/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    async with httpx.AsyncClient(timeout=120) as http:
-        answers = {
-            name: await http.post(url, json={"model": "tiny", "messages": CHAT} | fields)
-            for name, fields in MALFORMED.items()
-        }
-        for name, raw in RAW.items():
-            answers[name] = await http.post(url, content=raw, headers=headers)
-        for name, resp in answers.items():
-            assert resp.status_code == 400, (name, resp.text)
-            assert resp.json()["error"]["type"] == "invalid_request_error", name
-        huge = {"model": "tiny", "messages": CHAT, "max_tokens": 2, "keep_alive": 10**400}
-        assert (await http.post(url, json=huge)).status_code == 200  # for ever, in effect
 
 
 async def test_a_model_with_corrupt_weights_fails_clearly_and_the_others_serve(
@@ -205,11 +184,10 @@ def _long(tiny_dir: Path, tmp_path: Path) -> Path:
 
 
 async def _wait_for(http: httpx.AsyncClient, url: str, what: str, n: int) -> None:
-    with trio.fail_after(60):
-        while True:
-            if (await http.get(f"{url}/api/ps")).json()["models"][0][what] == n:
-                return
-            await trio.sleep(0.05)
+    async def count() -> bool:
+        return bool((await http.get(f"{url}/api/ps")).json()["models"][0][what] == n)
+
+    await eventually(count, what=f"{n} {what}")
 
 
 async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_again(
@@ -255,9 +233,8 @@ async def test_a_request_whose_client_left_while_queued_is_logged_and_counted(
                 nursery.start_soon(queued)
                 await _wait_for(http, daemon.url, "queued", 1)
                 cancel.cancel()  # the client gives up while it waits
-                with trio.fail_after(30):
-                    while True:
-                        metrics = (await http.get(f"{daemon.url}/metrics")).text
-                        if 'status="499"} 1.0' in metrics:  # the hog is still running
-                            break
-                        await trio.sleep(0.05)
+
+                async def counted() -> bool:  # while the hog still runs
+                    return 'status="499"} 1.0' in (await http.get(f"{daemon.url}/metrics")).text
+
+                await eventually(counted, what="the request that left counted as 499")

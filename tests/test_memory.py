@@ -18,7 +18,7 @@ import trio
 from config.settings import ModelConfig
 from scheduler import memory
 from tests.conftest import running, settings_for
-from tests.test_pool import eventually
+from tests.test_pool import pool_where
 
 BUDGET = 64 * 2**20
 CONTEXT = 131_072
@@ -104,14 +104,18 @@ async def test_a_long_request_waits_for_a_busy_model_then_evicts_it_once_idle(
                 inner.start_soon(stream, busy, b_started)
                 await b_started.wait()
                 outer.start_soon(stream, long, a_started)
-                pool = await eventually(
-                    daemon, lambda pool: model_in(pool, "a")["waiting_for_memory"] == 1
+                pool = await pool_where(
+                    daemon,
+                    lambda pool: model_in(pool, "a")["waiting_for_memory"] == 1,
+                    "a's request to wait for memory",
                 )
                 assert model_in(pool, "b")["state"] == "ready" and not a_started.is_set()
                 inner.cancel_scope.cancel()  # b's client leaves: b is idle
             with trio.fail_after(60):
                 await a_started.wait()
-            pool = await eventually(daemon, lambda pool: model_in(pool, "b")["state"] == "absent")
+            pool = await pool_where(
+                daemon, lambda pool: model_in(pool, "b")["state"] == "absent", "b evicted"
+            )
             assert model_in(pool, "a")["kv_reserved"] >= tokens * size.kv_per_token
             assert pool["used"] <= pool["budget"]
             outer.cancel_scope.cancel()

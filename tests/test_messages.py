@@ -9,6 +9,7 @@ from typing import Any
 
 import anthropic
 import pytest
+from anthropic.types import Message, TextBlock, ToolUseBlock
 
 from config.settings import ModelConfig
 from tests.conftest import Daemon, running, settings_for
@@ -16,13 +17,26 @@ from tests.scripted import scripted_model
 
 THOUGHT = "The user wants the weather."
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
-WEATHER = {
+WEATHER: Any = {
     "name": "get_weather",
     "description": "Current weather in a city",
     "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
 HI: list[Any] = [{"role": "user", "content": "Tell me about the sea."}]
 GREEDY = {"temperature": 0}  # the SDK no longer names sampling settings; the API takes them
+
+
+def text_of(message: Message) -> str:
+    return "".join(b.text for b in message.content if isinstance(b, TextBlock))
+
+
+def uses(message: Message) -> list[ToolUseBlock]:
+    return [b for b in message.content if isinstance(b, ToolUseBlock)]
+
+
+def error_type(e: anthropic.APIStatusError) -> Any:
+    body: Any = e.body
+    return body["error"]["type"]
 
 
 def client(daemon: Daemon, key: str = "unused") -> anthropic.AsyncAnthropic:
@@ -62,7 +76,7 @@ async def test_create_stream_and_count_agree(daemon: Daemon) -> None:
             async for event in stream:
                 kinds.append(event.type)
             streamed = await stream.get_final_message()
-        assert streamed.content[0].text == block.text  # type: ignore[union-attr]
+        assert text_of(streamed) == block.text
         assert streamed.stop_reason == "max_tokens"
         assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
         assert kinds.index("content_block_start") < kinds.index("content_block_stop")
@@ -79,24 +93,24 @@ async def test_create_stream_and_count_agree(daemon: Daemon) -> None:
 async def test_a_stop_sequence_ends_the_message_and_is_named(daemon: Daemon) -> None:
     async with client(daemon) as c:
         free = await c.messages.create(model="tiny", max_tokens=16, messages=HI, extra_body=GREEDY)
-        text = free.content[0].text  # type: ignore[union-attr]
+        text = text_of(free)
         stop = text[len(text) // 2 :][:3]
         assert stop.strip(), text
         cut = await c.messages.create(
             model="tiny", max_tokens=16, messages=HI, extra_body=GREEDY, stop_sequences=[stop]
         )
         assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
-        assert cut.content[0].text == text[: text.index(stop)]  # type: ignore[union-attr]
+        assert text_of(cut) == text[: text.index(stop)]
 
 
 async def test_thinking_and_a_tool_round_trip(daemon: Daemon) -> None:
     async with client(daemon) as c:
-        ask = [{"role": "user", "content": "Weather in Paris?"}]
+        ask: Any = [{"role": "user", "content": "Weather in Paris?"}]
         reply = await c.messages.create(
             model="agent",
             max_tokens=200,
             messages=ask,
-            tools=[WEATHER],  # type: ignore[arg-type,list-item]
+            tools=[WEATHER],
         )
         assert reply.stop_reason == "tool_use"
         thinking, text, use = reply.content
@@ -109,14 +123,14 @@ async def test_thinking_and_a_tool_round_trip(daemon: Daemon) -> None:
             model="agent",
             max_tokens=200,
             messages=ask,
-            tools=[WEATHER],  # type: ignore[arg-type,list-item]
+            tools=[WEATHER],
         ) as stream:
             streamed = await stream.get_final_message()
         assert [b.type for b in streamed.content] == ["thinking", "text", "tool_use"]
-        assert streamed.content[2].input == {"city": "Paris"}  # type: ignore[union-attr]
+        assert [u.input for u in uses(streamed)] == [{"city": "Paris"}]
 
         result = {"type": "tool_result", "tool_use_id": use.id, "content": "18 C, sunny"}
-        follow = [
+        follow: Any = [
             *ask,
             {"role": "assistant", "content": reply.content},
             {"role": "user", "content": [result]},
@@ -125,7 +139,7 @@ async def test_thinking_and_a_tool_round_trip(daemon: Daemon) -> None:
             model="agent",
             max_tokens=200,
             messages=follow,
-            tools=[WEATHER],  # type: ignore[arg-type]
+            tools=[WEATHER],
         )
         assert again.stop_reason == "tool_use"  # the script answers the same way
 
@@ -133,16 +147,18 @@ async def test_thinking_and_a_tool_round_trip(daemon: Daemon) -> None:
 async def test_parallel_tool_use_can_be_turned_off(daemon: Daemon) -> None:
     ask: Any = [{"role": "user", "content": "Weather in Paris and Oslo?"}]
     async with client(daemon) as c:
-        both = await c.messages.create(model="twice", max_tokens=200, messages=ask, tools=[WEATHER])  # type: ignore[list-item]
-        assert [b.input for b in both.content] == [{"city": "Paris"}, {"city": "Oslo"}]  # type: ignore[union-attr]
+        both = await c.messages.create(model="twice", max_tokens=200, messages=ask, tools=[WEATHER])
+        assert [u.input for u in uses(both)] == [{"city": "Paris"}, {"city": "Oslo"}]
+        assert len(uses(both)) == len(both.content)
         one = await c.messages.create(
             model="twice",
             max_tokens=200,
             messages=ask,
-            tools=[WEATHER],  # type: ignore[list-item]
+            tools=[WEATHER],
             tool_choice={"type": "auto", "disable_parallel_tool_use": True},
         )
-        assert [b.input for b in one.content] == [{"city": "Paris"}]  # type: ignore[union-attr]
+        assert [u.input for u in uses(one)] == [{"city": "Paris"}]
+        assert len(uses(one)) == len(one.content)  # nothing of the second call
         assert one.stop_reason == "tool_use"
 
 
@@ -160,10 +176,10 @@ async def test_errors_take_anthropics_shape_and_keys_go_in_x_api_key(
             },
         }
         with pytest.raises(anthropic.BadRequestError, match="cannot take tools"):
-            await c.messages.create(model="tiny", max_tokens=8, messages=HI, tools=[WEATHER])  # type: ignore[list-item]
+            await c.messages.create(model="tiny", max_tokens=8, messages=HI, tools=[WEATHER])
         with pytest.raises(anthropic.NotFoundError) as missing:
             await c.messages.create(model="nope", max_tokens=8, messages=HI)
-        assert missing.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+        assert error_type(missing.value) == "not_found_error"
     keyed = settings_for(tmp_path / "keyed", ModelConfig("tiny", str(tiny_dir)), api_keys=("k1",))
     async with running(keyed) as d:
         async with client(d, "k1") as good, client(d, "wrong") as bad_key:
@@ -171,4 +187,4 @@ async def test_errors_take_anthropics_shape_and_keys_go_in_x_api_key(
             assert reply.usage.output_tokens == 2
             with pytest.raises(anthropic.AuthenticationError) as denied:
                 await bad_key.messages.create(model="tiny", max_tokens=2, messages=HI)
-            assert denied.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
+            assert error_type(denied.value) == "authentication_error"

@@ -15,14 +15,16 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Daemon, free_port
+from tests.waiting import eventually
 
 ROOT = Path(__file__).parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "mlxd.json"
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-CHAT = [{"role": "user", "content": "Hi"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 # .ci/run installs Debian's prometheus package, and in CI these tests must run;
 # elsewhere they say that Prometheus is missing.
@@ -41,7 +43,7 @@ async def traffic(daemon: Daemon) -> None:
         )
         async for _ in stream:
             pass
-    async with httpx.AsyncClient(base_url=daemon.url) as http:
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as http:
         bad = {"model": "tiny", "messages": CHAT, "temperature": 7}
         assert (await http.post("/v1/chat/completions", json=bad)).status_code == 400
         assert (await http.post("/api/unload", json={"model": "tiny"})).status_code == 200
@@ -57,10 +59,13 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 async def test_metrics_count_what_happened(tiny: Daemon) -> None:
     await traffic(tiny)
-    async with httpx.AsyncClient(base_url=tiny.url) as http:
-        await trio.sleep(0.5)  # the unload completes
-        text = (await http.get("/metrics")).text
-    got = samples(text)
+    async with httpx.AsyncClient(base_url=tiny.url, timeout=60) as http:
+
+        async def unloaded() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+            got = samples((await http.get("/metrics")).text)
+            return got if got["mlxd_models_resident", frozenset()] == 0 else None
+
+        got = await eventually(unloaded, what="the unload to complete")
 
     def value(name: str, **labels: str) -> float:
         return got[name, frozenset(labels.items())]
@@ -83,7 +88,7 @@ async def test_metrics_count_what_happened(tiny: Daemon) -> None:
 @needs_prometheus
 async def test_promtool_accepts_the_exposition(tiny: Daemon) -> None:
     await traffic(tiny)
-    async with httpx.AsyncClient(base_url=tiny.url) as http:
+    async with httpx.AsyncClient(base_url=tiny.url, timeout=60) as http:
         text = (await http.get("/metrics")).text
     check = await trio.run_process(
         ["promtool", "check", "metrics"],
@@ -123,26 +128,30 @@ async def test_prometheus_scrapes_and_every_dashboard_query_returns_data(
         stderr=subprocess.DEVNULL,
     )
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v1") as api:
+        api_url = f"http://127.0.0.1:{port}/api/v1"
+        async with httpx.AsyncClient(base_url=api_url, timeout=60) as api:
 
             async def query(expr: str) -> list[Any]:
                 reply = (await api.get("/query", params={"query": expr})).json()
                 assert reply["status"] == "success", (expr, reply)
                 return list(reply["data"]["result"])
 
-            with trio.fail_after(60):  # Prometheus starts and scrapes once
-                while True:
-                    try:
-                        if [r for r in await query('up{job="mlxd"}') if r["value"][1] == "1"]:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await trio.sleep(0.5)
+            async def scraped() -> bool:
+                try:
+                    return any(r["value"][1] == "1" for r in await query('up{job="mlxd"}'))
+                except httpx.TransportError:
+                    return False
+
+            await eventually(scraped, what="Prometheus to start and scrape mlxd")
             await traffic(tiny)
-            await trio.sleep(3)  # a few scrapes after the traffic
-            for title, expr in dashboard_queries():
-                expr = expr.replace("$model", ".*").replace("$__rate_interval", "1m")
-                assert await query(expr), f"panel {title!r}: no data for {expr}"
+
+            async def every_panel_has_data() -> bool:  # once scrapes after the traffic came
+                for title, expr in dashboard_queries():
+                    expr = expr.replace("$model", ".*").replace("$__rate_interval", "1m")
+                    assert await query(expr), f"panel {title!r}: no data for {expr}"
+                return True
+
+            await eventually(every_panel_has_data, what="data for every dashboard panel")
     finally:
         prometheus.terminate()
         await prometheus.wait()

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,8 @@ import trio
 
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
-from tests.conftest import free_port
+from tests.conftest import free_port, healthy
+from tests.waiting import eventually_blocking
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,16 +114,7 @@ def test_daemon_serves_a_chat_with_a_grammar_without_torch(
         ) as daemon,
     ):
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert daemon.poll() is None, "the daemon exited"
-                try:
-                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline, "the daemon did not start in time"
-                time.sleep(0.1)
+            eventually_blocking(lambda: healthy(daemon, url), what="the daemon to serve")
             reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=180)
             assert reply.status_code == 200, reply.text
         finally:

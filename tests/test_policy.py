@@ -47,6 +47,13 @@ def rejected(effects: list[p.Effect]) -> list[p.Reject]:
     return [e for e in effects if isinstance(e, p.Reject)]
 
 
+def one_reject(effects: list[p.Effect]) -> p.Reject:
+    """The one effect, a ``Reject``."""
+    (effect,) = effects
+    assert isinstance(effect, p.Reject), effect
+    return effect
+
+
 # -- one model ----------------------------------------------------------------
 
 
@@ -106,7 +113,7 @@ def test_a_failed_load_rejects_its_waiters_and_is_not_retried_for_a_growing_whil
     assert pol.handle(p.LoadFailed("a", err)) == [p.Reject(ts[0], err), p.Reject(ts[1], err)]
     assert pol.used == 0
     (t,) = tickets("a", 1)
-    (reject,) = pol.handle(p.Submitted(t, 3))  # at once, without a load
+    reject = one_reject(pol.handle(p.Submitted(t, 3)))  # at once, without a load
     assert isinstance(reject.error, ModelLoadFailed)
     assert "broken weights" in reject.error.message and "again in 2 s" in reject.error.message
     (t,) = tickets("a", 1)
@@ -135,7 +142,7 @@ def test_retry_after_estimates_the_wait_from_the_queue() -> None:
     for t in first:
         pol.handle(p.Released(t, 30))  # requests hold a slot 30 s
     submit_all(pol, tickets("a", 6), now=31)  # 2 running, 4 waiting: full
-    (reject,) = pol.handle(p.Submitted(p.Ticket("a"), 32))
+    reject = one_reject(pol.handle(p.Submitted(p.Ticket("a"), 32)))
     assert isinstance(reject.error, QueueFull)
     assert reject.error.retry_after_s == 75  # 5 ahead, two at a time, 30 s each
 
@@ -178,7 +185,7 @@ def test_a_request_that_waits_past_its_queue_timeout_is_rejected() -> None:
     pol.handle(p.Loaded("a", RUNNER, 1))
     assert pol.next_deadline() == 5
     assert pol.handle(p.Tick(4.9)) == []
-    (reject,) = pol.handle(p.Tick(5))
+    reject = one_reject(pol.handle(p.Tick(5)))
     assert reject.ticket is ts[1] and isinstance(reject.error, QueueTimeout)
     assert "queue timeout 5 s" in reject.error.message
 
@@ -189,7 +196,7 @@ def test_a_request_that_waits_past_its_queue_timeout_is_rejected() -> None:
 def test_a_model_that_cannot_fit_alone_is_refused_naming_the_bytes() -> None:
     pol = policy(budget=100 * GB, big=spec(cost=150 * GB))
     (t,) = tickets("big", 1)
-    (reject,) = pol.handle(p.Submitted(t))
+    reject = one_reject(pol.handle(p.Submitted(t)))
     assert isinstance(reject.error, ModelTooLarge)
     assert str(150 * GB) in reject.error.message and str(100 * GB) in reject.error.message
     assert pol.used == 0
@@ -199,7 +206,7 @@ def test_pinned_models_count_against_what_another_model_can_ever_have() -> None:
     pol = policy(budget=100 * GB, pin=spec(cost=40 * GB, pinned=True), b=spec(cost=70 * GB))
     serve_once(pol, "pin", 0)
     (t,) = tickets("b", 1)
-    (reject,) = pol.handle(p.Submitted(t, 1))
+    reject = one_reject(pol.handle(p.Submitted(t, 1)))
     assert isinstance(reject.error, ModelTooLarge)
     assert "pinned" in reject.error.message
 
@@ -267,7 +274,7 @@ def test_sized_updates_the_estimate_before_a_first_load() -> None:
     pol = policy(budget=100 * GB, a=spec(cost=0))
     pol.handle(p.Sized("a", 120 * GB))
     (t,) = tickets("a", 1)
-    (reject,) = pol.handle(p.Submitted(t))
+    reject = one_reject(pol.handle(p.Submitted(t)))
     assert isinstance(reject.error, ModelTooLarge)
 
 
@@ -551,7 +558,7 @@ def test_reconfigure_adds_and_forgets_models_after_their_requests() -> None:
     assert pol.handle(p.Measured("a", GB, 6)) == []  # late news of a is ignored
     # A request that named "a" before the reload gets a 404, not a crash.
     (late,) = tickets("a", 1)
-    (reject,) = pol.handle(p.Submitted(late, 7))
+    reject = one_reject(pol.handle(p.Submitted(late, 7)))
     assert isinstance(reject.error, ModelNotFound) and "removed" in reject.error.message
 
 
@@ -562,7 +569,7 @@ def test_reconfigure_refuses_what_waits_for_a_removed_absent_model() -> None:
     pol.handle(p.Loaded("b", RUNNER, 0))
     (u,) = tickets("a", 1)
     assert pol.handle(p.Submitted(u, 1)) == []  # a waits for b's memory
-    (reject,) = pol.handle(p.Reconfigure({"b": spec(cost=80 * GB)}, now=2))
+    reject = one_reject(pol.handle(p.Reconfigure({"b": spec(cost=80 * GB)}, now=2)))
     assert isinstance(reject, p.Reject) and reject.ticket is u
     assert "removed" in reject.error.message and "a" not in pol.models
 
@@ -668,14 +675,16 @@ def test_a_large_request_is_not_starved_by_a_stream_of_small_ones() -> None:
 
 def test_a_request_that_could_never_fit_gets_400_if_fewer_tokens_would_fit() -> None:
     pol = policy(budget=10 * GB, a=spec(4 * GB, kv_per_token=KV))
-    (reject,) = pol.handle(p.Submitted(request("a", 1000, 100_000)))
+    reject = one_reject(pol.handle(p.Submitted(request("a", 1000, 100_000))))
     assert isinstance(reject.error, RequestTooLarge) and reject.error.param == "max_tokens"
     message = reject.error.message
     assert str(10 * GB) in message and str(101_120 * KV) in message
     most = int(message.rsplit("max_tokens ", 1)[1].split()[0])
     assert 4 * GB + pol.models["a"].kv(request("a", 1000, most)) <= 10 * GB
     assert 4 * GB + pol.models["a"].kv(request("a", 1000, most + KV_STEP)) > 10 * GB
-    (reject,) = pol.handle(p.Submitted(request("a", 7000, 10)))  # the prompt alone is too big
+    reject = one_reject(
+        pol.handle(p.Submitted(request("a", 7000, 10)))
+    )  # the prompt alone is too big
     assert isinstance(reject.error, ModelTooLarge)
     assert pol.used == 0
 
@@ -738,7 +747,7 @@ def test_every_runner_is_charged_what_the_spare_runner_holds() -> None:
     assert not pol.spare_fits()  # 0.5 GB left: no room for another runner
     pol.handle(p.Released(t, 1))
     (u,) = tickets("b", 1)
-    (reject,) = pol.handle(p.Submitted(u, 2))  # 9.5 GB of weights and a 1 GB runner
+    reject = one_reject(pol.handle(p.Submitted(u, 2)))  # 9.5 GB of weights and a 1 GB runner
     assert isinstance(reject.error, ModelTooLarge)
     assert "runner process" in reject.error.message and str(int(10.5 * GB)) in reject.error.message
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from config.settings import ModelConfig
 from daemon.cli import main
 from scheduler import memory
 from tests.conftest import Daemon, running, settings_for
+from tests.waiting import eventually
 
 NAMES = ("a", "b", "c")
 
@@ -29,15 +29,16 @@ async def ps(daemon: Daemon) -> dict[str, Any]:
     return dict(reply.json())
 
 
-async def eventually(daemon: Daemon, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """Poll the lifecycle API until ``check`` holds (30 s at most)."""
-    with trio.fail_after(30):
-        for _ in itertools.count():
-            pool = await ps(daemon)
-            if check(pool):
-                break
-            await trio.sleep(0.02)
-    return pool
+async def pool_where(
+    daemon: Daemon, check: Callable[[dict[str, Any]], bool], what: str
+) -> dict[str, Any]:
+    """The lifecycle API's answer, once ``check`` holds for it."""
+
+    async def poll() -> dict[str, Any] | None:
+        pool = await ps(daemon)
+        return pool if check(pool) else None
+
+    return await eventually(poll, what=what)
 
 
 def resident(pool: dict[str, Any]) -> list[str]:
@@ -103,7 +104,7 @@ async def test_one_more_request_than_the_queue_holds_gets_429(three: Daemon) -> 
             nursery.start_soon(long_stream)  # runs (max_concurrency 1)
             await started.wait()
             nursery.start_soon(long_stream)  # waits (queue_limit 1)
-            await eventually(three, lambda pool: pool["models"][0]["queued"] == 1)
+            await pool_where(three, lambda pool: pool["models"][0]["queued"] == 1, "one queued")
             extra = await http.post(f"{three.url}/v1/completions", json=body)
             nursery.cancel_scope.cancel()
     assert extra.status_code == 429
@@ -120,10 +121,12 @@ async def test_lifecycle_api_load_and_unload(three: Daemon) -> None:
         assert b["state"] == "ready" and b["bytes"] > 0 and b["memory"]["active"] > 0
         assert b["expires_at"] is not None and b["running"] == b["queued"] == 0
         await http.post(f"{three.url}/api/unload", json={"model": "b"})
-        pool = await eventually(three, lambda pool: not resident(pool))
+        pool = await pool_where(three, lambda pool: not resident(pool), "b unloaded")
         assert pool["used"] == 0
         # the load took the spare runner; a new one is started for the next load
-        pool = await eventually(three, lambda pool: pool["spare"]["state"] == "ready")
+        pool = await pool_where(
+            three, lambda pool: pool["spare"]["state"] == "ready", "a new spare runner"
+        )
         assert pool["spare"]["pid"] not in (None, b["pid"])
         unknown = await http.post(f"{three.url}/api/load", json={"model": "nope"})
         assert unknown.status_code == 404
@@ -137,18 +140,27 @@ async def test_a_killed_runner_fails_only_its_own_stream(three: Daemon) -> None:
         other = await client.completions.create(
             model="b", prompt="Go", max_tokens=60, stream=True, extra_body={"ignore_eos": True}
         )
-        doomed = await client.completions.create(
-            model="a", prompt="Go", max_tokens=500, stream=True, extra_body={"ignore_eos": True}
-        )
+        # Frozen before its stream opens, so that the kill lands while the stream
+        # is under way: a tiny model writes its 500 tokens faster than the daemon
+        # hands the first to the client, so a kill "at the first token" could
+        # come after the runner had sent them all (the stream then ended well).
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            doomed = await client.completions.create(
+                model="a", prompt="Go", max_tokens=500, stream=True, extra_body={"ignore_eos": True}
+            )
+        finally:
+            os.kill(pid, signal.SIGKILL)
         with pytest.raises(openai.APIError, match="exited"):
             async for _ in doomed:
-                if pid is not None:  # at its first token: hundreds are still to come
-                    os.kill(pid, signal.SIGKILL)
-                    pid = None
+                pass
         finish = [c.choices[0].finish_reason async for c in other if c.choices]
         assert finish[-1] == "length"
-        pool = await ps(three)
-        assert next(m for m in pool["models"] if m["model"] == "a")["bytes"] == 0
+        await pool_where(
+            three,
+            lambda pool: next(m for m in pool["models"] if m["model"] == "a")["bytes"] == 0,
+            "the killed runner's model to hold nothing",
+        )
         again = await client.completions.create(model="a", prompt="Go", max_tokens=3)
     assert again.choices[0].finish_reason == "length"
 
@@ -160,7 +172,7 @@ async def test_keep_alive_zero_in_a_request_unloads_the_model_once_idle(three: D
         await client.completions.create(
             model="c", prompt="Hi", max_tokens=2, extra_body={"keep_alive": 0}
         )
-    await eventually(three, lambda pool: "c" not in resident(pool))
+    await pool_where(three, lambda pool: "c" not in resident(pool), "c unloaded once idle")
 
 
 async def test_cli_ps_load_unload_talk_to_the_daemon(
@@ -175,6 +187,6 @@ async def test_cli_ps_load_unload_talk_to_the_daemon(
     assert "ready" in row and "MiB" in row
     assert "spare runner: " in out
     assert await trio.to_thread.run_sync(main, ["unload", "a", *port]) == 0
-    await eventually(three, lambda pool: not resident(pool))
+    await pool_where(three, lambda pool: not resident(pool), "a unloaded")
     assert await trio.to_thread.run_sync(main, ["load", "nope", *port]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from config.settings import ModelConfig
 from tests.conftest import Daemon, running, settings_for
-from tests.test_pool import eventually, resident
+from tests.test_pool import pool_where, resident
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence. " * 6}
 QUESTIONS = ("Name a colour.", "Name a fruit.", "Name a city.")
@@ -35,7 +36,7 @@ async def turn(daemon: Daemon, model: str, messages: list[dict[str, Any]]) -> tu
     async with daemon.client(timeout=120) as client:
         stream = await client.chat.completions.create(
             model=model,
-            messages=messages,  # type: ignore[arg-type]
+            messages=cast("list[ChatCompletionMessageParam]", messages),
             temperature=0,
             max_tokens=12,
             stream=True,
@@ -93,7 +94,7 @@ async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(
     text, _ = await turn(smol, "smol", messages)
     async with httpx.AsyncClient(timeout=60) as http:
         (await http.post(f"{smol.url}/api/unload", json={"model": "smol"})).raise_for_status()
-        await eventually(smol, lambda ps: "smol" not in resident(ps))
+        await pool_where(smol, lambda ps: "smol" not in resident(ps), "smol unloaded")
         models = await pool(smol)
         assert models["smol"]["prefix_cache"]["disk_bytes"] > 0  # written on the way out
         messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "More?"}]

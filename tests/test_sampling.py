@@ -8,12 +8,21 @@ from pathlib import Path
 from typing import Literal
 
 import pydantic
+import pytest
 import trio
+from openai.types.chat import ChatCompletionMessageParam
+from openai.types.responses import ResponseFormatTextJSONSchemaConfigParam
 from tokenizers import Tokenizer
 
 from tests.conftest import Daemon
 
-CHAT = [{"role": "user", "content": "Say something"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(shared_tiny: Daemon) -> Daemon:
+    """One daemon for this module: its tests only send requests and read answers."""
+    return shared_tiny
 
 
 class Verdict(pydantic.BaseModel):
@@ -88,7 +97,7 @@ async def test_frequency_penalty_changes_a_repetitive_greedy_output(tiny: Daemon
 
 
 async def test_structured_output_parses_and_validates(tiny: Daemon) -> None:
-    schema_format = {
+    schema_format: ResponseFormatTextJSONSchemaConfigParam = {
         "type": "json_schema",
         "name": "verdict",
         "schema": Verdict.model_json_schema(),
@@ -107,7 +116,7 @@ async def test_structured_output_parses_and_validates(tiny: Daemon) -> None:
                 max_output_tokens=60,
                 temperature=1.0,
                 extra_body={"seed": seed},
-                text={"format": schema_format},  # type: ignore[typeddict-item]
+                text={"format": schema_format},
             )
             sampled.append(response.output_text)
 
@@ -128,7 +137,7 @@ async def test_json_object_mask_wins_over_logit_bias(tiny: Daemon, tiny_dir: Pat
     # through only the ones that keep the JSON valid, which closes it.
     tokenizer = Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
     bias = {'"': 100, "}": 50}  # a quote wherever one fits, else a brace
-    closing = {str(tokenizer.token_to_id(c)): b for c, b in bias.items()}
+    closing: dict[str, int] = {str(tokenizer.token_to_id(c)): b for c, b in bias.items()}
     async with tiny.client() as client:
         stream = await client.chat.completions.create(
             model="tiny",

@@ -19,7 +19,8 @@ class FakeRunner:
     """Loads in ``load_s`` of (virtual) time; exits when stopped or crashed."""
 
     def __init__(self, model: str, load_s: float, fail: bool) -> None:
-        self.model, self.load_s, self.fail = model, load_s, fail
+        self.model, self.takes_s, self.fail = model, load_s, fail
+        self.load_s: float | None = load_s  # as a real runner reports it
         self.pid: int | None = None
         self.memory: dict[str, int] = {}
         self.prefix_bytes = 0
@@ -30,7 +31,7 @@ class FakeRunner:
         self.killed: str | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.sleep(self.load_s)
+        await trio.sleep(self.takes_s)
         if self.fail:
             raise ModelLoadFailed(f"cannot load {self.model}")
         task_status.started(self)

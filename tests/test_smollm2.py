@@ -1,21 +1,28 @@
 """The real instruction-tuned model, converted by mlxd, through the official client."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
-from config.settings import BUNDLED, ModelConfig
-from tests.conftest import Daemon, running, settings_for
+from config.settings import BUNDLED
+from tests.conftest import Daemon, serve_process
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ASKED = "What is the capital of France?"
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": ASKED}]
 
 
-@pytest.fixture
-async def smol(smollm2_dir: Path, model_cache: Path, tmp_path: Path):
-    settings = settings_for(model_cache, ModelConfig("smollm2", BUNDLED))
-    async with running(settings) as daemon:
-        yield daemon
+@pytest.fixture(scope="module")
+def smol(
+    smollm2_dir: Path, model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Daemon]:
+    """One daemon for this module's tests, which only send requests and read
+    answers; the model is the one ``smollm2_dir`` converted into the cache."""
+    work = tmp_path_factory.mktemp("smol")
+    with serve_process(work, {"name": "smollm2", "path": BUNDLED}, cache_dir=model_cache) as d:
+        yield d
 
 
 def _tokenizer(smollm2_dir: Path):
@@ -63,13 +70,13 @@ async def test_streams_paris(smol: Daemon) -> None:
 async def test_answers_paris_through_the_responses_api(smol: Daemon) -> None:
     async with smol.client() as client:
         reply = await client.responses.create(
-            model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=30
+            model="smollm2", input=ASKED, temperature=0, max_output_tokens=30
         )
         chat = await client.chat.completions.create(
             model="smollm2", messages=QUESTION, temperature=0, max_tokens=30
         )
         async with client.responses.stream(
-            model="smollm2", input=QUESTION[0]["content"], temperature=0, max_output_tokens=30
+            model="smollm2", input=ASKED, temperature=0, max_output_tokens=30
         ) as stream:
             streamed = await stream.get_final_response()  # needs response.completed
     assert reply.status == streamed.status == "completed"

@@ -6,22 +6,26 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
 from runner.client import RunnerProcess, RunnerSpec, Spares
 from runner.protocol import Generate, Sampling
+from tests.waiting import eventually
 
 
-async def spare_in(spares: Spares, state: str, timeout_s: float = 120) -> int | None:
+async def spare_in(spares: Spares, state: str) -> int | None:
     """Wait until the spare is in ``state``; its pid."""
-    with trio.fail_after(timeout_s):
-        while True:
-            if (status := spares.status())["state"] == state:
-                pid: int | None = status["pid"]
-                return pid
-            await trio.sleep(0.05)
+
+    def in_state() -> dict[str, Any] | None:
+        status = spares.status()
+        return status if status["state"] == state else None
+
+    status = await eventually(in_state, what=f"the spare to be {state!r}")
+    pid: int | None = status["pid"]
+    return pid
 
 
 async def ready_spare(spares: Spares) -> int:
@@ -92,7 +96,8 @@ async def test_no_spare_starts_while_a_load_is_under_way(nursery: trio.Nursery) 
     with spares.loading():
         proc = await spares.take()
         assert proc.pid == spare
-        await trio.sleep(2.5)  # the keeper looks again every second
+        await trio.sleep(2.5)  # not a wait: a spare must not start meanwhile (the keeper
+        # looks every second)
         assert spares.status() == {"state": "none", "pid": None, "bytes": 0}
     assert await ready_spare(spares) != spare
     proc.kill()
@@ -105,7 +110,7 @@ async def test_a_spare_that_died_is_replaced_by_a_fresh_process(
     spares, spare = await started_spares(nursery)
     with spares.loading():  # (so that no new spare starts meanwhile)
         os.kill(spare, signal.SIGKILL)
-        await spare_in(spares, "none", timeout_s=10)
+        await spare_in(spares, "none")
         runner = RunnerProcess(RunnerSpec("tiny", tiny_dir, 2), spares=spares)
         await nursery.start(runner.run)
     assert runner.pid != spare
@@ -123,6 +128,7 @@ async def test_a_spare_stuck_starting_is_killed_and_a_load_gets_another(
     spares.START_TIMEOUT_S = 0.5
     await nursery.start(spares.run)
     starting = await spare_in(spares, "starting")
+    assert starting is not None
     with spares.loading(), trio.fail_after(30):
         proc = await spares.take()
     assert proc.pid != starting

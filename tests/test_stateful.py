@@ -85,7 +85,7 @@ async def test_unknown_deleted_and_unstored_responses_are_404(
         assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
         with pytest.raises(openai.NotFoundError):
             await client.responses.create(
-                input=[{"type": "item_reference", "id": "msg_nonesuch"}],  # type: ignore[list-item]
+                input=[{"type": "item_reference", "id": "msg_nonesuch"}],
                 **ASK,
             )
 
