@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -21,6 +22,8 @@ from api.texts import Texts
 from config.settings import ModelConfig, Settings
 from scheduler.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
 from scheduler.kinds import kind_of
+
+T = TypeVar("T")
 
 SERVES = {
     "chat": "a chat model: it generates text (chat, completions, responses, messages)",
@@ -88,33 +91,29 @@ class Catalog:
 
     async def encoder(self, name: str) -> Encoder:
         """An embedding model's tokenizer and limits (``api/encoder.py``)."""
+        return await self._loaded(self._encoders, name, Encoder)
+
+    async def texts(self, name: str) -> Texts:
+        return await self._loaded(self._texts, name, Texts)
+
+    async def _loaded(
+        self,
+        cache: dict[ModelConfig, T],
+        name: str,
+        load: Callable[[Path, int | None], T],
+    ) -> T:
+        """``load(model_dir, max_context)`` once per model config, in a thread;
+        concurrent first requests wait for the one load."""
         model = self.get(name)
-        if (encoder := self._encoders.get(model)) is not None:
-            return encoder
+        if (done := cache.get(model)) is not None:
+            return done
         async with self._locks[model.name]:
-            if model not in self._encoders:
+            if model not in cache:
                 model_dir = await self._model_dir(model)
                 try:
-                    encoder = await trio.to_thread.run_sync(Encoder, model_dir, model.max_context)
+                    cache[model] = await trio.to_thread.run_sync(load, model_dir, model.max_context)
                 except Exception as e:  # tokenizers raises its own errors for a bad file
                     raise ModelLoadFailed(
                         f"cannot load the tokenizer of {model.name!r} from {model_dir}: {e}"
                     ) from e
-                self._encoders[model] = encoder
-        return self._encoders[model]
-
-    async def texts(self, name: str) -> Texts:
-        model = self.get(name)
-        if (texts := self._texts.get(model)) is not None:
-            return texts
-        async with self._locks[model.name]:
-            if model not in self._texts:
-                model_dir = await self._model_dir(model)
-                try:
-                    texts = await trio.to_thread.run_sync(Texts, model_dir, model.max_context)
-                except (OSError, ValueError) as e:
-                    raise ModelLoadFailed(
-                        f"cannot load the tokenizer of {model.name!r} from {model_dir}: {e}"
-                    ) from e
-                self._texts[model] = texts
-        return self._texts[model]
+        return cache[model]
