@@ -126,6 +126,7 @@ class Settings:
     response_store_entries: int = 1000  # stored Responses kept (least recently used go)
     response_store_bytes: int = DEFAULT_RESPONSE_STORE
     persist_responses: bool = False  # keep stored Responses across restarts (in cache_dir)
+    spare_runner: bool = True  # keep a runner process started ahead of the next load
 
     def max_tokens_for(self, model: ModelConfig) -> int:
         """What a request to ``model`` that gives no ``max_tokens`` may generate."""
@@ -182,6 +183,7 @@ class Settings:
         )
         kwargs["response_store_bytes"] = _size(t, "response_store_size")
         kwargs["persist_responses"] = t.take("persist_responses", bool, "true or false")
+        kwargs["spare_runner"] = t.take("spare_runner", bool, "true or false")
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
@@ -213,6 +215,7 @@ class Settings:
             f"stored responses: {self.response_store_entries}, "
             f"{format_bytes(self.response_store_bytes)}"
             + (" (kept across restarts)" if self.persist_responses else ""),
+            f"spare runner: {'on' if self.spare_runner else 'off'}",
         ]
         for m in self.models:
             alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""

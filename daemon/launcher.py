@@ -36,7 +36,7 @@ log = logging.getLogger("mlxd.launcher")
 class Launcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings  # what a reload may change is per model, not here
-        self.spares = Spares()
+        self.spares = Spares(enabled=settings.spare_runner)
         self._dirs: dict[ModelConfig, Path] = {}
         self._sizes: dict[ModelConfig, memory.Size] = {}
         self._prefix_dirs: dict[ModelConfig, Path | None] = {}

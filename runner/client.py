@@ -110,8 +110,9 @@ class Spares:
     RETRY_S = 30.0  # after a spare died before it was ready
     START_TIMEOUT_S = 120.0  # a spare still starting after this is stuck
 
-    def __init__(self, python: str = sys.executable) -> None:
+    def __init__(self, python: str = sys.executable, *, enabled: bool = True) -> None:
         self._python = python
+        self._enabled = enabled  # off: every load starts its own process
         self._spare: _Spare | None = None
         self._loads = 0
         self._wake = trio.Event()
@@ -123,6 +124,8 @@ class Spares:
 
     def status(self) -> dict[str, Any]:
         spare = self._spare
+        if not self._enabled:
+            return {"state": "off", "pid": None, "bytes": 0}
         if spare is None or not spare.alive:
             return {"state": "none", "pid": None, "bytes": 0}
         state = "ready" if spare.ready else "starting"
@@ -132,7 +135,7 @@ class Spares:
         """Keep a spare started while no load is under way; kill it on exit."""
         try:
             task_status.started()
-            while True:
+            while self._enabled:
                 alive = self._spare is not None and self._spare.alive
                 if self._spare is not None and not alive:
                     self._spare = None

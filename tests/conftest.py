@@ -87,6 +87,7 @@ def healthy(proc: subprocess.Popen[bytes], url: str) -> bool:
 class Daemon:
     url: str
     settings: Settings
+    log: Path | None = None  # a daemon process's log (one in this process logs to caplog)
 
     def client(self, timeout: float = 120) -> openai.AsyncOpenAI:
         """The official client; a request gives up after 120 s unless told
@@ -108,18 +109,20 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
 
 @contextmanager
 def serve_process(
-    work: Path, *models: dict[str, Any], cache_dir: Path | None = None
+    work: Path, *models: dict[str, Any], cache_dir: Path | None = None, spare: bool = False
 ) -> Iterator[Daemon]:
     """``mlxd serve`` as a process, serving ``models`` (their TOML tables),
     with its config and log (``mlxd.log``) in ``work``, and its cache too
-    unless told otherwise."""
+    unless told otherwise; with a spare runner only if asked (see
+    ``settings_for``)."""
     port = free_port()
     toml = f'port = {port}\ncache_dir = "{cache_dir or work}"\nshutdown_grace_s = 3\n'
+    toml += f"spare_runner = {str(spare).lower()}\n"
     for model in models:
         toml += "[[models]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
     config = work / "mlxd.toml"
     config.write_text(toml)
-    daemon = Daemon(f"http://127.0.0.1:{port}", Settings.from_toml(config))
+    daemon = Daemon(f"http://127.0.0.1:{port}", Settings.from_toml(config), work / "mlxd.log")
     with (work / "mlxd.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
@@ -139,6 +142,11 @@ def serve_process(
 
 
 def settings_for(tmp_path: Path, *models: ModelConfig, **kwargs: Any) -> Settings:
+    """A daemon's settings for a test, with no spare runner unless asked: a
+    spare is a process whose imports cost two seconds of CPU, started again
+    after every load and left unused at the end of most tests. The daemons of
+    ``test_spares``, ``test_daemon`` and ``test_pool``'s budget test keep one."""
+    kwargs.setdefault("spare_runner", False)
     return Settings(
         port=free_port(), models=models, cache_dir=tmp_path, shutdown_grace_s=3.0, **kwargs
     )

@@ -182,3 +182,11 @@ def test_response_store_settings(tmp_path: Path) -> None:
     assert s.persist_responses and "kept across restarts" in s.describe()
     with pytest.raises(ConfigError, match="persist_responses"):
         Settings.from_toml(write(tmp_path, "persist_responses = 'yes'\n"))
+
+
+def test_the_spare_runner_can_be_turned_off(tmp_path: Path) -> None:
+    assert Settings().spare_runner and "spare runner: on" in Settings().describe()
+    s = Settings.from_toml(write(tmp_path, "spare_runner = false\n"))
+    assert not s.spare_runner and "spare runner: off" in s.describe()
+    with pytest.raises(ConfigError, match="spare_runner"):
+        Settings.from_toml(write(tmp_path, "spare_runner = 0\n"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +54,33 @@ def check_budget(pool: dict[str, Any]) -> None:
     assert measured <= pool["budget"]
 
 
-@pytest.fixture
-async def three(tiny_dir: Path, tmp_path: Path) -> Any:
+@asynccontextmanager
+async def three_models(tiny_dir: Path, tmp_path: Path, spare: bool) -> AsyncIterator[Daemon]:
     """Three copies of the tiny model under a budget that fits two."""
     models = [
         ModelConfig(n, str(tiny_dir), max_concurrency=1, queue_limit=1, keep_alive_s=600)
         for n in NAMES
     ]
     cost = memory.estimate(tiny_dir, models[0]).bytes
-    settings = settings_for(tmp_path, *models, memory_budget=int(cost * 2.5))
+    settings = settings_for(tmp_path, *models, memory_budget=int(cost * 2.5), spare_runner=spare)
     async with running(settings) as daemon:
         yield daemon
 
 
-async def test_three_models_take_turns_under_a_budget_for_two(three: Daemon) -> None:
+@pytest.fixture
+async def three(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    async with three_models(tiny_dir, tmp_path, spare=False) as daemon:
+        yield daemon
+
+
+async def test_three_models_take_turns_under_a_budget_for_two(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
     turns = NAMES * 2
-    async with three.client() as client:
+    async with (
+        three_models(tiny_dir, tmp_path, spare=True) as three,  # the budget holds a spare too
+        three.client() as client,
+    ):
         for i, name in enumerate(turns):
             reply = await client.completions.create(model=name, prompt="Hi", max_tokens=3)
             assert reply.choices[0].finish_reason == "length"
@@ -112,8 +124,11 @@ async def test_one_more_request_than_the_queue_holds_gets_429(three: Daemon) -> 
     assert extra.json()["error"]["code"] == "queue_full"
 
 
-async def test_lifecycle_api_load_and_unload(three: Daemon) -> None:
-    async with httpx.AsyncClient(timeout=60) as http:
+async def test_lifecycle_api_load_and_unload(tiny_dir: Path, tmp_path: Path) -> None:
+    async with (
+        three_models(tiny_dir, tmp_path, spare=True) as three,
+        httpx.AsyncClient(timeout=60) as http,
+    ):
         loaded = await http.post(f"{three.url}/api/load", json={"model": "b"})
         assert loaded.json() == {"model": "b", "state": "ready"}
         pool = await ps(three)
@@ -185,7 +200,7 @@ async def test_cli_ps_load_unload_talk_to_the_daemon(
     assert "a: loaded" in out
     row = next(line for line in out.splitlines() if line.startswith("a "))
     assert "ready" in row and "MiB" in row
-    assert "spare runner: " in out
+    assert "spare runner: off" in out  # (settings_for turns it off)
     assert await trio.to_thread.run_sync(main, ["unload", "a", *port]) == 0
     await pool_where(three, lambda pool: not resident(pool), "a unloaded")
     assert await trio.to_thread.run_sync(main, ["load", "nope", *port]) == 1
