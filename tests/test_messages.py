@@ -3,7 +3,7 @@ model for text, a scripted agent model for thinking and tool use."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pytest
 from anthropic.types import Message, TextBlock, ToolUseBlock
 
 from config.settings import ModelConfig
-from tests.conftest import Daemon, running, settings_for
+from tests.conftest import Daemon, running, serve_process, settings_for
 from tests.scripted import scripted_model
 
 THOUGHT = "The user wants the weather."
@@ -43,19 +43,15 @@ def client(daemon: Daemon, key: str = "unused") -> anthropic.AsyncAnthropic:
     return anthropic.AsyncAnthropic(base_url=daemon.url, api_key=key, max_retries=0, timeout=120)
 
 
-@pytest.fixture
-async def daemon(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
-    agent = scripted_model(
-        tiny_dir, tmp_path / "agent", f"<think>{THOUGHT}</think>\n\nOn it.{CALL}"
-    )
-    twice = scripted_model(tiny_dir, tmp_path / "twice", CALL + CALL.replace("Paris", "Oslo"))
-    settings = settings_for(
-        tmp_path,
-        ModelConfig("tiny", str(tiny_dir)),
-        ModelConfig("agent", str(agent)),
-        ModelConfig("twice", str(twice)),
-    )
-    async with running(settings) as d:
+@pytest.fixture(scope="module")
+def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon process for the module's tests (they change nothing another
+    could see): the tiny model, and scripted agents that think and call tools."""
+    work = tmp_path_factory.mktemp("messages")
+    agent = scripted_model(tiny_dir, work / "agent", f"<think>{THOUGHT}</think>\n\nOn it.{CALL}")
+    twice = scripted_model(tiny_dir, work / "twice", CALL + CALL.replace("Paris", "Oslo"))
+    models = {"tiny": tiny_dir, "agent": agent, "twice": twice}
+    with serve_process(work, *({"name": n, "path": str(p)} for n, p in models.items())) as d:
         yield d
 
 

@@ -3,7 +3,6 @@ item_reference, retrieve, delete, input items and input token counts."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +14,21 @@ from openai.types.responses import Response
 from config.settings import ModelConfig
 from tests.conftest import Daemon, running, settings_for
 from tests.scripted import scripted_model
+from tests.waiting import eventually
 
 ASK: dict[str, Any] = {"model": "tiny", "max_output_tokens": 6, "temperature": 0}
 
 
-async def test_a_follow_up_continues_the_stored_conversation(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+def refusal_logged(daemon: Daemon) -> bool:
+    """Whether the daemon's log has the refusal of an unknown id, with its reason."""
+    assert daemon.log is not None
+    lines = daemon.log.read_text().splitlines()
+    refused = [line for line in lines if "status=404" in line]
+    return any("no stored response with id 'resp_nonesuch'" in line for line in refused)
+
+
+async def test_a_follow_up_continues_the_stored_conversation(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         first = await client.responses.create(input="Name a colour.", **ASK)
         follow = await client.responses.create(
             previous_response_id=first.id, input="And another?", **ASK
@@ -46,8 +54,8 @@ async def test_a_follow_up_continues_the_stored_conversation(tiny: Daemon) -> No
         assert texts == ["And another?"]
 
 
-async def test_an_item_reference_stands_for_the_stored_item(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_an_item_reference_stands_for_the_stored_item(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         first = await client.responses.create(input="Say hello.", **ASK)
         message = first.output[-1]
         by_reference = [
@@ -65,11 +73,8 @@ async def test_an_item_reference_stands_for_the_stored_item(tiny: Daemon) -> Non
         assert reply.status in ("completed", "incomplete")
 
 
-async def test_unknown_deleted_and_unstored_responses_are_404(
-    tiny: Daemon, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="mlxd.request")
-    async with tiny.client() as client:
+async def test_unknown_deleted_and_unstored_responses_are_404(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         kept = await client.responses.create(input="Hi", **ASK)
         unkept = await client.responses.create(input="Hi", store=False, **ASK)
         assert not unkept.store
@@ -78,8 +83,7 @@ async def test_unknown_deleted_and_unstored_responses_are_404(
             with pytest.raises(openai.NotFoundError) as e:
                 await client.responses.retrieve(gone)
             assert gone in str(e.value)
-        refused = [r.getMessage() for r in caplog.records if "status=404" in r.getMessage()]
-        assert any("no stored response with id 'resp_nonesuch'" in line for line in refused)
+        await eventually(lambda: refusal_logged(shared_tiny), what="the 404 in the log")
         with pytest.raises(openai.NotFoundError) as e:
             await client.responses.create(previous_response_id=kept.id, input="Hi", **ASK)
         assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]
@@ -119,8 +123,8 @@ async def test_one_keys_responses_are_invisible_to_another_and_outlive_a_restart
                 await two.responses.retrieve(mine.id)
 
 
-async def test_a_streamed_response_is_stored_when_it_ends(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_a_streamed_response_is_stored_when_it_ends(shared_tiny: Daemon) -> None:
+    async with shared_tiny.client() as client:
         stream = await client.responses.create(input="Hi", stream=True, **ASK)
         done = None
         async for event in stream:
