@@ -18,7 +18,7 @@ from typing import TypeVar
 import trio
 
 from api.encoder import Encoder
-from api.texts import Texts
+from api.texts import Texts, texts_of
 from config.settings import ModelConfig, Settings
 from scheduler.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
 from scheduler.kinds import kind_of
@@ -94,7 +94,7 @@ class Catalog:
         return await self._loaded(self._encoders, name, Encoder)
 
     async def texts(self, name: str) -> Texts:
-        return await self._loaded(self._texts, name, Texts)
+        return await self._loaded(self._texts, name, texts_of)
 
     async def _loaded(
         self,

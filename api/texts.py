@@ -7,6 +7,7 @@ model's own Hugging Face tokenizer (no MLX computation). Tokenizing runs in work
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -31,6 +32,25 @@ class Markers:
     tool: tuple[str, str] | None = None
     tool_format: str | None = None  # mlx-lm's name for it ("json_tools", ...)
     parse_tool: ToolParser | None = attrs.field(default=None, eq=False)
+
+
+def texts_of(model_dir: Path, max_context: int | None) -> Texts:
+    """The ``Texts`` of a model directory, loaded once per process while its
+    files stay as they are: models configured on the same files share one, and
+    a reload that changes only a model's settings keeps it (a tokenizer takes
+    half a second or more to load). Rewritten files are read again."""
+    return _shared(model_dir.resolve(), max_context, _stamp(model_dir))
+
+
+def _stamp(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """The name, change time and size of every file in the directory but the weights."""
+    files = (p for p in model_dir.iterdir() if p.suffix != ".safetensors" and p.is_file())
+    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _shared(model_dir: Path, max_context: int | None, stamp: object) -> Texts:
+    return Texts(model_dir, max_context)
 
 
 class Texts:

@@ -1,11 +1,12 @@
 """Detokenizing streams and cutting at stop strings."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
-from api.texts import Texts, TextStream
+from api.texts import Texts, TextStream, texts_of
 from tests.scripted import agent_tokenizer
 
 
@@ -74,3 +75,19 @@ def test_the_stop_string_that_ended_the_text_is_named(texts: Texts) -> None:
     for token in texts.encode("The quick brown fox jumps over the lazy dog"):
         stream.feed(token)
     assert stream.stopped and stream.matched == "fox"
+
+
+def test_a_directory_is_loaded_once_until_its_files_change(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    model = agent_tokenizer(smollm2_dir, tmp_path / "model")
+    shutil.copy(smollm2_dir / "config.json", model / "config.json")
+    first = texts_of(model, None)
+    assert texts_of(model, None) is first  # a second model on the same files
+    assert texts_of(model, 1024).max_context == 1024 != first.max_context
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}[{{ m.content }}]{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps(config))  # rewritten
+    again = texts_of(model, None)
+    assert again is not first
+    assert again.backend.decode(again.chat_prompt([{"role": "user", "content": "hi"}])) == "[hi]"
