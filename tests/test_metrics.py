@@ -132,7 +132,10 @@ async def test_prometheus_scrapes_and_every_dashboard_query_returns_data(
         async with httpx.AsyncClient(base_url=api_url, timeout=60) as api:
 
             async def query(expr: str) -> list[Any]:
-                reply = (await api.get("/query", params={"query": expr})).json()
+                answer = await api.get("/query", params={"query": expr})
+                # (a starting Prometheus answers 503 in plain text: not yet)
+                assert answer.status_code == 200, (expr, answer.status_code, answer.text[:200])
+                reply = answer.json()
                 assert reply["status"] == "success", (expr, reply)
                 return list(reply["data"]["result"])
 
