@@ -3,8 +3,8 @@
 A test that needs a daemon of its own (one it configures, or whose counters,
 runners or logs it looks at) starts one in its own trio run (``running``,
 ``tiny``). Tests that only send requests and read the answers share one
-``mlxd serve`` process per module (``serve_process``, ``shared_tiny``): a
-daemon, its spare runner and its first load cost seconds of CPU each time.
+``mlxd serve`` process (``serve_process``; ``shared_tiny``, one per test worker): a
+daemon, its runner and its first load cost seconds of CPU each time.
 """
 
 from __future__ import annotations
@@ -173,11 +173,11 @@ async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
         yield daemon
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def shared_tiny(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A daemon process serving the tiny model as "tiny", shared by a module's
-    tests: for those that change nothing another test could see (no runner
-    killed, no counters asserted)."""
+    """A daemon process serving the tiny model as "tiny", shared by the tests
+    (of every module a test worker runs) that change nothing another test
+    could see: no runner killed, no counters asserted."""
     work = tmp_path_factory.mktemp("shared-tiny")
     with serve_process(work, {"name": "tiny", "path": str(tiny_dir), "max_concurrency": 8}) as d:
         yield d
