@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import attrs
@@ -44,8 +45,8 @@ def texts_of(model_dir: Path, max_context: int | None) -> Texts:
 
 def _stamp(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
     """The name, change time and size of every file in the directory but the weights."""
-    files = (p for p in model_dir.iterdir() if p.suffix != ".safetensors" and p.is_file())
-    return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files))
+    stats = ((p.name, p.stat()) for p in model_dir.iterdir() if p.suffix != ".safetensors")
+    return tuple(sorted((n, s.st_mtime_ns, s.st_size) for n, s in stats if S_ISREG(s.st_mode)))
 
 
 @functools.lru_cache(maxsize=4)

@@ -123,9 +123,9 @@ class Spares:
         self._held, self._fits = held, fits
 
     def status(self) -> dict[str, Any]:
-        spare = self._spare
         if not self._enabled:
             return {"state": "off", "pid": None, "bytes": 0}
+        spare = self._spare
         if spare is None or not spare.alive:
             return {"state": "none", "pid": None, "bytes": 0}
         state = "ready" if spare.ready else "starting"

@@ -11,7 +11,6 @@ which records every process that imports it.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,8 +23,7 @@ import trio
 
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
-from tests.conftest import free_port, healthy
-from tests.waiting import eventually_blocking
+from tests.conftest import serve_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,13 +88,6 @@ def test_daemon_serves_a_chat_with_a_grammar_without_torch(
     tmp_path: Path, tiny_dir: Path, fake_torch: Path
 ) -> None:
     # The daemon's own tokenizer (chat template) and the runner's grammar tokenizer.
-    port = free_port()
-    config = tmp_path / "mlxd.toml"
-    config.write_text(
-        f'port = {port}\ncache_dir = "{tmp_path / "cache"}"\n'
-        f'[[models]]\nname = "tiny"\npath = "{tiny_dir}"\n'
-    )
-    url = f"http://127.0.0.1:{port}"
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "Answer in JSON."}],
@@ -106,24 +97,10 @@ def test_daemon_serves_a_chat_with_a_grammar_without_torch(
     }
     with (
         no_torch(fake_torch),
-        (tmp_path / "mlxd.log").open("wb") as log,
-        subprocess.Popen(
-            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            stderr=log,
-        ) as daemon,
+        serve_process(tmp_path, {"name": "tiny", "path": str(tiny_dir)}) as daemon,
     ):
-        try:
-            eventually_blocking(lambda: healthy(daemon, url), what="the daemon to serve")
-            reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=180)
-            assert reply.status_code == 200, reply.text
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        reply = httpx.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=180)
+        assert reply.status_code == 200, reply.text
 
 
 def test_the_daemon_reads_chat_templates_without_importing_mlx(tiny_dir: Path) -> None:
