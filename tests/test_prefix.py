@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+import shutil
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from runner.__main__ import preload_blas
 
@@ -200,12 +202,20 @@ def test_a_short_request_is_not_stuck_behind_a_long_prompt_read_alone(
     assert finish(engine, long.id)
 
 
-@pytest.fixture
-def saved(smol: tuple[Any, Texts], tmp_path: Path) -> Iterator[tuple[Path, list[int], list[int]]]:
-    """A conversation's prefix written to disk as an unload does: the prefix
-    directory, the first turn's prompt and the follow-up's."""
+@attrs.frozen
+class Saved:
+    """A conversation's prefix on disk, as an unload writes it."""
+
+    where: Path  # the prefix directory
+    first: list[int]  # the first turn's prompt
+    follow: list[int]  # the follow-up's
+    expected: list[int]  # the follow-up's greedy answer, with no cache
+
+
+@pytest.fixture(scope="module")
+def written(smol: tuple[Any, Texts], tmp_path_factory: pytest.TempPathFactory) -> Saved:
     model, texts = smol
-    where = tmp_path / "prefixes" / "model"
+    where = tmp_path_factory.mktemp("prefixes") / "model"
     cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
     first = texts.chat_prompt([SYSTEM, {"role": "user", "content": "Name a colour."}])
     out, _ = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, first, beside=False)
@@ -220,52 +230,58 @@ def saved(smol: tuple[Any, Texts], tmp_path: Path) -> Iterator[tuple[Path, list[
             {"role": "user", "content": "Another one?"},
         ]
     )
-    yield where, first, follow
+    expected, _ = answer(Engine(model, 4, chunk=64), texts, follow, beside=False)
+    return Saved(where, first, follow, expected)
+
+
+@pytest.fixture
+def saved(written: Saved, tmp_path: Path) -> Saved:
+    """``written``, with a prefix directory of this test's own to read or damage."""
+    shutil.copytree(written.where, tmp_path / "model")
+    return attrs.evolve(written, where=tmp_path / "model")
 
 
 def test_a_prefix_written_at_unload_is_read_back_after_a_reload(
-    smol: tuple[Any, Texts], saved: tuple[Path, list[int], list[int]]
+    smol: tuple[Any, Texts], saved: Saved
 ) -> None:
     model, texts = smol
-    where, first, follow = saved
-    disk = Disk(where, 1 << 30)  # a new runner reads the index
+    disk = Disk(saved.where, 1 << 30)  # a new runner reads the index
     cache = PrefixCache(model, 1 << 30, disk)
-    out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, follow, beside=False)
-    assert hit > len(first) - 2 and cache.stats.disk_hits == 1
-    assert out == answer(Engine(model, 4, chunk=64), texts, follow, beside=False)[0]
+    out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, saved.follow, False)
+    assert hit > len(saved.first) - 2 and cache.stats.disk_hits == 1
+    assert out == saved.expected
 
 
 def test_the_first_requests_prefix_is_read_while_the_weights_load(
-    smol: tuple[Any, Texts], saved: tuple[Path, list[int], list[int]]
+    smol: tuple[Any, Texts], saved: Saved
 ) -> None:
     model, texts = smol
-    where, first, follow = saved
-    cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
-    cache.read_ahead(follow)  # in a thread of its own, as a runner's load does
+    cache = PrefixCache(model, 1 << 30, Disk(saved.where, 1 << 30))
+    cache.read_ahead(saved.follow)  # in a thread of its own, as a runner's load does
     mx.eval(model.parameters())
     cache.settle()
     assert cache.nbytes > 0 and cache.stats.disk_hits == 0
-    out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, follow, beside=False)
-    assert hit > len(first) - 2 and cache.stats.disk_hits == 1  # reported as a disk hit
-    assert out == answer(Engine(model, 4, chunk=64), texts, follow, beside=False)[0]
+    out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, saved.follow, False)
+    assert hit > len(saved.first) - 2 and cache.stats.disk_hits == 1  # reported as a disk hit
+    assert out == saved.expected
     # Memory the budget does not give the cache is never read into.
-    small = PrefixCache(model, 1 << 10, Disk(where, 1 << 30))
-    small.read_ahead(follow)
+    small = PrefixCache(model, 1 << 10, Disk(saved.where, 1 << 30))
+    small.read_ahead(saved.follow)
     small.settle()
     assert small.nbytes == 0
 
 
 def test_a_prefix_file_is_not_read_for_a_few_shared_tokens(
-    smol: tuple[Any, Texts], saved: tuple[Path, list[int], list[int]]
+    smol: tuple[Any, Texts], saved: Saved
 ) -> None:
     """A file is read whole: reading a long one to reuse its first tokens
     would stall the running streams for nothing."""
     model, texts = smol
-    where, first, _ = saved
-    cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
-    other = first[:8] + texts.encode(" Something else entirely, please.")
+    cache = PrefixCache(model, 1 << 30, Disk(saved.where, 1 << 30))
+    other = saved.first[:8] + texts.encode(" Something else entirely, please.")
     assert cache.lookup(other).tokens == 0 and cache.stats.disk_hits == 0
-    assert cache.lookup([*first, 13]).tokens == len(first) and cache.stats.disk_hits == 1
+    assert cache.lookup([*saved.first, 13]).tokens == len(saved.first)
+    assert cache.stats.disk_hits == 1
 
 
 def test_an_automatic_chunk_follows_the_measured_speed(tiny: tuple[Any, Texts]) -> None:
@@ -283,23 +299,19 @@ def test_an_automatic_chunk_follows_the_measured_speed(tiny: tuple[Any, Texts]) 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_a_damaged_prefix_file_is_skipped_with_a_warning(
-    smol: tuple[Any, Texts],
-    saved: tuple[Path, list[int], list[int]],
-    damage: str,
-    caplog: pytest.LogCaptureFixture,
+    smol: tuple[Any, Texts], saved: Saved, damage: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     model, texts = smol
-    where, _, follow = saved
-    (path,) = prefix_disk.files(where)
+    (path,) = prefix_disk.files(saved.where)
     data = path.read_bytes()
     if damage == "truncated":
         path.write_bytes(data[: len(data) // 2])  # as if the disk filled up mid-write
     else:  # the header intact, the end of the KV arrays overwritten
         path.write_bytes(data[:-4096] + b"\xff" * 4096)
     with caplog.at_level(logging.WARNING, logger="mlxd.prefix"):
-        cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
-        out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, follow, False)
-    assert out == answer(Engine(model, 4, chunk=64), texts, follow, beside=False)[0]
+        cache = PrefixCache(model, 1 << 30, Disk(saved.where, 1 << 30))
+        out, hit = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, saved.follow, False)
+    assert out == saved.expected
     assert hit == 0 and not path.exists()
     why = "partial write" if damage == "truncated" else "do not match its digest"
     assert why in caplog.text
