@@ -18,14 +18,14 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import Daemon
+from tests.conftest import TLS, Daemon
 from tests.waiting import eventually
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
 
 
 async def ps(daemon: Daemon, model: str = "tiny") -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
         body = (await http.get(f"{daemon.url}/api/ps")).json()
     (entry,) = [m for m in body["models"] if m["model"] == model]
     return entry
@@ -133,7 +133,7 @@ async def test_ten_concurrent_requests_are_batched(shared_tiny: Daemon) -> None:
 
 async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 400, "stream": True}
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, verify=TLS) as http:
         async with http.stream("POST", f"{tiny.url}/v1/chat/completions", json=body) as resp:
             assert resp.status_code == 200
             seen = 0
@@ -165,7 +165,7 @@ async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(shared_ti
         ("/v1/completions", {"model": "tiny", "prompt": "Hi"} | {"logit_bias": {"99999": 1}},
          400, "logit_bias", "vocabulary"),
     ]  # fmt: skip
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
         for path, body, status, param, fragment in cases:
             resp = await http.post(f"{shared_tiny.url}{path}", json=body)
             assert resp.status_code == status, (body, resp.text)
@@ -190,7 +190,7 @@ async def test_context_overflow_names_both_numbers(shared_tiny: Daemon) -> None:
 
 
 async def test_malformed_and_oversized_bodies(shared_tiny: Daemon) -> None:
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, verify=TLS) as http:
         bad = await http.post(
             f"{shared_tiny.url}/v1/chat/completions",
             content=b"{not json",

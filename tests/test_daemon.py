@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port, healthy
+from tests.conftest import TLS, free_port, healthy
 from tests.waiting import eventually_blocking
 
 
@@ -58,7 +58,7 @@ def test_sigterm_mid_stream_finishes_the_stream_and_leaves_no_runner(
     events: list[str] = []
     signalled = False
     with (
-        httpx.Client(timeout=60) as http,
+        httpx.Client(timeout=60, verify=TLS) as http,
         http.stream("POST", f"{url}/v1/completions", json=body) as resp,
     ):
         for line in resp.iter_lines():
@@ -90,7 +90,7 @@ def test_second_daemon_on_the_same_port_exits_with_a_clear_error(
 
 
 def models_of(url: str) -> set[str]:
-    return {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+    return {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30, verify=TLS).json()["data"]}
 
 
 def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
@@ -101,7 +101,7 @@ def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
     body = {"model": "tiny", "prompt": "Go", "max_tokens": 200, "temperature": 0, "stream": True}
     events: list[str] = []
     with (
-        httpx.Client(timeout=60) as http,
+        httpx.Client(timeout=60, verify=TLS) as http,
         http.stream("POST", f"{url}/v1/completions", json=body) as resp,
     ):
         for line in resp.iter_lines():

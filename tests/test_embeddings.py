@@ -15,7 +15,7 @@ from api.embeddings import EmbeddingRequest, _dimensions
 from api.encoder import Encoder
 from config.settings import BUNDLED_EMBED, ModelConfig
 from scheduler.errors import InvalidRequest
-from tests.conftest import running, settings_for
+from tests.conftest import TLS, running, settings_for
 from tests.test_embedder import token_ids
 
 SIMILAR = ["A cat sits on the mat.", "A kitten is lying on the rug."]
@@ -99,7 +99,7 @@ async def test_embeddings_beside_a_chat_model(
             assert words in body["message"], body
         assert isinstance(body, dict) and body["code"] == "context_length_exceeded"
 
-        async with httpx.AsyncClient(timeout=30) as http:
+        async with httpx.AsyncClient(timeout=30, verify=TLS) as http:
             metrics = (await http.get(f"{daemon.url}/metrics")).text
         assert (
             'mlxd_requests_total{endpoint="/v1/embeddings",model="all-minilm-l6-v2",status="200"}'

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import serve_process
+from tests.conftest import TLS, serve_process
 from tests.scripted import scripted_model
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -91,7 +91,7 @@ def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @given(requests())
 def test_no_body_gets_a_server_error(daemon: str, request: tuple[str, dict[str, Any]]) -> None:
     path, body = request
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60, verify=TLS) as http:
         headers = {"Content-Type": "application/json"}
         with http.stream("POST", daemon + path, content=json.dumps(body), headers=headers) as resp:
             resp.read()
@@ -102,6 +102,6 @@ def test_no_body_gets_a_server_error(daemon: str, request: tuple[str, dict[str, 
 
 
 def test_the_daemon_serves_after_the_fuzz(daemon: str) -> None:
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60, verify=TLS) as http:
         resp = http.post(f"{daemon}/v1/chat/completions", json=VALID["/v1/chat/completions"])
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]

@@ -10,7 +10,7 @@ import trio
 
 from api.guard import host_name
 from config.settings import ModelConfig
-from tests.conftest import running, settings_for
+from tests.conftest import TLS, running, settings_for
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 APP = "https://app.example"
@@ -32,7 +32,7 @@ async def test_only_this_servers_hosts_and_listed_origins_get_answers(
         allowed_hosts=("mlxd.lan",),
         cors_origins=(APP,),
     )
-    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
         port = settings.port
 
@@ -77,7 +77,7 @@ async def test_only_this_servers_hosts_and_listed_origins_get_answers(
 
 async def test_api_keys_are_required_and_health_is_open(tiny_dir: Path, tmp_path: Path) -> None:
     settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir)), api_keys=("k1", "k2"))
-    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
         for key, status in (("k2", 200), ("k1", 200), ("k3", 401), ("k", 401), ("k1x", 401)):
             resp = await http.post(url, json=CHAT, headers={"Authorization": f"Bearer {key}"})

@@ -16,7 +16,7 @@ import trio
 from config.settings import ModelConfig
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
-from tests.conftest import Daemon, running, settings_for
+from tests.conftest import TLS, Daemon, running, settings_for
 from tests.waiting import eventually
 
 CHAT = [{"role": "user", "content": "Say something."}]
@@ -28,7 +28,7 @@ async def test_poison_values_and_malformed_bodies_are_refused_and_the_stream_bes
     """Each check is tried directly in ``test_requests.py``; here the refusals
     come over HTTP while another client's stream runs, which completes."""
     url = f"{tiny.url}/v1/chat/completions"
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 64, "temperature": 1.0}
         body |= {"stream": True, "ignore_eos": True}
         async with http.stream("POST", url, json=body) as stream:
@@ -91,7 +91,7 @@ async def test_a_failed_step_fails_its_requests_and_the_runner_samples_on(
 async def test_ps_answers_while_a_runner_is_frozen_and_the_runner_serves_after(
     tiny: Daemon,
 ) -> None:
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
         chat = {"model": "tiny", "messages": CHAT, "max_tokens": 4}
         assert (await http.post(f"{tiny.url}/v1/chat/completions", json=chat)).status_code == 200
         (entry,) = (await http.get(f"{tiny.url}/api/ps")).json()["models"]
@@ -135,7 +135,7 @@ async def test_a_model_with_corrupt_weights_fails_clearly_and_the_others_serve(
     settings = settings_for(
         tmp_path, ModelConfig("broken", str(broken)), ModelConfig("tiny", str(tiny_dir))
     )
-    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
         bad = await http.post(url, json={"model": "broken", "messages": CHAT, "max_tokens": 2})
         assert bad.status_code == 500 and bad.json()["error"]["code"] == "model_load_failed"
@@ -163,7 +163,7 @@ async def test_a_client_that_stops_reading_loses_its_slot_and_the_next_is_served
         )
         await stalled.send(head.encode() + body)  # ...and then reads nothing
         try:
-            async with httpx.AsyncClient(timeout=120) as http:
+            async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
                 await _wait_for(http, daemon.url, "running", 1)
                 chat = {"model": "tiny", "messages": CHAT, "max_tokens": 2}
                 after = await http.post(f"{daemon.url}/v1/chat/completions", json=chat)
@@ -194,7 +194,7 @@ async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_a
     tiny_dir: Path, tmp_path: Path
 ) -> None:
     settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir)), runner_timeout_s=2.0)
-    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 400, "ignore_eos": True}
         async with http.stream("POST", url, json=body | {"stream": True}) as stream:
@@ -218,7 +218,7 @@ async def test_a_request_whose_client_left_while_queued_is_logged_and_counted(
 ) -> None:
     model = ModelConfig("tiny", str(_long(tiny_dir, tmp_path)), max_concurrency=1)
     async with running(settings_for(tmp_path, model)) as daemon:
-        async with httpx.AsyncClient(timeout=120) as http:
+        async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
             url = f"{daemon.url}/v1/chat/completions"
             body = {"model": "tiny", "messages": CHAT, "max_tokens": 4}
             hog = body | {"stream": True, "max_tokens": 12_000, "ignore_eos": True}

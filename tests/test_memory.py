@@ -17,7 +17,7 @@ import trio
 
 from config.settings import ModelConfig
 from scheduler import memory
-from tests.conftest import running, settings_for
+from tests.conftest import TLS, running, settings_for
 from tests.test_pool import pool_where
 
 BUDGET = 64 * 2**20
@@ -76,7 +76,7 @@ async def test_a_long_request_waits_for_a_busy_model_then_evicts_it_once_idle(
         for name in ("a", "b")
     ]
     settings = settings_for(tmp_path, *models, memory_budget=BUDGET)
-    async with running(settings) as daemon, httpx.AsyncClient(timeout=120) as http:
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         for name in ("a", "b"):  # both fit, with room for short requests
             reply = await http.post(
                 f"{daemon.url}/v1/completions",

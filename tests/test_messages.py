@@ -12,7 +12,7 @@ import pytest
 from anthropic.types import Message, TextBlock, ToolUseBlock
 
 from config.settings import ModelConfig
-from tests.conftest import Daemon, running, serve_process, settings_for
+from tests.conftest import TLS, Daemon, running, serve_process, settings_for
 from tests.scripted import scripted_model
 
 THOUGHT = "The user wants the weather."
@@ -40,7 +40,13 @@ def error_type(e: anthropic.APIStatusError) -> Any:
 
 
 def client(daemon: Daemon, key: str = "unused") -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(base_url=daemon.url, api_key=key, max_retries=0, timeout=120)
+    return anthropic.AsyncAnthropic(
+        base_url=daemon.url,
+        api_key=key,
+        max_retries=0,
+        timeout=120,
+        http_client=anthropic.DefaultAsyncHttpxClient(verify=TLS),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import trio
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Daemon, free_port
+from tests.conftest import TLS, Daemon, free_port
 from tests.waiting import eventually
 
 ROOT = Path(__file__).parent.parent
@@ -43,7 +43,7 @@ async def traffic(daemon: Daemon) -> None:
         )
         async for _ in stream:
             pass
-    async with httpx.AsyncClient(base_url=daemon.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=daemon.url, timeout=60, verify=TLS) as http:
         bad = {"model": "tiny", "messages": CHAT, "temperature": 7}
         assert (await http.post("/v1/chat/completions", json=bad)).status_code == 400
         assert (await http.post("/api/unload", json={"model": "tiny"})).status_code == 200
@@ -59,7 +59,7 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 async def test_metrics_count_what_happened(tiny: Daemon) -> None:
     await traffic(tiny)
-    async with httpx.AsyncClient(base_url=tiny.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=tiny.url, timeout=60, verify=TLS) as http:
 
         async def unloaded() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
             got = samples((await http.get("/metrics")).text)
@@ -88,7 +88,7 @@ async def test_metrics_count_what_happened(tiny: Daemon) -> None:
 @needs_prometheus
 async def test_promtool_accepts_the_exposition(tiny: Daemon) -> None:
     await traffic(tiny)
-    async with httpx.AsyncClient(base_url=tiny.url, timeout=60) as http:
+    async with httpx.AsyncClient(base_url=tiny.url, timeout=60, verify=TLS) as http:
         text = (await http.get("/metrics")).text
     check = await trio.run_process(
         ["promtool", "check", "metrics"],
@@ -129,7 +129,7 @@ async def test_prometheus_scrapes_and_every_dashboard_query_returns_data(
     )
     try:
         api_url = f"http://127.0.0.1:{port}/api/v1"
-        async with httpx.AsyncClient(base_url=api_url, timeout=60) as api:
+        async with httpx.AsyncClient(base_url=api_url, timeout=60, verify=TLS) as api:
 
             async def query(expr: str) -> list[Any]:
                 answer = await api.get("/query", params={"query": expr})

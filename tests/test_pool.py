@@ -17,14 +17,14 @@ import trio
 from config.settings import ModelConfig
 from daemon.cli import main
 from scheduler import memory
-from tests.conftest import Daemon, running, settings_for
+from tests.conftest import TLS, Daemon, running, settings_for
 from tests.waiting import eventually
 
 NAMES = ("a", "b", "c")
 
 
 async def ps(daemon: Daemon) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, verify=TLS) as http:
         reply = await http.get(f"{daemon.url}/api/ps")
     reply.raise_for_status()
     return dict(reply.json())
@@ -103,7 +103,7 @@ async def test_an_over_long_prompt_is_refused_before_anything_loads(three: Daemo
 
 async def test_one_more_request_than_the_queue_holds_gets_429(three: Daemon) -> None:
     body = {"model": "a", "prompt": "Go", "max_tokens": 300, "ignore_eos": True, "stream": True}
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, verify=TLS) as http:
         started = trio.Event()
 
         async def long_stream() -> None:
@@ -127,7 +127,7 @@ async def test_one_more_request_than_the_queue_holds_gets_429(three: Daemon) -> 
 async def test_lifecycle_api_load_and_unload(tiny_dir: Path, tmp_path: Path) -> None:
     async with (
         three_models(tiny_dir, tmp_path, spare=True) as three,
-        httpx.AsyncClient(timeout=60) as http,
+        httpx.AsyncClient(timeout=60, verify=TLS) as http,
     ):
         loaded = await http.post(f"{three.url}/api/load", json={"model": "b"})
         assert loaded.json() == {"model": "b", "state": "ready"}

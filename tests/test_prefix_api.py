@@ -12,7 +12,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from config.settings import ModelConfig
-from tests.conftest import Daemon, running, settings_for
+from tests.conftest import TLS, Daemon, running, settings_for
 from tests.test_pool import pool_where, resident
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence. " * 6}
@@ -52,7 +52,7 @@ async def turn(daemon: Daemon, model: str, messages: list[dict[str, Any]]) -> tu
 
 
 async def pool(daemon: Daemon) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, verify=TLS) as http:
         reply = await http.get(f"{daemon.url}/api/ps")
     reply.raise_for_status()
     return {m["model"]: m for m in reply.json()["models"]}
@@ -92,7 +92,7 @@ async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(
 ) -> None:
     messages: list[dict[str, Any]] = [SYSTEM, {"role": "user", "content": QUESTIONS[0]}]
     text, _ = await turn(smol, "smol", messages)
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with httpx.AsyncClient(timeout=60, verify=TLS) as http:
         (await http.post(f"{smol.url}/api/unload", json={"model": "smol"})).raise_for_status()
         await pool_where(smol, lambda ps: "smol" not in resident(ps), "smol unloaded")
         models = await pool(smol)

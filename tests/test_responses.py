@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from api.texts import Texts
-from tests.conftest import Daemon
+from tests.conftest import TLS, Daemon
 
 ORDER = [
     "response.created",
@@ -89,7 +89,7 @@ async def test_stream_and_create_agree(tiny: Daemon) -> None:
 async def test_bad_requests_get_openai_errors(tiny: Daemon) -> None:
     """The Responses API's refusals in OpenAI's shape, with its own field names
     (each field's checks are in ``test_requests.py``)."""
-    async with httpx.AsyncClient(timeout=120) as http:
+    async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
         reply = await http.post(
             f"{tiny.url}/v1/responses",
             json={"model": "tiny", "input": "x", "max_output_tokens": 0},

@@ -12,7 +12,7 @@ import pytest
 from openai.types.responses import Response
 
 from config.settings import ModelConfig
-from tests.conftest import Daemon, running, settings_for
+from tests.conftest import TLS, Daemon, running, settings_for
 from tests.scripted import scripted_model
 from tests.waiting import eventually
 
@@ -106,7 +106,11 @@ async def test_one_keys_responses_are_invisible_to_another_and_outlive_a_restart
 
     def client(daemon: Daemon, key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
-            base_url=f"{daemon.url}/v1", api_key=key, max_retries=0, timeout=120
+            base_url=f"{daemon.url}/v1",
+            api_key=key,
+            max_retries=0,
+            timeout=120,
+            http_client=openai.DefaultAsyncHttpxClient(verify=TLS),
         )
 
     async with running(settings) as daemon:
@@ -146,7 +150,7 @@ async def test_a_vercel_ai_sdk_tool_loop_refers_to_earlier_items_by_id(
     tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
     async with running(settings_for(tmp_path, ModelConfig("agent", str(agent)))) as daemon:
         url = f"{daemon.url}/v1/responses"
-        async with httpx.AsyncClient(timeout=120) as http:
+        async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
             ask = {"role": "user", "content": [{"type": "input_text", "text": "Oslo?"}]}
             first = await http.post(url, json={"model": "agent", "input": [ask], "tools": [tool]})
             assert first.status_code == 200, first.text
