@@ -512,7 +512,7 @@ class Policy:
         for name, m in self.models.items():
             if name not in specs:
                 m.retired = m.stale = True
-            elif name in changed:
+            elif name in changed or m.retired:  # (retired: added back before it stopped)
                 m.spec, m.retired = specs[name], False
                 m.failures, m.retry_at = 0, 0.0  # a new config may load
                 m.stale = m.state is not State.ABSENT

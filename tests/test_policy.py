@@ -587,6 +587,18 @@ def test_a_changed_model_reloads_when_idle_even_if_pinned() -> None:
     assert pol.handle(p.Submitted(t, 3)) == [p.StartRunner("a")]
 
 
+def test_a_model_added_back_while_its_old_runner_stops_is_served() -> None:
+    pol = policy(a=spec(keep_alive_s=600))
+    serve_once(pol, "a", 0)
+    assert pol.handle(p.Reconfigure({}, now=1)) == [p.StopRunner("a", RUNNER, "manual")]
+    new = spec(max_concurrency=4)
+    assert pol.handle(p.Reconfigure({"a": new}, now=2)) == []  # before the runner exits
+    (t,) = tickets("a", 1)
+    assert pol.handle(p.Submitted(t, 3)) == []  # waits for the old runner
+    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("a")]
+    assert "a" in pol.models and pol.models["a"].spec == new
+
+
 # -- KV reservations -------------------------------------------------------------
 
 MB = 10**6
