@@ -105,9 +105,10 @@ def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
         http.stream("POST", f"{url}/v1/completions", json=body) as resp,
     ):
         for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events.append(line)
-            if len(events) != 3:
+            if not line.startswith("data: "):
+                continue
+            events.append(line)
+            if len(events) != 3:  # once, at the third event
                 continue
             assert models_of(url) == {"tiny"}
             config.write_text(original + f'[[models]]\nname = "added"\npath = "{tiny_dir}"\n')
