@@ -1,11 +1,12 @@
-"""Runner process: ``python -m runner [MODEL_DIR] [--max-batch N]``.
+"""Runner process: ``python -m runner [MODEL_DIR] [--spare] [--max-batch N]``.
 
 Loads one MLX model and serves the protocol in ``runner/protocol.py`` over its
 stdin and stdout. ``MLXD_ENGINE=module:function`` names an engine loader
 tried first (the tests' scripted models: ``tests/script_engine.py``).
-Without MODEL_DIR it imports MLX and mlx-lm (seconds of
-work) and then waits for a ``load`` command naming the model: the daemon keeps
-one such spare process ready, so that loading a model costs only the load.
+Without MODEL_DIR it waits for a ``load`` command naming the model. With
+``--spare`` it first imports MLX and mlx-lm and starts the device (seconds of
+work): the daemon keeps one such spare process ready, so that loading a model
+costs only the load.
 
 A reader thread turns stdin lines into commands on a queue; the main thread
 does all MLX work, draining the queue between decoding steps (and blocking on
@@ -126,13 +127,6 @@ WARM_UP_AFTER_S = 0.05
 def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
     """The engine for ``model_dir``; ``options`` are the ``load`` command's
     (``kind`` "embed": an embedding model, ``runner/embedder.py``)."""
-    import mlx.core as mx
-    from mlx_lm.utils import load_model
-
-    from runner.engine import Engine
-    from runner.grammar import Grammars
-    from runner.prefix import Disk, PrefixCache
-
     if hook := os.environ.get("MLXD_ENGINE"):  # an engine the tests bring
         module, _, function = hook.partition(":")
         engine = getattr(importlib.import_module(module), function)(model_dir, options)
@@ -142,6 +136,13 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
         from runner.embedder import Embedder
 
         return Embedder.load(model_dir)
+    import mlx.core as mx
+    from mlx_lm.utils import load_model
+
+    from runner.engine import Engine
+    from runner.grammar import Grammars
+    from runner.prefix import Disk, PrefixCache
+
     max_batch = int(options.get("max_batch", 8))
     model, _ = load_model(model_dir, lazy=True)
     where, disk_limit = options.get("prefix_dir"), int(options.get("prefix_disk", 0))
@@ -157,14 +158,16 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
     return Engine(model, max_batch, Grammars(model_dir), prefixes, chunk and int(chunk))
 
 
-def serve(model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float) -> int:
+def serve(
+    model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float, spare: bool
+) -> int:
     engine: Engine | Embedder
 
     def send(msg: dict[str, Any]) -> None:
         out.write(protocol.encode(msg))
 
-    if model_dir is None:  # a spare: wait for the model to load
-        load = _wait_as_spare(send, started)
+    if model_dir is None:  # wait for the model to load
+        load = _wait_as_spare(send, started) if spare else _load_command()
         if load is None:
             return 0
         options, model_dir = load, load["model_dir"]
@@ -233,6 +236,11 @@ def _wait_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> di
     held = max(mem["active"] + mem["cache"], mem.get("device", 0))
     spare = {"pid": os.getpid(), "startup_s": time.perf_counter() - started, "bytes": held}
     send({"ev": "spare", **spare})
+    return _load_command()
+
+
+def _load_command() -> dict[str, Any] | None:
+    """The daemon's ``load`` command (None if the daemon went away)."""
     line = sys.stdin.buffer.readline()
     return protocol.decode(line) if line else None
 
@@ -320,6 +328,11 @@ def main() -> int:
     sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     parser = argparse.ArgumentParser(prog="python -m runner", description=__doc__)
     parser.add_argument("model_dir", nargs="?", help="omit to wait for a load command")
+    parser.add_argument(
+        "--spare",
+        action="store_true",
+        help="before the load command, import MLX and mlx-lm and start the device",
+    )
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
     out = _protocol_stdout()
@@ -329,7 +342,7 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     preload_blas()
-    return serve(args.model_dir, {"max_batch": args.max_batch}, out, started)
+    return serve(args.model_dir, {"max_batch": args.max_batch}, out, started, args.spare)
 
 
 if __name__ == "__main__":

@@ -71,12 +71,14 @@ class RunnerSpec:
         }
 
 
-async def spawn(python: str = sys.executable) -> trio.Process:
-    """Start a runner process with no model: it imports MLX and mlx-lm, then
-    waits for a ``load`` command."""
+async def spawn(python: str = sys.executable, *, spare: bool = False) -> trio.Process:
+    """Start a runner process with no model, to wait for a ``load`` command.
+    A spare first imports MLX and mlx-lm and starts the device; one started
+    for a load goes straight to the load (which imports what its engine needs)."""
     env = {**os.environ, "PYTHONPATH": package_root()}
+    command = [python, "-m", "runner", *(["--spare"] if spare else [])]
     return await trio.lowlevel.open_process(
-        [python, "-m", "runner"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
     )
 
 
@@ -146,7 +148,7 @@ class Spares:
                         await self._wake.wait()
                     continue
                 self._held(None)
-                spare = self._spare = _Spare(await spawn(self._python))
+                spare = self._spare = _Spare(await spawn(self._python, spare=True))
                 await self._announce(spare)
                 if not spare.ready:
                     log.error("a spare runner exited before it was ready; retrying later")
@@ -272,9 +274,7 @@ class RunnerProcess:
         try:
             async with aclosing(_lines(proc.stdout)) as lines:
                 with trio.move_on_after(self._load_timeout_s) as load_scope:
-                    first = await anext(lines, None)
-                    if first is not None and first.get("ev") == "spare":
-                        first = await anext(lines, None)
+                    first = await anext(lines, None)  # (a spare's "spare" line was read)
                 if load_scope.cancelled_caught or first is None or first.get("ev") != "ready":
                     proc.kill()
                     await proc.wait()

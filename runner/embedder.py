@@ -29,9 +29,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from runner.engine import Output, Stats
-from runner.prefix import Hit
 from runner.protocol import Generate
+from runner.steps import Hit, Output, Stats
 
 log = logging.getLogger("mlxd.runner")
 

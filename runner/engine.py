@@ -51,13 +51,12 @@ from mlx_lm.sample_utils import (
 )
 
 from runner.grammar import Constraint, Grammars
-from runner.prefix import Hit, PrefixCache, trimmable
+from runner.prefix import PrefixCache, trimmable
 from runner.protocol import Generate, Sampling
+from runner.steps import Hit, Logprobs, Output, Stats
 
 Sampler = Callable[[mx.array], mx.array]
 Processor = Callable[[mx.array, mx.array], mx.array]  # (tokens, logits) -> logits
-Logprobs = dict[str, Any]  # {"logprob": x, "top": [[token, x], ...]}
-Output = tuple[int, int, str | None, Logprobs | None]  # request id, token, finish, logprobs
 
 LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
 PREFILL_GAP_S = 0.2  # what an automatic chunk aims to take
@@ -175,16 +174,6 @@ class Sequence:
             return logits
 
         return [process]
-
-
-@attrs.define
-class Stats:
-    steps: int = 0
-    tokens: int = 0
-    prompt_tokens: int = 0
-    cancelled: int = 0
-    max_batch: int = 0
-    migrations: int = 0
 
 
 def _power_of_two(n: float) -> int:

@@ -48,6 +48,7 @@ from mlx_lm.models.cache import (
 )
 
 from runner import prefix_disk
+from runner.steps import Hit
 
 log = logging.getLogger("mlxd.prefix")
 Tokens = tuple[int, ...]
@@ -65,16 +66,6 @@ def trimmable(model: Any) -> bool:
 
 def nbytes(cache: list[Any]) -> int:
     return sum(c.nbytes for c in cache)
-
-
-@attrs.frozen
-class Hit:
-    """What a prompt reuses: a private cache holding its first ``tokens``
-    tokens (``None`` and 0 for a miss), and where it came from."""
-
-    cache: list[Any] | None = None
-    tokens: int = 0
-    source: str = ""  # "memory", "disk" or "" (a miss)
 
 
 @attrs.define

@@ -40,8 +40,8 @@ Commands (daemon → runner)::
 Events (runner → daemon)::
 
     {"ev": "spare", "pid": 123, "startup_s": 4.2, "bytes": 541065216}
-                                      started without a model: imports done and
-                                      device up, waiting for "load"; bytes: the
+                                      a spare (--spare) has its imports done and
+                                      device up, and waits for "load"; bytes: the
                                       memory it holds so (a CUDA context), as
                                       every runner does before its model
     {"ev": "ready", "pid": 123, "memory": {...}, "load_s": 0.4}

@@ -22,9 +22,8 @@ from typing import Any
 
 import attrs
 
-from runner.engine import Output, Stats
-from runner.prefix import Hit
 from runner.protocol import Generate
+from runner.steps import Hit, Output, Stats
 
 
 @attrs.define

@@ -63,11 +63,11 @@ def no_torch(marker: Path) -> Iterator[None]:
     assert not marker.exists(), f"torch was imported:\n{marker.read_text()}"
 
 
-async def test_spare_runner_loads_and_applies_a_grammar_without_torch(
+async def test_a_runner_loads_and_applies_a_grammar_without_torch(
     nursery: trio.Nursery, tiny_dir: Path, fake_torch: Path
 ) -> None:
-    # spawn() starts a spare (imports, warm-up, "spare" line); the load
-    # command follows, then a request whose grammar loads the llguidance tokenizer.
+    # The load imports mlx-lm (what a spare imports ahead), then a request's
+    # grammar loads the llguidance tokenizer.
     with no_torch(fake_torch), trio.fail_after(180):
         runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 2)).run)
         tokens: list[int] = []
