@@ -1,5 +1,7 @@
 """Web pages cannot drive mlxd: Host, Origin and Content-Type checks, CORS
-for listed origins only, API keys."""
+for listed origins only, API keys. The guard stands in front of every route,
+so the model behind it is a scripted one (``tests/scripted.py``), whose runner
+starts without importing mlx-lm."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import trio
 from api.guard import host_name
 from config.settings import ModelConfig
 from tests.conftest import TLS, running, settings_for
+from tests.scripted import scripted_model
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 APP = "https://app.example"
@@ -26,9 +29,10 @@ def test_host_names_lose_their_port() -> None:
 async def test_only_this_servers_hosts_and_listed_origins_get_answers(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
+    model = scripted_model(tiny_dir, tmp_path / "tiny", "Hello.")
     settings = settings_for(
         tmp_path,
-        ModelConfig("tiny", str(tiny_dir)),
+        ModelConfig("tiny", str(model)),
         allowed_hosts=("mlxd.lan",),
         cors_origins=(APP,),
     )
@@ -76,7 +80,8 @@ async def test_only_this_servers_hosts_and_listed_origins_get_answers(
 
 
 async def test_api_keys_are_required_and_health_is_open(tiny_dir: Path, tmp_path: Path) -> None:
-    settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir)), api_keys=("k1", "k2"))
+    model = ModelConfig("tiny", str(scripted_model(tiny_dir, tmp_path / "tiny", "Hello.")))
+    settings = settings_for(tmp_path, model, api_keys=("k1", "k2"))
     async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
         for key, status in (("k2", 200), ("k1", 200), ("k3", 401), ("k", 401), ("k1x", 401)):
