@@ -38,7 +38,7 @@ async def turn(daemon: Daemon, model: str, messages: list[dict[str, Any]]) -> tu
             model=model,
             messages=cast("list[ChatCompletionMessageParam]", messages),
             temperature=0,
-            max_tokens=12,
+            max_tokens=6,
             stream=True,
             stream_options={"include_usage": True},
         )

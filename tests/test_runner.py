@@ -44,13 +44,13 @@ async def test_joining_a_batch_and_leaving_it_keeps_greedy_output(
     a = texts.chat_prompt([{"role": "user", "content": "List three colours."}])
     b = texts.chat_prompt([{"role": "user", "content": "Name a fruit."}])
     runner = await nursery.start(RunnerProcess(RunnerSpec("smol", smollm2_dir, 4)).run)
-    alone = await tokens_of(runner, a, 24)
+    alone = await tokens_of(runner, a, 16)
 
     joined = trio.Event()
     results: dict[str, list[int]] = {}
 
     async def first() -> None:
-        results["a"] = await tokens_of(runner, a, 24, joined, after=4)
+        results["a"] = await tokens_of(runner, a, 16, joined, after=4)
 
     async def second() -> None:
         await joined.wait()
