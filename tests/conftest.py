@@ -2,20 +2,24 @@
 
 A test that needs a daemon of its own (one it configures, or whose counters,
 runners or logs it looks at) starts one in its own trio run (``running``,
-``tiny``). Tests that only send requests and read the answers share one
-``mlxd serve`` process (``serve_process``; ``shared_tiny``, one per test worker): a
-daemon, its runner and its first load cost seconds of CPU each time.
+``tiny``). Tests that only send requests and read the answers share one,
+served from a thread of the test worker (``serving``; ``shared_tiny``, one per
+worker): a daemon, its runner and its first load cost seconds of CPU each
+time. ``serve_process`` runs ``mlxd serve`` itself, for the tests of the
+process (its signals, its imports, the bundled model).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -128,7 +132,6 @@ def healthy(proc: subprocess.Popen[bytes], url: str) -> bool:
 class Daemon:
     url: str
     settings: Settings
-    log: Path | None = None  # a daemon process's log (one in this process logs to caplog)
 
     def client(self, timeout: float = 120) -> openai.AsyncOpenAI:
         """The official client; a request gives up after 120 s unless told
@@ -153,6 +156,42 @@ async def running(settings: Settings) -> AsyncIterator[Daemon]:
 
 
 @contextmanager
+def serving(settings: Settings) -> Iterator[Daemon]:
+    """A daemon for ``settings``, served from a thread of this process with a
+    trio run of its own: it outlives a test's trio run, so the tests of a
+    module (or of a whole worker) can share it, and it costs no process (whose
+    imports take three seconds of CPU)."""
+    started: queue.Queue[tuple[trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
+    failed: list[BaseException] = []
+
+    async def main() -> None:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, settings, stop)
+            started.put((trio.lowlevel.current_trio_token(), stop))
+
+    def run() -> None:
+        try:
+            trio.run(main)
+        except BaseException as e:
+            failed.append(e)
+            raise
+
+    thread = threading.Thread(target=run, name=f"mlxd:{settings.port}", daemon=True)
+    thread.start()
+    try:
+        token, stop = started.get(timeout=120)
+    except queue.Empty:
+        raise RuntimeError(f"the daemon did not start: {failed}") from None
+    try:
+        yield Daemon(f"http://{settings.host}:{settings.port}", settings)
+    finally:
+        trio.from_thread.run_sync(stop.set, trio_token=token)
+        thread.join(timeout=60)
+    assert not thread.is_alive() and not failed, failed
+
+
+@contextmanager
 def serve_process(
     work: Path, *models: dict[str, Any], cache_dir: Path | None = None, spare: bool = False
 ) -> Iterator[Daemon]:
@@ -167,7 +206,7 @@ def serve_process(
         toml += "[[models]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
     config = work / "mlxd.toml"
     config.write_text(toml)
-    daemon = Daemon(f"http://127.0.0.1:{port}", Settings.from_toml(config), work / "mlxd.log")
+    daemon = Daemon(f"http://127.0.0.1:{port}", Settings.from_toml(config))
     with (work / "mlxd.log").open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)],
@@ -207,9 +246,9 @@ async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
 
 @pytest.fixture(scope="session")
 def shared_tiny(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A daemon process serving the tiny model as "tiny", shared by the tests
-    (of every module a test worker runs) that change nothing another test
-    could see: no runner killed, no counters asserted."""
+    """A daemon serving the tiny model as "tiny", shared by the tests (of
+    every module a test worker runs) that change nothing another test could
+    see: no runner killed, no counters asserted."""
     work = tmp_path_factory.mktemp("shared-tiny")
-    with serve_process(work, {"name": "tiny", "path": str(tiny_dir), "max_concurrency": 8}) as d:
+    with serving(settings_for(work, ModelConfig("tiny", str(tiny_dir), max_concurrency=8))) as d:
         yield d

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import TLS, serve_process
+from config.settings import ModelConfig
+from tests.conftest import TLS, serving, settings_for
 from tests.scripted import scripted_model
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -77,7 +78,7 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
 def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("fuzz")
     model = scripted_model(tiny_dir, work / "m", "Hi there.")
-    with serve_process(work, {"name": "m", "path": str(model)}) as d:
+    with serving(settings_for(work, ModelConfig("m", str(model)))) as d:
         yield d.url
 
 

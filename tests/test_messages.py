@@ -12,7 +12,7 @@ import pytest
 from anthropic.types import Message, TextBlock, ToolUseBlock
 
 from config.settings import ModelConfig
-from tests.conftest import TLS, Daemon, running, serve_process, settings_for
+from tests.conftest import TLS, Daemon, running, serving, settings_for
 from tests.scripted import scripted_model
 
 THOUGHT = "The user wants the weather."
@@ -51,13 +51,13 @@ def client(daemon: Daemon, key: str = "unused") -> anthropic.AsyncAnthropic:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """One daemon process for the module's tests (they change nothing another
-    could see): the tiny model, and scripted agents that think and call tools."""
+    """One daemon for the module's tests (they change nothing another could
+    see): the tiny model, and scripted agents that think and call tools."""
     work = tmp_path_factory.mktemp("messages")
     agent = scripted_model(tiny_dir, work / "agent", f"<think>{THOUGHT}</think>\n\nOn it.{CALL}")
     twice = scripted_model(tiny_dir, work / "twice", CALL + CALL.replace("Paris", "Oslo"))
     models = {"tiny": tiny_dir, "agent": agent, "twice": twice}
-    with serve_process(work, *({"name": n, "path": str(p)} for n, p in models.items())) as d:
+    with serving(settings_for(work, *(ModelConfig(n, str(p)) for n, p in models.items()))) as d:
         yield d
 
 

@@ -3,6 +3,7 @@ item_reference, retrieve, delete, input items and input token counts."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,6 @@ from tests.scripted import scripted_model
 from tests.waiting import eventually
 
 ASK: dict[str, Any] = {"model": "tiny", "max_output_tokens": 6, "temperature": 0}
-
-
-def refusal_logged(daemon: Daemon) -> bool:
-    """Whether the daemon's log has the refusal of an unknown id, with its reason."""
-    assert daemon.log is not None
-    lines = daemon.log.read_text().splitlines()
-    refused = [line for line in lines if "status=404" in line]
-    return any("no stored response with id 'resp_nonesuch'" in line for line in refused)
 
 
 async def test_a_follow_up_continues_the_stored_conversation(shared_tiny: Daemon) -> None:
@@ -73,7 +66,14 @@ async def test_an_item_reference_stands_for_the_stored_item(shared_tiny: Daemon)
         assert reply.status in ("completed", "incomplete")
 
 
-async def test_unknown_deleted_and_unstored_responses_are_404(shared_tiny: Daemon) -> None:
+async def test_unknown_deleted_and_unstored_responses_are_404(
+    shared_tiny: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refusal_logged() -> bool:  # the refusal of the unknown id, with its reason
+        refused = [r.getMessage() for r in caplog.records if "status=404" in r.getMessage()]
+        return any("no stored response with id 'resp_nonesuch'" in line for line in refused)
+
+    caplog.set_level(logging.INFO, logger="mlxd.request")
     async with shared_tiny.client() as client:
         kept = await client.responses.create(input="Hi", **ASK)
         unkept = await client.responses.create(input="Hi", store=False, **ASK)
@@ -83,7 +83,7 @@ async def test_unknown_deleted_and_unstored_responses_are_404(shared_tiny: Daemo
             with pytest.raises(openai.NotFoundError) as e:
                 await client.responses.retrieve(gone)
             assert gone in str(e.value)
-        await eventually(lambda: refusal_logged(shared_tiny), what="the 404 in the log")
+        await eventually(refusal_logged, what="the 404 in the log")
         with pytest.raises(openai.NotFoundError) as e:
             await client.responses.create(previous_response_id=kept.id, input="Hi", **ASK)
         assert e.value.body["param"] == "previous_response_id"  # type: ignore[index]

@@ -14,7 +14,8 @@ from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMes
 from openai.types.responses import FunctionToolParam, ResponseReasoningItem
 
 from api.texts import Texts
-from tests.conftest import Daemon, serve_process
+from config.settings import ModelConfig
+from tests.conftest import Daemon, serving, settings_for
 from tests.scripted import agent_model, scripted_model
 
 THOUGHT = "The user wants the weather."
@@ -62,7 +63,7 @@ def agents(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         "broken": scripted_model(tiny_dir, work / "broken", BROKEN),
         "tiny-agent": agent_model(tiny_dir, work / "tiny-agent"),
     }
-    with serve_process(work, *[{"name": n, "path": str(p)} for n, p in models.items()]) as d:
+    with serving(settings_for(work, *(ModelConfig(n, str(p)) for n, p in models.items()))) as d:
         yield d
 
 
