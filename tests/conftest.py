@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -160,35 +160,38 @@ def serving(settings: Settings) -> Iterator[Daemon]:
     """A daemon for ``settings``, served from a thread of this process with a
     trio run of its own: it outlives a test's trio run, so the tests of a
     module (or of a whole worker) can share it, and it costs no process (whose
-    imports take three seconds of CPU)."""
-    started: queue.Queue[tuple[trio.lowlevel.TrioToken, trio.Event]] = queue.Queue()
-    failed: list[BaseException] = []
+    imports take three seconds of CPU). If the daemon fails, whoever waits on
+    it (the start, or the teardown) raises its error."""
+    news: queue.Queue[tuple[trio.lowlevel.TrioToken, trio.Event] | BaseException] = queue.Queue()
 
     async def main() -> None:
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, settings, stop)
-            started.put((trio.lowlevel.current_trio_token(), stop))
+            news.put((trio.lowlevel.current_trio_token(), stop))
 
     def run() -> None:
         try:
             trio.run(main)
         except BaseException as e:
-            failed.append(e)
-            raise
+            news.put(e)
 
     thread = threading.Thread(target=run, name=f"mlxd:{settings.port}", daemon=True)
     thread.start()
-    try:
-        token, stop = started.get(timeout=120)
-    except queue.Empty:
-        raise RuntimeError(f"the daemon did not start: {failed}") from None
+    started = news.get(timeout=120)
+    if isinstance(started, BaseException):
+        raise started
+    token, stop = started
     try:
         yield Daemon(f"http://{settings.host}:{settings.port}", settings)
     finally:
-        trio.from_thread.run_sync(stop.set, trio_token=token)
+        with suppress(trio.RunFinishedError):  # it failed already: its error follows
+            trio.from_thread.run_sync(stop.set, trio_token=token)
         thread.join(timeout=60)
-    assert not thread.is_alive() and not failed, failed
+    assert not thread.is_alive(), "the daemon did not stop"
+    failure = None if news.empty() else news.get()
+    if isinstance(failure, BaseException):
+        raise failure
 
 
 @contextmanager
