@@ -94,24 +94,40 @@ def answer(engine: Engine, texts: Texts, prompt: list[int], beside: bool) -> tup
     return out, hit.tokens
 
 
-@pytest.mark.parametrize("beside", [False, True], ids=["alone", "batched"])
-def test_a_conversation_reuses_its_prefix_and_says_the_same(
-    smol: tuple[Any, Texts], beside: bool
-) -> None:
+@attrs.frozen
+class Turn:
+    prompt: list[int]
+    answer: list[int]  # greedy, with no cache and no other request
+
+
+@pytest.fixture(scope="module")
+def conversation(smol: tuple[Any, Texts]) -> list[Turn]:
+    """Three turns of a conversation, each answered with no cache."""
     model, texts = smol
-    cached = Engine(model, 4, prefixes=PrefixCache(model, 1 << 30), chunk=64)
     plain = Engine(model, 4, chunk=64)
     messages: list[dict[str, Any]] = [SYSTEM]
-    reused = []
+    turns = []
     for question in ("List three colours.", "And three fruits?", "Which is the sweetest?"):
         messages.append({"role": "user", "content": question})
         prompt = texts.chat_prompt(messages)
-        with_cache, hit = answer(cached, texts, prompt, beside)
-        without, _ = answer(plain, texts, prompt, beside)
-        assert with_cache == without
-        reused.append((hit, len(prompt)))
-        reply = texts.tokenizer.decode([t for t in with_cache if t not in texts.stop_ids])
+        out, _ = answer(plain, texts, prompt, beside=False)
+        turns.append(Turn(prompt, out))
+        reply = texts.tokenizer.decode([t for t in out if t not in texts.stop_ids])
         messages.append({"role": "assistant", "content": reply})
+    return turns
+
+
+@pytest.mark.parametrize("beside", [False, True], ids=["alone", "batched"])
+def test_a_conversation_reuses_its_prefix_and_says_the_same(
+    smol: tuple[Any, Texts], conversation: list[Turn], beside: bool
+) -> None:
+    model, texts = smol
+    cached = Engine(model, 4, prefixes=PrefixCache(model, 1 << 30), chunk=64)
+    reused = []
+    for turn in conversation:
+        with_cache, hit = answer(cached, texts, turn.prompt, beside)
+        assert with_cache == turn.answer  # batched or not, what it says without a cache
+        reused.append((hit, len(turn.prompt)))
     assert reused[0][0] == 0
     # Each follow-up reuses the whole earlier conversation, up to the new turn.
     assert reused[0][1] < reused[1][0] < reused[1][1] < reused[2][0] < reused[2][1]
