@@ -76,7 +76,7 @@ async def three(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
 async def test_three_models_take_turns_under_a_budget_for_two(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    turns = NAMES * 2
+    turns = (*NAMES, "a")  # c evicts a, then a evicts b: each time the least recently used
     async with (
         three_models(tiny_dir, tmp_path, spare=True) as three,  # the budget holds a spare too
         three.client() as client,
