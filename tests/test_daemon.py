@@ -17,12 +17,16 @@ from tests.waiting import eventually_blocking
 
 
 @pytest.fixture
-def config(tmp_path: Path, tiny_dir: Path) -> Path:
+def config(request: pytest.FixtureRequest, tmp_path: Path, tiny_dir: Path) -> Path:
+    """The daemon's config: no spare runner (a process whose imports cost two
+    seconds of CPU) unless a test asks for one (``indirect`` ``True``)."""
+    spare = getattr(request, "param", False)
     path = tmp_path / "mlxd.toml"
     path.write_text(f"""
 port = {free_port()}
 cache_dir = "{tmp_path / "cache"}"
 shutdown_grace_s = 20
+spare_runner = {str(spare).lower()}
 [[models]]
 name = "tiny"
 path = "{tiny_dir}"
@@ -50,6 +54,7 @@ def daemon(config: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
+@pytest.mark.parametrize("config", [True], ids=["with a spare"], indirect=True)
 def test_sigterm_mid_stream_finishes_the_stream_and_leaves_no_runner(
     daemon: subprocess.Popen[bytes], config: Path
 ) -> None:
@@ -66,13 +71,15 @@ def test_sigterm_mid_stream_finishes_the_stream_and_leaves_no_runner(
                 events.append(line)
             if len(events) == 3 and daemon.returncode is None and not signalled:
                 signalled = True
-                runner_pid = http.get(f"{url}/api/ps").json()["models"][0]["pid"]
+                pool = http.get(f"{url}/api/ps").json()
+                pids = [pool["models"][0]["pid"], pool["spare"]["pid"]]  # (a spare may be starting)
                 daemon.send_signal(signal.SIGTERM)
     assert events[-1] == "data: [DONE]"
     assert '"finish_reason":"length"' in events[-2]
     assert daemon.wait(timeout=30) == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(runner_pid, 0)
+    for pid in filter(None, pids):  # the model's runner and the spare are gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_second_daemon_on_the_same_port_exits_with_a_clear_error(
