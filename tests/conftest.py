@@ -11,9 +11,11 @@ process (its signals, its imports, the bundled model).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
+import shutil
 import signal
 import socket
 import ssl
@@ -102,13 +104,21 @@ def minilm_dir(model_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run(
-        [sys.executable, "-m", "bench.random_model", "tiny", str(smollm2_dir), str(out)],
-        check=True,
-        cwd=TESTS.parent,
-    )
+def tiny_dir(smollm2_dir: Path, model_cache: Path) -> Path:
+    """The tiny random model (``bench/random_model.py``), made once per cache
+    by the first test worker to ask, and again when that script changes."""
+    script = TESTS.parent / "bench" / "random_model.py"
+    out = model_cache / f"tiny-{hashlib.sha256(script.read_bytes()).hexdigest()[:16]}"
+    with FileLock(model_cache / "tiny.lock"):
+        if not out.is_dir():
+            part = model_cache / "tiny.part"
+            shutil.rmtree(part, ignore_errors=True)
+            subprocess.run(
+                [sys.executable, "-m", "bench.random_model", "tiny", str(smollm2_dir), str(part)],
+                check=True,
+                cwd=TESTS.parent,
+            )
+            part.rename(out)
     return out
 
 
