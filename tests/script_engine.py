@@ -7,7 +7,8 @@ tokenizer files, for the daemon; ``tests/scripted.py`` writes one) loads this
 engine instead of MLX weights: each request gets the script's tokens, one per
 step, through the same events, stop-token, ``max_tokens`` and cancellation
 handling as a real model. Only the sampling is absent: there are no logits to
-sample from.
+sample from. ``"step_s"`` makes each step take that long, as a real model's
+decode does (a stream that must still be running when a test acts on it).
 
 The runner reaches it through its engine hook: the tests set
 ``MLXD_ENGINE=tests.script_engine:load`` (``tests/conftest.py``), and
@@ -17,6 +18,7 @@ The runner reaches it through its engine hook: the tests set
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +39,10 @@ class ScriptEngine:
     model = None
     chunk = 0
 
-    def __init__(self, script: list[int], max_batch: int) -> None:
+    def __init__(self, script: list[int], max_batch: int, step_s: float = 0.0) -> None:
         self.script = script
         self.max_batch = max_batch
+        self.step_s = step_s
         self.stats = Stats()
         self._running: dict[int, _Replay] = {}
 
@@ -69,6 +72,8 @@ class ScriptEngine:
         self.reset()
 
     def step(self) -> list[Output]:
+        if self._running and self.step_s:
+            time.sleep(self.step_s)
         out: list[Output] = []
         for replay in list(self._running.values())[: self.max_batch]:
             req = replay.req
@@ -94,4 +99,5 @@ def load(model_dir: Path, options: dict[str, Any]) -> ScriptEngine | None:
     config = json.loads((model_dir / "config.json").read_text())
     if config.get("model_type") != "mlxd_script":
         return None
-    return ScriptEngine([int(t) for t in config["script"]], int(options.get("max_batch", 8)))
+    script = [int(t) for t in config["script"]]
+    return ScriptEngine(script, int(options.get("max_batch", 8)), float(config.get("step_s", 0)))

@@ -75,8 +75,11 @@ def agent_model(model_dir: Path, out: Path) -> Path:
     return out
 
 
-def scripted_model(tokenizer_dir: Path, out: Path, text: str) -> Path:
-    """A model that answers every request with ``text`` and then end-of-turn."""
+def scripted_model(
+    tokenizer_dir: Path, out: Path, text: str, step_s: float = 0.0, context: int = 4096
+) -> Path:
+    """A model that answers every request with ``text`` and then end-of-turn,
+    a token every ``step_s`` seconds, in a context of ``context`` tokens."""
     agent_tokenizer(tokenizer_dir, out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = tok.token_to_id("<|im_end|>")
@@ -84,7 +87,8 @@ def scripted_model(tokenizer_dir: Path, out: Path, text: str) -> Path:
         "model_type": "mlxd_script",
         "script": [*tok.encode(text, add_special_tokens=False).ids, eos],
         "eos_token_id": eos,
-        "max_position_embeddings": 4096,
+        "max_position_embeddings": context,
+        "step_s": step_s,
     }
     (out / "config.json").write_text(json.dumps(config))
     return out

@@ -1,5 +1,8 @@
 """One client's bad request touches nobody else (the findings of the
-hardening issue, each tried as a careless or hostile client would)."""
+hardening issue, each tried as a careless or hostile client would).
+
+Where what the model computes plays no part, the model is a scripted one
+(``tests/scripted.py``): its runner starts in a fifth of the CPU time."""
 
 from __future__ import annotations
 
@@ -8,18 +11,35 @@ import os
 import shutil
 import signal
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from config.settings import ModelConfig
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
 from tests.conftest import TLS, Daemon, running, settings_for
+from tests.scripted import scripted_model
 from tests.waiting import eventually
 
 CHAT = [{"role": "user", "content": "Say something."}]
+WORDS = "word " * 2000  # a scripted answer of 2,000 tokens
+
+
+def talker(tiny_dir: Path, tmp_path: Path, step_s: float = 0.0, context: int = 4096) -> Path:
+    """A scripted model that says ``WORDS``, a token every ``step_s`` seconds."""
+    return scripted_model(tiny_dir, tmp_path / "talker", WORDS, step_s, context)
+
+
+@pytest.fixture
+async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon serving a scripted model as "tiny"."""
+    settings = settings_for(tmp_path, ModelConfig("tiny", str(talker(tiny_dir, tmp_path))))
+    async with running(settings) as daemon:
+        yield daemon
 
 
 async def test_poison_values_and_malformed_bodies_are_refused_and_the_stream_beside_completes(
@@ -109,9 +129,10 @@ async def test_ps_answers_while_a_runner_is_frozen_and_the_runner_serves_after(
 
 
 async def test_a_stats_waiter_that_gives_up_leaves_the_runner_alone(
-    nursery: trio.Nursery, tiny_dir: Path
+    nursery: trio.Nursery, tiny_dir: Path, tmp_path: Path
 ) -> None:
-    runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 4)).run)
+    spec = RunnerSpec("tiny", talker(tiny_dir, tmp_path), 4)
+    runner = await nursery.start(RunnerProcess(spec).run)
     with trio.move_on_after(0):  # gone before the runner can answer
         await runner.stats()
     assert (await runner.stats())["active"] == 0  # the late answer went nowhere
@@ -132,8 +153,9 @@ async def test_a_model_with_corrupt_weights_fails_clearly_and_the_others_serve(
     (weights,) = broken.glob("*.safetensors")
     with weights.open("r+b") as f:
         f.write(b"\xff" * 6)  # a header "length" of 281 TB
+    tiny = talker(tiny_dir, tmp_path)
     settings = settings_for(
-        tmp_path, ModelConfig("broken", str(broken)), ModelConfig("tiny", str(tiny_dir))
+        tmp_path, ModelConfig("broken", str(broken)), ModelConfig("tiny", str(tiny))
     )
     async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
@@ -193,7 +215,8 @@ async def _wait_for(http: httpx.AsyncClient, url: str, what: str, n: int) -> Non
 async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_again(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir)), runner_timeout_s=2.0)
+    paced = talker(tiny_dir, tmp_path, step_s=0.01)  # 400 tokens take 4 s
+    settings = settings_for(tmp_path, ModelConfig("tiny", str(paced)), runner_timeout_s=2.0)
     async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 400, "ignore_eos": True}
@@ -216,7 +239,8 @@ async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_a
 async def test_a_request_whose_client_left_while_queued_is_logged_and_counted(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    model = ModelConfig("tiny", str(_long(tiny_dir, tmp_path)), max_concurrency=1)
+    paced = talker(tiny_dir, tmp_path, step_s=0.01, context=16384)  # the hog runs for 20 s
+    model = ModelConfig("tiny", str(paced), max_concurrency=1)
     async with running(settings_for(tmp_path, model)) as daemon:
         async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
             url = f"{daemon.url}/v1/chat/completions"
