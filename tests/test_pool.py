@@ -1,8 +1,11 @@
-"""The pool end to end: real runners, real tiny MLX models, real HTTP."""
+"""The pool end to end: real runners, real HTTP; real tiny MLX models where
+memory is measured, scripted ones (``tests/scripted.py``) where the pool's
+bookkeeping is the point."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,6 +21,7 @@ from config.settings import ModelConfig
 from daemon.cli import main
 from scheduler import memory
 from tests.conftest import TLS, Daemon, running, settings_for
+from tests.scripted import scripted_model
 from tests.waiting import eventually
 
 NAMES = ("a", "b", "c")
@@ -69,7 +73,14 @@ async def three_models(tiny_dir: Path, tmp_path: Path, spare: bool) -> AsyncIter
 
 @pytest.fixture
 async def three(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
-    async with three_models(tiny_dir, tmp_path, spare=False) as daemon:
+    """Three scripted models in the tiny model's 512-token context, a token
+    every 20 ms, one request at a time and one more waiting."""
+    talker = scripted_model(tiny_dir, tmp_path / "talker", "word " * 600, step_s=0.02, context=512)
+    models = [
+        ModelConfig(n, str(talker), max_concurrency=1, queue_limit=1, keep_alive_s=600)
+        for n in NAMES
+    ]
+    async with running(settings_for(tmp_path, *models)) as daemon:
         yield daemon
 
 
@@ -199,7 +210,7 @@ async def test_cli_ps_load_unload_talk_to_the_daemon(
     out = capsys.readouterr().out
     assert "a: loaded" in out
     row = next(line for line in out.splitlines() if line.startswith("a "))
-    assert "ready" in row and "MiB" in row
+    assert "ready" in row and re.search(r"\d\.\d [KMG]iB", row)  # its charge, in human units
     assert "spare runner: off" in out  # (settings_for turns it off)
     assert await trio.to_thread.run_sync(main, ["unload", "a", *port]) == 0
     await pool_where(three, lambda pool: not resident(pool), "a unloaded")
