@@ -1,8 +1,9 @@
 """The HTTP API against real runners on a tiny random-weight model.
 
 Tests that only send requests and read answers share one daemon
-(``shared_tiny``); those that kill its runner or count its cancellations have
-their own (``tiny``)."""
+(``shared_tiny``); the one that counts its runner's cancellations has its own
+(``tiny``), and the one that kills its runner its own with a scripted model
+(``talker``: what the model computes plays no part there)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import json
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,10 +21,20 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import TLS, Daemon
+from config.settings import ModelConfig
+from tests.conftest import TLS, Daemon, running, settings_for
+from tests.scripted import scripted_model
 from tests.waiting import eventually
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture
+async def talker(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon serving a scripted model (``tests/scripted.py``) as "tiny"."""
+    model = scripted_model(tiny_dir, tmp_path / "talker", "word " * 500)
+    async with running(settings_for(tmp_path, ModelConfig("tiny", str(model)))) as daemon:
+        yield daemon
 
 
 async def ps(daemon: Daemon, model: str = "tiny") -> dict[str, Any]:
@@ -208,10 +221,10 @@ async def test_malformed_and_oversized_bodies(shared_tiny: Daemon) -> None:
         assert missing.status_code == 404 and "error" in missing.json()
 
 
-async def test_runner_killed_mid_stream_ends_the_stream_with_an_error(tiny: Daemon) -> None:
-    async with tiny.client() as client:
+async def test_runner_killed_mid_stream_ends_the_stream_with_an_error(talker: Daemon) -> None:
+    async with talker.client() as client:
         await client.completions.create(model="tiny", prompt="Go", max_tokens=1)
-        pid = (await ps(tiny))["pid"]
+        pid = (await ps(talker))["pid"]
         # Frozen before the stream opens, so the kill lands while it is under
         # way (the tiny model could otherwise send all 400 tokens before the
         # client read the first).
