@@ -13,6 +13,7 @@ from api.texts import Texts
 from runner.client import RunnerProcess, RunnerSpec
 from runner.errors import LoadFailed, RunnerGone
 from runner.protocol import Generate, Sampling
+from tests.scripted import scripted_model
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -73,8 +74,12 @@ async def test_bad_model_directory_fails_to_load_clearly(tmp_path: Path) -> None
     assert "'broken' failed to load" in str(info.value)
 
 
-async def test_killed_runner_fails_its_streams(nursery: trio.Nursery, tiny_dir: Path) -> None:
-    runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", tiny_dir, 2)).run)
+async def test_killed_runner_fails_its_streams(
+    nursery: trio.Nursery, tiny_dir: Path, tmp_path: Path
+) -> None:
+    # a scripted model (tests/scripted.py), a token every 10 ms: still going when killed
+    talker = scripted_model(tiny_dir, tmp_path / "talker", "word " * 1000, step_s=0.01)
+    runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", talker, 2)).run)
     assert runner.pid is not None
     errors = []
     async with runner.generate(Generate([1, 2, 3], 10_000, GREEDY)) as chunks:
