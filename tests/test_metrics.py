@@ -156,10 +156,10 @@ async def test_prometheus_scrapes_and_every_dashboard_query_returns_data(
                 except httpx.TransportError:
                     return False
 
+            await traffic(tiny)  # while Prometheus starts (seconds)
             await eventually(scraped, what="Prometheus to start and scrape mlxd")
-            await traffic(tiny)
 
-            async def every_panel_has_data() -> bool:  # once scrapes after the traffic came
+            async def every_panel_has_data() -> bool:  # once two scrapes came (for rates)
                 for title, expr in dashboard_queries():
                     expr = expr.replace("$model", ".*").replace("$__rate_interval", "1m")
                     assert await query(expr), f"panel {title!r}: no data for {expr}"
