@@ -110,6 +110,7 @@ class Spares:
     """
 
     RETRY_S = 30.0  # after a spare died before it was ready
+    LOOK_S = 1.0  # how often the keeper looks, also for a spare that died
     START_TIMEOUT_S = 120.0  # a spare still starting after this is stuck
 
     def __init__(self, python: str = sys.executable, *, enabled: bool = True) -> None:
@@ -144,7 +145,7 @@ class Spares:
                     self._held(0)
                 if self._loads or alive or not self._fits():
                     self._wake = trio.Event()
-                    with trio.move_on_after(1.0):  # also notices a spare that died
+                    with trio.move_on_after(self.LOOK_S):  # also notices a spare that died
                         await self._wake.wait()
                     continue
                 self._held(None)

@@ -93,11 +93,12 @@ async def test_the_pool_hears_what_a_spare_holds_and_says_when_one_may_start(
 
 async def test_no_spare_starts_while_a_load_is_under_way(nursery: trio.Nursery) -> None:
     spares, spare = await started_spares(nursery)
+    spares.LOOK_S = 0.1
     with spares.loading():
         proc = await spares.take()
         assert proc.pid == spare
-        await trio.sleep(2.5)  # not a wait: a spare must not start meanwhile (the keeper
-        # looks every second)
+        await trio.sleep(0.5)  # not a wait: a spare must not start meanwhile (the keeper
+        # looks five times)
         assert spares.status() == {"state": "none", "pid": None, "bytes": 0}
     assert await ready_spare(spares) != spare
     proc.kill()
