@@ -182,7 +182,8 @@ async def test_errors_take_anthropics_shape_and_keys_go_in_x_api_key(
         with pytest.raises(anthropic.NotFoundError) as missing:
             await c.messages.create(model="nope", max_tokens=8, messages=HI)
         assert error_type(missing.value) == "not_found_error"
-    keyed = settings_for(tmp_path / "keyed", ModelConfig("tiny", str(tiny_dir)), api_keys=("k1",))
+    talker = scripted_model(tiny_dir, tmp_path / "talker", "Hello there, friend.")  # keys alone
+    keyed = settings_for(tmp_path / "keyed", ModelConfig("tiny", str(talker)), api_keys=("k1",))
     async with running(keyed) as d:
         async with client(d, "k1") as good, client(d, "wrong") as bad_key:
             reply = await good.messages.create(model="tiny", max_tokens=2, messages=HI)
