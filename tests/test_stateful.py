@@ -97,9 +97,10 @@ async def test_unknown_deleted_and_unstored_responses_are_404(
 async def test_one_keys_responses_are_invisible_to_another_and_outlive_a_restart(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
+    talker = scripted_model(tiny_dir, tmp_path / "talker", "Hello there, friend.")  # keys alone
     settings = settings_for(
         tmp_path,
-        ModelConfig("tiny", str(tiny_dir)),
+        ModelConfig("tiny", str(talker)),
         api_keys=("key-one", "key-two"),
         persist_responses=True,
     )
