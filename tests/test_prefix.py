@@ -229,25 +229,20 @@ class Saved:
 
 
 @pytest.fixture(scope="module")
-def written(smol: tuple[Any, Texts], tmp_path_factory: pytest.TempPathFactory) -> Saved:
+def written(
+    smol: tuple[Any, Texts], conversation: list[Turn], tmp_path_factory: pytest.TempPathFactory
+) -> Saved:
+    """The conversation's first turn answered with a cache, which an unload
+    writes to disk; its second turn is the follow-up."""
     model, texts = smol
     where = tmp_path_factory.mktemp("prefixes") / "model"
     cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30))
-    first = texts.chat_prompt([SYSTEM, {"role": "user", "content": "Name a colour."}])
-    out, _ = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, first, beside=False)
+    first, follow = conversation[0], conversation[1]
+    out, _ = answer(Engine(model, 4, prefixes=cache, chunk=64), texts, first.prompt, beside=False)
+    assert out == first.answer
     assert cache.persist() == 1
     assert cache.nbytes == 0  # written and dropped from memory
-    reply = texts.tokenizer.decode([t for t in out if t not in texts.stop_ids])
-    follow = texts.chat_prompt(
-        [
-            SYSTEM,
-            {"role": "user", "content": "Name a colour."},
-            {"role": "assistant", "content": reply},
-            {"role": "user", "content": "Another one?"},
-        ]
-    )
-    expected, _ = answer(Engine(model, 4, chunk=64), texts, follow, beside=False)
-    return Saved(where, first, follow, expected)
+    return Saved(where, first.prompt, follow.prompt, follow.answer)
 
 
 @pytest.fixture
