@@ -4,6 +4,7 @@ bundled SmolLM2 (its answers, unlike a random model's, do not hang on rounding).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -12,7 +13,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from config.settings import ModelConfig
-from tests.conftest import TLS, Daemon, running, settings_for
+from tests.conftest import TLS, Daemon, running, serving, settings_for
 from tests.test_pool import pool_where, resident
 
 SYSTEM = {"role": "system", "content": "You answer in one short sentence. " * 6}
@@ -21,13 +22,19 @@ QUESTIONS = ("Name a colour.", "Name a fruit.", "Name a city.")
 
 @pytest.fixture
 async def smol(smollm2_dir: Path, tmp_path: Path) -> Any:
-    """``smol`` keeps prefixes; ``plain`` is the same model without them."""
-    settings = settings_for(
-        tmp_path,
-        ModelConfig("smol", str(smollm2_dir), keep_alive_s=600),
-        ModelConfig("plain", str(smollm2_dir), prefix_cache_bytes=0),
-    )
+    """A daemon of the test's own, whose ``smol`` keeps prefixes."""
+    settings = settings_for(tmp_path, ModelConfig("smol", str(smollm2_dir), keep_alive_s=600))
     async with running(settings) as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def plain(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The same model without a prefix cache, in a daemon the module shares
+    (it keeps nothing from one request to the next)."""
+    work = tmp_path_factory.mktemp("plain")
+    model = ModelConfig("plain", str(smollm2_dir), prefix_cache_bytes=0)
+    with serving(settings_for(work, model)) as daemon:
         yield daemon
 
 
@@ -59,7 +66,7 @@ async def pool(daemon: Daemon) -> dict[str, Any]:
 
 
 async def test_a_conversation_reports_growing_cached_tokens_and_says_the_same(
-    smol: Daemon, caplog: pytest.LogCaptureFixture
+    smol: Daemon, plain: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     messages: list[dict[str, Any]] = [SYSTEM]
     cached = []
@@ -67,14 +74,13 @@ async def test_a_conversation_reports_growing_cached_tokens_and_says_the_same(
         for question in QUESTIONS:
             messages.append({"role": "user", "content": question})
             text, reused = await turn(smol, "smol", messages)
-            assert (text, 0) == await turn(smol, "plain", messages)
+            assert (text, 0) == await turn(plain, "plain", messages)
             cached.append(reused)
             messages.append({"role": "assistant", "content": text})
     assert cached[0] == 0 < cached[1] < cached[2]
     assert f"cached_tokens={cached[2]}" in caplog.text
-    resident = await pool(smol)
-    assert resident["smol"]["prefix_cache"]["bytes"] > 0
-    assert resident["plain"]["prefix_cache"]["bytes"] == 0
+    assert (await pool(smol))["smol"]["prefix_cache"]["bytes"] > 0
+    assert (await pool(plain))["plain"]["prefix_cache"]["bytes"] == 0
 
     async with smol.client(timeout=120) as client:  # the Responses API reports it too
         reply = await client.responses.create(
@@ -88,7 +94,7 @@ async def test_a_conversation_reports_growing_cached_tokens_and_says_the_same(
 
 
 async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(
-    smol: Daemon, capfd: pytest.CaptureFixture[str]
+    smol: Daemon, plain: Daemon, capfd: pytest.CaptureFixture[str]
 ) -> None:
     messages: list[dict[str, Any]] = [SYSTEM, {"role": "user", "content": QUESTIONS[0]}]
     text, _ = await turn(smol, "smol", messages)
@@ -101,7 +107,7 @@ async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(
         again, reused = await turn(smol, "smol", messages)
         assert reused > len(SYSTEM["content"]) // 8  # at least the system prompt, from disk
         assert "while the weights loaded" in capfd.readouterr().err  # the load read it
-        assert (again, 0) == await turn(smol, "plain", messages)
+        assert (again, 0) == await turn(plain, "plain", messages)
         metrics = (await http.get(f"{smol.url}/metrics")).text
     assert 'mlxd_prefix_cache_hits_total{model="smol"} 1.0' in metrics
     assert 'mlxd_prefix_cache_misses_total{model="smol"} 1.0' in metrics
