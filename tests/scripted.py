@@ -92,3 +92,12 @@ def scripted_model(
     }
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+WORDS = "word " * 2000  # longer than any test lets a stream run
+
+
+def talking_model(tokenizer_dir: Path, out: Path, step_s: float = 0.0, context: int = 4096) -> Path:
+    """A scripted model that says ``WORDS``: for the tests of the daemon and
+    its runners, where what a model computes plays no part."""
+    return scripted_model(tokenizer_dir, out, WORDS, step_s, context)

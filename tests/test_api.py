@@ -3,7 +3,7 @@
 Tests that only send requests and read answers share one daemon
 (``shared_tiny``); the one that counts its runner's cancellations has its own
 (``tiny``), and the one that kills its runner its own with a scripted model
-(``talker``: what the model computes plays no part there)."""
+(``talker``)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,20 +19,10 @@ import pytest
 import trio
 from openai.types.chat import ChatCompletionMessageParam
 
-from config.settings import ModelConfig
-from tests.conftest import TLS, Daemon, running, settings_for
-from tests.scripted import scripted_model
+from tests.conftest import TLS, Daemon
 from tests.waiting import eventually
 
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say something."}]
-
-
-@pytest.fixture
-async def talker(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
-    """A daemon serving a scripted model (``tests/scripted.py``) as "tiny"."""
-    model = scripted_model(tiny_dir, tmp_path / "talker", "word " * 500)
-    async with running(settings_for(tmp_path, ModelConfig("tiny", str(model)))) as daemon:
-        yield daemon
 
 
 async def ps(daemon: Daemon, model: str = "tiny") -> dict[str, Any]:

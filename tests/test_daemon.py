@@ -17,17 +17,17 @@ import httpx
 import pytest
 
 from tests.conftest import TLS, free_port, healthy
-from tests.scripted import scripted_model
+from tests.scripted import talking_model
 from tests.waiting import eventually_blocking
 
 
 @pytest.fixture
-def talker(tiny_dir: Path, tmp_path: Path) -> Path:
-    return scripted_model(tiny_dir, tmp_path / "talker", "word " * 1000, step_s=0.005)
+def scripted(tiny_dir: Path, tmp_path: Path) -> Path:
+    return talking_model(tiny_dir, tmp_path / "talker", step_s=0.005)
 
 
 @pytest.fixture
-def config(request: pytest.FixtureRequest, tmp_path: Path, talker: Path) -> Path:
+def config(request: pytest.FixtureRequest, tmp_path: Path, scripted: Path) -> Path:
     """The daemon's config: no spare runner (a process whose imports cost two
     seconds of CPU) unless a test asks for one (``indirect`` ``True``)."""
     spare = getattr(request, "param", False)
@@ -39,7 +39,7 @@ shutdown_grace_s = 20
 spare_runner = {str(spare).lower()}
 [[models]]
 name = "tiny"
-path = "{talker}"
+path = "{scripted}"
 """)
     return path
 
@@ -111,7 +111,7 @@ def models_of(url: str) -> set[str]:
 
 
 def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
-    daemon: subprocess.Popen[bytes], config: Path, talker: Path
+    daemon: subprocess.Popen[bytes], config: Path, scripted: Path
 ) -> None:
     url = f"http://127.0.0.1:{port_of(config)}"
     original = config.read_text()
@@ -128,7 +128,7 @@ def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
             if len(events) != 3:  # once, at the third event
                 continue
             assert models_of(url) == {"tiny"}
-            config.write_text(original + f'[[models]]\nname = "added"\npath = "{talker}"\n')
+            config.write_text(original + f'[[models]]\nname = "added"\npath = "{scripted}"\n')
             daemon.send_signal(signal.SIGHUP)
             eventually_blocking(
                 lambda: models_of(url) == {"tiny", "added"}, what="the added model to be served"

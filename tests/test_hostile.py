@@ -11,43 +11,27 @@ import os
 import shutil
 import signal
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 import trio
 
 from config.settings import ModelConfig
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
 from tests.conftest import TLS, Daemon, running, settings_for
-from tests.scripted import scripted_model
+from tests.scripted import talking_model
 from tests.waiting import eventually
 
 CHAT = [{"role": "user", "content": "Say something."}]
-WORDS = "word " * 2000  # a scripted answer of 2,000 tokens
-
-
-def talker(tiny_dir: Path, tmp_path: Path, step_s: float = 0.0, context: int = 4096) -> Path:
-    """A scripted model that says ``WORDS``, a token every ``step_s`` seconds."""
-    return scripted_model(tiny_dir, tmp_path / "talker", WORDS, step_s, context)
-
-
-@pytest.fixture
-async def tiny(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
-    """A daemon serving a scripted model as "tiny"."""
-    settings = settings_for(tmp_path, ModelConfig("tiny", str(talker(tiny_dir, tmp_path))))
-    async with running(settings) as daemon:
-        yield daemon
 
 
 async def test_poison_values_and_malformed_bodies_are_refused_and_the_stream_beside_completes(
-    tiny: Daemon,
+    talker: Daemon,
 ) -> None:
     """Each check is tried directly in ``test_requests.py``; here the refusals
     come over HTTP while another client's stream runs, which completes."""
-    url = f"{tiny.url}/v1/chat/completions"
+    url = f"{talker.url}/v1/chat/completions"
     async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
         body = {"model": "tiny", "messages": CHAT, "max_tokens": 64, "temperature": 1.0}
         body |= {"stream": True, "ignore_eos": True}
@@ -109,29 +93,29 @@ async def test_a_failed_step_fails_its_requests_and_the_runner_samples_on(
 
 
 async def test_ps_answers_while_a_runner_is_frozen_and_the_runner_serves_after(
-    tiny: Daemon,
+    talker: Daemon,
 ) -> None:
     async with httpx.AsyncClient(timeout=120, verify=TLS) as http:
         chat = {"model": "tiny", "messages": CHAT, "max_tokens": 4}
-        assert (await http.post(f"{tiny.url}/v1/chat/completions", json=chat)).status_code == 200
-        (entry,) = (await http.get(f"{tiny.url}/api/ps")).json()["models"]
+        assert (await http.post(f"{talker.url}/v1/chat/completions", json=chat)).status_code == 200
+        (entry,) = (await http.get(f"{talker.url}/api/ps")).json()["models"]
         os.kill(entry["pid"], signal.SIGSTOP)  # as busy as a runner gets
         try:
             for _ in range(3):  # however often asked, and whoever gives up
                 with trio.move_on_after(0.01):
-                    await http.get(f"{tiny.url}/api/ps")
-                ps = await http.get(f"{tiny.url}/api/ps", timeout=10)
+                    await http.get(f"{talker.url}/api/ps")
+                ps = await http.get(f"{talker.url}/api/ps", timeout=10)
                 assert ps.status_code == 200
                 assert ps.json()["models"][0]["state"] == "ready"
         finally:
             os.kill(entry["pid"], signal.SIGCONT)
-        assert (await http.post(f"{tiny.url}/v1/chat/completions", json=chat)).status_code == 200
+        assert (await http.post(f"{talker.url}/v1/chat/completions", json=chat)).status_code == 200
 
 
 async def test_a_stats_waiter_that_gives_up_leaves_the_runner_alone(
     nursery: trio.Nursery, tiny_dir: Path, tmp_path: Path
 ) -> None:
-    spec = RunnerSpec("tiny", talker(tiny_dir, tmp_path), 4)
+    spec = RunnerSpec("tiny", talking_model(tiny_dir, tmp_path / "talker"), 4)
     runner = await nursery.start(RunnerProcess(spec).run)
     with trio.move_on_after(0):  # gone before the runner can answer
         await runner.stats()
@@ -153,7 +137,7 @@ async def test_a_model_with_corrupt_weights_fails_clearly_and_the_others_serve(
     (weights,) = broken.glob("*.safetensors")
     with weights.open("r+b") as f:
         f.write(b"\xff" * 6)  # a header "length" of 281 TB
-    tiny = talker(tiny_dir, tmp_path)
+    tiny = talking_model(tiny_dir, tmp_path / "talker")
     settings = settings_for(
         tmp_path, ModelConfig("broken", str(broken)), ModelConfig("tiny", str(tiny))
     )
@@ -215,7 +199,7 @@ async def _wait_for(http: httpx.AsyncClient, url: str, what: str, n: int) -> Non
 async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_again(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    paced = talker(tiny_dir, tmp_path, step_s=0.01)  # 400 tokens take 4 s
+    paced = talking_model(tiny_dir, tmp_path / "talker", step_s=0.01)  # 400 tokens: 4 s
     settings = settings_for(tmp_path, ModelConfig("tiny", str(paced)), runner_timeout_s=2.0)
     async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         url = f"{daemon.url}/v1/chat/completions"
@@ -239,7 +223,7 @@ async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_a
 async def test_a_request_whose_client_left_while_queued_is_logged_and_counted(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    paced = talker(tiny_dir, tmp_path, step_s=0.01, context=16384)  # the hog runs for 20 s
+    paced = talking_model(tiny_dir, tmp_path / "talker", step_s=0.01, context=16384)  # 20 s
     model = ModelConfig("tiny", str(paced), max_concurrency=1)
     async with running(settings_for(tmp_path, model)) as daemon:
         async with httpx.AsyncClient(timeout=120, verify=TLS) as http:

@@ -13,7 +13,7 @@ from anthropic.types import Message, TextBlock, ToolUseBlock
 
 from config.settings import ModelConfig
 from tests.conftest import TLS, Daemon, running, serving, settings_for
-from tests.scripted import scripted_model
+from tests.scripted import scripted_model, talking_model
 
 THOUGHT = "The user wants the weather."
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -182,7 +182,7 @@ async def test_errors_take_anthropics_shape_and_keys_go_in_x_api_key(
         with pytest.raises(anthropic.NotFoundError) as missing:
             await c.messages.create(model="nope", max_tokens=8, messages=HI)
         assert error_type(missing.value) == "not_found_error"
-    talker = scripted_model(tiny_dir, tmp_path / "talker", "Hello there, friend.")  # keys alone
+    talker = talking_model(tiny_dir, tmp_path / "talker")  # keys alone
     keyed = settings_for(tmp_path / "keyed", ModelConfig("tiny", str(talker)), api_keys=("k1",))
     async with running(keyed) as d:
         async with client(d, "k1") as good, client(d, "wrong") as bad_key:

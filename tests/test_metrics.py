@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,7 @@ import trio
 from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 
-from config.settings import ModelConfig
-from tests.conftest import TLS, Daemon, free_port, running, settings_for
-from tests.scripted import scripted_model
+from tests.conftest import TLS, Daemon, free_port
 from tests.waiting import eventually
 
 ROOT = Path(__file__).parent.parent
@@ -59,16 +57,8 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     }
 
 
-@pytest.fixture
-async def talker(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
-    """A daemon serving a scripted model (``tests/scripted.py``) as "tiny":
-    the counts do not depend on what the model computes."""
-    model = scripted_model(tiny_dir, tmp_path / "talker", "word " * 100)
-    async with running(settings_for(tmp_path, ModelConfig("tiny", str(model)))) as daemon:
-        yield daemon
-
-
 async def test_metrics_count_what_happened(talker: Daemon) -> None:
+    """On a scripted model (``talker``): the counts do not depend on what it computes."""
     await traffic(talker)
     async with httpx.AsyncClient(base_url=talker.url, timeout=60, verify=TLS) as http:
 

@@ -21,7 +21,7 @@ from config.settings import ModelConfig
 from daemon.cli import main
 from scheduler import memory
 from tests.conftest import TLS, Daemon, running, settings_for
-from tests.scripted import scripted_model
+from tests.scripted import talking_model
 from tests.waiting import eventually
 
 NAMES = ("a", "b", "c")
@@ -75,7 +75,7 @@ async def three_models(tiny_dir: Path, tmp_path: Path, spare: bool) -> AsyncIter
 async def three(tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
     """Three scripted models in the tiny model's 512-token context, a token
     every 20 ms, one request at a time and one more waiting."""
-    talker = scripted_model(tiny_dir, tmp_path / "talker", "word " * 600, step_s=0.02, context=512)
+    talker = talking_model(tiny_dir, tmp_path / "talker", step_s=0.02, context=512)
     models = [
         ModelConfig(n, str(talker), max_concurrency=1, queue_limit=1, keep_alive_s=600)
         for n in NAMES

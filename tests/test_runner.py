@@ -13,7 +13,7 @@ from api.texts import Texts
 from runner.client import RunnerProcess, RunnerSpec
 from runner.errors import LoadFailed, RunnerGone
 from runner.protocol import Generate, Sampling
-from tests.scripted import scripted_model
+from tests.scripted import talking_model
 
 GREEDY = Sampling(temperature=0.0)
 
@@ -78,7 +78,7 @@ async def test_killed_runner_fails_its_streams(
     nursery: trio.Nursery, tiny_dir: Path, tmp_path: Path
 ) -> None:
     # a scripted model (tests/scripted.py), a token every 10 ms: still going when killed
-    talker = scripted_model(tiny_dir, tmp_path / "talker", "word " * 1000, step_s=0.01)
+    talker = talking_model(tiny_dir, tmp_path / "talker", step_s=0.01)
     runner = await nursery.start(RunnerProcess(RunnerSpec("tiny", talker, 2)).run)
     assert runner.pid is not None
     errors = []

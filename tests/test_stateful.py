@@ -14,7 +14,7 @@ from openai.types.responses import Response
 
 from config.settings import ModelConfig
 from tests.conftest import TLS, Daemon, running, settings_for
-from tests.scripted import scripted_model
+from tests.scripted import scripted_model, talking_model
 from tests.waiting import eventually
 
 ASK: dict[str, Any] = {"model": "tiny", "max_output_tokens": 6, "temperature": 0}
@@ -97,7 +97,7 @@ async def test_unknown_deleted_and_unstored_responses_are_404(
 async def test_one_keys_responses_are_invisible_to_another_and_outlive_a_restart(
     tiny_dir: Path, tmp_path: Path
 ) -> None:
-    talker = scripted_model(tiny_dir, tmp_path / "talker", "Hello there, friend.")  # keys alone
+    talker = talking_model(tiny_dir, tmp_path / "talker")  # keys alone
     settings = settings_for(
         tmp_path,
         ModelConfig("tiny", str(talker)),
