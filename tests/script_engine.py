@@ -9,6 +9,9 @@ step, through the same events, stop-token, ``max_tokens`` and cancellation
 handling as a real model. Only the sampling is absent: there are no logits to
 sample from. ``"step_s"`` makes each step take that long, as a real model's
 decode does (a stream that must still be running when a test acts on it).
+``"replies"``, ``[[pattern, script], ...]``, choose another script by what the
+prompt adds since the model's last turn (``tests/scripted.py``): an agent's
+tool call, then its answer once the tool's result is in.
 
 The runner reaches it through its engine hook: the tests set
 ``MLXD_ENGINE=tests.script_engine:load`` (``tests/conftest.py``), and
@@ -18,7 +21,9 @@ The runner reaches it through its engine hook: the tests set
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from runner.steps import Hit, Output, Stats
 @attrs.define
 class _Replay:
     req: Generate
+    script: list[int]
     at: int = 0
 
 
@@ -39,10 +45,19 @@ class ScriptEngine:
     model = None
     chunk = 0
 
-    def __init__(self, script: list[int], max_batch: int, step_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        script: list[int],
+        max_batch: int,
+        step_s: float = 0.0,
+        replies: list[tuple[re.Pattern[str], list[int]]] | None = None,
+        tokenizer: Any = None,
+    ) -> None:
         self.script = script
         self.max_batch = max_batch
         self.step_s = step_s
+        self.replies = replies or []
+        self.tokenizer = tokenizer  # reads prompts, when replies depend on them
         self.stats = Stats()
         self._running: dict[int, _Replay] = {}
 
@@ -50,9 +65,21 @@ class ScriptEngine:
         pass
 
     def add(self, req: Generate) -> Hit:
-        self._running[req.id] = _Replay(req)
+        self._running[req.id] = _Replay(req, self._script_for(req.prompt))
         self.stats.prompt_tokens += len(req.prompt)
         return Hit()
+
+    def _script_for(self, prompt: Sequence[int]) -> list[int]:
+        if not self.replies:
+            return self.script
+        text = self.tokenizer.decode(prompt, skip_special_tokens=False)
+        turn = "<|im_start|>assistant"
+        spoke = text.rfind(turn, 0, max(text.rfind(turn), 0))  # before the generation prompt
+        new = text[spoke + len(turn) :] if spoke >= 0 else text
+        for pattern, script in self.replies:
+            if pattern.search(new):
+                return script
+        return self.script
 
     def cancel(self, req_id: int) -> None:
         if self._running.pop(req_id, None) is not None:
@@ -77,10 +104,10 @@ class ScriptEngine:
         out: list[Output] = []
         for replay in list(self._running.values())[: self.max_batch]:
             req = replay.req
-            token = self.script[replay.at]
+            token = replay.script[replay.at]
             replay.at += 1
             finish = None
-            if token in req.stop_ids or replay.at == len(self.script):
+            if token in req.stop_ids or replay.at == len(replay.script):
                 finish = "stop"
             elif replay.at >= req.max_tokens:
                 finish = "length"
@@ -100,4 +127,12 @@ def load(model_dir: Path, options: dict[str, Any]) -> ScriptEngine | None:
     if config.get("model_type") != "mlxd_script":
         return None
     script = [int(t) for t in config["script"]]
-    return ScriptEngine(script, int(options.get("max_batch", 8)), float(config.get("step_s", 0)))
+    replies = [(re.compile(p), [int(t) for t in ids]) for p, ids in config.get("replies", [])]
+    tokenizer = None
+    if replies:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    return ScriptEngine(
+        script, int(options.get("max_batch", 8)), float(config.get("step_s", 0)), replies, tokenizer
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
@@ -76,16 +77,33 @@ def agent_model(model_dir: Path, out: Path) -> Path:
 
 
 def scripted_model(
-    tokenizer_dir: Path, out: Path, text: str, step_s: float = 0.0, context: int = 4096
+    tokenizer_dir: Path,
+    out: Path,
+    text: str,
+    step_s: float = 0.0,
+    context: int = 4096,
+    replies: Sequence[tuple[str, str]] = (),
 ) -> Path:
     """A model that answers every request with ``text`` and then end-of-turn,
-    a token every ``step_s`` seconds, in a context of ``context`` tokens."""
+    a token every ``step_s`` seconds, in a context of ``context`` tokens.
+
+    ``replies`` are ``(pattern, text)`` pairs tried first, in order: the
+    first whose regular expression is found in what the prompt adds since the
+    model last spoke (its last ``<|im_start|>assistant`` turn, or the whole
+    prompt) gives the answer, so that one model can call a tool and then, once
+    the tool's result is in (``<|im_start|>tool``), answer (an agent's loop)."""
     agent_tokenizer(tokenizer_dir, out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = tok.token_to_id("<|im_end|>")
+    assert eos is not None
+
+    def script(said: str) -> list[int]:
+        return [*tok.encode(said, add_special_tokens=False).ids, eos]
+
     config = {
         "model_type": "mlxd_script",
-        "script": [*tok.encode(text, add_special_tokens=False).ids, eos],
+        "script": script(text),
+        "replies": [[pattern, script(said)] for pattern, said in replies],
         "eos_token_id": eos,
         "max_position_embeddings": context,
         "step_s": step_s,
