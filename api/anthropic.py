@@ -6,10 +6,24 @@ chat-completions body for ``ChatRequest.from_openai``, so every endpoint
 accepts and refuses the same things. Content blocks map onto chat messages:
 ``text`` blocks join into a message's text, an assistant's ``tool_use``
 blocks become its tool calls, a user's ``tool_result`` blocks become tool
-messages (before the user's own text, as Anthropic orders them), and
-``thinking`` blocks are left out of the prompt (as chat templates leave out
-earlier reasoning). Images and documents are refused: mlxd serves text
-models.
+messages (before the user's own text, as Anthropic orders them), a
+``system`` turn inside ``messages`` (Claude Code sends one after the first
+user turn) stays where it stands, and ``thinking`` blocks are left out of
+the prompt (as chat templates leave out earlier reasoning). Images and
+documents are refused: mlxd serves text models.
+
+``thinking`` is ``enabled`` (with ``budget_tokens``, a cap on the reasoning
+of a model that reasons), ``adaptive`` (the model's own default, as its
+template has it) or ``disabled``; ``output_config.effort`` goes to the
+template as its reasoning effort and ``output_config.format`` constrains the
+answer as ``response_format`` does. What mlxd has no use for is accepted and
+left aside: ``metadata``, ``context_management``, ``service_tier``,
+``container``, ``cache_control`` (the prefix cache keeps every prompt; the
+marks only say what usage counts as written to the cache), beta headers.
+Tools that only Anthropic's servers run (web search, code execution...) and
+Anthropic-defined tools without a schema are left out of the prompt, with a
+line in the log; so are tools marked ``defer_loading`` (the model learns of
+them later in the conversation, as with Anthropic's tool search).
 
 The answer is a message of content blocks in the order the model produced
 them (thinking, text, tool use); streamed, each block opens, grows by deltas
@@ -19,8 +33,11 @@ and closes, between ``message_start`` and ``message_stop``.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from typing import Any
+
+import attrs
 
 from api import errors, sse
 from api.delta import Delta, ToolCall
@@ -31,6 +48,9 @@ from scheduler.errors import InvalidRequest
 _PASSED = ("model", "temperature", "top_p", "top_k", "stream", "max_tokens")
 _DROPPED = {"thinking", "redacted_thinking"}
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_THINKING = '\'thinking\' must be {"type": "enabled" | "adaptive" | "disabled"}'
+
+log = logging.getLogger("mlxd.api")
 
 
 def chat_request(body: Any) -> ChatRequest:
@@ -38,7 +58,8 @@ def chat_request(body: Any) -> ChatRequest:
     if body.get("max_tokens") is None:
         raise InvalidRequest("'max_tokens' is required", param="max_tokens")
     chat: dict[str, Any] = {k: body[k] for k in _PASSED if k in body}
-    chat["messages"] = _system(body.get("system")) + _messages(body.get("messages"))
+    marks: list[str] = []  # the texts that end a cache_control block
+    chat["messages"] = _system(body.get("system"), marks) + _messages(body.get("messages"), marks)
     if body.get("stop_sequences") is not None:
         if not isinstance(body["stop_sequences"], list):
             raise InvalidRequest("'stop_sequences' must be a list of strings", "stop_sequences")
@@ -47,28 +68,76 @@ def chat_request(body: Any) -> ChatRequest:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat.update(_tool_choice(body["tool_choice"]))
-    thinking = body.get("thinking")
+    thinking, budget = _thinking(body.get("thinking"))
     if thinking is not None:
-        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
-            raise InvalidRequest(
-                '\'thinking\' must be {"type": "enabled"} or {"type": "disabled"}',
-                param="thinking",
-            )
-        chat["thinking"] = thinking["type"] == "enabled"
+        chat["thinking"] = thinking
+    output = _output_config(body.get("output_config"))
+    if output.get("format") is not None:
+        chat["response_format"] = {"type": "json_schema", "json_schema": output["format"]}
     try:
-        return ChatRequest.from_openai(chat)
+        req = ChatRequest.from_openai(chat)
     except InvalidRequest as e:
-        e.param = {"stop": "stop_sequences"}.get(e.param or "", e.param)
+        e.param = _RENAMED.get(e.param or "", e.param)
         raise
+    return attrs.evolve(
+        req, effort=output.get("effort"), reasoning_budget=budget, cache_marks=tuple(marks)
+    )
 
 
-def _system(value: Any) -> list[dict[str, Any]]:
+_RENAMED = {"stop": "stop_sequences", "response_format": "output_config.format"}
+
+
+def _thinking(value: Any) -> tuple[bool | None, int | None]:
+    """Whether the model should reason (None: as its template does by
+    default), and at most how many tokens."""
+    if value is None:
+        return None, None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "adaptive":
+        return None, None  # the model decides: its template's default
+    if kind == "disabled":
+        return False, None
+    if kind != "enabled":
+        raise InvalidRequest(_THINKING, param="thinking")
+    budget = value.get("budget_tokens")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < 1
+    ):
+        raise InvalidRequest(
+            f"'thinking.budget_tokens' must be an integer >= 1, got {budget!r}",
+            param="thinking.budget_tokens",
+        )
+    return True, budget
+
+
+def _output_config(value: Any) -> dict[str, Any]:
+    """``output_config``: ``effort`` (the template's reasoning effort) and
+    ``format`` (a JSON schema the answer must follow)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest("'output_config' must be an object", param="output_config")
+    effort, fmt = value.get("effort"), value.get("format")
+    if effort is not None and not isinstance(effort, str):
+        raise InvalidRequest(
+            "'output_config.effort' must be a string such as 'low' or 'high'",
+            param="output_config.effort",
+        )
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "json_schema"):
+        raise InvalidRequest(
+            '\'output_config.format\' must be {"type": "json_schema", "schema": {...}}',
+            param="output_config.format",
+        )
+    return {"effort": effort, "format": fmt}
+
+
+def _system(value: Any, marks: list[str]) -> list[dict[str, Any]]:
     if value is None:
         return []
-    return [{"role": "system", "content": _text(value, "system")}]
+    return [{"role": "system", "content": _text(value, "system", marks)}]
 
 
-def _messages(value: Any) -> list[dict[str, Any]]:
+def _messages(value: Any, marks: list[str]) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise InvalidRequest("'messages' must be a non-empty list", param="messages")
     if len(value) > MAX_MESSAGES:
@@ -79,20 +148,23 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise InvalidRequest(f"'{where}' must be an object", param=where)
         role, content = message.get("role"), message.get("content")
-        if role not in ("user", "assistant"):
+        if role not in ("user", "assistant", "system"):
             raise InvalidRequest(
-                f"'{where}.role' must be 'user' or 'assistant', got {role!r}", param=f"{where}.role"
+                f"'{where}.role' must be 'user', 'assistant' or 'system', got {role!r}",
+                param=f"{where}.role",
             )
         if isinstance(content, str):
             out.append({"role": role, "content": content})
+        elif role == "system":
+            out.append({"role": role, "content": _text(content, f"{where}.content", marks)})
         elif role == "assistant":
-            out.append(_assistant(_blocks(content, where), where))
+            out.append(_assistant(_blocks(content, where, marks), where))
         else:
-            out += _user(_blocks(content, where), where)
+            out += _user(_blocks(content, where, marks), where, marks)
     return out
 
 
-def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
+def _blocks(content: Any, where: str, marks: list[str]) -> list[dict[str, Any]]:
     if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
         raise InvalidRequest(
             f"'{where}.content' must be a string or a list of content blocks",
@@ -106,11 +178,30 @@ def _blocks(content: Any, where: str) -> list[dict[str, Any]]:
                 "(mlxd serves text models)",
                 param=f"{where}.content",
             )
-    return [b for b in content if b.get("type") not in _DROPPED]
+        if block.get("cache_control") is not None:
+            _mark(block, marks)
+    return content
+
+
+def _mark(block: dict[str, Any], marks: list[str]) -> None:
+    """Note the text a ``cache_control`` block ends with: the prompt up to
+    there is what the request asks to have written to the cache."""
+    text = block.get("text") if block.get("type") == "text" else None
+    if block.get("type") == "tool_result":
+        content = block.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list) and content and isinstance(content[-1], dict):
+            text = content[-1].get("text")
+    elif block.get("type") == "tool_use" and isinstance(block.get("name"), str):
+        text = block["name"]
+    if isinstance(text, str) and text:
+        marks.append(text)
 
 
 def _assistant(blocks: list[dict[str, Any]], where: str) -> dict[str, Any]:
     text = _text([b for b in blocks if b["type"] == "text"], f"{where}.content")
+    thoughts = [b.get("thinking") for b in blocks if b["type"] == "thinking"]
     calls = []
     for block in blocks:
         if block["type"] == "tool_result":
@@ -128,11 +219,15 @@ def _assistant(blocks: list[dict[str, Any]], where: str) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
     if calls:
         message["tool_calls"] = calls
+    if any(isinstance(t, str) and t for t in thoughts):
+        # for the templates that write a tool loop's reasoning back
+        message["reasoning_content"] = "".join(t for t in thoughts if isinstance(t, str))
     return message
 
 
-def _user(blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+def _user(blocks: list[dict[str, Any]], where: str, marks: list[str]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
+    blocks = [b for b in blocks if b["type"] not in _DROPPED]
     for block in blocks:
         if block["type"] == "tool_use":
             raise InvalidRequest(
@@ -148,8 +243,8 @@ def _user(blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _text(value: Any, param: str) -> str:
-    """A string, or text blocks joined."""
+def _text(value: Any, param: str, marks: list[str] | None = None) -> str:
+    """A string, or text blocks joined (their ``cache_control`` marks noted)."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
@@ -161,19 +256,32 @@ def _text(value: Any, param: str) -> str:
         if not isinstance(block.get("text"), str):
             raise InvalidRequest(f"'{param}': a text block needs 'text'", param)
         texts.append(block["text"])
+        if marks is not None and block.get("cache_control") is not None:
+            _mark(block, marks)
     return "".join(texts)
 
 
 def _tools(value: Any) -> Any:
-    """Anthropic's tools (``name``, ``description``, ``input_schema``) in the chat shape."""
+    """Anthropic's tools (``name``, ``description``, ``input_schema``) in the
+    chat shape; those the model cannot be offered are left out (and logged)."""
     if not isinstance(value, list):
         return value  # refused by the chat check
     out = []
     for i, tool in enumerate(value):
-        if not isinstance(tool, dict) or "input_schema" not in tool:
-            raise InvalidRequest(
-                f"tools[{i}]: only custom tools (with 'input_schema') are supported", "tools"
+        if not isinstance(tool, dict):
+            raise InvalidRequest(f"tools[{i}] must be an object", "tools")
+        if "input_schema" not in tool:
+            if tool.get("type") in (None, "custom"):
+                raise InvalidRequest(f"tools[{i}]: a custom tool needs 'input_schema'", "tools")
+            log.info(
+                "tool %r (type %s) is left out of the prompt: mlxd does not run Anthropic's "
+                "own tools",
+                tool.get("name"),
+                tool.get("type"),
             )
+            continue
+        if tool.get("defer_loading") is True:
+            continue  # offered later in the conversation, as with Anthropic's tool search
         function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
         if tool.get("description") is not None:
             function["description"] = tool["description"]
@@ -203,6 +311,7 @@ class MessageShaper:
     ``api.shapers.Shaper``)."""
 
     end = b""  # the stream ends with message_stop
+    opens_with_usage = True  # message_start's usage agrees with message_delta's
 
     def __init__(self, model: str, tokens: Tokens) -> None:
         self.id = f"msg_{uuid.uuid4().hex}"
@@ -222,9 +331,7 @@ class MessageShaper:
         return self._message(blocks, whole) | {"usage": self._usage()}
 
     def opening(self) -> list[dict[str, Any]]:
-        start = self._message([], None) | {
-            "usage": {"input_tokens": self.tokens.prompt, "output_tokens": 0}
-        }
+        start = self._message([], None) | {"usage": self._usage()}
         return [{"type": "message_start", "message": start}, {"type": "ping"}]
 
     def events(self, d: Delta) -> list[dict[str, Any]]:
@@ -273,13 +380,17 @@ class MessageShaper:
         return {"stop_reason": _STOP_REASONS.get(end.finish, "end_turn"), "stop_sequence": None}
 
     def _usage(self) -> dict[str, Any]:
-        cached = self.tokens.cached or 0
+        """Anthropic counts the prompt in three parts: read from the cache,
+        written to it (what the request marked with ``cache_control`` and did
+        not find there), and the rest."""
+        t = self.tokens
+        cached = t.cached or 0
+        written = max(t.marked - cached, 0) if t.caching else 0
         return {
-            # Anthropic counts cache reads and writes apart from the rest.
-            "input_tokens": self.tokens.prompt - cached - self.tokens.written,
-            "output_tokens": self.tokens.generated,
+            "input_tokens": t.prompt - cached - written,
+            "output_tokens": t.generated,
             "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": self.tokens.written,
+            "cache_creation_input_tokens": written,
         }
 
     def _open(self, kind: str, block: dict[str, Any], again: bool = False) -> list[dict[str, Any]]:

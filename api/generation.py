@@ -72,26 +72,38 @@ async def prepare(
                 f"model {model.name!r} cannot take tools: its chat template leaves them out",
                 param="tools",
             )
-    prompt, reasoning = await _prompt(texts, req)
+    prompt, reasoning, marked = await _prompt(texts, req)
     grammar = req.params.grammar
     if chat is not None:
         grammar = grammar or forced_call(texts.markers, chat.tools, chat.tool_choice)
     _check(texts, req.params, model.name)
     room = texts.max_context - len(prompt)
-    wanted = req.params.max_tokens
-    if room <= 0 or (wanted is not None and wanted > room):
-        asked = f" plus max_tokens {wanted}" if wanted is not None else ""
+    if room <= 0:
         raise ContextLengthExceeded(
             f"this model's maximum context length is {texts.max_context} tokens; the prompt "
-            f"has {len(prompt)} tokens{asked}, which is "
-            f"{len(prompt) + (wanted or 1)} in total",
+            f"has {len(prompt)} tokens, which leaves no room for an answer",
             param="messages" if chat is not None else "prompt",
         )
     record.tokens.prompt = len(prompt)
+    record.tokens.marked = marked
     record.tokens.caching = model.prefix_cache_bytes > 0
-    max_tokens = wanted or min(room, catalog.settings.max_tokens_for(model))
-    request = _request(texts, req.params, prompt, max_tokens, grammar)
+    # Agents ask for more than the context leaves (Claude Code: 32,000 on
+    # every turn); the answer gets the room there is, and ends with "length"
+    # if it fills it, as OpenAI's and Anthropic's own servers do.
+    max_tokens = min(req.params.max_tokens or catalog.settings.max_tokens_for(model), room)
+    budget = None
+    if chat is not None and chat.reasoning_budget is not None and texts.markers.think:
+        budget = _budget(texts, chat.reasoning_budget, reasoning)
+    request = _request(texts, req.params, prompt, max_tokens, grammar, budget)
     return Prepared(model.name, req.params, request, texts, record, chat, reasoning)
+
+
+def _budget(texts: Texts, tokens: int, opened: bool) -> dict[str, Any]:
+    """The runner's ``reasoning_budget`` option: the model's reasoning
+    markers as token ids, and whether the prompt opened a block."""
+    assert texts.markers.think is not None
+    start, end = (texts.encode(m) for m in texts.markers.think)
+    return {"tokens": tokens, "start": start, "end": end, "open": opened}
 
 
 async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
@@ -100,24 +112,31 @@ async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
     name = catalog.get(req.params.model).name
     await catalog.require(name, "chat")
     texts = await catalog.texts(name)
-    prompt, _ = await _prompt(texts, req)
+    prompt, _, _ = await _prompt(texts, req)
     return len(prompt)
 
 
-async def _prompt(texts: Texts, req: ChatRequest | CompletionRequest) -> tuple[list[int], bool]:
-    """The prompt's tokens, and whether it opened a reasoning block."""
+async def _prompt(
+    texts: Texts, req: ChatRequest | CompletionRequest
+) -> tuple[list[int], bool, int]:
+    """The prompt's tokens, whether it opened a reasoning block, and how many
+    of its tokens come before the request's last cache mark."""
     if isinstance(req, ChatRequest):
-        tools = req.tools if req.tool_choice.mode != "none" else ()
-        prompt = await trio.to_thread.run_sync(
-            texts.chat_prompt, list(req.messages), tools, req.thinking
-        )
-        return prompt, texts.opens_reasoning(prompt)
+        return await trio.to_thread.run_sync(_chat_prompt, texts, req)
     if isinstance(req.prompt, str):
-        return await trio.to_thread.run_sync(texts.encode, req.prompt), False
+        return await trio.to_thread.run_sync(texts.encode, req.prompt), False, 0
     prompt = list(req.prompt)
     if max(prompt) >= len(texts.tokenizer):
         raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")
-    return prompt, False
+    return prompt, False, 0
+
+
+def _chat_prompt(texts: Texts, req: ChatRequest) -> tuple[list[int], bool, int]:
+    tools = req.tools if req.tool_choice.mode != "none" else ()
+    text = texts.render(list(req.messages), tools, req.thinking, req.effort)
+    prompt = texts.encode(text)
+    marked = texts.marked(text, req.cache_marks) if req.cache_marks else 0
+    return prompt, texts.opens_reasoning(prompt), marked
 
 
 def _check(texts: Texts, params: GenerationParams, model: str) -> None:
@@ -139,17 +158,22 @@ def _request(
     prompt: list[int],
     max_tokens: int,
     grammar: dict[str, Any] | None,
+    budget: dict[str, Any] | None,
 ) -> Generate:
+    # What the request leaves out of temperature, top_p, top_k and min_p is
+    # the model's own (its generation_config.json), as in transformers.
+    defaults: dict[str, Any] = {k: v for k, v in texts.sampling_defaults.items() if k in p.unset}
     return Generate(
         prompt,
         max_tokens,
-        p.sampling,
+        attrs.evolve(p.sampling, **defaults),
         () if p.ignore_eos else texts.stop_ids,
         logprobs=p.logprobs,
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
         logit_bias=dict(p.logit_bias),
         grammar=grammar,
+        reasoning_budget=budget,
     )
 
 
@@ -172,6 +196,7 @@ class Generation:
         self._chunks: trio.MemoryReceiveChannel[Chunk] | None = None
         self._decoder = job.decoder()
         self._done = False
+        self._first: Chunk | None = None  # a chunk ``cached`` took ahead of its turn
 
     async def start(self) -> None:
         job, record, request = self._job, self._job.record, self._job.request
@@ -192,6 +217,23 @@ class Generation:
             if isinstance(e, RunnerError):
                 raise _crashed(e) from e
             raise
+
+    async def cached(self) -> None:
+        """Wait until the runner has said how much of the prompt it found in
+        its prefix cache (its first word on a request, before the prefill),
+        for an answer whose first event tells it (Anthropic's
+        ``message_start``)."""
+        assert self._chunks is not None, "start() first"
+        if self._job.record.tokens.cached is not None or self._first is not None:
+            return
+        try:
+            chunk = await self._chunks.receive()
+        except trio.EndOfChannel:
+            return
+        if chunk.cached is not None and chunk.error is None:
+            self._job.record.tokens.cached = chunk.cached
+        else:
+            self._first = chunk
 
     async def aclose(self) -> None:
         """Leave the runner's stream (cancelling what is left of it) and the lease."""
@@ -220,10 +262,13 @@ class Generation:
         chunks, decoder, record = self._chunks, self._decoder, self._job.record
         assert chunks is not None, "start() first"
         while not self._done:
-            try:
-                chunk = await chunks.receive()
-            except trio.EndOfChannel:
-                break
+            if self._first is not None:
+                chunk, self._first = self._first, None
+            else:
+                try:
+                    chunk = await chunks.receive()
+                except trio.EndOfChannel:
+                    break
             for taken in range(1, TOGETHER + 1):
                 if chunk.error is not None:
                     raise _crashed(chunk.error) from chunk.error

@@ -60,6 +60,7 @@ class Tokens:
     generated: int = 0
     reasoning: int = 0  # of ``generated``, those inside a reasoning block
     caching: bool = False  # the model keeps prompts in its prefix cache
+    marked: int = 0  # prompt tokens up to the request's last cache mark (Anthropic's)
 
     @property
     def written(self) -> int:

@@ -164,6 +164,7 @@ class ResponseShaper:
     reasoning item, a message, function calls."""
 
     end = b""  # the stream ends with its response.completed (or incomplete) event
+    opens_with_usage = False
 
     def __init__(
         self,

@@ -26,6 +26,9 @@ _ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_STOPS = 16
 MAX_MESSAGES = 10_000  # a long agent session has a few thousand
 MAX_DEPTH = 64  # of JSON nesting: tool schemas included, real requests stay far below
+# The sampling fields a model's generation_config.json may set for requests
+# that leave them out; their values where it does not.
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p")
 
 
 @attrs.frozen
@@ -45,6 +48,7 @@ class GenerationParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # alternatives per token; None: no logprobs
     grammar: dict[str, Any] | None = attrs.field(default=None, eq=False)  # structured output
+    unset: frozenset[str] = frozenset()  # the sampling fields the request left to the model
 
     @classmethod
     def from_openai(
@@ -106,6 +110,7 @@ class GenerationParams:
             logit_bias=_logit_bias(body),
             logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
             grammar=grammar_of(body.get("response_format"), "response_format"),
+            unset=frozenset(k for k in SAMPLING_DEFAULTS if body.get(k) is None),
         )
 
 
@@ -201,6 +206,9 @@ class ChatRequest:
     tool_choice: ToolChoice = attrs.field(factory=lambda: ToolChoice("none"))
     thinking: bool | None = None  # None: the chat template's default
     parallel_tool_calls: bool = True  # False: the answer ends with its first call
+    effort: str | None = None  # the template's ``reasoning_effort``, where it takes one
+    reasoning_budget: int | None = None  # at most this many tokens of reasoning
+    cache_marks: tuple[str, ...] = ()  # texts that end what the request asks to cache
 
     @classmethod
     def from_openai(cls, body: Any) -> ChatRequest:
@@ -221,7 +229,16 @@ class ChatRequest:
                 param="tool_choice",
             )
         parallel = _field(body, "parallel_tool_calls", bool, "true or false")
-        return cls(params, messages, tools, choice, _thinking(body), parallel is not False)
+        effort = _field(body, "reasoning_effort", str, "a string such as 'none', 'low' or 'high'")
+        return cls(
+            params,
+            messages,
+            tools,
+            choice,
+            _thinking(body),
+            parallel is not False,
+            effort=effort if effort != "none" else None,
+        )
 
 
 def _thinking(body: Mapping[str, Any]) -> bool | None:
@@ -314,8 +331,11 @@ def json_object(body: Any) -> Mapping[str, Any]:
 
 
 def _message(raw: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
-    """A message as chat templates take it. Earlier reasoning
-    (``reasoning_content``) is dropped; tool calls' arguments become objects."""
+    """A message as chat templates take it; tool calls' arguments become
+    objects. An assistant's reasoning (``reasoning_content``) goes to the
+    template, which decides whether to write it (Qwen3's writes it back in
+    the turns of a tool loop, so the prompt repeats what the model generated
+    and its cached tokens are reused; most leave it out)."""
     where = f"messages[{i}]"
     if not isinstance(raw, dict):
         raise InvalidRequest(f"'{where}' must be an object", param=where)
@@ -327,19 +347,27 @@ def _message(raw: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
     calls = raw.get("tool_calls")
     if calls is not None and not isinstance(calls, list):
         raise InvalidRequest(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
+    message: dict[str, Any]
     if role == "assistant" and calls:
         content = raw.get("content")
-        return {
+        message = {
             "role": role,
             "content": "" if content is None else _content(content, where),
             "tool_calls": [
                 _call(c, f"{where}.tool_calls[{j}]", names) for j, c in enumerate(calls)
             ],
         }
-    message = {
-        "role": "system" if role == "developer" else role,
-        "content": _content(raw.get("content"), where),
-    }
+    else:
+        message = {
+            "role": "system" if role == "developer" else role,
+            "content": _content(raw.get("content"), where),
+        }
+    if role == "assistant":
+        reasoning = raw.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise InvalidRequest(f"'{where}.reasoning_content' must be a string", param=where)
+        if reasoning:
+            message["reasoning_content"] = reasoning
     if role == "tool":
         call_id = raw.get("tool_call_id")
         if not isinstance(call_id, str):

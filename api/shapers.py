@@ -24,6 +24,7 @@ class Shaper(Protocol):
     """What the stream driver and the whole answer need of an endpoint."""
 
     end: bytes  # the stream's last frame, after the closing events (or b"")
+    opens_with_usage: bool  # its opening events tell the prompt's cached tokens
 
     def opening(self) -> list[dict[str, Any]]: ...
     def events(self, d: Delta) -> list[dict[str, Any]]: ...
@@ -51,6 +52,7 @@ class _OpenAI:
     the usage and no choices)."""
 
     end = sse.DONE
+    opens_with_usage = False
 
     def __init__(self, job: Prepared, prefix: str, kind: str) -> None:
         self.id = f"{prefix}-{uuid.uuid4().hex}"

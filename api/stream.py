@@ -43,6 +43,8 @@ async def answer(generation: Generation, job: Prepared, shaper: Shaper, stalls: 
 
 async def _frames(generation: Generation, shaper: Shaper, record: Record) -> AsyncIterator[bytes]:
     try:
+        if shaper.opens_with_usage:
+            await generation.cached()
         for event in shaper.opening():
             yield shaper.frame(event)
         async for d in generation:

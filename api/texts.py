@@ -69,7 +69,9 @@ class Texts:
         self.tokenizer: Any = load(model_dir)
         config = json.loads((model_dir / "config.json").read_text())
         self.max_context = max_context or _context_from(config, self.tokenizer)
-        self.stop_ids = _stop_ids(model_dir, config, self.tokenizer)
+        generation = _generation_config(model_dir)
+        self.stop_ids = _stop_ids(config, generation, self.tokenizer)
+        self.sampling_defaults = _sampling_defaults(generation)
         self.markers = _markers(self.tokenizer)
         self._hidden = _hidden_ids(self.backend, self.markers)
         think = self.markers.think
@@ -77,6 +79,7 @@ class Texts:
             re.compile(re.escape(think[0]) + ".*?" + re.escape(think[1]), re.S) if think else None
         )
         self.renders_tools = self._renders_tools()
+        self.places_system = self._places_system()
 
     @property
     def backend(self) -> Tokenizer:
@@ -87,10 +90,24 @@ class Texts:
         messages: list[dict[str, Any]],
         tools: Sequence[dict[str, Any]] = (),
         thinking: bool | None = None,
+        effort: str | None = None,
     ) -> list[int]:
-        """The prompt for a conversation: ``tools`` (OpenAI function tools)
-        and ``thinking`` (None: the template's default) go to the template.
-        Reasoning in earlier assistant turns is left out."""
+        """The prompt for a conversation (``render``, then tokenized)."""
+        return self.encode(self.render(messages, tools, thinking, effort))
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] = (),
+        thinking: bool | None = None,
+        effort: str | None = None,
+    ) -> str:
+        """A conversation as the chat template writes it: ``tools`` (OpenAI
+        function tools), ``thinking`` (None: the template's default) and
+        ``effort`` (its ``reasoning_effort``, for templates that take one) go
+        to the template. Reasoning in earlier assistant turns is left out,
+        unless the message carries it apart (``reasoning_content``), for the
+        templates that write it back."""
         if not self.tokenizer.has_chat_template:
             raise InvalidRequest(
                 "this model has no chat template; use /v1/completions", param="messages"
@@ -98,13 +115,28 @@ class Texts:
         kwargs: dict[str, Any] = {"tools": list(tools)} if tools else {}
         if thinking is not None:
             kwargs["enable_thinking"] = thinking
-        text = self.tokenizer.apply_chat_template(
-            [self._without_reasoning(m) for m in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-            **kwargs,
+        if effort is not None:
+            kwargs["reasoning_effort"] = effort
+        if not self.places_system:
+            messages = folded_system(messages)
+        return str(
+            self.tokenizer.apply_chat_template(
+                [self._without_reasoning(m) for m in messages],
+                add_generation_prompt=True,
+                tokenize=False,
+                **kwargs,
+            )
         )
-        return self.encode(text)
+
+    def marked(self, text: str, marks: Sequence[str]) -> int:
+        """How many of ``text``'s tokens come before the end of the last of
+        ``marks`` found in it (0 if none is): the part of a prompt a request
+        asked to have cached (Anthropic's ``cache_control``)."""
+        end = max((i + len(m) for m in marks if (i := text.rfind(m)) >= 0), default=0)
+        if not end:
+            return 0
+        offsets = self.backend.encode(text, add_special_tokens=False).offsets
+        return sum(1 for _, stop in offsets if stop <= end)
 
     def _renders_tools(self) -> bool:
         """Whether the chat template puts tools in the prompt at all (many
@@ -120,6 +152,22 @@ class Texts:
         except Exception:  # a template that fails on tools takes none
             return False
         return "mlxd_probe" in text
+
+    def _places_system(self) -> bool:
+        """Whether the chat template renders a system turn where it stands
+        mid-conversation (ChatML, Qwen and Llama templates do; Gemma's and
+        Mistral's refuse anything but alternating user and assistant turns)."""
+        probe = [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u"},
+            {"role": "system", "content": "mlxd_probe"},
+            {"role": "user", "content": "v"},
+        ]
+        try:
+            text = self.tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # templates raise on roles they do not take
+            return False
+        return "mlxd_probe" in text and text.index("mlxd_probe") > text.index("u")
 
     def opens_reasoning(self, prompt: list[int]) -> bool:
         """Whether the prompt ends inside a reasoning block (the template
@@ -138,6 +186,54 @@ class Texts:
         if message["role"] != "assistant" or self._thinking is None or not isinstance(content, str):
             return message
         return message | {"content": self._thinking.sub("", content).lstrip()}
+
+
+def folded_system(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation for a template that takes system text only at its
+    start: the leading system turns joined into one, and each later one put,
+    where it stands, into the user turn beside it (the one before, else the
+    one after; a turn of its own as the user's if neither is a user turn).
+    Never moved to the front, which would change every turn's prompt from
+    that point and cost the prefix cache the whole conversation. Such
+    templates also want user and assistant turns to alternate: user turns
+    that end up side by side are joined, as Anthropic's API joins them."""
+    lead = 0
+    while lead < len(messages) and messages[lead]["role"] == "system":
+        lead += 1
+    out = []
+    if lead:
+        joined = "\n\n".join(_text_of(m) for m in messages[:lead])
+        out.append({"role": "system", "content": joined})
+    carried: list[str] = []  # system text waiting for the next user turn
+    for message in messages[lead:]:
+        if message["role"] == "system":
+            text = _text_of(message)
+            if out and out[-1]["role"] == "user" and isinstance(out[-1]["content"], str):
+                out[-1] = out[-1] | {"content": out[-1]["content"] + "\n\n" + text}
+            else:
+                carried.append(text)
+            continue
+        if carried:
+            if message["role"] == "user" and isinstance(message["content"], str):
+                message = message | {"content": "\n\n".join([*carried, message["content"]])}
+            else:
+                out.append({"role": "user", "content": "\n\n".join(carried)})
+            carried = []
+        if _joinable(out[-1] if out else None) and _joinable(message):
+            message = message | {"content": out.pop()["content"] + "\n\n" + message["content"]}
+        out.append(message)
+    if carried:
+        out.append({"role": "user", "content": "\n\n".join(carried)})
+    return out
+
+
+def _joinable(message: dict[str, Any] | None) -> bool:
+    return message is not None and message["role"] == "user" and isinstance(message["content"], str)
+
+
+def _text_of(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
 
 
 def _markers(wrapper: Any) -> Markers:
@@ -225,12 +321,44 @@ def _context_from(config: dict[str, Any], tokenizer: Any) -> int:
     return 4096
 
 
-def _stop_ids(model_dir: Path, config: dict[str, Any], tokenizer: Any) -> tuple[int, ...]:
+def _generation_config(model_dir: Path) -> dict[str, Any]:
+    """The model's ``generation_config.json`` (its makers' sampling settings
+    and end tokens), or nothing if it has none or it is not an object."""
+    try:
+        config = json.loads((model_dir / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _sampling_defaults(generation: dict[str, Any]) -> dict[str, float | int]:
+    """The sampling settings a request gets for the fields it leaves out:
+    the model's own, where it gives them (and they are in range). A config
+    that says ``do_sample: false`` means greedy."""
+    out: dict[str, float | int] = {}
+    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1), ("min_p", 0, 1)):
+        value = generation.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            out[key] = float(value)
+    top_k = generation.get("top_k")
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 0:
+        out["top_k"] = top_k
+    if out.get("top_p") == 0:
+        del out["top_p"]  # OpenAI's range starts above 0
+    if generation.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def _stop_ids(
+    config: dict[str, Any], generation: dict[str, Any], tokenizer: Any
+) -> tuple[int, ...]:
     ids: set[int] = set()
-    sources: list[Any] = [config.get("eos_token_id"), tokenizer.eos_token_id]
-    gen_config = model_dir / "generation_config.json"
-    if gen_config.is_file():
-        sources.append(json.loads(gen_config.read_text()).get("eos_token_id"))
+    sources: list[Any] = [
+        config.get("eos_token_id"),
+        tokenizer.eos_token_id,
+        generation.get("eos_token_id"),
+    ]
     for value in sources:
         if isinstance(value, int):
             ids.add(value)

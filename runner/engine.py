@@ -20,8 +20,8 @@ number of tokens if configured; otherwise as many as the engine reads in
 a stream sees is about the same on a laptop and on a data-centre GPU.
 A request that ends (or is cancelled) leaves its cache to the prefix cache.
 
-A request's logit bias, penalties and grammar are mlx-lm logits processors,
-which both paths call once per step for each sequence.
+A request's logit bias, penalties, reasoning budget and grammar are mlx-lm
+logits processors, which both paths call once per step for each sequence.
 
 Only the runner's main thread calls into this module, so MLX work never
 crosses threads.
@@ -50,6 +50,7 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
+from runner.budget import ReasoningBudget
 from runner.grammar import Constraint, Grammars
 from runner.prefix import PrefixCache, trimmable
 from runner.protocol import Generate, Sampling
@@ -224,6 +225,8 @@ class Engine:
             frequency_penalty=req.frequency_penalty,
             frequency_context_size=req.max_tokens,
         )
+        if req.reasoning_budget is not None:
+            processors.append(ReasoningBudget.from_option(req.reasoning_budget))
         constraint = None
         if req.grammar is not None:
             if self.grammars is None:

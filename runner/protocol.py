@@ -25,7 +25,7 @@ Commands (daemon → runner)::
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,
      "frequency_penalty": 0.0, "logit_bias": {"42": -100.0}, "grammar": null,
-     "more": false}
+     "reasoning_budget": null, "more": false}
     {"op": "embed", "id": 8, "inputs": [[101, 7592, 102], [101, 102]]}
                                       embed each input (token ids, special tokens
                                       included: the daemon tokenizes), answered
@@ -86,6 +86,10 @@ Generate options (each off by default):
   the request's ``stop_ids`` are allowed too, and sampling one finishes with
   "stop" as usual. A grammar that does not compile fails only its request,
   with an "error" event.
+- ``reasoning_budget``: ``{"tokens": 1024, "start": [ids], "end": [ids],
+  "open": true}``: once the model has written ``tokens`` tokens of reasoning
+  (after ``start``, or from the first token when the prompt opened the
+  block), the tokens of ``end`` are forced, closing its reasoning.
 
 ``memory`` is MLX's view: ``{"active": bytes, "peak": bytes, "cache": bytes}``,
 and ``"device"``: all the GPU memory the process holds, where the driver
@@ -139,6 +143,7 @@ class Generate:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = attrs.field(factory=dict)
     grammar: dict[str, Any] | None = None
+    reasoning_budget: dict[str, Any] | None = None
     more: bool = False
     id: int = attrs.field(default=0, kw_only=True)
 
@@ -155,6 +160,7 @@ class Generate:
             "frequency_penalty": self.frequency_penalty,
             "logit_bias": {str(k): v for k, v in self.logit_bias.items()},
             "grammar": self.grammar,
+            "reasoning_budget": self.reasoning_budget,
             "more": self.more,
         }
 
@@ -172,6 +178,7 @@ class Generate:
             frequency_penalty=msg.get("frequency_penalty", 0.0),
             logit_bias={int(k): float(v) for k, v in msg.get("logit_bias", {}).items()},
             grammar=msg.get("grammar"),
+            reasoning_budget=msg.get("reasoning_budget"),
             more=bool(msg.get("more", False)),
         )
 

@@ -75,10 +75,88 @@ def test_a_tool_round_trip_becomes_calls_and_tool_messages() -> None:
     assert req.tool_choice.mode == "required"
 
 
-def test_thinking_is_turned_on_and_off() -> None:
-    assert chat_request(body(thinking={"type": "enabled", "budget_tokens": 1024})).thinking is True
+def test_thinking_is_turned_on_off_or_left_to_the_model() -> None:
+    enabled = chat_request(body(thinking={"type": "enabled", "budget_tokens": 1024}))
+    assert enabled.thinking is True and enabled.reasoning_budget == 1024
     assert chat_request(body(thinking={"type": "disabled"})).thinking is False
+    adaptive = chat_request(body(thinking={"type": "adaptive", "display": "omitted"}))
+    assert adaptive.thinking is None and adaptive.reasoning_budget is None
     assert chat_request(body()).thinking is None
+
+
+def test_a_system_turn_stays_where_claude_code_puts_it() -> None:
+    req = chat_request(
+        body(
+            system="You are an agent.",
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "<reminder>"}]},
+                {"role": "system", "content": [{"type": "text", "text": "# Environment"}]},
+                {"role": "user", "content": "Write a note."},
+            ],
+        )
+    )
+    assert [m["role"] for m in req.messages] == ["system", "user", "system", "user"]
+    assert req.messages[2] == {"role": "system", "content": "# Environment"}
+
+
+def test_what_claude_code_sends_besides_is_accepted() -> None:
+    """Fields from a recorded Claude Code request (tests/agents/): none is refused."""
+    req = chat_request(
+        body(
+            max_tokens=32000,
+            stream=True,
+            thinking={"type": "adaptive"},
+            context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            output_config={"effort": "high"},
+            metadata={"user_id": "{}"},
+            service_tier="auto",
+            container="c_1",
+            system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+            tools=[
+                {"name": "Bash", "description": "Run", "input_schema": {"type": "object"}},
+                {"name": "Later", "input_schema": {"type": "object"}, "defer_loading": True},
+                {"type": "web_search_20250305", "name": "web_search", "max_uses": 5},
+                {"type": "bash_20250124", "name": "bash"},
+            ],
+        )
+    )
+    assert req.effort == "high" and req.thinking is None
+    assert [t["function"]["name"] for t in req.tools] == ["Bash"]  # the others are left out
+    assert req.cache_marks == ("Be brief.",)
+
+
+def test_output_format_constrains_the_answer() -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    req = chat_request(body(output_config={"format": {"type": "json_schema", "schema": schema}}))
+    assert req.params.grammar == {"type": "json_schema", "schema": schema}
+
+
+def test_cache_marks_are_the_texts_that_end_marked_blocks() -> None:
+    ephemeral = {"type": "ephemeral"}
+    req = chat_request(
+        body(
+            system=[{"type": "text", "text": "Rules.", "cache_control": ephemeral}],
+            messages=[
+                {"role": "user", "content": "Read it."},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "tool_use", "id": "t1", "name": "Read", "input": {}}],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t1",
+                            "content": [{"type": "text", "text": "file body"}],
+                            "cache_control": ephemeral,
+                        }
+                    ],
+                },
+            ],
+        )
+    )
+    assert req.cache_marks == ("Rules.", "file body")
 
 
 @pytest.mark.parametrize(
@@ -86,7 +164,7 @@ def test_thinking_is_turned_on_and_off() -> None:
     [
         ({"max_tokens": None}, "max_tokens", "required"),
         ({"messages": []}, "messages", "non-empty"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role", "'user' or"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "'user', "),
         (
             {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
             "messages[0].content",
@@ -94,9 +172,12 @@ def test_thinking_is_turned_on_and_off() -> None:
         ),
         ({"system": 5}, "system", "string or a list"),
         ({"stop_sequences": "END"}, "stop_sequences", "list"),
-        ({"tools": [{"name": "x", "type": "bash_20250124"}]}, "tools", "input_schema"),
+        ({"tools": [{"name": "x"}]}, "tools", "input_schema"),
         ({"tool_choice": "auto"}, "tool_choice", "'auto', 'any'"),
         ({"thinking": True}, "thinking", "enabled"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 0}}, "thinking.budget_tokens", ">= 1"),
+        ({"output_config": {"effort": 3}}, "output_config.effort", "string"),
+        ({"output_config": {"format": {"type": "xml"}}}, "output_config.format", "json_schema"),
         ({"temperature": "hot"}, "temperature", "number"),
     ],
 )

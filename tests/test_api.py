@@ -149,6 +149,23 @@ async def test_disconnect_cancels_generation_in_runner(tiny: Daemon) -> None:
     assert generated < 400 - 16  # warm-up tokens aside, it stopped early
 
 
+LONG: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "word " * 600}
+]  # more than the tiny model's 512 tokens
+
+
+async def test_max_tokens_past_the_context_get_the_room_there_is(shared_tiny: Daemon) -> None:
+    """Agents ask for more than a context leaves (Claude Code: 32,000 on every
+    turn): the answer gets the room there is and ends with ``length``."""
+    async with shared_tiny.client() as client:
+        reply = await client.chat.completions.create(
+            model="tiny", messages=CHAT, max_tokens=32_000, temperature=0, logit_bias={"2": -100}
+        )
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == 512
+
+
 async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(shared_tiny: Daemon) -> None:
     """A refusal reaches the client as OpenAI's error object, from every
     endpoint (each field's checks are in ``test_requests.py``); the refusals
@@ -161,7 +178,7 @@ async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(shared_ti
         ("/v1/chat/completions", {"messages": CHAT}, 400, "model", "required"),
         ("/v1/chat/completions", chat | {"model": "nope"}, 404, "model", "nope"),
         ("/v1/chat/completions", chat | {"top_k": 10**6}, 400, "top_k", "tokens"),
-        ("/v1/chat/completions", chat | {"max_tokens": 10_000}, 400, "messages", "512"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": LONG}, 400, "messages", "512"),
         ("/v1/completions", {"model": "tiny", "prompt": [1, 10**6]}, 400, "prompt", "vocabulary"),
         ("/v1/completions", {"model": "tiny", "prompt": "Hi"} | {"logit_bias": {"99999": 1}},
          400, "logit_bias", "vocabulary"),
@@ -184,10 +201,10 @@ async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(shared_ti
 async def test_context_overflow_names_both_numbers(shared_tiny: Daemon) -> None:
     async with shared_tiny.client() as client:
         with pytest.raises(openai.BadRequestError) as info:
-            await client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=500)
+            await client.chat.completions.create(model="tiny", messages=LONG, max_tokens=5)
     err = info.value.body
     assert isinstance(err, dict) and err["code"] == "context_length_exceeded"
-    assert "512" in err["message"] and "500" in err["message"]
+    assert "512 tokens" in err["message"] and "631 tokens" in err["message"]
 
 
 async def test_malformed_and_oversized_bodies(shared_tiny: Daemon) -> None:

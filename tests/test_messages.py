@@ -92,6 +92,45 @@ async def test_create_stream_and_count_agree(daemon: Daemon) -> None:
         assert counted.input_tokens == read > 0
 
 
+async def test_usage_counts_cache_reads_writes_and_the_rest_as_anthropic_does(
+    daemon: Daemon,
+) -> None:
+    """What a request marks with ``cache_control`` and does not find cached is
+    written; what it finds is read; the rest is input. ``message_start`` says
+    the same as the end."""
+    rules = "Answer in one short line, and never apologise. " * 12
+    system: Any = [{"type": "text", "text": rules, "cache_control": {"type": "ephemeral"}}]
+    ask: Any = [{"role": "user", "content": "Where do eels spawn?"}]
+    async with client(daemon) as c:
+        counted = await c.messages.count_tokens(model="tiny", messages=ask, system=system)
+        first = await c.messages.create(
+            model="tiny", max_tokens=4, messages=ask, system=system, extra_body=GREEDY
+        )
+        u = first.usage
+        read, written = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+        assert u.input_tokens + read + written == counted.input_tokens
+        assert written > 100 and u.input_tokens < 20  # the rules were written, the question not
+
+        async with c.messages.stream(
+            model="tiny", max_tokens=4, messages=ask, system=system, extra_body=GREEDY
+        ) as stream:
+            started = None
+            async for event in stream:
+                if event.type == "message_start":
+                    started = event.message.usage
+            again = (await stream.get_final_message()).usage
+        assert started is not None
+        assert (again.cache_read_input_tokens or 0) >= written  # read back now
+        assert again.cache_creation_input_tokens == 0
+        for field in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"):
+            assert getattr(started, field) == getattr(again, field)
+
+        plain = await c.messages.create(
+            model="tiny", max_tokens=4, messages=ask, system=rules, extra_body=GREEDY
+        )
+        assert plain.usage.cache_creation_input_tokens == 0  # nothing marked: nothing written
+
+
 async def test_a_stop_sequence_ends_the_message_and_is_named(daemon: Daemon) -> None:
     async with client(daemon) as c:
         free = await c.messages.create(model="tiny", max_tokens=16, messages=HI, extra_body=GREEDY)

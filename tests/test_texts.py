@@ -91,3 +91,87 @@ def test_a_directory_is_loaded_once_until_its_files_change(
     again = texts_of(model, None)
     assert again is not first
     assert again.backend.decode(again.chat_prompt([{"role": "user", "content": "hi"}])) == "[hi]"
+
+
+# A template in the manner of Mistral's: the first system turn goes into the
+# first user turn; after it, only alternating user and assistant turns.
+ALTERNATING = """\
+{%- if messages[0].role == "system" -%}
+{%- set system = messages[0].content + "\\n\\n" -%}{%- set messages = messages[1:] -%}
+{%- else -%}{%- set system = "" -%}{%- endif -%}
+{%- for m in messages -%}
+{%- if m.role not in ("user", "assistant") -%}
+{{ raise_exception("only user and assistant roles, after one system message") }}
+{%- endif -%}
+<{{ m.role }}>{% if loop.first %}{{ system }}{% endif %}{{ m.content }}</{{ m.role }}>
+{%- endfor -%}
+{%- if add_generation_prompt %}<assistant>{% endif -%}"""
+
+
+def with_template(smollm2_dir: Path, out: Path, template: str) -> Texts:
+    model = agent_tokenizer(smollm2_dir, out)
+    shutil.copy(smollm2_dir / "config.json", model / "config.json")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    return Texts(model, None)
+
+
+CLAUDE_CODE_TURNS = [
+    {"role": "system", "content": "You are an agent."},
+    {"role": "user", "content": "<reminder>"},
+    {"role": "system", "content": "# Environment"},
+    {"role": "user", "content": "Write a note."},
+]
+
+
+def test_a_system_turn_mid_conversation_is_rendered_where_it_stands(texts: Texts) -> None:
+    assert texts.places_system  # ChatML writes any role anywhere
+    text = texts.render(CLAUDE_CODE_TURNS)
+    assert text.index("<reminder>") < text.index("<|im_start|>system\n# Environment")
+    assert text.index("# Environment") < text.index("Write a note.")
+
+
+def test_a_template_that_cannot_place_it_gets_it_in_the_user_turn_beside_it(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    strict = with_template(smollm2_dir, tmp_path / "strict", ALTERNATING)
+    assert not strict.places_system
+    # in its place, after the turn it followed (never moved to the front); the
+    # user turns that meet are joined, so that the roles alternate
+    assert strict.render(CLAUDE_CODE_TURNS) == (
+        "<user>You are an agent.\n\n<reminder>\n\n# Environment\n\nWrite a note.</user><assistant>"
+    )
+    # one after an assistant's turn goes into the next user turn
+    later = [*CLAUDE_CODE_TURNS[:2], {"role": "assistant", "content": "ok"}]
+    later += [{"role": "system", "content": "Note."}, {"role": "user", "content": "Go on."}]
+    assert strict.render(later).endswith(
+        "<assistant>ok</assistant><user>Note.\n\nGo on.</user><assistant>"
+    )
+
+
+def test_the_tokens_up_to_a_cache_mark_are_counted(texts: Texts) -> None:
+    turns = [{"role": "system", "content": "Rules."}, {"role": "user", "content": "Hello there"}]
+    text = texts.render(turns)
+    ids = texts.encode(text)
+    upto = texts.marked(text, ["Rules."])
+    assert texts.backend.decode(ids[:upto]).endswith("Rules.")
+    assert texts.marked(text, ["Hello there"]) > upto
+    assert texts.marked(text, ["not in the prompt"]) == 0
+
+
+def test_sampling_left_out_comes_from_the_models_generation_config(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    model = agent_tokenizer(smollm2_dir, tmp_path / "m")
+    shutil.copy(smollm2_dir / "config.json", model / "config.json")
+    (model / "generation_config.json").write_text(
+        json.dumps({"temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": [2, 7]})
+    )
+    texts = Texts(model, None)
+    assert texts.sampling_defaults == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert texts.stop_ids == (2, 7)
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": False}))
+    assert Texts(model, None).sampling_defaults == {"temperature": 0.0}
+    (model / "generation_config.json").write_text("[1, 2]")  # not what it should be
+    assert Texts(model, None).sampling_defaults == {}
