@@ -11,10 +11,11 @@ from typing import Any
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from api import anthropic_routes, errors, lifecycle, openai_routes
+from api import anthropic_routes, conversations, errors, lifecycle, openai_routes
 from api.catalog import Catalog
 from api.guard import Guard
 from api.record import Intake, Record
+from api.seal import Sealer
 from api.stalls import Stalls
 from api.store import ResponseStore
 from config.settings import Settings
@@ -69,6 +70,8 @@ def create_app(
         return answer
 
     app.register_blueprint(lifecycle.blueprint(catalog, scheduler, spares, recent_errors))
-    app.register_blueprint(openai_routes.blueprint(catalog, scheduler, stalls, store))
+    sealer = Sealer.in_dir(settings.cache_dir)  # for reasoning clients keep (encrypted_content)
+    app.register_blueprint(openai_routes.blueprint(catalog, scheduler, stalls, store, sealer))
     app.register_blueprint(anthropic_routes.blueprint(catalog, scheduler, stalls))
+    app.register_blueprint(conversations.blueprint(store))
     return app

@@ -19,11 +19,12 @@ import attrs
 import trio
 
 from api.catalog import Catalog
+from api.custom_calls import call_grammar
 from api.decoder import Decoder
 from api.delta import Delta
 from api.reader import Reader
 from api.record import Record
-from api.schemas import ChatRequest, CompletionRequest, GenerationParams
+from api.schemas import ChatRequest, CompletionRequest, GenerationParams, check_grammar
 from api.texts import Texts
 from api.tools import forced_call
 from runner.errors import RunnerError
@@ -76,6 +77,10 @@ async def prepare(
     grammar = req.params.grammar
     if chat is not None:
         grammar = grammar or forced_call(texts.markers, chat.tools, chat.tool_choice)
+        if grammar is None and chat.custom_grammars and chat.tool_choice.mode != "none":
+            grammar = call_grammar(texts.markers, chat.tools, chat.custom_grammars)
+            if grammar is not None:
+                check_grammar(grammar, "tools")
     _check(texts, req.params, model.name)
     room = texts.max_context - len(prompt)
     if room <= 0:

@@ -5,7 +5,6 @@ shaper to the one answer driver; embeddings answer whole (``api/embeddings.py``)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from quart import Blueprint, Response, g, request
@@ -15,18 +14,20 @@ from api.conversation import Turn
 from api.embeddings import EmbeddingRequest, embed
 from api.generation import Generation, count_prompt, prepare
 from api.http import accounted, json_body, json_response
+from api.pages import page
 from api.responses import ResponseShaper, chat_request
 from api.schemas import ChatRequest, CompletionRequest, json_object
+from api.seal import Sealer
 from api.shapers import ChatShaper, CompletionShaper
 from api.stalls import Stalls
 from api.store import ResponseStore
 from api.stream import answer
-from scheduler.errors import InvalidRequest, ModelLoadFailed
+from scheduler.errors import ModelLoadFailed
 from scheduler.pool import Scheduler
 
 
 def blueprint(
-    catalog: Catalog, scheduler: Scheduler, stalls: Stalls, store: ResponseStore
+    catalog: Catalog, scheduler: Scheduler, stalls: Stalls, store: ResponseStore, sealer: Sealer
 ) -> Blueprint:
     bp = Blueprint("openai", __name__)
 
@@ -73,16 +74,16 @@ def blueprint(
     async def responses() -> Response:
         body = json_object(await json_body())
         turn = Turn.read(body, store, g.owner)
-        req = chat_request(body, turn)
+        req, tools = chat_request(body, turn, sealer)
         job = await prepare(catalog, req, g.record)
         keep = turn.keeper(store, g.owner)
-        shaper = ResponseShaper(job.model, req, body, job.record.tokens, keep)
+        shaper = ResponseShaper(job.model, req, body, job.record.tokens, keep, tools, sealer)
         return await answer(Generation(scheduler, job), job, shaper, stalls)
 
     @bp.post("/v1/responses/input_tokens")
     async def response_input_tokens() -> dict[str, Any]:
         body = json_object(await json_body())
-        req = chat_request(body, Turn.read(body, store, g.owner))
+        req, _ = chat_request(body, Turn.read(body, store, g.owner), sealer)
         count = await count_prompt(catalog, req)
         return {"object": "response.input_tokens", "input_tokens": count}
 
@@ -98,35 +99,6 @@ def blueprint(
     @bp.get("/v1/responses/<response_id>/input_items")
     async def input_items(response_id: str) -> dict[str, Any]:
         items = store.get(g.owner, response_id).input_items
-        return _page(items, request.args)
+        return page(items, request.args)
 
     return bp
-
-
-def _page(items: list[dict[str, Any]], args: Mapping[str, str]) -> dict[str, Any]:
-    """A page of a list, as OpenAI's list endpoints give it (``limit`` 1-100,
-    20 by default; ``order`` "desc", newest first, by default; ``after`` an id)."""
-    try:
-        limit = int(args.get("limit", 20))
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 100:
-        raise InvalidRequest("'limit' must be an integer from 1 to 100", param="limit")
-    order = args.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise InvalidRequest("'order' must be 'asc' or 'desc'", param="order")
-    ordered = items if order == "asc" else items[::-1]
-    after = args.get("after")
-    if after is not None:
-        ids = [item.get("id") for item in ordered]
-        if after not in ids:
-            raise InvalidRequest(f"'after' names no item of this list: {after!r}", param="after")
-        ordered = ordered[ids.index(after) + 1 :]
-    page = ordered[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(ordered) > limit,
-    }

@@ -10,16 +10,21 @@ event with a ``sequence_number``.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
+
 from api import sse
-from api.conversation import Turn
+from api.conversation import Turn, conversation_id
 from api.delta import Delta
 from api.record import Tokens
+from api.response_tools import ToolSet, offered_name
 from api.schemas import MAX_MESSAGES, ChatRequest, json_object
+from api.seal import Sealer
 from scheduler.errors import InvalidRequest
 
 _PASSED = (
@@ -45,15 +50,13 @@ _RENAMED = {
 }
 
 
-def chat_request(body: Any, turn: Turn | None = None) -> ChatRequest:
-    """The chat request for a Responses body; with ``turn``, its input is
-    the turn's (references resolved) after the conversation it continues."""
+def chat_request(
+    body: Any, turn: Turn | None = None, sealer: Sealer | None = None
+) -> tuple[ChatRequest, ToolSet]:
+    """The chat request for a Responses body, and its tools; with ``turn``,
+    its input is the turn's (references resolved) after the conversation it
+    continues. ``sealer`` opens reasoning the client kept for mlxd."""
     body = json_object(body)
-    if body.get("conversation") is not None:
-        raise InvalidRequest(
-            "'conversation' is not supported: continue a response with 'previous_response_id'",
-            param="conversation",
-        )
     text = body.get("text")
     if text is not None and not isinstance(text, dict):
         raise InvalidRequest("'text' must be an object", param="text")
@@ -64,12 +67,13 @@ def chat_request(body: Any, turn: Turn | None = None) -> ChatRequest:
             raise InvalidRequest("'instructions' must be a string", param="instructions")
         messages.append({"role": "system", "content": instructions})
     if turn is not None and turn.context:
-        messages += _input_messages(turn.context)
-    messages += _input_messages(turn.items if turn is not None else body.get("input"))
+        messages += _input_messages(turn.context, sealer)
+    messages += _input_messages(turn.items if turn is not None else body.get("input"), sealer)
+    tools = ToolSet.from_body(body.get("tools"))
     chat: dict[str, Any] = {k: body[k] for k in _PASSED if k in body}
     chat["messages"] = messages
     if body.get("tools") is not None:
-        chat["tools"] = _tools(body["tools"])
+        chat["tools"] = tools.chat
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     if text is not None and text.get("format") is not None:
@@ -82,7 +86,7 @@ def chat_request(body: Any, turn: Turn | None = None) -> ChatRequest:
             "'reasoning.summary' must be 'auto', 'concise' or 'detailed'", "reasoning.summary"
         )
     try:
-        return ChatRequest.from_openai(chat)
+        req = ChatRequest.from_openai(chat)
     except InvalidRequest as e:
         param = e.param or ""
         if param.startswith("messages["):
@@ -90,27 +94,14 @@ def chat_request(body: Any, turn: Turn | None = None) -> ChatRequest:
         else:
             e.param = _RENAMED.get(param, e.param)
         raise
+    custom = tuple((name, tool.grammar) for name, tool in tools.custom.items() if tool.grammar)
+    return attrs.evolve(req, custom_grammars=custom), tools
 
 
-def _tools(raw: Any) -> Any:
-    """Responses' flat function tools in the chat shape."""
-    if not isinstance(raw, list):
-        return raw  # refused by the chat check
-    out = []
-    for i, tool in enumerate(raw):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
-            raise InvalidRequest(
-                f"tools[{i}]: only function tools are supported, not {kind!r}", param="tools"
-            )
-        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
-        out.append({"type": "function", "function": fn})
-    return out
-
-
-def _input_messages(value: Any) -> list[dict[str, Any]]:
-    """Input items as chat messages: a run of function calls becomes one
-    assistant message with ``tool_calls``; their outputs become tool messages."""
+def _input_messages(value: Any, sealer: Sealer | None) -> list[dict[str, Any]]:
+    """Input items as chat messages: a run of calls becomes one assistant
+    message with ``tool_calls``; their outputs become tool messages; the
+    reasoning before an assistant turn goes with it (``reasoning_content``)."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
@@ -118,29 +109,60 @@ def _input_messages(value: Any) -> list[dict[str, Any]]:
     if len(value) > MAX_MESSAGES:
         raise InvalidRequest(f"'input' may hold at most {MAX_MESSAGES} items", "input")
     out: list[dict[str, Any]] = []
+    thought = ""  # reasoning waiting for the assistant turn it belongs to
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise InvalidRequest(f"input[{i}] must be an object", param="input")
         kind = item.get("type", "message")
+        message: dict[str, Any] | None = None
         if kind == "message":
-            out.append({"role": item.get("role"), "content": _text(item.get("content"), i)})
-        elif kind == "function_call":
+            message = {"role": item.get("role"), "content": _text(item.get("content"), i)}
+        elif kind in ("function_call", "custom_tool_call"):
+            arguments = item.get("arguments", "{}")
+            if kind == "custom_tool_call":
+                arguments = json.dumps({"input": item.get("input", "")}, ensure_ascii=False)
             call = {
                 "id": item.get("call_id"),
                 "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments", "{}")},
+                "function": {"name": offered_name(item), "arguments": arguments},
             }
-            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls"):
+            if out and out[-1]["role"] == "assistant" and out[-1].get("tool_calls") and not thought:
                 out[-1]["tool_calls"].append(call)
             else:
-                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
+                message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item.get("output")
             content = output if isinstance(output, str) else _text(output, i)
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
-        elif kind != "reasoning":  # earlier reasoning is left out of the prompt
+            message = {"role": "tool", "tool_call_id": item.get("call_id"), "content": content}
+        elif kind == "reasoning":
+            thought += _reasoning(item, sealer)
+        else:
             raise InvalidRequest(f"input[{i}]: items of type {kind!r} are not supported", "input")
+        if message is None:
+            continue
+        if message["role"] == "assistant" and thought:
+            message["reasoning_content"] = thought
+        if message["role"] != "system":
+            thought = ""
+        out.append(message)
     return out
+
+
+def check_items(items: list[dict[str, Any]]) -> None:
+    """Refuse items that could not be a request's input (``InvalidRequest``)."""
+    _input_messages(items, None)
+
+
+def _reasoning(item: dict[str, Any], sealer: Sealer | None) -> str:
+    """A reasoning item's text: its content, or what mlxd sealed for the client."""
+    parts = item.get("content")
+    if isinstance(parts, list):
+        texts = [p.get("text") for p in parts if isinstance(p, dict)]
+        if any(isinstance(t, str) and t for t in texts):
+            return "".join(t for t in texts if isinstance(t, str))
+    if sealer is not None and item.get("encrypted_content") is not None:
+        return sealer.open(item["encrypted_content"]) or ""
+    return ""
 
 
 def _text(content: Any, i: int) -> Any:
@@ -173,6 +195,8 @@ class ResponseShaper:
         body: Mapping[str, Any],
         tokens: Tokens,
         keep: Callable[[dict[str, Any]], None] | None = None,
+        tools: ToolSet | None = None,
+        sealer: Sealer | None = None,
     ) -> None:
         self.keep = keep  # stores the finished response (``api/conversation.py``)
         self.id = f"resp_{uuid.uuid4().hex}"
@@ -183,8 +207,15 @@ class ResponseShaper:
         self.tokens = tokens
         self.seq = 0
         self.summary = (self.body.get("reasoning") or {}).get("summary") is not None
-        self._items = _Items(self.summary)  # a stream's
+        include = body.get("include")
+        wants_sealed = isinstance(include, list) and "reasoning.encrypted_content" in include
+        self._items = self._new_items(tools, sealer if wants_sealed else None)  # a stream's
         self._finish: str | None = None
+        self._tools, self._sealer = tools, sealer if wants_sealed else None
+        self.conversation = conversation_id(body.get("conversation"))
+
+    def _new_items(self, tools: ToolSet | None, sealer: Sealer | None) -> _Items:
+        return _Items(self.summary, tools or ToolSet([], {}), sealer)
 
     def response(
         self, status: str, output: list[dict[str, Any]], tokens: Tokens | None, **extra: Any
@@ -202,7 +233,7 @@ class ResponseShaper:
             "max_output_tokens": p.max_tokens,
             "temperature": p.sampling.temperature,
             "top_p": p.sampling.top_p,
-            "tools": [_flat_tool(t) for t in self.req.tools],
+            "tools": self.body.get("tools") or [],
             "tool_choice": (
                 {"type": "function", "name": choice.name} if choice.name else choice.mode
             ),
@@ -211,13 +242,14 @@ class ResponseShaper:
             "error": None,
             "incomplete_details": None,
             "usage": _usage(tokens) if tokens is not None else None,
-            "store": self.keep is not None,
+            "store": self.body.get("store", True) is not False,
             "previous_response_id": self.body.get("previous_response_id"),
+            "conversation": {"id": self.conversation} if self.conversation else None,
             **extra,
         }
 
     def final(self, whole: Delta) -> dict[str, Any]:
-        items = _Items(self.summary)
+        items = self._new_items(self._tools, self._sealer)
         items.add(whole)
         return self._finished(items.close(whole.finish), whole.finish)
 
@@ -278,13 +310,15 @@ class _Items:
     """The output items, opened and closed as the parts of the output arrive;
     ``add`` and ``closing`` return the stream events that go with that."""
 
-    def __init__(self, summary: bool = False) -> None:
+    def __init__(self, summary: bool, tools: ToolSet, sealer: Sealer | None) -> None:
         self.done: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None
         self._text = ""
         # Reasoning as its summary too, when the request asks for one: mlxd's
         # models summarise nothing, so the summary is the reasoning itself.
         self._summary = summary
+        self._tools = tools  # what each call is (a namespace's function, a custom tool)
+        self._sealer = sealer  # seals reasoning for a client that keeps it (encrypted_content)
 
     def add(self, d: Delta) -> list[Event]:
         events: list[Event] = []
@@ -297,25 +331,23 @@ class _Items:
             events.append(self._delta("response.output_text.delta", d.text, logprobs=[]))
         for call in d.calls:
             events += self._close("completed")
-            item = {
-                "type": "function_call",
-                "id": f"fc_{uuid.uuid4().hex}",
-                "call_id": call.id,
-                "name": call.name,
-                "arguments": call.arguments,
-                "status": "completed",
-            }
+            item = self._tools.item(call)
             where = {"item_id": item["id"], "output_index": len(self.done)}
+            if item["type"] == "custom_tool_call":
+                text, started = item["input"], item | {"input": "", "status": "in_progress"}
+                deltas = [
+                    ("response.custom_tool_call_input.delta", where | {"delta": text}),
+                    ("response.custom_tool_call_input.done", where | {"input": text}),
+                ]
+            else:
+                text, started = item["arguments"], item | {"arguments": "", "status": "in_progress"}
+                deltas = [
+                    ("response.function_call_arguments.delta", where | {"delta": text}),
+                    ("response.function_call_arguments.done", where | {"arguments": text}),
+                ]
             events += [
-                (
-                    "response.output_item.added",
-                    {
-                        "output_index": len(self.done),
-                        "item": item | {"arguments": "", "status": "in_progress"},
-                    },
-                ),
-                ("response.function_call_arguments.delta", where | {"delta": call.arguments}),
-                ("response.function_call_arguments.done", where | {"arguments": call.arguments}),
+                ("response.output_item.added", {"output_index": len(self.done), "item": started}),
+                *deltas,
                 ("response.output_item.done", {"output_index": len(self.done), "item": item}),
             ]
             self.done.append(item)
@@ -392,14 +424,12 @@ class _Items:
             summary = (
                 [{"type": "summary_text", "text": self._text}] if content and self._summary else []
             )
-            return self._open | {"summary": summary, "content": content, "status": status}
+            item = self._open | {"summary": summary, "content": content, "status": status}
+            if self._sealer is not None and not started:
+                item["encrypted_content"] = self._sealer.seal(self._text)
+            return item
         content = [] if started else [_text_part(self._text)]
         return self._open | {"status": status, "role": "assistant", "content": content}
-
-
-def _flat_tool(tool: dict[str, Any]) -> dict[str, Any]:
-    fn = tool["function"]
-    return {"type": "function", "strict": None, **fn}
 
 
 def _text_part(text: str) -> dict[str, Any]:

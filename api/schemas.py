@@ -209,6 +209,8 @@ class ChatRequest:
     effort: str | None = None  # the template's ``reasoning_effort``, where it takes one
     reasoning_budget: int | None = None  # at most this many tokens of reasoning
     cache_marks: tuple[str, ...] = ()  # texts that end what the request asks to cache
+    # custom tools (Responses) whose input has a grammar: (offered name, {"syntax", "definition"})
+    custom_grammars: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     @classmethod
     def from_openai(cls, body: Any) -> ChatRequest:

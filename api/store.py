@@ -1,18 +1,25 @@
-"""Stored responses: what ``previous_response_id``, ``item_reference`` and
-``GET``/``DELETE /v1/responses/{id}`` read.
+"""Stored responses and conversations: what ``previous_response_id``,
+``item_reference``, ``conversation``, ``/v1/responses/{id}`` and
+``/v1/conversations`` read.
 
 A response made with ``store`` (the default, as OpenAI's) is kept with its
 request's input items and its output items, in a store bounded by entries
 and bytes: the least recently used go first. A follow-up names the response
-it continues, and its conversation is that chain, walked back to its start;
-reading a chain touches every response in it, so a live conversation's
-early turns are the last to go. A response whose chain was cut by eviction
-answers as not found, never with part of its context.
+it continues, and its conversation is that chain (``chain``), walked back to
+its start; reading a chain touches every response in it, so a live
+conversation's early turns are the last to go. A response whose chain was cut
+by eviction answers as not found, never with part of its context.
 
-Each response belongs to the API key that made it (a hash of it: requests
-without keys share one owner); another key cannot see it, which answers as
-not found too. With a ``path``, the store is written there (``save``, at
-shutdown) and read back when the daemon starts.
+A conversation (OpenAI's Conversations API) is a list of items kept under
+its own id: made with up to 20, grown by the requests that name it in
+``conversation`` (their input and output) or by adding items, and read a
+page at a time. Conversations are bounded apart from responses, by the same
+numbers of entries and bytes, least recently used first.
+
+Each response and conversation belongs to the API key that made it (a hash
+of it: requests without keys share one owner); another key cannot see it,
+which answers as not found too. With a ``path``, the store is written there
+(``save``, at shutdown) and read back when the daemon starts.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +65,37 @@ class Entry:
         yield from self.response.get("output", ())
 
 
+@attrs.define
+class Conversation:
+    owner: str
+    id: str
+    created_at: int
+    metadata: dict[str, Any]
+    items: list[dict[str, Any]]  # oldest first, each with an id
+    nbytes: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.nbytes = len(json.dumps([self.metadata, self.items]))
+
+    @property
+    def card(self) -> dict[str, Any]:
+        """The conversation object, as the API answers with it."""
+        return {
+            "id": self.id,
+            "object": "conversation",
+            "created_at": self.created_at,
+            "metadata": self.metadata,
+        }
+
+
 class ResponseStore:
     def __init__(self, max_entries: int, max_bytes: int, path: Path | None = None) -> None:
         self.max_entries, self.max_bytes, self.path = max_entries, max_bytes, path
         self._entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
         self._items: dict[str, str] = {}  # item id -> the response that holds it
         self.nbytes = 0
+        self._conversations: collections.OrderedDict[str, Conversation] = collections.OrderedDict()
+        self.conversation_bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -102,9 +136,9 @@ class ResponseStore:
         self.get(owner, response_id)
         self._drop(response_id)
 
-    def conversation(self, owner: str, response_id: str) -> list[dict[str, Any]]:
-        """The items of the conversation ``response_id`` ends, oldest first
-        (for ``previous_response_id``)."""
+    def chain(self, owner: str, response_id: str) -> list[dict[str, Any]]:
+        """The items of the chain of responses ``response_id`` ends, oldest
+        first (for ``previous_response_id``)."""
         chain: list[str] = []
         at: str | None = response_id
         while at is not None:
@@ -123,6 +157,66 @@ class ResponseStore:
             if item.get("id") == item_id:
                 return item
         raise ResponseNotFound(f"no stored item with id {item_id!r}", "input")
+
+    # -- conversations -------------------------------------------------------
+
+    def create_conversation(
+        self, owner: str, items: list[dict[str, Any]], metadata: dict[str, Any]
+    ) -> Conversation:
+        conversation = Conversation(
+            owner, f"conv_{uuid.uuid4().hex}", int(time.time()), metadata, items
+        )
+        self._conversations[conversation.id] = conversation
+        self.conversation_bytes += conversation.nbytes
+        self._bound_conversations()
+        return conversation
+
+    def conversation(
+        self, owner: str, conversation_id: str, param: str | None = None
+    ) -> Conversation:
+        found = self._conversations.get(conversation_id)
+        if found is None or found.owner != owner:
+            raise ResponseNotFound(f"no conversation with id {conversation_id!r}", param)
+        self._conversations.move_to_end(conversation_id)
+        return found
+
+    def update_conversation(
+        self,
+        owner: str,
+        conversation_id: str,
+        metadata: dict[str, Any] | None = None,
+        more: Sequence[dict[str, Any]] = (),
+        without: str | None = None,
+    ) -> Conversation:
+        """Set a conversation's ``metadata``, add ``more`` items to it, or take
+        the item whose id is ``without`` from it."""
+        found = self.conversation(owner, conversation_id)
+        items = [*found.items, *more]
+        if without is not None:
+            items = [item for item in items if item.get("id") != without]
+            if len(items) == len(found.items):
+                raise ResponseNotFound(f"no item with id {without!r} in {conversation_id!r}")
+        self.conversation_bytes -= found.nbytes
+        found.items = items
+        if metadata is not None:
+            found.metadata = metadata
+        found.__attrs_post_init__()  # its size again
+        self.conversation_bytes += found.nbytes
+        self._bound_conversations()
+        return found
+
+    def delete_conversation(self, owner: str, conversation_id: str) -> None:
+        found = self.conversation(owner, conversation_id)
+        del self._conversations[conversation_id]
+        self.conversation_bytes -= found.nbytes
+
+    def _bound_conversations(self) -> None:
+        while self._conversations and (
+            len(self._conversations) > self.max_entries or self.conversation_bytes > self.max_bytes
+        ):
+            _, dropped = self._conversations.popitem(last=False)
+            self.conversation_bytes -= dropped.nbytes
+            log.info("conversation %s dropped from the store (its bounds)", dropped.id)
 
     def _drop(self, response_id: str) -> None:
         entry = self._entries.pop(response_id, None)
@@ -146,9 +240,12 @@ class ResponseStore:
             }
             for e in self._entries.values()
         ]
+        conversations = [attrs.asdict(c) for c in self._conversations.values()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "entries": entries}))
+        tmp.write_text(
+            json.dumps({"version": 1, "entries": entries, "conversations": conversations})
+        )
         os.replace(tmp, self.path)
 
     def load(self) -> None:
@@ -160,5 +257,10 @@ class ResponseStore:
             data = json.loads(self.path.read_text())
             for e in data["entries"]:
                 self.put(e["owner"], e["response"], e["input"], e["previous"])
+            for c in data.get("conversations", []):
+                kept = Conversation(c["owner"], c["id"], c["created_at"], c["metadata"], c["items"])
+                self._conversations[kept.id] = kept
+                self.conversation_bytes += kept.nbytes
+            self._bound_conversations()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring the stored responses in %s: %s", self.path, exc)

@@ -78,8 +78,10 @@ Generate options (each off by default):
   request has generated (not its prompt).
 - ``logit_bias``: token id (a string, as JSON keys are) -> value added to its logit.
 - ``grammar``: ``{"type": "json_schema", "schema": {...}}``,
-  ``{"type": "json_object"}`` or ``{"type": "lark", "lark": "..."}`` (llguidance's
-  Lark dialect, which can embed JSON schemas); only tokens that keep the output a valid prefix
+  ``{"type": "json_object"}``, ``{"type": "lark", "lark": "..."}`` (llguidance's
+  Lark dialect, which can embed JSON schemas) or ``{"type": "grammars",
+  "grammars": [{"lark_grammar": "..."}, {"name": "x", "lark_grammar": "..."}]}``
+  (the first refers to the others as ``@x``); only tokens that keep the output a valid prefix
   may be sampled. A request finishes with "stop" on the token that completes
   the grammar (that token is part of the answer; no stop token follows it).
   Where the grammar may end but could also go on (a top-level number, say),
@@ -229,6 +231,8 @@ def to_llguidance(grammar: dict[str, Any]) -> str:
         )
     if kind == "lark":
         return llguidance.LLMatcher.grammar_from_lark(str(grammar.get("lark")))
+    if kind == "grammars":  # several, the first the start, the others named (its @name)
+        return json.dumps({"grammars": grammar.get("grammars")})
     raise ValueError(f"unknown grammar type {kind!r}")
 
 

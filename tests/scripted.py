@@ -51,7 +51,18 @@ You can call these functions:
 {%- endif -%}"""
 
 
-def agent_tokenizer(tokenizer_dir: Path, out: Path, think_tokens: bool = True) -> Path:
+# The same, writing an assistant's reasoning back (``reasoning_content``), as
+# Qwen3's template does in the turns of a tool loop.
+RECALLING = TEMPLATE.replace(
+    "<|im_start|>assistant\n{{ message.content }}",
+    "<|im_start|>assistant\n{% if message.reasoning_content %}<think>"
+    "{{ message.reasoning_content }}</think>{% endif %}{{ message.content }}",
+)
+
+
+def agent_tokenizer(
+    tokenizer_dir: Path, out: Path, think_tokens: bool = True, template: str = TEMPLATE
+) -> Path:
     """Copy a model directory's tokenizer into ``out``, made agent-like."""
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
@@ -61,7 +72,7 @@ def agent_tokenizer(tokenizer_dir: Path, out: Path, think_tokens: bool = True) -
     tok.save(str(out / "tokenizer.json"))
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     config.pop("added_tokens_decoder", None)
-    config["chat_template"] = TEMPLATE
+    config["chat_template"] = template
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     return out
 
@@ -83,6 +94,7 @@ def scripted_model(
     step_s: float = 0.0,
     context: int = 4096,
     replies: Sequence[tuple[str, str]] = (),
+    template: str = TEMPLATE,
 ) -> Path:
     """A model that answers every request with ``text`` and then end-of-turn,
     a token every ``step_s`` seconds, in a context of ``context`` tokens.
@@ -92,7 +104,7 @@ def scripted_model(
     model last spoke (its last ``<|im_start|>assistant`` turn, or the whole
     prompt) gives the answer, so that one model can call a tool and then, once
     the tool's result is in (``<|im_start|>tool``), answer (an agent's loop)."""
-    agent_tokenizer(tokenizer_dir, out)
+    agent_tokenizer(tokenizer_dir, out, template=template)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = tok.token_to_id("<|im_end|>")
     assert eos is not None

@@ -157,7 +157,6 @@ RESPONSES_CASES: list[tuple[dict[str, Any], str, str]] = [
     ({"input": 3}, "input", "must be a string or a non-empty list"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "must be an integer >= 1"),
     ({"input": "x", "temperature": 7}, "temperature", "must be a number in [0, 2]"),
-    ({"input": "x", "conversation": "conv_1"}, "conversation", "'previous_response_id'"),
     ({"input": "x", "reasoning": {"summary": "all"}}, "reasoning.summary", "'auto', 'concise'"),
     ({"input": [{"type": "function_call_output", "output": "1"}]}, "input[0]", "tool_call_id"),
     (
@@ -165,8 +164,13 @@ RESPONSES_CASES: list[tuple[dict[str, Any], str, str]] = [
         "input",
         "only text content",
     ),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools", "only function tools"),
-    ({"input": "x", "tools": [{"type": "function"}]}, "tools[0]", "name' must be a string"),
+    ({"input": "x", "tools": [{"type": "namespace", "tools": []}]}, "tools[0]", "needs a 'name'"),
+    (
+        {"input": "x", "tools": [{"type": "custom", "name": "x", "format": {"type": "grammar"}}]},
+        "tools[0]",
+        "syntax 'lark' or 'regex'",
+    ),
+    ({"input": "x", "tools": [{"type": "function"}]}, "tools[0]", "and a 'name'"),
     ({"input": "x", "tool_choice": "required"}, "tool_choice", "needs 'tools'"),
     ({"input": "x", "reasoning": {"effort": 3}}, "reasoning.effort", "must be a string"),
 ]
@@ -206,4 +210,4 @@ def test_sound_bodies_pass() -> None:
     chat = ChatRequest.from_openai({"model": "tiny", "messages": CHAT, "seed": -1, "top_k": 10**9})
     assert chat.params.sampling.seed == 2**64 - 1  # -1 as unsigned
     assert CompletionRequest.from_openai({"model": "tiny", "prompt": [[1, 2]]}).prompt == (1, 2)
-    assert chat_request({"model": "tiny", "input": "Hi"}).messages[-1]["content"] == "Hi"
+    assert chat_request({"model": "tiny", "input": "Hi"})[0].messages[-1]["content"] == "Hi"

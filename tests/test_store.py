@@ -37,7 +37,7 @@ def test_a_conversation_is_its_chain_of_responses_oldest_first() -> None:
     store.put(ME, response(1), said(1))
     store.put(ME, response(2), said(2), previous="resp_1")
     store.put(ME, response(3), said(3), previous="resp_2")
-    items = store.conversation(ME, "resp_3")
+    items = store.chain(ME, "resp_3")
     assert [i["id"] for i in items] == [
         "msg_in1",
         "msg_out1",
@@ -46,7 +46,7 @@ def test_a_conversation_is_its_chain_of_responses_oldest_first() -> None:
         "msg_in3",
         "msg_out3",
     ]
-    assert store.conversation(ME, "resp_1") == [*said(1), *response(1)["output"]]
+    assert store.chain(ME, "resp_1") == [*said(1), *response(1)["output"]]
 
 
 def test_one_keys_responses_are_invisible_to_another() -> None:
@@ -88,7 +88,7 @@ def test_the_least_recently_used_go_first_and_a_cut_chain_is_not_found() -> None
         store.get(ME, "resp_2")
     store.put(ME, response(3), said(3), previous="resp_2")  # continues an evicted one
     with pytest.raises(ResponseNotFound) as e:
-        store.conversation(ME, "resp_3")
+        store.chain(ME, "resp_3")
     assert e.value.param == "previous_response_id"
 
 
@@ -98,9 +98,9 @@ def test_reading_a_chain_keeps_its_early_turns() -> None:
     store.put(ME, response(2), said(2), previous="resp_1")
     store.put(ME, response(8), said(8))
     store.put(ME, response(9), said(9))
-    store.conversation(ME, "resp_2")  # touches resp_2 and resp_1
+    store.chain(ME, "resp_2")  # touches resp_2 and resp_1
     store.put(ME, response(3), said(3), previous="resp_2")
-    assert [i["id"] for i in store.conversation(ME, "resp_3")][:2] == ["msg_in1", "msg_out1"]
+    assert [i["id"] for i in store.chain(ME, "resp_3")][:2] == ["msg_in1", "msg_out1"]
     with pytest.raises(ResponseNotFound):
         store.get(ME, "resp_8")
 
@@ -128,7 +128,7 @@ def test_the_store_is_saved_and_read_back_and_a_broken_file_is_ignored(tmp_path:
     store.save()
     again = ResponseStore(10, 10**6, path)
     again.load()
-    assert again.conversation(ME, "resp_2") == store.conversation(ME, "resp_2")
+    assert again.chain(ME, "resp_2") == store.chain(ME, "resp_2")
     with pytest.raises(ResponseNotFound):
         again.get(THEM, "resp_1")
     path.write_text('{"entries": [{"owner": ')  # cut short
