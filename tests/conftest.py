@@ -59,7 +59,9 @@ TLS = ssl.create_default_context()
 # out the end (at the end, one long file would keep a worker busy alone).
 SLOWEST_FIRST = (
     "test_prefix.py",
+    "test_agent_replay.py",
     "test_pool.py",
+    "test_agents.py",
     "test_prefix_api.py",
     "test_hostile.py",
     "test_daemon.py",
