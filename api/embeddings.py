@@ -147,7 +147,10 @@ async def _token_ids(encoder: Encoder, req: EmbeddingRequest) -> list[list[int]]
         top = max(max(ids) for ids in inputs)
         if top >= encoder.vocabulary:
             raise InvalidRequest(
-                f"token id {top} is outside the vocabulary ({encoder.vocabulary} tokens)",
+                f"token id {top} is outside this model's vocabulary ({encoder.vocabulary} "
+                "tokens): token ids must be the model's own. Send text instead (LangChain's "
+                "OpenAIEmbeddings tokenizes with OpenAI's tokenizer unless it is made with "
+                "check_embedding_ctx_length=False)",
                 param="input",
             )
     longest = max(range(len(inputs)), key=lambda i: len(inputs[i]))

