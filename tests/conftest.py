@@ -185,13 +185,13 @@ class Daemon:
     url: str
     settings: Settings
 
-    def client(self, timeout: float = 120) -> openai.AsyncOpenAI:
+    def client(self, timeout: float = 120, key: str = "unused") -> openai.AsyncOpenAI:
         """The official client; a request gives up after 120 s unless told
         otherwise (a model loads and answers well within that, even on a
         loaded CPU)."""
         return openai.AsyncOpenAI(
             base_url=f"{self.url}/v1",
-            api_key="unused",
+            api_key=key,
             max_retries=0,
             timeout=timeout,
             http_client=openai.DefaultAsyncHttpxClient(verify=TLS),

@@ -28,18 +28,8 @@ def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield d
 
 
-def client(daemon: Daemon, key: str = "k1") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=f"{daemon.url}/v1",
-        api_key=key,
-        max_retries=0,
-        timeout=60,
-        http_client=openai.DefaultAsyncHttpxClient(verify=TLS),
-    )
-
-
 async def test_a_conversation_is_continued_and_grown_by_responses(daemon: Daemon) -> None:
-    async with client(daemon) as c:
+    async with daemon.client(key="k1") as c:
         conv = await c.conversations.create(items=[HI], metadata={"topic": "greeting"})
         assert conv.id.startswith("conv_") and conv.metadata == {"topic": "greeting"}
         first = await c.responses.create(model="greeter", conversation=conv.id, input="And you?")
@@ -74,7 +64,7 @@ async def test_a_conversation_is_continued_and_grown_by_responses(daemon: Daemon
             nonsense: list[Any] = [{"type": "nonsense"}]
             await c.conversations.items.create(conv.id, items=nonsense)
 
-        async with client(daemon, "k2") as other:  # another key sees nothing of it
+        async with daemon.client(key="k2") as other:  # another key sees nothing of it
             with pytest.raises(openai.NotFoundError):
                 await other.conversations.retrieve(conv.id)
             with pytest.raises(openai.NotFoundError):

@@ -105,24 +105,15 @@ async def test_one_keys_responses_are_invisible_to_another_and_outlive_a_restart
         persist_responses=True,
     )
 
-    def client(daemon: Daemon, key: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            base_url=f"{daemon.url}/v1",
-            api_key=key,
-            max_retries=0,
-            timeout=120,
-            http_client=openai.DefaultAsyncHttpxClient(verify=TLS),
-        )
-
     async with running(settings) as daemon:
-        async with client(daemon, "key-one") as one, client(daemon, "key-two") as two:
+        async with daemon.client(key="key-one") as one, daemon.client(key="key-two") as two:
             mine = await one.responses.create(input="Hi", stream=False, **ASK)
             with pytest.raises(openai.NotFoundError):
                 await two.responses.retrieve(mine.id)
             with pytest.raises(openai.NotFoundError):
                 await two.responses.create(previous_response_id=mine.id, input="Hi", **ASK)
     async with running(settings) as daemon:  # stored at shutdown, read back at start
-        async with client(daemon, "key-one") as one, client(daemon, "key-two") as two:
+        async with daemon.client(key="key-one") as one, daemon.client(key="key-two") as two:
             assert (await one.responses.retrieve(mine.id)).output_text == mine.output_text
             with pytest.raises(openai.NotFoundError):
                 await two.responses.retrieve(mine.id)
