@@ -1,6 +1,6 @@
 """The Quart-trio application: what every request goes through (the guard,
-its account, CORS), and the sets of routes (``api/openai_routes.py``,
-``api/anthropic_routes.py``, ``api/lifecycle.py``)."""
+its account, CORS), and the sets of routes (``api/openai/routes.py``,
+``api/anthropic/routes.py``, ``api/lifecycle.py``)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from typing import Any
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from api import anthropic_routes, conversations, errors, lifecycle, openai_routes
+from api import errors, lifecycle
+from api.anthropic import routes as anthropic_routes
 from api.catalog import Catalog
 from api.guard import Guard
+from api.openai import conversations
+from api.openai import routes as openai_routes
+from api.openai.seal import Sealer
+from api.openai.store import ResponseStore
 from api.record import Intake, Record
-from api.seal import Sealer
 from api.stalls import Stalls
-from api.store import ResponseStore
 from config.settings import Settings
 from scheduler.pool import Scheduler
 

@@ -19,9 +19,9 @@ import attrs
 import trio
 
 from api.catalog import Catalog
-from api.custom_calls import call_grammar
 from api.decoder import Decoder
 from api.delta import Delta
+from api.openai.custom_calls import call_grammar
 from api.reader import Reader
 from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams, check_grammar

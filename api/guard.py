@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import attrs
 from quart import Request, Response
 
-from api.store import owner_of
+from api.openai.store import owner_of
 from config.settings import Settings
 from scheduler.errors import Forbidden, Unauthorized, UnsupportedMediaType
 
@@ -106,7 +106,7 @@ class Guard:
         return None
 
     def owner(self, request: Request) -> str:
-        """Whose the request's stored responses are (``api/store.py``): its
+        """Whose the request's stored responses are (``api/openai/store.py``): its
         key's, where keys are configured; everyone's alike where they are not
         (any key is accepted then, so none sets anything apart)."""
         return owner_of(presented_key(request)) if self.keys else ""

@@ -1,6 +1,6 @@
 """How an answer goes out: whole, as one JSON object, or streamed, as
 server-sent events. One driver for every endpoint; the endpoint's shaper
-(``api/shapers.py``, ``api/responses.py``) says what the events are.
+(``api/openai/chat.py``, ``api/openai/responses.py``) says what the events are.
 
 A stream starts only once the model has taken the request
 (``Generation.start``), so that a failure to queue or load is an ordinary
@@ -14,16 +14,31 @@ after that is sent as the endpoint's error event.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from quart import Response
 
 from api import errors
+from api.delta import Delta
 from api.generation import Generation, Prepared
 from api.http import json_response
 from api.record import Record
-from api.shapers import Shaper
 from api.stalls import Stalls
 from scheduler.errors import MlxdError
+
+
+class Shaper(Protocol):
+    """What the stream driver and the whole answer need of an endpoint."""
+
+    end: bytes  # the stream's last frame, after the closing events (or b"")
+    opens_with_usage: bool  # its opening events tell the prompt's cached tokens
+
+    def opening(self) -> list[dict[str, Any]]: ...
+    def events(self, d: Delta) -> list[dict[str, Any]]: ...
+    def closing(self) -> list[dict[str, Any]]: ...
+    def final(self, whole: Delta) -> dict[str, Any]: ...
+    def failed(self, status: int, error: dict[str, Any]) -> dict[str, Any]: ...
+    def frame(self, event: dict[str, Any]) -> bytes: ...
 
 
 async def answer(generation: Generation, job: Prepared, shaper: Shaper, stalls: Stalls) -> Response:

@@ -28,7 +28,7 @@ import trio
 
 from api.app import create_app
 from api.catalog import Catalog
-from api.store import ResponseStore
+from api.openai.store import ResponseStore
 from config.settings import ConfigError, Settings
 from config.units import format_bytes
 from daemon.launcher import Launcher

@@ -18,7 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
-from api import anthropic, responses
+from api.anthropic import messages as anthropic
+from api.openai import responses
 from api.schemas import ChatRequest
 from api.texts import Texts
 from config.settings import ModelConfig

@@ -1,4 +1,4 @@
-"""Anthropic Messages requests as chat requests (api/anthropic.py)."""
+"""Anthropic Messages requests as chat requests (api/anthropic/messages.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from api.anthropic import chat_request
+from api.anthropic.messages import chat_request
 from scheduler.errors import InvalidRequest
 
 

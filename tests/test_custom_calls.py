@@ -1,5 +1,5 @@
 """Custom tools' grammars, rewritten for their JSON-escaped input
-(api/custom_calls.py): checked against Python's regexes, and through
+(api/openai/custom_calls.py): checked against Python's regexes, and through
 llguidance with SmolLM2's tokenizer, the way the runner applies them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api.custom_calls import call_grammar, escaped_grammar, escaped_regex
+from api.openai.custom_calls import call_grammar, escaped_grammar, escaped_regex
 from api.texts import Markers
 from runner.protocol import to_llguidance
 

@@ -11,8 +11,8 @@ import numpy as np
 import openai
 import pytest
 
-from api.embeddings import EmbeddingRequest, _dimensions
 from api.encoder import Encoder
+from api.openai.embeddings import EmbeddingRequest, _dimensions
 from config.settings import BUNDLED_EMBED, ModelConfig
 from scheduler.errors import InvalidRequest
 from tests.conftest import TLS, running, settings_for

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from api.responses import chat_request
+from api.openai.responses import chat_request
 from api.schemas import ChatRequest, CompletionRequest, parse_json
 from scheduler.errors import InvalidRequest
 

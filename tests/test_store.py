@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from api.store import ResponseStore, owner_of
+from api.openai.store import ResponseStore, owner_of
 from scheduler.errors import ResponseNotFound
 
 ME, THEM = owner_of("key-1"), owner_of("key-2")

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from api.store import ResponseStore
+from api.openai.store import ResponseStore
 from scheduler.errors import InvalidRequest, ResponseNotFound
 
 log = logging.getLogger("mlxd.store")

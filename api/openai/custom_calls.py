@@ -3,7 +3,7 @@
 A Responses ``custom`` tool takes free text in a grammar (Lark, or a regular
 expression). Models that write their calls as JSON between markers (Qwen,
 Hermes: mlx-lm's ``json_tools``) are offered it as a function with one
-string, ``input`` (``api/response_tools.py``), so the text the grammar
+string, ``input`` (``api/openai/response_tools.py``), so the text the grammar
 describes appears inside a JSON string, escaped. The grammar is therefore
 rewritten into the grammar of its escaped form: every string literal is
 escaped as JSON escapes it, and every regular expression is rebuilt from its

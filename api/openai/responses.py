@@ -19,12 +19,12 @@ from typing import Any
 import attrs
 
 from api import sse
-from api.conversation import Turn, conversation_id
 from api.delta import Delta
+from api.openai.response_tools import ToolSet, offered_name
+from api.openai.seal import Sealer
+from api.openai.turns import Turn, conversation_id
 from api.record import Tokens
-from api.response_tools import ToolSet, offered_name
 from api.schemas import MAX_MESSAGES, ChatRequest, json_object
-from api.seal import Sealer
 from scheduler.errors import InvalidRequest
 
 _PASSED = (
@@ -180,7 +180,7 @@ def _text(content: Any, i: int) -> Any:
 
 class ResponseShaper:
     """Builds the response object and the stream's events for one request
-    (the face of ``api.shapers.Shaper``).
+    (the face of ``api.openai.chat.Shaper``).
 
     The output is a list of items in the order the model produced them: a
     reasoning item, a message, function calls."""
@@ -198,7 +198,7 @@ class ResponseShaper:
         tools: ToolSet | None = None,
         sealer: Sealer | None = None,
     ) -> None:
-        self.keep = keep  # stores the finished response (``api/conversation.py``)
+        self.keep = keep  # stores the finished response (``api/openai/turns.py``)
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model

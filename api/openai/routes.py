@@ -1,7 +1,7 @@
 """The OpenAI routes (``/v1/...``): models, chat completions, completions,
 responses (and the stored ones), embeddings. Each generating route reads and
 validates its request, prepares it, and hands a generation and its endpoint's
-shaper to the one answer driver; embeddings answer whole (``api/embeddings.py``)."""
+shaper to the one answer driver; embeddings answer whole (``api/openai/embeddings.py``)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ from typing import Any
 from quart import Blueprint, Response, g, request
 
 from api.catalog import Catalog
-from api.conversation import Turn
-from api.embeddings import EmbeddingRequest, embed
 from api.generation import Generation, count_prompt, prepare
 from api.http import accounted, json_body, json_response
-from api.pages import page
-from api.responses import ResponseShaper, chat_request
+from api.openai.chat import ChatShaper, CompletionShaper
+from api.openai.embeddings import EmbeddingRequest, embed
+from api.openai.pages import page
+from api.openai.responses import ResponseShaper, chat_request
+from api.openai.seal import Sealer
+from api.openai.store import ResponseStore
+from api.openai.turns import Turn
 from api.schemas import ChatRequest, CompletionRequest, json_object
-from api.seal import Sealer
-from api.shapers import ChatShaper, CompletionShaper
 from api.stalls import Stalls
-from api.store import ResponseStore
 from api.stream import answer
 from scheduler.errors import ModelLoadFailed
 from scheduler.pool import Scheduler

@@ -15,7 +15,7 @@ Besides plain ``function`` tools, the Responses API has:
   JSON, optionally in a grammar (Lark or a regular expression). The model is
   offered a function with one string parameter, ``input``; its call goes back
   as a ``custom_tool_call`` with that text as ``input``, and the grammar
-  constrains what the model may write there (``api/custom_calls.py``).
+  constrains what the model may write there (``api/openai/custom_calls.py``).
 - tools that OpenAI's servers run (``web_search``, ``file_search``,
   ``code_interpreter``, ``image_generation``, ``computer_use``, remote
   ``mcp``, ...): mlxd cannot run them, so they are left out of the prompt,

@@ -8,7 +8,7 @@ from typing import Any
 
 from quart import Blueprint, Response, g
 
-from api.anthropic import MessageShaper, chat_request
+from api.anthropic.messages import MessageShaper, chat_request
 from api.catalog import Catalog
 from api.generation import Generation, count_prompt, prepare
 from api.http import accounted, json_body

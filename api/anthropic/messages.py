@@ -308,7 +308,7 @@ _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool
 
 class MessageShaper:
     """A ``message`` and its stream's events for one request (the face of
-    ``api.shapers.Shaper``)."""
+    ``api.openai.chat.Shaper``)."""
 
     end = b""  # the stream ends with message_stop
     opens_with_usage = True  # message_start's usage agrees with message_delta's

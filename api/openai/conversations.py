@@ -1,7 +1,7 @@
 """OpenAI's Conversations API (``/v1/conversations``): conversations and
 their items, on the store and key rules of stored responses
-(``api/store.py``). A Responses request that names a conversation continues
-it and adds to it (``api/conversation.py``); openai-agents'
+(``api/openai/store.py``). A Responses request that names a conversation continues
+it and adds to it (``api/openai/turns.py``); openai-agents'
 ``OpenAIConversationsSession`` keeps an agent's history here."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from typing import Any
 
 from quart import Blueprint, g, request
 
-from api.conversation import items_with_ids
 from api.http import json_body
-from api.pages import page
-from api.responses import check_items
+from api.openai.pages import page
+from api.openai.responses import check_items
+from api.openai.store import ResponseStore
+from api.openai.turns import items_with_ids
 from api.schemas import json_object
-from api.store import ResponseStore
 from scheduler.errors import InvalidRequest, ResponseNotFound
 
 MAX_METADATA = 16  # key-value pairs, as OpenAI's API allows

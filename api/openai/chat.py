@@ -1,37 +1,25 @@
 """The output of the two chat-era endpoints, whole and streamed:
 ``chat.completion`` (and its chunks) and ``text_completion``.
 
-A shaper is made per request and sees its deltas in order; whatever a stream
-must remember between them (how many tool calls went out, where the next
-logprob's text starts) is its state, so the stream driver (``api/stream.py``)
-and the whole answer share one builder of each object. The Responses API's
-shaper (``api/responses.py``) has the same face.
+A shaper (``api.stream.Shaper``) is made per request and sees its deltas in
+order; whatever a stream must remember between them (how many tool calls went
+out, where the next logprob's text starts) is its state, so the stream driver
+(``api/stream.py``) and the whole answer share one builder of each object. The
+Responses API's shaper (``api/openai/responses.py``) and the Messages API's
+(``api/anthropic/messages.py``) have the same face.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
-from api import logprobs, sse
+from api import sse
 from api.delta import Delta, ToolCall
 from api.generation import Prepared
+from api.openai import logprobs
 from api.record import Tokens
-
-
-class Shaper(Protocol):
-    """What the stream driver and the whole answer need of an endpoint."""
-
-    end: bytes  # the stream's last frame, after the closing events (or b"")
-    opens_with_usage: bool  # its opening events tell the prompt's cached tokens
-
-    def opening(self) -> list[dict[str, Any]]: ...
-    def events(self, d: Delta) -> list[dict[str, Any]]: ...
-    def closing(self) -> list[dict[str, Any]]: ...
-    def final(self, whole: Delta) -> dict[str, Any]: ...
-    def failed(self, status: int, error: dict[str, Any]) -> dict[str, Any]: ...
-    def frame(self, event: dict[str, Any]) -> bytes: ...
 
 
 def usage(tokens: Tokens) -> dict[str, Any]:
