@@ -9,16 +9,22 @@ token they have returned, so the cache is trimmed by one token and that token
 is fed again on the other path, costing one step.
 
 A request starts from the longest prefix it shares with an earlier request's
-cache (``runner/prefix.py``), and only the rest of its prompt is read. The
-rest is read in chunks, one chunk per step, so that the streams already
-decoding make a token between every two chunks: on the single path the
-engine feeds the chunks itself (a newcomer can take the sequence into the
-batch between two of them); in the batch, mlx-lm's prompt processing takes
-a chunk per step, shared among the prompts being read. A chunk is a fixed
-number of tokens if configured; otherwise as many as the engine reads in
-``PREFILL_GAP_S``, from the speed it measures as it reads, so the longest gap
-a stream sees is about the same on a laptop and on a data-centre GPU.
-A request that ends (or is cancelled) leaves its cache to the prefix cache.
+cache (``runner/prefix.py``), and only the rest of its prompt is read. Every
+step has a budget of prompt tokens to read: while streams decode, one chunk
+(so none waits more than about a chunk for its next token); with nothing
+decoding, mlx-lm's own prefill step (``FULL_STEP``: a prompt alone is read
+at full speed). Each step the waiting prompts share it, oldest first: every
+one whose rest fits is read whole, together with the others, by the batch's
+prompt processing, and starts decoding; the oldest that does not fit (a long
+prompt) is read a part at a time on a cache of its own, with what the others
+leave of the budget (a quarter at least), until its rest fits too. So
+requests that arrive while others run start within a step or two of their
+arrival, however many come, and a long prompt never holds them up for more
+than a chunk. A chunk is a fixed number of tokens if configured; otherwise as
+many as the engine reads in ``PREFILL_GAP_S``, from the speed it measures as
+it reads, so the longest gap a stream sees is about the same on a laptop and
+on a data-centre GPU. A request that ends (or is cancelled) leaves its cache
+to the prefix cache.
 
 A request's logit bias, penalties, reasoning budget and grammar are mlx-lm
 logits processors, which both paths call once per step for each sequence.
@@ -62,7 +68,8 @@ Processor = Callable[[mx.array, mx.array], mx.array]  # (tokens, logits) -> logi
 LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
 PREFILL_GAP_S = 0.2  # what an automatic chunk aims to take
 FIRST_CHUNK = 512  # before any speed is measured
-CHUNK_RANGE = (32, 2048)  # 2048: mlx-lm's own prefill step, about its most efficient
+FULL_STEP = 2048  # mlx-lm's own prefill step, about its most efficient
+CHUNK_RANGE = (32, FULL_STEP)
 
 
 def warm_kernels() -> None:
@@ -159,6 +166,11 @@ class Sequence:
     def remaining(self) -> int:
         return self.req.max_tokens - self.generated
 
+    @property
+    def unread(self) -> int:
+        """Tokens not yet in its cache (its prompt's rest, before it decodes)."""
+        return len(self.tokens) - self.in_cache
+
     def processors_seeing(self, seen: int) -> list[Processor]:
         """The processors in mlx-lm's convention, for a path that passes them
         the sequence's tokens from index ``seen`` on (the tokens it was started
@@ -190,12 +202,14 @@ class Engine:
         grammars: Grammars | None = None,
         prefixes: PrefixCache | None = None,
         chunk: int | None = None,
+        full_step: int = FULL_STEP,
     ) -> None:
         self.model = model
         self.max_batch = max_batch
         self.grammars = grammars
         self.prefixes = prefixes
         self.fixed_chunk = chunk
+        self.full_step = full_step  # a step's prompt budget with nothing decoding
         self.prefill_rate: float | None = None  # prompt tokens a second, as measured
         # Whether a sequence can change paths (its cache trimmed by a token).
         self.can_trim = prefixes.can_trim if prefixes is not None else trimmable(model)
@@ -302,30 +316,62 @@ class Engine:
     # -- stepping ----------------------------------------------------------
 
     def step(self) -> list[Output]:
-        """Run one step (a decoding step, a chunk of prompt, or both) and
-        return the tokens it produced."""
-        self._arrange()
+        """Run one step (a decoding step, this step's prompt work, or both)
+        and return the tokens it produced."""
         self.stats.steps += 1
+        self._start(self._read())
         if self._single is not None:
             out = self._step_single()
-        else:
+        elif self._batch is not None:
             out = self._step_batch()
+        else:
+            out = []  # a long prompt read, nothing decoding yet
         if self._batch is not None and not self._in_batch:
             self._batch = None  # an idle one still holds its last step's arrays
         self.stats.tokens += len(out)
         return out
 
-    def _arrange(self) -> None:
-        if self._pending:
-            if self._single is None and not self._in_batch and len(self._pending) == 1:
-                self._single = self._pending.popleft()
-                return
-            if self._single is not None and not self._to_batch():
-                return  # cannot move it: newcomers wait for it to finish
-            while self._pending and len(self._in_batch) < self.max_batch:
-                self._insert(self._pending.popleft())
-        elif len(self._in_batch) == 1 and self._single is None:
-            self._to_single()
+    def _read(self) -> list[Sequence]:
+        """This step's prompt work: the waiting sequences whose rest fits the
+        step's budget, oldest first (to start now: their rest is read as
+        they start), and a part of the oldest that does not fit, read here."""
+        if not self._pending:
+            return []
+        decoding = self._single is not None or bool(self._in_batch)
+        budget = self.chunk if decoding else self.full_step
+        room = self.max_batch - len(self._in_batch) - (self._single is not None)
+        kept = budget // 4 if any(s.unread > budget for s in self._pending) else 0
+        ready: list[Sequence] = []
+        left = budget - kept  # what fits whole; the oldest long prompt keeps a part
+        for seq in list(self._pending):
+            if len(ready) < room and seq.unread <= left:
+                ready.append(seq)
+                self._pending.remove(seq)
+                left -= seq.unread
+        if self._pending and room > len(ready):
+            oldest = self._pending[0]
+            part = min(left + kept, oldest.unread - 1)  # its last token starts its decoding
+            if part > 0 and oldest.unread > left + kept:
+                self._prefill(oldest, part)
+        return ready
+
+    def _start(self, ready: list[Sequence]) -> None:
+        """Start decoding the sequences whose rest of prompt fits this step
+        (alone: on the single path; else in the batch, which reads them all
+        in this step's one prompt pass)."""
+        if not ready:
+            if len(self._in_batch) == 1 and self._single is None:
+                self._to_single()
+            return
+        alone = self._single is None and not self._in_batch and not self._pending
+        if alone and len(ready) == 1:
+            self._single = ready[0]
+            return
+        if self._single is not None and not self._to_batch():
+            self._pending.extendleft(reversed(ready))  # cannot move it: they wait for it
+            return
+        for seq in ready:
+            self._insert(seq)
         self.stats.max_batch = max(self.stats.max_batch, len(self._in_batch))
 
     # -- the single path -----------------------------------------------------
@@ -334,10 +380,9 @@ class Engine:
         seq = self._single
         assert seq is not None
         self.stats.max_batch = max(self.stats.max_batch, 1)
+        reading = 0  # prompt tokens this step reads (the first: all of its rest)
         if self._single_gen is None:
-            if len(seq.tokens) - seq.in_cache > self.chunk:
-                self._prefill(seq)
-                return []
+            reading = seq.unread
             if seq.cache is None:
                 seq.cache = make_prompt_cache(self.model)
             self._single_gen = generate_step(
@@ -347,27 +392,29 @@ class Engine:
                 sampler=seq.sampler,
                 logits_processors=seq.processors_seeing(seq.in_cache),
                 prompt_cache=seq.cache,
-                prefill_step_size=self.chunk,
+                prefill_step_size=self.full_step,  # its rest fits one: read in one pass
             )
+        started = time.perf_counter()
         token, logprobs = next(self._single_gen)
+        if reading:
+            self._measured(reading, time.perf_counter() - started)
         finish = self._record(seq, token)
         seq.in_cache = len(seq.tokens)  # generate_step has fed the token it returns
         if finish is not None:
             self._end_single()
         return [(seq.req.id, token, finish, self._logprobs(seq, token, logprobs))]
 
-    def _prefill(self, seq: Sequence) -> None:
-        """Feed the next ``chunk`` prompt tokens into the sequence's cache."""
+    def _prefill(self, seq: Sequence, n: int) -> None:
+        """Feed the next ``n`` prompt tokens into the sequence's own cache."""
         if seq.cache is None:
             seq.cache = make_prompt_cache(self.model)
-        chunk = self.chunk
         started = time.perf_counter()
         with mx.stream(generation_stream):
-            tokens = seq.tokens[seq.in_cache : seq.in_cache + chunk]
+            tokens = seq.tokens[seq.in_cache : seq.in_cache + n]
             self.model(mx.array(tokens)[None], cache=seq.cache)
             mx.eval([c.state for c in seq.cache])
-        self._measured(chunk, time.perf_counter() - started)
-        seq.in_cache += chunk
+        self._measured(n, time.perf_counter() - started)
+        seq.in_cache += n
         mx.clear_cache()
 
     def _end_single(self) -> None:
@@ -425,15 +472,15 @@ class Engine:
     # -- the batch -----------------------------------------------------------
 
     def _insert(self, seq: Sequence) -> None:
+        """Into the batch, whose next step reads the rest of its prompt (it
+        fits this step's budget: ``_read``) together with the others'."""
         if self._batch is None:
-            # Every prompt that arrives together is read together (as many as
-            # may decode), so that a burst of requests starts decoding at once.
             self._batch = BatchGenerator(
                 self.model,
                 completion_batch_size=self.max_batch,
                 prefill_batch_size=self.max_batch,
-                prefill_step_size=self.chunk,
             )
+        self._batch.prefill_step_size = max(self.full_step, self.chunk)  # whole, in one pass
         stops = [[t] for t in seq.req.stop_ids]
         cache, seq.cache = seq.cache, None
         (uid,) = self._batch.insert(
@@ -462,7 +509,7 @@ class Engine:
 
     def _step_batch(self) -> list[Output]:
         assert self._batch is not None
-        if self._share_prefill(self._batch):
+        if any(s.generated == 0 for s in self._in_batch.values()):
             with self._batch.stats() as done:  # measure while prompts are read
                 _, responses = self._batch.next()
             self._measured(done.prompt_tokens, done.prompt_time)
@@ -484,19 +531,6 @@ class Engine:
                     self._keep(r.all_tokens, r.prompt_cache)
             out.append((seq.req.id, r.token, finish, self._logprobs(seq, r.token, r.logprobs)))
         return out
-
-    def _share_prefill(self, batch: BatchGenerator) -> int:
-        """While some sequences decode, the prompts being read share one
-        chunk of tokens per step, so a step stays about one chunk long.
-        Returns how many prompts are being read."""
-        reading = sum(1 for s in self._in_batch.values() if s.generated == 0)
-        decoding = len(self._in_batch) - reading
-        together = min(reading, batch.prefill_batch_size)
-        if decoding and together:
-            batch.prefill_step_size = _power_of_two(max(self.chunk // together, 16))
-        else:
-            batch.prefill_step_size = self.chunk
-        return reading
 
     # -- shared --------------------------------------------------------------
 

@@ -201,11 +201,11 @@ def test_a_short_request_is_not_stuck_behind_a_long_prompt_read_alone(
 ) -> None:
     model, texts = tiny
     chunk = 24
-    engine = Engine(model, 4, chunk=chunk)
+    engine = Engine(model, 4, chunk=chunk, full_step=2 * chunk)  # alone: two chunks a step
     long = request(texts, texts.encode("A long document to read. " * 50))
     engine.add(long)
     engine.step()
-    engine.step()  # reading it alone, two chunks in
+    engine.step()  # reading it alone, two steps in
     short = request(texts, texts.encode("Hi"), max_tokens=3)
     engine.add(short)
     firsts: dict[int, int] = {}
