@@ -1,37 +1,52 @@
-"""Serving benchmark: raw mlx-lm against the same model through mlxd over HTTP.
+"""Serving benchmark: raw mlx-lm against the same model through mlxd over HTTP,
+with ``mlx_lm.server`` and the bare HTTP stack beside them.
 
     python -m bench.serving [--model DIR] [--tokens 256] [--streams 8]
+        [--arrivals burst|stagger|poisson] [--gap-ms 5] [--rate 50] [--peers]
 
-Compares, in one process tree on one machine, four columns:
+Compares, in one process tree on one machine, these columns:
 
 - ``raw mlx-lm``: ``stream_generate`` and ``BatchGenerator`` (``bench/raw.py``,
-  a child process);
+  a child process), every prompt at once: the ceiling;
 - ``runner``: mlxd's runner process alone, driven through its protocol client
   (what the runner costs before any HTTP);
 - ``mlxd``: ``mlxd serve`` (another child) over HTTP with a lean h11 client
   (``bench/client.py``: the server's cost alone);
 - ``mlxd+httpx``: the same server driven by httpx (what a typical Python
-  client adds).
+  client adds);
+- with ``--peers``: ``mlx_lm.server`` (its defaults, but for a prompt cache
+  that keeps nothing, as mlxd's is off here) and ``http floor``, Hypercorn and
+  Quart-trio answering at once with no model (``bench/bare.py``): what the
+  stack itself takes for that many requests.
 
-All four are started first and their runs interleaved (each column's single
+Clients arrive as ``--arrivals`` says: all at once (``burst``), one every
+``--gap-ms`` (``stagger``), or at random at ``--rate`` a second (``poisson``,
+the same draws for every column); each has a connection of its own, and its
+time to first token counts from its own start.
+
+All columns are started first and their runs interleaved (each column's single
 stream, then each column's batch, ``--repeat`` times), so that the lent GPU's
 drift in speed from minute to minute falls on every column alike. Prints a
 table and the ratios the project targets, taken with the lean client:
 
 - one stream through mlxd >= 0.95x raw single-stream decode speed
-- N concurrent streams >= 0.90x raw BatchGenerator throughput
-- time to first token at N streams <= 1.3x raw
+- N streams >= 0.90x raw BatchGenerator throughput (and >= 1.5x mlx_lm.server's)
+- mean time to first token at N streams <= 1.3x (raw's + the HTTP floor's)
 
-Every stream ignores end-of-text so both sides make the same number of tokens.
-Without ``--model`` it uses the bundled SmolLM2-135M-Instruct.
+Every mlxd and raw stream ignores end-of-text so all make the same number of
+tokens (``mlx_lm.server`` has no such switch: its end-of-text tokens get a
+logit bias of -100). Without ``--model`` it uses the bundled
+SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
-import signal
+import random
 import statistics
 import subprocess
 import sys
@@ -46,12 +61,12 @@ import trio
 
 from api.texts import Texts
 from bench import client
+from bench.peers import ROOT, start_mlx_lm, stop
 from config.settings import BUNDLED, default_cache_dir
 from runner import sources
 from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
 
-ROOT = Path(__file__).resolve().parent.parent
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type "
     "changed how knowledge spread across Europe. Write a long, detailed essay about it. "
@@ -159,26 +174,51 @@ async def stream_runner(runner: RunnerProcess, prompt: list[int], tokens: int) -
     return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": len(stamps)}
 
 
-def streamed(one: Stream, ps: list[list[int]]) -> Column:
+async def stream_plain(port: int, body: dict[str, Any]) -> dict:
+    """A stream from a server that is not mlxd (mlx_lm.server, the HTTP floor):
+    every event with text is a token."""
+    t0, stamps = time.perf_counter(), []
+    async for event in client.sse_events("127.0.0.1", port, "/v1/completions", body):
+        if event.get("choices") and event["choices"][0].get("text"):
+            stamps.append(time.perf_counter())
+    return {"t0": t0, "first": stamps[0], "last": stamps[-1], "tokens": len(stamps)}
+
+
+def arrivals(args: argparse.Namespace) -> list[float]:
+    """When each of the batch's clients starts, in seconds from the first."""
+    n = args.streams
+    if args.arrivals == "stagger":
+        return [i * args.gap_ms / 1000 for i in range(n)]
+    if args.arrivals == "poisson":
+        draws = random.Random(0)
+        gaps = [0.0] + [draws.expovariate(args.rate) for _ in range(n - 1)]
+        return list(itertools.accumulate(gaps))
+    return [0.0] * n
+
+
+def streamed(one: Stream, ps: list[list[int]], offsets: list[float]) -> Column:
     """A column whose runs are client streams: one on the first prompt, or one
-    per prompt started together."""
+    per prompt, each started at its offset."""
 
     async def single() -> Metrics:
         s = await one(ps[0])
         return {
             "ttft_s": s["first"] - s["t0"],
-            "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"]),
+            "decode_tok_s": (s["tokens"] - 1) / (s["last"] - s["first"])
+            if s["tokens"] > 1
+            else math.nan,  # the HTTP floor makes no tokens
         }
 
     async def batch() -> Metrics:
         t0, runs = time.perf_counter(), []
 
-        async def run_one(p: list[int]) -> None:
+        async def run_one(p: list[int], at: float) -> None:
+            await trio.sleep_until(trio.current_time() + at)
             runs.append(await one(p))
 
         async with trio.open_nursery() as nursery:
-            for p in ps:
-                nursery.start_soon(run_one, p)
+            for p, at in zip(ps, offsets, strict=True):
+                nursery.start_soon(run_one, p, at)
         ttfts = [r["first"] - r["t0"] for r in runs]
         return {
             "throughput_tok_s": sum(r["tokens"] for r in runs)
@@ -219,10 +259,26 @@ def median(runs: list[Metrics]) -> Metrics:
 
 
 async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    ps = prompts(Texts(model_dir, None), args.streams, args.prompt_tokens)
+    texts = Texts(model_dir, None)
+    ps = prompts(texts, args.streams, args.prompt_tokens)
+    offsets = arrivals(args)
     raw = RawChild(model_dir, args.tokens, ps)
+    peers: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         daemon = start_mlxd(model_dir, args.streams, args.port, Path(tmp))
+        if args.peers:
+            peers = [
+                # batching as many as mlxd; a prompt cache that keeps nothing
+                # (every run sends the same prompts, and mlxd's is off here)
+                start_mlx_lm(
+                    model_dir,
+                    args.port + 1,
+                    Path(tmp),
+                    *("--decode-concurrency", str(max(args.streams, 32))),
+                    *("--prompt-concurrency", str(args.streams), "--prompt-cache-bytes", "1"),
+                ),
+                start_floor(args.port + 2),
+            ]
         try:
             async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=600) as http:
                 spec = RunnerSpec("bench", model_dir, max(args.streams, 8))
@@ -232,17 +288,46 @@ async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[
                 port, tokens = args.port, args.tokens
                 columns: dict[str, Column] = {
                     "raw mlx-lm": (raw.single, raw.batch),
-                    "runner": streamed(lambda p: stream_runner(runner, p, tokens), ps),
-                    "mlxd": streamed(lambda p: stream_h11(port, p, tokens), ps),
-                    "mlxd+httpx": streamed(lambda p: stream_httpx(http, port, p, tokens), ps),
+                    "runner": streamed(lambda p: stream_runner(runner, p, tokens), ps, offsets),
+                    "mlxd": streamed(lambda p: stream_h11(port, p, tokens), ps, offsets),
                 }
+                if args.httpx:
+                    columns["mlxd+httpx"] = streamed(
+                        lambda p: stream_httpx(http, port, p, tokens), ps, offsets
+                    )
+                if args.peers:
+                    lm, floor = args.port + 1, args.port + 2
+                    await trio.to_thread.run_sync(wait_ready, f"http://127.0.0.1:{lm}", 900, "")
+                    await trio.to_thread.run_sync(wait_ready, f"http://127.0.0.1:{floor}", 60, "")
+                    eos = {str(t): -100 for t in texts.stop_ids}
+
+                    def lm_body(p: list[int]) -> dict[str, Any]:
+                        return {
+                            "prompt": texts.backend.decode(p),
+                            "max_tokens": tokens,
+                            "temperature": 0,
+                            "stream": True,
+                            "logit_bias": eos,
+                        }
+
+                    columns["mlx_lm.server"] = streamed(
+                        lambda p: stream_plain(lm, lm_body(p)), ps, offsets
+                    )
+                    columns["http floor"] = streamed(
+                        lambda p: stream_plain(floor, {"max_tokens": 1}), ps, offsets
+                    )
                 results = await measure(columns, args.repeat)
                 runner.stop()
         finally:
             raw.close()
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(timeout=60)
+            for proc in [daemon, *peers]:
+                stop(proc)
     return raw.device, results
+
+
+def start_floor(port: int) -> subprocess.Popen[bytes]:
+    """``bench/bare.py``: the HTTP stack alone."""
+    return subprocess.Popen([sys.executable, "-m", "bench.bare", str(port)], cwd=ROOT)
 
 
 def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subprocess.Popen[bytes]:
@@ -273,7 +358,9 @@ def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subpr
 
 def wait_ready(url: str, timeout: float = 900, model: str = "bench") -> None:
     deadline = time.monotonic() + timeout
-    body = {"model": model, "prompt": "hi", "max_tokens": 1}
+    body: dict[str, Any] = {"prompt": "hi", "max_tokens": 1}
+    if model:
+        body["model"] = model
     while time.monotonic() < deadline:
         try:
             reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
@@ -294,18 +381,37 @@ def report(
     ratios are taken with the lean client (``mlxd``)."""
     n = args.streams
     raw_r, srv = results["raw mlx-lm"], results["mlxd"]
+    # The time to first token no server can beat: raw's, plus the HTTP stack's
+    # own for these arrivals where it was measured.
+    floor = raw_r["batch"]["ttft_mean_s"]
+    if "http floor" in results:
+        floor += results["http floor"]["batch"]["ttft_mean_s"]
     ratios = {
         "single_decode": srv["single"]["decode_tok_s"] / raw_r["single"]["decode_tok_s"],
         f"throughput_{n}": srv["batch"]["throughput_tok_s"] / raw_r["batch"]["throughput_tok_s"],
-        f"ttft_{n}": srv["batch"]["ttft_mean_s"] / raw_r["batch"]["ttft_mean_s"],
+        f"ttft_{n}": srv["batch"]["ttft_mean_s"] / floor,
     }
     targets = {
         "single_decode": (">=", 0.95),
         f"throughput_{n}": (">=", 0.90),
         f"ttft_{n}": ("<=", 1.3),
     }
-    print(f"device: {device}   tokens/stream: {args.tokens}   prompt tokens: {args.prompt_tokens}")
-    print(f"{'':26}" + "".join(f"{name:>13}" for name in results))
+    if "mlx_lm.server" in results:
+        lm = results["mlx_lm.server"]["batch"]["throughput_tok_s"]
+        ratios[f"throughput_{n}_vs_mlx_lm"] = srv["batch"]["throughput_tok_s"] / lm
+        targets[f"throughput_{n}_vs_mlx_lm"] = (">=", 1.5)
+    arriving = args.arrivals + (
+        f" {args.gap_ms} ms apart"
+        if args.arrivals == "stagger"
+        else f" at {args.rate}/s"
+        if args.arrivals == "poisson"
+        else ""
+    )
+    print(
+        f"device: {device}   tokens/stream: {args.tokens}   prompt tokens: {args.prompt_tokens}"
+        f"   arrivals: {arriving}"
+    )
+    print(f"{'':26}" + "".join(f"{name:>15}" for name in results))
     rows = [
         ("1 stream decode tok/s", "single", "decode_tok_s"),
         ("1 stream TTFT s", "single", "ttft_s"),
@@ -314,7 +420,8 @@ def report(
         (f"{n} streams max TTFT s", "batch", "ttft_max_s"),
     ]
     for label, part, key in rows:
-        print(f"{label:26}" + "".join(f"{r[part][key]:13.3f}" for r in results.values()))
+        cells = (r[part].get(key, math.nan) for r in results.values())
+        print(f"{label:26}" + "".join(f"{v:15.3f}" for v in cells))
     for key, value in ratios.items():
         op, bound = targets[key]
         ok = value >= bound if op == ">=" else value <= bound
@@ -331,6 +438,15 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--arrivals", choices=("burst", "stagger", "poisson"), default="burst")
+    parser.add_argument("--gap-ms", type=float, default=5.0, help="stagger: between clients")
+    parser.add_argument("--rate", type=float, default=50.0, help="poisson: clients a second")
+    parser.add_argument(
+        "--peers", action="store_true", help="also mlx_lm.server and the bare HTTP stack"
+    )
+    parser.add_argument(
+        "--no-httpx", dest="httpx", action="store_false", help="leave out the httpx column"
+    )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()

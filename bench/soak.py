@@ -33,8 +33,9 @@ from typing import Any
 import httpx
 import trio
 
+from bench.peers import ROOT
 from bench.random_model import write
-from bench.serving import ROOT, wait_ready
+from bench.serving import wait_ready
 from config.settings import BUNDLED, ModelConfig, Settings, default_cache_dir
 from daemon.launcher import Launcher
 from runner import sources

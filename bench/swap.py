@@ -39,7 +39,8 @@ import trio
 
 from api.texts import Texts
 from bench.client import sse_events
-from bench.serving import ROOT, completion_body, prompts, wait_ready
+from bench.peers import ROOT
+from bench.serving import completion_body, prompts, wait_ready
 
 RAW = """
 import json, sys, time

@@ -69,7 +69,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -85,7 +84,7 @@ import trio
 
 from api.texts import Texts
 from bench.client import sse_events
-from bench.serving import ROOT
+from bench.peers import ROOT, start_mlx_lm, stop
 from bench.swap import load_phases
 from config.settings import BUNDLED, default_cache_dir
 from runner import sources
@@ -620,33 +619,6 @@ def start_mlxd(
     cmd = [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)]
     with (workdir / "mlxd.log").open("wb") as log:
         return subprocess.Popen([*cmd, "--log-level", "info"], cwd=ROOT, stderr=log)
-
-
-# ``python -m mlx_lm server``, after the same system BLAS that mlxd's runners
-# load (on a Linux CPU MLX's own is about 30x slower; elsewhere it does nothing).
-MLX_LM_SERVER = """
-from runner.__main__ import preload_blas
-preload_blas()
-from mlx_lm.server import main
-main()
-"""
-
-
-def start_mlx_lm(model_dir: Path, port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    """``mlx_lm.server`` with its defaults (a prompt cache of 10 entries, no
-    byte limit; batching on), its log in ``workdir``."""
-    cmd = [sys.executable, "-c", MLX_LM_SERVER, "--model", str(model_dir), "--port", str(port)]
-    with (workdir / "mlx_lm.log").open("wb") as log:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def forced_token(texts: Texts) -> int:
