@@ -14,6 +14,8 @@ Compares, in one process tree on one machine, these columns:
   (``bench/client.py``: the server's cost alone);
 - ``mlxd+httpx``: the same server driven by httpx (what a typical Python
   client adds);
+- with ``--base DIR``: ``mlxd@base``, the mlxd of another checkout (an
+  earlier commit), served the same way, for an A/B in one run;
 - with ``--peers``: ``mlx_lm.server`` (its defaults, but for a prompt cache
   that keeps nothing, as mlxd's is off here) and ``http floor``, Hypercorn and
   Quart-trio answering at once with no model (``bench/bare.py``): what the
@@ -266,8 +268,11 @@ async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[
     peers: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory() as tmp:
         daemon = start_mlxd(model_dir, args.streams, args.port, Path(tmp))
+        base_port = args.port + 3
+        if args.base:
+            peers.append(start_mlxd(model_dir, args.streams, base_port, Path(tmp), Path(args.base)))
         if args.peers:
-            peers = [
+            peers += [
                 # batching as many as mlxd; a prompt cache that keeps nothing
                 # (every run sends the same prompts, and mlxd's is off here)
                 start_mlx_lm(
@@ -294,6 +299,11 @@ async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[
                 if args.httpx:
                     columns["mlxd+httpx"] = streamed(
                         lambda p: stream_httpx(http, port, p, tokens), ps, offsets
+                    )
+                if args.base:
+                    await trio.to_thread.run_sync(wait_ready, f"http://127.0.0.1:{base_port}")
+                    columns["mlxd@base"] = streamed(
+                        lambda p: stream_h11(base_port, p, tokens), ps, offsets
                     )
                 if args.peers:
                     lm, floor = args.port + 1, args.port + 2
@@ -330,8 +340,11 @@ def start_floor(port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "bench.bare", str(port)], cwd=ROOT)
 
 
-def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    config = workdir / "bench.toml"
+def start_mlxd(
+    model_dir: Path, streams: int, port: int, workdir: Path, root: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """``mlxd serve`` from the checkout at ``root`` (this one, or ``--base``'s)."""
+    config = workdir / f"bench-{port}.toml"
     config.write_text(
         f'port = {port}\ncache_dir = "{workdir}"\n[[models]]\nname = "bench"\n'
         f'path = "{model_dir}"\nmax_concurrency = {max(streams, 8)}\nmax_context = 8192\n'
@@ -339,21 +352,9 @@ def start_mlxd(model_dir: Path, streams: int, port: int, workdir: Path) -> subpr
         # would read them from memory while raw mlx-lm reads them afresh.
         "prefix_cache = 0\n"
     )
-    log = (workdir / "mlxd.log").open("wb")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "daemon.cli",
-            "serve",
-            "--config",
-            str(config),
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        stderr=log,
-    )
+    log = (workdir / f"mlxd-{port}.log").open("wb")
+    cmd = [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)]
+    return subprocess.Popen([*cmd, "--log-level", "warning"], cwd=root, stderr=log)
 
 
 def wait_ready(url: str, timeout: float = 900, model: str = "bench") -> None:
@@ -446,6 +447,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-httpx", dest="httpx", action="store_false", help="leave out the httpx column"
+    )
+    parser.add_argument(
+        "--base", help="another mlxd checkout, served beside this one (an A/B in one run)"
     )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", help="also write the results here")
