@@ -139,7 +139,7 @@ async def _prompt(
 def _chat_prompt(texts: Texts, req: ChatRequest) -> tuple[list[int], bool, int]:
     tools = req.tools if req.tool_choice.mode != "none" else ()
     text = texts.render(list(req.messages), tools, req.thinking, req.effort)
-    prompt = texts.encode(text)
+    prompt = texts.prompts.encode(text)
     marked = texts.marked(text, req.cache_marks) if req.cache_marks else 0
     return prompt, texts.opens_reasoning(prompt), marked
 

@@ -20,6 +20,7 @@ import attrs
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from api.prompt_tokens import PromptTokens
 from scheduler.errors import InvalidRequest
 
 ToolParser = Callable[[str, Any], Any]
@@ -79,6 +80,7 @@ class Texts:
             re.compile(re.escape(think[0]) + ".*?" + re.escape(think[1]), re.S) if think else None
         )
         self.renders_tools = self._renders_tools()
+        self.prompts = PromptTokens(self.backend)  # chat prompts, tokenized from where they differ
         self.places_system = self._places_system()
 
     @property
@@ -92,8 +94,9 @@ class Texts:
         thinking: bool | None = None,
         effort: str | None = None,
     ) -> list[int]:
-        """The prompt for a conversation (``render``, then tokenized)."""
-        return self.encode(self.render(messages, tools, thinking, effort))
+        """The prompt for a conversation (``render``, then tokenized, from
+        where it departs from an earlier prompt: ``api/prompt_tokens.py``)."""
+        return self.prompts.encode(self.render(messages, tools, thinking, effort))
 
     def render(
         self,
@@ -176,7 +179,7 @@ class Texts:
         return bool(w.has_thinking) and w.rfind_think_start(prompt) > w.rfind_think_end(prompt)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.backend.encode(text, add_special_tokens=False).ids)
 
     def text_stream(self, stops: Sequence[str]) -> TextStream:
         return TextStream(self.backend, stops, self._hidden)
