@@ -57,18 +57,18 @@ async def answer(generation: Generation, job: Prepared, shaper: Shaper, stalls: 
 
 
 async def _frames(generation: Generation, shaper: Shaper, record: Record) -> AsyncIterator[bytes]:
+    # The events made together go out in one write: each write is a trip
+    # through Quart, Hypercorn and the socket (Anthropic's closing alone is
+    # three events).
     try:
         if shaper.opens_with_usage:
             await generation.cached()
-        for event in shaper.opening():
-            yield shaper.frame(event)
+        if opening := b"".join(shaper.frame(event) for event in shaper.opening()):
+            yield opening
         async for d in generation:
-            for event in shaper.events(d):
-                yield shaper.frame(event)
-        for event in shaper.closing():
-            yield shaper.frame(event)
-        if shaper.end:
-            yield shaper.end
+            if frames := b"".join(shaper.frame(event) for event in shaper.events(d)):
+                yield frames
+        yield b"".join(shaper.frame(event) for event in shaper.closing()) + shaper.end
     except MlxdError as exc:
         record.fail(exc)
         yield shaper.frame(shaper.failed(*errors.describe(exc)))
