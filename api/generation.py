@@ -11,9 +11,10 @@ once the model has taken the request) until ``aclose``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
@@ -33,6 +34,7 @@ from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashe
 from scheduler.pool import Scheduler
 
 TOGETHER = 4  # the most chunks one delta carries
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -73,7 +75,8 @@ async def prepare(
                 f"model {model.name!r} cannot take tools: its chat template leaves them out",
                 param="tools",
             )
-    prompt, reasoning, marked = await _prompt(texts, req)
+    small = record.body_bytes is not None and record.body_bytes <= INLINE_BYTES
+    prompt, reasoning, marked = await _prompt(texts, req, small)
     grammar = req.params.grammar
     if chat is not None:
         grammar = grammar or forced_call(texts.markers, chat.tools, chat.tool_choice)
@@ -121,15 +124,26 @@ async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
     return len(prompt)
 
 
+INLINE_BYTES = 16 * 1024  # a request body up to this is templated and tokenized in place
+
+
+async def _off_loop(small: bool, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a worker thread unless the request is small: a hop
+    to a thread and back costs more CPU than templating and tokenizing a
+    short prompt (and a long one must not hold the event loop)."""
+    return fn(*args) if small else await trio.to_thread.run_sync(fn, *args)
+
+
 async def _prompt(
-    texts: Texts, req: ChatRequest | CompletionRequest
+    texts: Texts, req: ChatRequest | CompletionRequest, small: bool = False
 ) -> tuple[list[int], bool, int]:
     """The prompt's tokens, whether it opened a reasoning block, and how many
-    of its tokens come before the request's last cache mark."""
+    of its tokens come before the request's last cache mark; ``small``: the
+    request is small enough to do it in place."""
     if isinstance(req, ChatRequest):
-        return await trio.to_thread.run_sync(_chat_prompt, texts, req)
+        return await _off_loop(small, _chat_prompt, texts, req)
     if isinstance(req.prompt, str):
-        return await trio.to_thread.run_sync(texts.encode, req.prompt), False, 0
+        return await _off_loop(small, texts.encode, req.prompt), False, 0
     prompt = list(req.prompt)
     if max(prompt) >= len(texts.tokenizer):
         raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")

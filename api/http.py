@@ -19,7 +19,11 @@ Route = TypeVar("Route", bound=Callable[..., Awaitable[Any]])
 
 
 async def json_body() -> Any:
-    return parse_json(await request.get_data(cache=False))
+    raw = await request.get_data(cache=False)
+    record: Record | None = g.get("record")
+    if record is not None:
+        record.body_bytes = len(raw)
+    return parse_json(raw)
 
 
 def json_response(body: dict[str, Any]) -> Response:

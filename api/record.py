@@ -80,6 +80,7 @@ class Record:
     tokens: Tokens = attrs.field(factory=Tokens)
     queue_s: float | None = None
     kv_reserved: int | None = None  # KV cache bytes reserved for it once granted
+    body_bytes: int | None = None  # its request body's size, once read
     ttft_s: float | None = None
     streaming: bool = False  # then the stream's end finishes the record
     error: str | None = None  # a failure after a stream had started
