@@ -164,9 +164,10 @@ def _check(texts: Texts, params: GenerationParams, model: str) -> None:
     for token, _ in params.logit_bias:
         if token >= vocabulary:
             raise InvalidRequest(f"token id {token} is outside the vocabulary", "logit_bias")
-    if params.sampling.top_k > vocabulary:
+    if params.sampling.top_k >= vocabulary:  # mlx-lm's top-k fails from k = vocabulary on
         raise InvalidRequest(
-            f"'top_k' is {params.sampling.top_k}, but model {model!r} has {vocabulary} tokens",
+            f"'top_k' is {params.sampling.top_k}, but model {model!r} has {vocabulary} tokens: "
+            "it must be fewer (0 turns top-k off)",
             "top_k",
         )
 

@@ -290,16 +290,17 @@ class CompletionRequest:
         )
 
 
-def parse_json(raw: str | bytes) -> Any:
-    """A request body: JSON nested at most ``MAX_DEPTH`` deep whose every
+def parse_json(raw: str | bytes, what: str = "the request body", param: str | None = None) -> Any:
+    """A request body (or JSON a request carries in a string, ``what``: a
+    tool call's arguments): JSON nested at most ``MAX_DEPTH`` deep whose every
     string (keys too) is valid Unicode (JSON can spell a lone surrogate,
     ``"\\ud800"``, which no tokenizer takes)."""
     try:
         value = json.loads(raw)
     except RecursionError:
-        raise InvalidRequest(f"the request body is nested more than {MAX_DEPTH} deep") from None
+        raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} deep", param) from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from None
+        raise InvalidRequest(f"{what} is not valid JSON: {e}", param) from None
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -307,7 +308,7 @@ def parse_json(raw: str | bytes) -> Any:
             _unicode(item)
         elif isinstance(item, dict | list):
             if depth > MAX_DEPTH:
-                raise InvalidRequest(f"the request body is nested more than {MAX_DEPTH} deep")
+                raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} deep", param)
             if isinstance(item, dict):
                 for key in item:
                     _unicode(key)
@@ -386,10 +387,8 @@ def _call(raw: Any, where: str, names: dict[str, str]) -> dict[str, Any]:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise InvalidRequest(f"'{where}' must hold a function with a name", param=where)
     args = fn.get("arguments", "{}")
-    try:
-        parsed = json.loads(args) if isinstance(args, str) else args
-    except ValueError:
-        raise InvalidRequest(f"'{where}.function.arguments' is not valid JSON", where) from None
+    what = f"'{where}.function.arguments'"
+    parsed = parse_json(args, what, where) if isinstance(args, str) else args
     call_id = raw.get("id") if isinstance(raw.get("id"), str) else f"call_{len(names)}"
     names[call_id] = fn["name"]
     return {

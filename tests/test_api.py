@@ -178,6 +178,7 @@ async def test_bad_requests_get_openai_errors_and_the_daemon_serves_on(shared_ti
         ("/v1/chat/completions", {"messages": CHAT}, 400, "model", "required"),
         ("/v1/chat/completions", chat | {"model": "nope"}, 404, "model", "nope"),
         ("/v1/chat/completions", chat | {"top_k": 10**6}, 400, "top_k", "tokens"),
+        ("/v1/chat/completions", chat | {"top_k": 49152}, 400, "top_k", "must be fewer"),
         ("/v1/chat/completions", {"model": "tiny", "messages": LONG}, 400, "messages", "512"),
         ("/v1/completions", {"model": "tiny", "prompt": [1, 10**6]}, 400, "prompt", "vocabulary"),
         ("/v1/completions", {"model": "tiny", "prompt": "Hi"} | {"logit_bias": {"99999": 1}},

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 
 from api.openai.responses import chat_request
+from api.openai.store import ResponseStore
+from api.openai.turns import Turn
 from api.schemas import ChatRequest, CompletionRequest, parse_json
 from scheduler.errors import InvalidRequest
 
@@ -211,3 +213,21 @@ def test_sound_bodies_pass() -> None:
     assert chat.params.sampling.seed == 2**64 - 1  # -1 as unsigned
     assert CompletionRequest.from_openai({"model": "tiny", "prompt": [[1, 2]]}).prompt == (1, 2)
     assert chat_request({"model": "tiny", "input": "Hi"})[0].messages[-1]["content"] == "Hi"
+
+
+def test_json_inside_a_string_is_held_to_the_bodys_depth() -> None:
+    """A tool call's arguments are JSON in a string: nested 100,000 deep they
+    were a RecursionError (a 500); now the caller's 400, naming the field."""
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    body = {"model": "tiny", "messages": [*CHAT, {"role": "assistant", "tool_calls": [call]}]}
+    error = refusal(ChatRequest.from_openai, body)
+    assert error.param == "messages[1].tool_calls[0]"
+    assert "nested more than 64 deep" in error.message
+
+
+def test_an_input_item_whose_type_is_not_a_string_is_refused() -> None:
+    store = ResponseStore(10, 10**6)
+    body = {"model": "tiny", "input": [{"type": ["message"], "role": "user", "content": "x"}]}
+    error = refusal(lambda b: Turn.read(b, store, ""), body)
+    assert error.param == "input" and "'type' must be a string" in error.message

@@ -417,5 +417,15 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
         "type": "tool_use",
         "id": call.id,
         "name": call.name,
-        "input": json.loads(call.arguments),
+        "input": _input(call.arguments),
     }
+
+
+def _input(arguments: str) -> Any:
+    """A call's arguments as the object Anthropic gives: the parser's JSON
+    (what no parse makes an object of is given whole, as a string)."""
+    try:
+        parsed = json.loads(arguments)
+    except (ValueError, RecursionError):
+        return {"arguments": arguments}
+    return parsed if isinstance(parsed, dict) else {"arguments": parsed}

@@ -192,7 +192,7 @@ def _custom_input(arguments: str) -> str:
     """A custom tool's text, from the call's JSON arguments."""
     try:
         parsed = json.loads(arguments)
-    except ValueError:
+    except (ValueError, RecursionError):
         return arguments
     if isinstance(parsed, dict) and isinstance(parsed.get("input"), str):
         return parsed["input"]

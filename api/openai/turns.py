@@ -112,6 +112,8 @@ def _resolved(item: Any, store: ResponseStore, owner: str) -> Any:
     if not isinstance(item, dict):
         return item  # refused by the input check, with its index
     kind = item.get("type", "message")
+    if not isinstance(kind, str):
+        raise InvalidRequest(f"an input item's 'type' must be a string, got {kind!r}", "input")
     if kind == "item_reference":
         if not isinstance(item.get("id"), str):
             raise InvalidRequest("an item_reference needs an 'id'", param="input")
