@@ -76,6 +76,17 @@ def test_items_are_found_by_id_and_deleted_with_their_response() -> None:
         store.get(ME, "resp_1")
 
 
+def test_an_item_id_one_key_chose_does_not_hide_anothers_item() -> None:
+    store = ResponseStore(10, 10**6)
+    store.put(ME, response(1), said(1))
+    theirs = response(2) | {"output": []}
+    store.put(THEM, theirs, said(1))  # the same client-chosen item id, another key
+    assert store.item(ME, "msg_in1")["content"] == "question 1"  # mine still
+    assert store.item(THEM, "msg_in1")["content"] == "question 1"
+    store.delete(THEM, "resp_2")
+    assert store.item(ME, "msg_in1")["content"] == "question 1"
+
+
 def test_the_least_recently_used_go_first_and_a_cut_chain_is_not_found() -> None:
     store = ResponseStore(3, 10**6)
     store.put(ME, response(1), said(1))

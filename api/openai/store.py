@@ -92,7 +92,9 @@ class ResponseStore:
     def __init__(self, max_entries: int, max_bytes: int, path: Path | None = None) -> None:
         self.max_entries, self.max_bytes, self.path = max_entries, max_bytes, path
         self._entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
-        self._items: dict[str, str] = {}  # item id -> the response that holds it
+        # (owner, item id) -> the response that holds it: ids are the client's
+        # to choose, so one key's may be another's too
+        self._items: dict[tuple[str, str], str] = {}
         self.nbytes = 0
         self._conversations: collections.OrderedDict[str, Conversation] = collections.OrderedDict()
         self.conversation_bytes = 0
@@ -121,7 +123,7 @@ class ResponseStore:
         self.nbytes += entry.nbytes
         for item in entry.items:
             if isinstance(item.get("id"), str):
-                self._items[item["id"]] = response["id"]
+                self._items[owner, item["id"]] = response["id"]
         while len(self._entries) > self.max_entries or self.nbytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
@@ -150,7 +152,7 @@ class ResponseStore:
 
     def item(self, owner: str, item_id: str) -> dict[str, Any]:
         """A stored input or output item, by its id (for ``item_reference``)."""
-        response_id = self._items.get(item_id)
+        response_id = self._items.get((owner, item_id))
         if response_id is None:
             raise ResponseNotFound(f"no stored item with id {item_id!r}", "input")
         for item in self.get(owner, response_id, "input").items:
@@ -224,8 +226,9 @@ class ResponseStore:
             return
         self.nbytes -= entry.nbytes
         for item in entry.items:
-            if self._items.get(item.get("id", "")) == response_id:
-                del self._items[item["id"]]
+            key = (entry.owner, item.get("id", ""))
+            if self._items.get(key) == response_id:
+                del self._items[key]
 
     def save(self) -> None:
         """Write the store to ``path`` (atomically), oldest entry first."""
