@@ -190,6 +190,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     import platform
     from importlib import metadata
 
+    from daemon.cachedir import problem
     from scheduler.memory import resolve_budget
 
     def version(dist: str) -> str:
@@ -214,6 +215,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     budget, where = resolve_budget(settings.memory_budget)
     print("  " + settings.describe().replace("\n", "\n  "))
     print(f"  memory budget resolves to {format_bytes(budget)} ({where})")
+    why = problem(settings.cache_dir)
+    print(f"  cache folder {settings.cache_dir}: {'ok' if why is None else f'unusable ({why})'}")
     try:
         pool = _call(args, "GET", "/api/ps")
         errors = _call(args, "GET", "/api/errors")["errors"]

@@ -39,7 +39,9 @@ class Launcher:
         self.spares = Spares(enabled=settings.spare_runner)
         self._dirs: dict[ModelConfig, Path] = {}
         self._sizes: dict[ModelConfig, memory.Size] = {}
-        self._prefix_dirs: dict[ModelConfig, Path | None] = {}
+        # by model, the weights' files as they were (``prefix_disk.stamp``) and
+        # their prefix folder then: new files, a new fingerprint
+        self._prefix_dirs: dict[ModelConfig, tuple[object, Path | None]] = {}
         self._on_disk: dict[str, Path] = {}  # by model name, for the pool's status
         self._locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(trio.Lock)
 
@@ -79,17 +81,22 @@ class Launcher:
         (whose load will say more)."""
         if self.settings.prefix_disk_bytes <= 0 or model.prefix_cache_bytes <= 0:
             return None
-        if model not in self._prefix_dirs:
-            root, model_dir = self.settings.cache_dir / "prefixes", await self.model_dir(model)
+        root, model_dir = self.settings.cache_dir / "prefixes", await self.model_dir(model)
+        try:
+            now = await trio.to_thread.run_sync(prefix_disk.stamp, model_dir)
+        except OSError:
+            now = None
+        known = self._prefix_dirs.get(model)
+        if known is None or known[0] != now:  # weights replaced: their prefixes are not ours
             try:
                 where = await trio.to_thread.run_sync(prefix_disk.directory, root, model_dir)
             except (OSError, ValueError, struct.error) as e:
                 log.warning("cannot fingerprint the weights of %s: %s", model.name, e)
                 where = None
-            self._prefix_dirs[model] = where
+            self._prefix_dirs[model] = (now, where)
             if where is not None:
                 self._on_disk[model.name] = where
-        return self._prefix_dirs[model]
+        return self._prefix_dirs[model][1]
 
     def prefix_disk_bytes(self, name: str) -> int:
         """Bytes of the model's prefixes on disk (0 until its files are known)."""

@@ -31,6 +31,7 @@ from api.catalog import Catalog
 from api.openai.store import ResponseStore
 from config.settings import ConfigError, Settings
 from config.units import format_bytes
+from daemon import cachedir
 from daemon.launcher import Launcher
 from daemon.recent import RecentErrors
 from runner.client import RunnerProcess
@@ -51,6 +52,14 @@ async def serve(
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None;
     then SIGHUP reloads the models from ``config_path``)."""
+    if (why := await trio.to_thread.run_sync(cachedir.problem, settings.cache_dir)) is not None:
+        log.warning(
+            "the cache folder %s cannot be used (%s): serving without prefix files on disk "
+            "or stored responses on disk",
+            settings.cache_dir,
+            why,
+        )
+        settings = attrs.evolve(settings, prefix_disk_bytes=0, persist_responses=False)
     launcher = Launcher(settings)
     catalog = Catalog(settings, launcher.model_dir)
     budget, where = resolve_budget(settings.memory_budget)
@@ -96,6 +105,7 @@ async def serve(
 
             outer.start_soon(_reload_on_sighup, reload)
         outer.start_soon(_prepare, catalog, launcher, list(catalog.models))
+        outer.start_soon(store.maintain)  # its journal on the disk, now and then written whole
         launcher.spares.watch(scheduler.spare_held, scheduler.spare_fits)  # in the ledger
         await outer.start(launcher.spares.run)
         async with trio.open_nursery() as inner:

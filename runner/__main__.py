@@ -146,7 +146,12 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
     max_batch = int(options.get("max_batch", 8))
     model, _ = load_model(model_dir, lazy=True)
     where, disk_limit = options.get("prefix_dir"), int(options.get("prefix_disk", 0))
-    disk = Disk(Path(where), disk_limit) if where and disk_limit > 0 else None
+    disk = None
+    if where and disk_limit > 0:
+        try:
+            disk = Disk(Path(where), disk_limit)
+        except OSError as e:  # a folder mlxd cannot use: the model serves without
+            log.warning("%s: no prefix files on disk: %s", model_dir.name, e)
     prefixes = PrefixCache(model, int(options.get("prefix_cache", 0)), disk)
     log.info("%s: %s", model_dir.name, prefixes.describe())
     prefixes.read_ahead(options.get("prompt") or [])  # the first request's, meanwhile

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 import time
 from collections.abc import Iterable, Sequence
@@ -48,15 +49,23 @@ _SAMPLE_BYTES = 64 * 1024
 
 
 def fingerprint(model_dir: Path) -> str:
-    """A short hash that changes whenever the model's weights do."""
+    """A short hash that changes whenever the model's weights do: their
+    names, sizes, modification times and sampled bytes, and the config."""
     h = hashlib.sha256(FORMAT.encode())
     config = model_dir / "config.json"
     if config.exists():
         h.update(config.read_bytes())
     for path in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{path.name}:{path.stat().st_size}".encode())
+        h.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
         h.update(_sampled(path).digest())
     return h.hexdigest()[:24]
+
+
+def stamp(model_dir: Path) -> tuple[tuple[str, int, int], ...]:
+    """What the weights' files are now (names, sizes, modification times):
+    cheap to read, and a change in it calls for a new ``fingerprint``."""
+    stats = ((p.name, p.stat()) for p in sorted(model_dir.glob("*.safetensors")))
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
 
 
 def digest(path: Path) -> str:
@@ -124,10 +133,24 @@ def read_tokens(path: Path) -> tuple[int, ...]:
 
 
 def files(where: Path) -> list[Path]:
-    """The prefix files under ``where`` (not those still being written)."""
+    """The prefix files under ``where`` (not those still being written); an
+    entry named like one that is not a regular file (a folder, a FIFO, a
+    link) is skipped with a warning: opening a FIFO would wait for ever."""
     if not where.is_dir():
         return []
-    return sorted(p for p in where.rglob(f"*{SUFFIX}") if not p.name.startswith(TMP))
+    out = []
+    for path in where.rglob(f"*{SUFFIX}"):
+        if path.name.startswith(TMP):
+            continue
+        try:
+            regular = stat.S_ISREG(path.lstat().st_mode)
+        except OSError:
+            continue
+        if regular:
+            out.append(path)
+        else:
+            log.warning("skipping %s in the prefix folder: not a regular file", path)
+    return sorted(out)
 
 
 def temporary(where: Path, tokens: Sequence[int]) -> Path:

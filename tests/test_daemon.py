@@ -165,3 +165,62 @@ def test_sighup_adds_and_removes_models_while_a_stream_goes_on(
     log = (config.parent / "mlxd.log").read_text()
     assert "added added" in log and "removed added" in log
     assert "the new config is refused" in log and "port" in log
+
+
+def start(config: Path) -> subprocess.Popen[bytes]:
+    with (config.parent / "mlxd.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)], stderr=log
+        )
+    url = f"http://127.0.0.1:{port_of(config)}"
+    eventually_blocking(lambda: healthy(proc, url), what="the daemon to serve")
+    return proc
+
+
+def test_a_stored_response_survives_a_sigkill(config: Path) -> None:
+    """With ``persist_responses``, what a client was answered is on file the
+    moment it was answered: a SIGKILL (the OOM killer, a crash) a moment
+    later loses nothing of it."""
+    config.write_text(
+        config.read_text().replace("[[models]]", "persist_responses = true\n[[models]]")
+    )
+    url = f"http://127.0.0.1:{port_of(config)}"
+    proc = start(config)
+    try:
+        with httpx.Client(timeout=60, verify=TLS) as http:
+            body = {"model": "tiny", "input": "Hi", "max_output_tokens": 3}
+            made = http.post(f"{url}/v1/responses", json=body).json()
+            conv = http.post(f"{url}/v1/conversations", json={"items": []}).json()
+            proc.kill()  # no shutdown, no last save
+            proc.wait()
+            proc = start(config)
+            kept = http.get(f"{url}/v1/responses/{made['id']}")
+            assert kept.status_code == 200 and kept.json()["output"] == made["output"]
+            assert http.get(f"{url}/v1/conversations/{conv['id']}").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+
+
+def test_a_cache_folder_mlxd_cannot_use_is_reported_and_it_serves_without(
+    config: Path, tmp_path: Path
+) -> None:
+    """A regular file where the cache folder should be: one warning, and
+    the daemon serves (no prefix files, stored responses in memory), and
+    stops cleanly."""
+    (tmp_path / "cache").write_text("not a folder")
+    config.write_text(
+        config.read_text().replace("[[models]]", "persist_responses = true\n[[models]]")
+    )
+    url = f"http://127.0.0.1:{port_of(config)}"
+    proc = start(config)
+    with httpx.Client(timeout=60, verify=TLS) as http:
+        answer = http.post(
+            f"{url}/v1/responses", json={"model": "tiny", "input": "Hi", "max_output_tokens": 3}
+        )
+        assert answer.status_code == 200, answer.text
+        assert http.get(f"{url}/v1/responses/{answer.json()['id']}").status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log = (config.parent / "mlxd.log").read_text()
+    assert "cache" in log and "not a folder" not in log  # the warning names the path, not junk

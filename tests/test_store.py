@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,84 @@ def test_the_store_is_saved_and_read_back_and_a_broken_file_is_ignored(tmp_path:
     broken = ResponseStore(10, 10**6, path)
     broken.load()
     assert len(broken) == 0
+
+
+def test_each_change_is_in_the_journal_at_once_and_read_back(tmp_path: Path) -> None:
+    """As after a SIGKILL: no save at the end, and the next store has it all."""
+    path = tmp_path / "responses.json"
+    store = ResponseStore(10, 10**6, path)
+    store.put(ME, response(1), said(1))
+    store.put(ME, response(2), said(2), previous="resp_1")
+    store.delete(ME, "resp_1")
+    conv = store.create_conversation(THEM, said(7), {"topic": "x"})
+    store.update_conversation(THEM, conv.id, more=said(8))
+    again = ResponseStore(10, 10**6, path)  # the daemon started again
+    again.load()
+    assert again.get(ME, "resp_2").previous == "resp_1"
+    with pytest.raises(ResponseNotFound):
+        again.get(ME, "resp_1")
+    assert [i["id"] for i in again.conversation(THEM, conv.id).items] == ["msg_in7", "msg_in8"]
+    again.save()  # written whole; the journal starts afresh
+    assert (
+        not (tmp_path / "responses.jsonl").exists()
+        or not (tmp_path / "responses.jsonl").read_text()
+    )
+    third = ResponseStore(10, 10**6, path)
+    third.load()
+    assert third.get(ME, "resp_2").response == response(2)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "wrong shape",
+        "nested 10,000 deep",
+        "a directory",
+        "cut-off line",
+        "a line of the wrong shape",
+    ],
+)
+def test_damaged_files_are_skipped_with_a_warning_never_fatal(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "responses.json"
+    store = ResponseStore(10, 10**6, path)
+    store.put(ME, response(1), said(1))
+    store.put(ME, response(2), said(2))
+    journal = tmp_path / "responses.jsonl"
+    if damage == "wrong shape":
+        path.write_text(json.dumps({"entries": [{"owner": 3}], "conversations": "x"}))
+    elif damage == "nested 10,000 deep":
+        path.write_text("[" * 10_000 + "]" * 10_000)
+    elif damage == "a directory":
+        path.mkdir()
+    elif damage == "cut-off line":
+        with journal.open("a") as f:
+            f.write('{"op": "put", "owner": "')  # a crash mid-write
+    else:
+        with journal.open("a") as f:
+            f.write(json.dumps({"op": "delete"}) + "\n" + json.dumps([1, 2]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="mlxd.store"):
+        again = ResponseStore(10, 10**6, path)
+        again.load()
+    assert again.get(ME, "resp_2").response == response(2)  # what was sound is kept
+    assert caplog.records  # and what was not is named
+    assert any(
+        str(tmp_path) in r.getMessage() or "skipped" in r.getMessage() for r in caplog.records
+    )
+    again.save()  # and writing it does not fail either
+
+
+def test_a_journal_that_cannot_be_written_leaves_the_store_in_memory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING, logger="mlxd.store"):
+        store = ResponseStore(10, 10**6, blocked / "responses.json")
+        store.load()
+        store.put(ME, response(1), said(1))
+        store.put(ME, response(2), said(2))
+        store.save()
+    assert store.get(ME, "resp_2").response == response(2)
+    assert len([r for r in caplog.records if "in memory only" in r.getMessage()]) == 1

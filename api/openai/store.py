@@ -28,7 +28,6 @@ import collections
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -36,10 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import trio
 
+from api.openai.journal import Journal
 from scheduler.errors import ResponseNotFound
 
 log = logging.getLogger("mlxd.store")
+
+SYNC_S = 1.0  # the journal is on the disk within this of a change
+COMPACT_MIN_BYTES = 1 << 20  # a journal smaller than this is never compacted
 
 
 def owner_of(api_key: str | None) -> str:
@@ -91,6 +95,8 @@ class Conversation:
 class ResponseStore:
     def __init__(self, max_entries: int, max_bytes: int, path: Path | None = None) -> None:
         self.max_entries, self.max_bytes, self.path = max_entries, max_bytes, path
+        self.journal = Journal(path) if path is not None else None
+        self._replaying = False  # reading the journal back: nothing to write
         self._entries: collections.OrderedDict[str, Entry] = collections.OrderedDict()
         # (owner, item id) -> the response that holds it: ids are the client's
         # to choose, so one key's may be another's too
@@ -118,6 +124,10 @@ class ResponseStore:
                 "response %s (%d bytes) is too large to store", response["id"], entry.nbytes
             )
             return
+        self._log(
+            {"op": "put", "owner": owner, "response": response, "input": input_items}
+            | {"previous": previous}
+        )
         self._drop(response["id"])
         self._entries[response["id"]] = entry
         self.nbytes += entry.nbytes
@@ -136,6 +146,7 @@ class ResponseStore:
 
     def delete(self, owner: str, response_id: str) -> None:
         self.get(owner, response_id)
+        self._log({"op": "delete", "owner": owner, "id": response_id})
         self._drop(response_id)
 
     def chain(self, owner: str, response_id: str) -> list[dict[str, Any]]:
@@ -168,10 +179,14 @@ class ResponseStore:
         conversation = Conversation(
             owner, f"conv_{uuid.uuid4().hex}", int(time.time()), metadata, items
         )
+        self._keep_conversation(conversation)
+        return conversation
+
+    def _keep_conversation(self, conversation: Conversation) -> None:
+        self._log({"op": "conversation", **attrs.asdict(conversation)})
         self._conversations[conversation.id] = conversation
         self.conversation_bytes += conversation.nbytes
         self._bound_conversations()
-        return conversation
 
     def conversation(
         self, owner: str, conversation_id: str, param: str | None = None
@@ -198,6 +213,8 @@ class ResponseStore:
             items = [item for item in items if item.get("id") != without]
             if len(items) == len(found.items):
                 raise ResponseNotFound(f"no item with id {without!r} in {conversation_id!r}")
+        change = {"metadata": metadata, "more": list(more), "without": without}
+        self._log({"op": "conversation_update", "owner": owner, "id": conversation_id, **change})
         self.conversation_bytes -= found.nbytes
         found.items = items
         if metadata is not None:
@@ -209,6 +226,7 @@ class ResponseStore:
 
     def delete_conversation(self, owner: str, conversation_id: str) -> None:
         found = self.conversation(owner, conversation_id)
+        self._log({"op": "conversation_delete", "owner": owner, "id": conversation_id})
         del self._conversations[conversation_id]
         self.conversation_bytes -= found.nbytes
 
@@ -230,10 +248,14 @@ class ResponseStore:
             if self._items.get(key) == response_id:
                 del self._items[key]
 
-    def save(self) -> None:
-        """Write the store to ``path`` (atomically), oldest entry first."""
-        if self.path is None:
-            return
+    # -- the file (``persist_responses``: ``api/openai/journal.py``) --------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.journal is not None and not self._replaying:
+            self.journal.append(record)
+
+    def _content(self) -> dict[str, Any]:
+        """The store whole, as its snapshot holds it, oldest first."""
         entries = [
             {
                 "owner": e.owner,
@@ -244,26 +266,78 @@ class ResponseStore:
             for e in self._entries.values()
         ]
         conversations = [attrs.asdict(c) for c in self._conversations.values()]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"version": 1, "entries": entries, "conversations": conversations})
-        )
-        os.replace(tmp, self.path)
+        return {"version": 1, "entries": entries, "conversations": conversations}
+
+    def save(self) -> None:
+        """Write the store whole and start the journal afresh (at shutdown)."""
+        if self.journal is not None and self.journal.set_aside():
+            self.journal.write_snapshot(self._content())
+
+    async def maintain(self) -> None:
+        """Put the journal on the disk every second, and write the store whole
+        when the journal has grown past twice the store (the writing in a
+        worker thread: the snapshot holds the responses it is handed, which
+        the store never changes once kept)."""
+        journal = self.journal
+        if journal is None:
+            return
+        while True:
+            await trio.sleep(SYNC_S)
+            await trio.to_thread.run_sync(journal.sync)
+            grown = journal.appended > max(
+                COMPACT_MIN_BYTES, 2 * (self.nbytes + self.conversation_bytes)
+            )
+            if grown and journal.set_aside():
+                await trio.to_thread.run_sync(journal.write_snapshot, self._content())
 
     def load(self) -> None:
-        """Read back what ``save`` wrote; a missing file is an empty store, an
-        unreadable one is ignored with a warning."""
-        if self.path is None or not self.path.exists():
+        """Read back the snapshot and the journal; whatever of them is damaged
+        is skipped with a warning (``api/openai/journal.py``)."""
+        if self.journal is None:
             return
+        snapshot, records = self.journal.read()
+        if snapshot is not None and not isinstance(snapshot, dict):
+            log.warning("ignoring the stored responses in %s: not an object", self.path)
+            snapshot = None
+        bad = 0
+        self._replaying = True
         try:
-            data = json.loads(self.path.read_text())
-            for e in data["entries"]:
-                self.put(e["owner"], e["response"], e["input"], e["previous"])
-            for c in data.get("conversations", []):
-                kept = Conversation(c["owner"], c["id"], c["created_at"], c["metadata"], c["items"])
-                self._conversations[kept.id] = kept
-                self.conversation_bytes += kept.nbytes
-            self._bound_conversations()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring the stored responses in %s: %s", self.path, exc)
+            snapshot = snapshot or {}
+            entries = snapshot.get("entries", [])
+            conversations = snapshot.get("conversations", [])
+            for record in [
+                *({"op": "put", **e} for e in (entries if isinstance(entries, list) else [])),
+                *(
+                    {"op": "conversation", **c}
+                    for c in (conversations if isinstance(conversations, list) else [])
+                ),
+                *records,
+            ]:
+                try:
+                    self._apply(record)
+                except Exception:  # a record of the wrong shape: skipped
+                    bad += 1
+        finally:
+            self._replaying = False
+        if bad:
+            log.warning("skipped %d stored responses or changes of the wrong shape", bad)
+
+    def _apply(self, r: dict[str, Any]) -> None:
+        op = r.get("op")
+        if op == "put":
+            self.put(r["owner"], r["response"], r["input"], r.get("previous"))
+        elif op == "delete":
+            self._drop(r["id"])
+        elif op == "conversation":
+            fields = ("owner", "id", "created_at", "metadata", "items")
+            self._keep_conversation(Conversation(*(r[k] for k in fields)))
+        elif op == "conversation_update":
+            if r["id"] in self._conversations:
+                self.update_conversation(
+                    r["owner"], r["id"], r.get("metadata"), r.get("more") or (), r.get("without")
+                )
+        elif op == "conversation_delete":
+            if r["id"] in self._conversations:
+                self.delete_conversation(r["owner"], r["id"])
+        else:
+            raise ValueError(f"not a change the store makes: {op!r}")
