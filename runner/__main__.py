@@ -67,10 +67,19 @@ def _protocol_stdout() -> BinaryIO:
     return out
 
 
-def _read_commands(q: queue.Queue[dict[str, Any]]) -> None:
+def _read_commands(q: queue.Queue[dict[str, Any]], send: Callable[[dict[str, Any]], None]) -> None:
+    """Hand the daemon's commands to the main thread; answer its pings here,
+    at once, whatever the main thread is computing (MLX lets go of the GIL
+    while it computes): a runner busy with a long prefill, a big embedding
+    batch or a slow read is alive, and only one whose process no longer runs
+    at all goes unanswered."""
     for line in sys.stdin.buffer:
         if line.strip():
-            q.put(protocol.decode(line))
+            msg = protocol.decode(line)
+            if msg.get("op") == "ping":
+                send({"ev": "pong", "id": msg.get("id")})
+            else:
+                q.put(msg)
     q.put({"op": "shutdown"})  # EOF: the daemon is gone
 
 
@@ -167,12 +176,21 @@ def serve(
     model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float, spare: bool
 ) -> int:
     engine: Engine | Embedder
+    writing = threading.Lock()  # the main thread and the command reader both write
 
     def send(msg: dict[str, Any]) -> None:
-        out.write(protocol.encode(msg))
+        line = protocol.encode(msg)
+        with writing:
+            out.write(line)
 
+    # Commands are read from the start, so that pings are answered while the
+    # model loads too (a load is watched like a running model).
+    commands: queue.Queue[dict[str, Any]] = queue.Queue()
+    threading.Thread(target=_read_commands, args=(commands, send), daemon=True).start()
     if model_dir is None:  # wait for the model to load
-        load = _wait_as_spare(send, started) if spare else _load_command()
+        if spare:
+            _prepare_as_spare(send, started)
+        load = _load_command(commands)
         if load is None:
             return 0
         options, model_dir = load, load["model_dir"]
@@ -183,8 +201,6 @@ def serve(
         send({"ev": "fatal", "message": _describe(e)})
         return 1
 
-    commands: queue.Queue[dict[str, Any]] = queue.Queue()
-    threading.Thread(target=_read_commands, args=(commands,), daemon=True).start()
     load_s = time.perf_counter() - t0
     prefix_bytes = engine.prefixes.nbytes if engine.prefixes is not None else 0
     ready = {"pid": os.getpid(), "memory": memory(), "load_s": load_s, "prefix_bytes": prefix_bytes}
@@ -227,9 +243,9 @@ def serve(
             send({"ev": "tokens", "batch": len(outputs), "out": outputs})
 
 
-def _wait_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> dict[str, Any] | None:
-    """As a spare: import what a load needs, start the device, say what that
-    holds, and wait for the ``load`` command (None if the daemon went away)."""
+def _prepare_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> None:
+    """As a spare: import what a load needs, start the device, and say what
+    that holds (then it waits for the ``load`` command)."""
     import mlx.core as mx
     import mlx_lm.utils  # noqa: F401  (what load_engine needs: seconds of imports)
 
@@ -241,13 +257,12 @@ def _wait_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> di
     held = max(mem["active"] + mem["cache"], mem.get("device", 0))
     spare = {"pid": os.getpid(), "startup_s": time.perf_counter() - started, "bytes": held}
     send({"ev": "spare", **spare})
-    return _load_command()
 
 
-def _load_command() -> dict[str, Any] | None:
+def _load_command(commands: queue.Queue[dict[str, Any]]) -> dict[str, Any] | None:
     """The daemon's ``load`` command (None if the daemon went away)."""
-    line = sys.stdin.buffer.readline()
-    return protocol.decode(line) if line else None
+    msg = commands.get()
+    return None if msg.get("op") == "shutdown" else msg
 
 
 def _command(

@@ -241,6 +241,7 @@ class RunnerProcess:
         self._streams: dict[int, tuple[trio.MemorySendChannel[Chunk], tuple[int, ...]]] = {}
         self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
         self._stats: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._pongs: list[trio.MemorySendChannel[None]] = []  # pings waiting, oldest first
         # Embed requests waiting for their answer: an "embeddings" or "error" event.
         self._embeds: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._stop_requested = trio.Event()
@@ -268,29 +269,33 @@ class RunnerProcess:
     ) -> None:
         self.pid, self._proc = proc.pid, proc
         assert proc.stdin is not None and proc.stdout is not None
+        # The load command goes first; pings follow it while the model loads
+        # (the runner answers them from the start: ``alive``).
+        self._outbox_send.send_nowait(self.spec.load_message())
         try:
-            await proc.stdin.send_all(protocol.encode(self.spec.load_message()))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # it died while spare; the missing "ready" below reports it
-        try:
-            async with aclosing(_lines(proc.stdout)) as lines:
-                with trio.move_on_after(self._load_timeout_s) as load_scope:
-                    first = await anext(lines, None)  # (a spare's "spare" line was read)
-                if load_scope.cancelled_caught or first is None or first.get("ev") != "ready":
-                    proc.kill()
-                    await proc.wait()
-                    raise LoadFailed(_load_error(self.spec, first, proc.returncode))
-                self.memory = first.get("memory", {})
-                self.load_s = first.get("load_s")
-                self.prefix_bytes = int(first.get("prefix_bytes", 0))
-                async with trio.open_nursery() as nursery:
+            first: dict[str, Any] | None = None
+            async with aclosing(_lines(proc.stdout)) as lines, trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, proc.stdin)
+                with trio.move_on_after(self._load_timeout_s):
+                    async for msg in lines:  # (a spare's "spare" line was read)
+                        if msg.get("ev") != "pong":
+                            first = msg
+                            break
+                        self._dispatch(msg)
+                if first is not None and first.get("ev") == "ready":
+                    self.memory = first.get("memory", {})
+                    self.load_s = first.get("load_s")
+                    self.prefix_bytes = int(first.get("prefix_bytes", 0))
                     nursery.start_soon(self._settle, loading)
-                    nursery.start_soon(self._write, proc.stdin)
                     nursery.start_soon(self._kill_after_grace, proc)
                     task_status.started(self)
                     async for msg in lines:
                         self._dispatch(msg)
-                    nursery.cancel_scope.cancel()  # stdout closed: the process is ending
+                nursery.cancel_scope.cancel()  # stdout closed (or no load): the end
+            if first is None or first.get("ev") != "ready":
+                proc.kill()
+                await proc.wait()
+                raise LoadFailed(_load_error(self.spec, first, proc.returncode, self._killed))
         finally:
             with trio.CancelScope(shield=True):
                 await self._reap(proc)
@@ -377,6 +382,18 @@ class RunnerProcess:
         """Let the prefix cache hold at most ``nbytes`` from now on (0 drops it)."""
         self._send_nowait({"op": "prefix_limit", "bytes": nbytes})
 
+    async def alive(self) -> None:
+        """Return once the runner answers a ping: its process runs, whatever
+        it is computing (or loading). Raises ``RunnerGone`` once it is gone."""
+        send, recv = trio.open_memory_channel[None](1)
+        self._pongs.append(send)
+        self._send_nowait({"op": "ping"})
+        async with recv:
+            try:
+                await recv.receive()
+            except trio.EndOfChannel:
+                raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
+
     async def stats(self) -> dict[str, Any]:
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._stats.append(send)
@@ -452,6 +469,12 @@ class RunnerProcess:
                 open_ = self._streams.pop(req_id, None)
                 if open_ is not None:
                     open_[0].send_nowait(Chunk(None, error=err))
+        elif ev == "pong":
+            if self._pongs:
+                try:
+                    self._pongs.pop(0).send_nowait(None)
+                except trio.BrokenResourceError:
+                    pass  # its waiter gave up
         elif ev == "stats":
             self.memory = msg.get("memory", self.memory)
             self.last_stats = {k: v for k, v in msg.items() if k != "ev"} | {"at": time.time()}
@@ -477,7 +500,10 @@ class RunnerProcess:
             stream.send_nowait(Chunk(None, error=err))
         for waiter in [*self._stats, *self._embeds.values()]:
             waiter.close()
+        for pong in self._pongs:
+            pong.close()
         self._stats.clear()
+        self._pongs.clear()
         self._embeds.clear()
         self._outbox_send.close()
 
@@ -504,9 +530,13 @@ async def _first_line(stream: trio.abc.ReceiveStream) -> dict[str, Any] | None:
     return protocol.decode(buf)
 
 
-def _load_error(spec: RunnerSpec, first: dict[str, Any] | None, code: int | None) -> str:
+def _load_error(
+    spec: RunnerSpec, first: dict[str, Any] | None, code: int | None, killed: str | None
+) -> str:
     if first is not None and first.get("ev") == "fatal":
         why = first.get("message", "unknown error")
+    elif killed is not None:
+        why = killed
     elif first is None:
         why = f"the runner exited with code {code} before it was ready"
     else:

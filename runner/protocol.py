@@ -33,7 +33,10 @@ Commands (daemon → runner)::
     {"op": "cancel", "id": 7}         stop generating for 7 at the next step
     {"op": "prefix_limit", "bytes": 1073741824}
                                       the prefix cache's limit from now on (0 drops it)
-    {"op": "stats"}                   answer with a "stats" event
+    {"op": "stats"}                   answer with a "stats" event (between steps)
+    {"op": "ping", "id": 3}           answer with a "pong" event at once, whatever the
+                                      runner computes or loads (its command reader
+                                      answers: the daemon's liveness check)
     {"op": "shutdown"}                finish nothing more, write the most
                                       recently used prefixes to disk, exit 0
 
@@ -66,6 +69,7 @@ Events (runner → daemon)::
                                       after "shutdown": the model is freed; what
                                       is left is the prefixes being written
     {"ev": "fatal", "message": "..."}                 loading failed; exiting
+    {"ev": "pong", "id": 3}                           the answer to a ping
 
 Generate options (each off by default):
 

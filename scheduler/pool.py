@@ -46,8 +46,13 @@ class Runner(Protocol):
 
     async def run(self, *, task_status: Any = ...) -> None: ...
 
+    async def alive(self) -> None:
+        """Return once it answers a ping (answered while it computes or
+        loads); raises ``RuntimeError`` once it is gone."""
+
     async def stats(self) -> dict[str, Any]:
-        """Its counters and memory; raises ``RuntimeError`` once it is gone."""
+        """Its counters and memory (answered between its steps); raises
+        ``RuntimeError`` once it is gone."""
 
     def stop(self) -> None: ...
 
@@ -111,8 +116,9 @@ class Scheduler:
         self._size_model = size_model
         self._prefix_disk_bytes = prefix_disk_bytes
         self._runner_timeout_s = runner_timeout_s
-        # Runners asked for their stats that have yet to answer: model, since when.
-        self._asked: dict[Runner, tuple[str, float]] = {}
+        # Runners pinged that have yet to answer: model, since when.
+        self._pinged: dict[Runner, tuple[str, float]] = {}
+        self._loading: dict[str, Runner] = {}  # runners loading their model, watched too
         self._send, self._events = trio.open_memory_channel[p.Event](math.inf)
         self._nursery: trio.Nursery | None = None
         self.metrics = metrics or Metrics()
@@ -286,6 +292,7 @@ class Scheduler:
         model, started = start.model, trio.current_time()
 
         def loaded(runner: Runner) -> None:
+            self._loading.pop(model, None)
             took = trio.current_time() - started
             log.info(
                 "load model=%s duration_s=%.3f runner_load_s=%.3f",
@@ -307,8 +314,10 @@ class Scheduler:
             runner = await self._make_runner(start)
             runner.on_saving = saving
             log.info("loading %s", model)
+            self._loading[model] = runner
             await runner.run(task_status=status)
         except Exception as e:
+            self._loading.pop(model, None)
             if status.fired:
                 log.exception("runner task for %s failed", model)
             else:
@@ -327,23 +336,50 @@ class Scheduler:
 
     async def _measure(self) -> None:
         """Keep each resident model's measured bytes (and its runner's last
-        stats, for ``/api/ps``) current as its caches grow. Runners answer
-        between steps (a step is one prefill chunk or one token), each in its
-        own time: a busy one delays only itself. One that has not answered
-        for ``runner_timeout_s`` is frozen: it is killed, its requests fail,
-        and the next request loads the model again."""
-        asked = self._asked
+        stats, for ``/api/ps``) current as its caches grow, and watch that
+        every runner, loading or loaded, still runs. Stats are answered
+        between steps (a step is one prefill chunk or one token), each runner
+        in its own time: a busy one delays only its own figures, and is
+        never taken for frozen. Liveness is a ping, which a runner answers
+        at once whatever it computes: one that has not answered for
+        ``runner_timeout_s`` is frozen (stopped, hung in the kernel): it is
+        killed, its requests fail, and the next request loads the model
+        again."""
+        pinged = self._pinged
+        measuring: set[Runner] = set()
+
+        async def ping(runner: Runner) -> None:
+            try:
+                await runner.alive()
+            except RuntimeError:  # it is gone (see ``Runner.alive``)
+                return
+            finally:
+                if math.isfinite(pinged.get(runner, ("", 0.0))[1]):
+                    pinged.pop(runner, None)
 
         async def measure(name: str, runner: Runner) -> None:
             try:
                 stats = await runner.stats()
-            except RuntimeError:  # it is gone (see ``Runner.stats``)
+            except RuntimeError:
                 return
             finally:
-                asked.pop(runner, None)
+                measuring.discard(runner)
             memory = stats.get("memory", {})
             prefixes = int((stats.get("prefix") or {}).get("bytes", 0))
             self._post(p.Measured(name, measured_bytes(memory), prefixes, trio.current_time()))
+
+        def watch(name: str, runner: Runner, now: float) -> None:
+            if runner not in pinged:
+                pinged[runner] = (name, now)
+                nursery.start_soon(ping, runner)
+            elif now - pinged[runner][1] > self._runner_timeout_s:
+                pinged[runner] = (name, math.inf)  # killed once
+                reason = (
+                    f"the runner for model {name!r} stopped responding (no answer for "
+                    f"{self._runner_timeout_s:g} s); it was killed and will load again"
+                )
+                log.error("%s", reason)
+                runner.kill(reason)
 
         async with trio.open_nursery() as nursery:
             while True:
@@ -352,25 +388,20 @@ class Scheduler:
                 for name, m in list(self._policy.models.items()):
                     if m.state is not p.State.READY or m.runner is None:
                         continue
-                    if m.runner not in asked:
-                        asked[m.runner] = (name, now)
+                    watch(name, m.runner, now)
+                    if m.runner not in measuring:
+                        measuring.add(m.runner)
                         nursery.start_soon(measure, name, m.runner)
-                    elif now - asked[m.runner][1] > self._runner_timeout_s:
-                        asked[m.runner] = (name, math.inf)  # killed once
-                        reason = (
-                            f"the runner for model {name!r} stopped responding (no answer for "
-                            f"{self._runner_timeout_s:g} s); it was killed and will load again"
-                        )
-                        log.error("%s", reason)
-                        m.runner.kill(reason)
+                for name, runner in list(self._loading.items()):
+                    watch(name, runner, now)
 
     def unresponsive(self) -> dict[str, float]:
-        """Ready models whose runner has not answered for over ``MEASURE_EVERY_S``
-        (for ``/health``): seconds since it was asked."""
+        """Runners that have not answered a ping for over ``MEASURE_EVERY_S``
+        (for ``/health``): seconds since they were pinged."""
         now = trio.current_time()
         return {
             name: round(now - since, 1)
-            for name, since in self._asked.values()
+            for name, since in self._pinged.values()
             if math.isfinite(since) and now - since > 2 * MEASURE_EVERY_S
         }
 

@@ -220,6 +220,22 @@ async def test_a_frozen_runner_is_killed_its_stream_fails_and_the_model_serves_a
         assert 'endpoint="/v1/chat/completions",model="tiny",status="502"} 1.0' in metrics
 
 
+async def test_a_runner_busy_with_a_long_step_is_not_taken_for_frozen(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A step longer than ``runner_timeout`` (a long prefill on a loaded CPU, a
+    big embedding batch): the runner answers its pings while it computes, so
+    it is left to finish, and its answer comes."""
+    slow = talking_model(tiny_dir, tmp_path / "talker", step_s=3.0)  # each step: 3 s
+    settings = settings_for(tmp_path, ModelConfig("tiny", str(slow)), runner_timeout_s=1.0)
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
+        url = f"{daemon.url}/v1/chat/completions"
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "ignore_eos": True}
+        answer = await http.post(url, json=body)
+        assert answer.status_code == 200, answer.text  # 9 s of steps, under a 1 s timeout
+        assert (await http.get(f"{daemon.url}/health")).json()["status"] == "ok"
+
+
 async def test_a_request_whose_client_left_while_queued_is_logged_and_counted(
     tiny_dir: Path, tmp_path: Path
 ) -> None:

@@ -28,17 +28,25 @@ class FakeRunner:
         self.on_saving: Any = None
         self.prefix_limits: list[int] = []  # what the scheduler let its prefix cache hold
         self.frozen = False  # then it answers nothing
+        self.busy = False  # then it answers pings, not stats (one long step)
         self.killed: str | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.sleep(self.takes_s)
+        with trio.move_on_after(self.takes_s):
+            await self.exit.wait()  # killed while loading
+        if self.killed is not None:
+            raise ModelLoadFailed(self.killed)
         if self.fail:
             raise ModelLoadFailed(f"cannot load {self.model}")
         task_status.started(self)
         await self.exit.wait()
 
-    async def stats(self) -> dict[str, Any]:
+    async def alive(self) -> None:
         if self.frozen:
+            await trio.sleep_forever()
+
+    async def stats(self) -> dict[str, Any]:
+        if self.frozen or self.busy:
             await trio.sleep_forever()
         return {"memory": self.memory}
 
@@ -131,6 +139,43 @@ async def test_a_frozen_runner_is_reported_then_killed_and_the_next_request_load
         assert again is not runner and len(factory.made) == 2
     await trio.sleep(130)
     assert not again.killed  # the new one answers: it is left alone
+
+
+async def test_a_busy_runner_is_not_frozen_and_a_frozen_load_is_ended(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A runner in one long step (a prefill, an embedding batch) answers pings
+    but not stats: left alone however long; one that stops answering pings
+    while it loads is killed, and its load fails for its requests."""
+    factory = Factory(load_s=1)
+    scheduler = await started(nursery, factory, runner_timeout_s=60)
+    async with scheduler.lease("a"):
+        pass
+    (busy,) = factory.made
+    busy.busy = True
+    await trio.sleep(600)
+    assert busy.killed is None and scheduler.unresponsive() == {}
+    busy.busy = False
+
+    factory.load_s = 300  # a long load: watched too
+    loading = nursery.start_soon
+    failed: list[BaseException] = []
+
+    async def ask_b() -> None:
+        try:
+            async with scheduler.lease("b"):
+                pass
+        except Exception as e:
+            failed.append(e)
+
+    loading(ask_b)
+    await trio.sleep(100)  # loading, and answering
+    frozen = factory.made[1]
+    assert frozen.killed is None
+    frozen.frozen = True
+    await trio.sleep(100)
+    assert frozen.killed is not None and "stopped responding" in frozen.killed
+    assert failed and "stopped responding" in str(failed[0])
 
 
 async def test_a_load_reads_ahead_for_its_first_request_in_memory_the_budget_has(
