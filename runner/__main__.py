@@ -241,6 +241,8 @@ def serve(
             continue
         if outputs:
             send({"ev": "tokens", "batch": len(outputs), "out": outputs})
+        for req_id, vectors in getattr(engine, "answers", list)():  # an embedder's
+            send(protocol.vectors_message(req_id, vectors))
 
 
 def _prepare_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> None:
@@ -271,15 +273,13 @@ def _command(
     """Carry out one command from the daemon (``shutdown`` aside)."""
     op = msg.get("op")
     if op == "embed":
-        embed = getattr(engine, "embed", None)
+        submit = getattr(engine, "submit", None)
         try:
-            if embed is None:
+            if submit is None:
                 raise ValueError("this model generates text; it does not embed")
-            vectors = embed(msg["inputs"])
+            submit(msg["id"], msg["inputs"])  # read a piece a step: ``Embedder.step``
         except Exception as e:  # a bad request fails alone
             send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
-        else:
-            send(protocol.vectors_message(msg["id"], vectors))
     elif op == "generate":
         try:
             hit = engine.add(protocol.Generate.from_message(msg))

@@ -407,7 +407,7 @@ class RunnerProcess:
     async def embed(self, inputs: list[list[int]]) -> np.ndarray:
         """The vectors of ``inputs`` (token ids), count x dims float32, unit
         length. Raises ``RunnerGone`` if the runner fails the request or exits
-        first; leaving early (cancelled) drops the answer when it comes."""
+        first; leaving early (cancelled) has the runner drop the rest of it."""
         req_id = next(self._ids)
         send, recv = trio.open_memory_channel[dict[str, Any]](1)
         self._embeds[req_id] = send
@@ -424,7 +424,8 @@ class RunnerProcess:
                     f"the runner for model {self.spec.model!r} exited while embedding"
                 ) from None
             finally:
-                self._embeds.pop(req_id, None)
+                if self._embeds.pop(req_id, None) is not None:  # left before the answer:
+                    self._send_nowait({"op": "cancel", "id": req_id})  # the rest is dropped
         if msg.get("ev") == "error":
             raise RunnerGone(f"embedding failed in the runner: {msg.get('message')}")
         return protocol.vectors_of(msg)

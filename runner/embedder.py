@@ -7,25 +7,30 @@ encoder of its own. It is imported only when a runner loads an embedding
 model (about 2.5 s), never by a spare waiting for a chat model.
 
 The daemon sends token ids (it tokenizes; special tokens included). An
-``embed`` command is answered at once, between decoding steps of nothing: an
-embedding runner has no streams, so ``active`` is always 0 and the runner's
-loop only ever blocks for the next command. Its inputs are sorted by length
-and read in batches of at most ``BATCH_TOKENS`` padded tokens, each input
-padded on the right with an attention mask, so a vector does not depend on
-what shares its batch (the tests check it against the input alone).
+``embed`` request's inputs are sorted by length and read in pieces of at
+most ``BATCH_TOKENS`` padded tokens, each input padded on the right with an
+attention mask, so a vector does not depend on what shares its piece (the
+tests check it against the input alone). One piece is one step of the
+runner's loop, the requests in hand taking turns, so a big request (64 long
+inputs take seconds on a CPU) neither holds up a small one behind it nor
+outlives its client: between two pieces the loop reads commands, and a
+``cancel`` (the client left) drops the rest of it.
 
 What the runner loop asks of an engine is here too (``warm_up``, ``stats``,
-``cancel``, ``reset``, ``recover``, ``prefixes``), so the loop needs no second
-shape; ``add`` refuses, so a generate request to an embedding model fails alone.
+``cancel``, ``reset``, ``recover``, ``prefixes``, ``step``), so the loop needs
+no second shape; ``add`` refuses, so a generate request to an embedding model
+fails alone; ``answers`` hands over the requests a step finished.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import mlx.core as mx
 import numpy as np
 
@@ -45,6 +50,8 @@ class Embedder:
         self.model = model
         self.max_length = max_length
         self.stats = Stats()
+        self._jobs: collections.deque[_Job] = collections.deque()  # taking turns, a piece each
+        self._done: list[tuple[int, np.ndarray]] = []
 
     @classmethod
     def load(cls, model_dir: Path) -> Embedder:
@@ -61,7 +68,7 @@ class Embedder:
 
     @property
     def active(self) -> int:
-        return 0
+        return len(self._jobs)
 
     def warm_up(self) -> None:
         """Load the device's kernels for the common shapes with a throwaway input."""
@@ -72,47 +79,72 @@ class Embedder:
         raise ValueError("this model embeds text; it does not generate")
 
     def cancel(self, req_id: int) -> None:
-        pass  # an embed request is answered before the next command is read
+        """Drop what is left of a request (its client left)."""
+        for job in list(self._jobs):
+            if job.id == req_id:
+                self._jobs.remove(job)
+                self.stats.cancelled += 1
 
     def request_ids(self) -> list[int]:
-        return []
+        return [job.id for job in self._jobs]
 
     def reset(self) -> None:
-        pass
+        self._jobs.clear()
 
     def recover(self) -> None:
+        self.reset()
         mx.clear_cache()
 
     def step(self) -> list[Output]:
+        """Read the next piece of the next request in turn (``answers`` then
+        holds it, if that was its last piece)."""
+        if not self._jobs:
+            return []
+        job = self._jobs.popleft()
+        end = job.done + 1
+        # Sorted by length: the piece's width is its last input's.
+        while end < len(job.order) and (end + 1 - job.done) * job.width(end) <= BATCH_TOKENS:
+            end += 1
+        vectors = self._batch([job.inputs[i] for i in job.order[job.done : end]])
+        if job.out is None:
+            job.out = np.empty((len(job.inputs), vectors.shape[1]), dtype=np.float32)
+        job.out[job.order[job.done : end]] = vectors
+        job.done = end
+        self.stats.steps += 1
+        if job.done < len(job.order):
+            self._jobs.append(job)  # the others' turn
+        else:
+            self._done.append((job.id, job.out))
         return []
 
     # -- embedding ------------------------------------------------------------
 
-    def embed(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
-        """Unit vectors for ``inputs`` (lists of token ids), count x dims float32."""
+    def submit(self, req_id: int, inputs: Sequence[Sequence[int]]) -> None:
+        """Take a request: unit vectors for ``inputs`` (lists of token ids),
+        count x dims float32, come out of ``answers`` once all its pieces are
+        read; ``ValueError`` if the inputs cannot be embedded."""
         if not inputs or any(not ids for ids in inputs):
             raise ValueError("every input needs at least one token")
         longest = max(len(ids) for ids in inputs)
         if longest > self.max_length:
             raise ValueError(f"an input has {longest} tokens; this model reads {self.max_length}")
         order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-        out: np.ndarray | None = None
-        start = 0
-        while start < len(order):
-            end = start + 1
-            # Sorted by length: the batch's width is its last input's.
-            while end < len(order) and (end + 1 - start) * len(inputs[order[end]]) <= BATCH_TOKENS:
-                end += 1
-            rows = [inputs[i] for i in order[start:end]]
-            vectors = self._batch(rows)
-            if out is None:
-                out = np.empty((len(inputs), vectors.shape[1]), dtype=np.float32)
-            out[order[start:end]] = vectors
-            start = end
-        assert out is not None
-        self.stats.steps += 1
+        self._jobs.append(_Job(req_id, list(inputs), order))
         self.stats.prompt_tokens += sum(len(ids) for ids in inputs)
         self.stats.max_batch = max(self.stats.max_batch, len(inputs))
+
+    def answers(self) -> list[tuple[int, np.ndarray]]:
+        """The requests finished since the last call: (id, vectors)."""
+        done, self._done = self._done, []
+        return done
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
+        """The vectors for ``inputs``, at once (all its pieces in a row)."""
+        self.submit(-1, inputs)
+        while not any(req_id == -1 for req_id, _ in self._done):
+            self.step()
+        ((_, out),) = [a for a in self._done if a[0] == -1]
+        self._done = [a for a in self._done if a[0] != -1]
         return out
 
     def _batch(self, rows: list[Sequence[int]]) -> np.ndarray:
@@ -126,3 +158,15 @@ class Embedder:
         vectors = result.text_embeds.astype(mx.float32)
         mx.eval(vectors)
         return np.array(vectors, copy=True)
+
+
+@attrs.define
+class _Job:
+    id: int
+    inputs: list[Sequence[int]]
+    order: list[int]  # the inputs' indices, shortest first
+    done: int = 0  # how many of ``order`` are read
+    out: np.ndarray | None = None
+
+    def width(self, at: int) -> int:
+        return len(self.inputs[self.order[at]])
