@@ -11,10 +11,9 @@ once the model has taken the request) until ``aclose``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import trio
@@ -22,6 +21,7 @@ import trio
 from api.catalog import Catalog
 from api.decoder import Decoder
 from api.delta import Delta
+from api.offload import INLINE_BYTES, off_loop
 from api.openai.custom_calls import call_grammar
 from api.reader import Reader
 from api.record import Record
@@ -34,7 +34,6 @@ from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashe
 from scheduler.pool import Scheduler
 
 TOGETHER = 4  # the most chunks one delta carries
-T = TypeVar("T")
 
 
 @attrs.frozen
@@ -75,6 +74,7 @@ async def prepare(
                 f"model {model.name!r} cannot take tools: its chat template leaves them out",
                 param="tools",
             )
+    _too_long_to_read(texts, req, model.name)
     small = record.body_bytes is not None and record.body_bytes <= INLINE_BYTES
     prompt, reasoning, marked = await _prompt(texts, req, small)
     grammar = req.params.grammar
@@ -106,6 +106,23 @@ async def prepare(
     return Prepared(model.name, req.params, request, texts, record, chat, reasoning)
 
 
+def _too_long_to_read(texts: Texts, req: ChatRequest | CompletionRequest, model: str) -> None:
+    """Refuse, before any templating and tokenizing (seconds of CPU for a
+    body at the 10,000-message cap), a request whose text alone cannot fit
+    the context: no token spells more than ``longest_token`` characters."""
+    if isinstance(req, ChatRequest):
+        chars = sum(len(m["content"]) for m in req.messages if isinstance(m.get("content"), str))
+    else:
+        chars = len(req.prompt) if isinstance(req.prompt, str) else 0
+    least = chars // texts.longest_token
+    if least >= texts.max_context:
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {texts.max_context} tokens; the prompt "
+            f"has at least {least} ({chars} characters of text)",
+            param="messages" if isinstance(req, ChatRequest) else "prompt",
+        )
+
+
 def _budget(texts: Texts, tokens: int, opened: bool) -> dict[str, Any]:
     """The runner's ``reasoning_budget`` option: the model's reasoning
     markers as token ids, and whether the prompt opened a block."""
@@ -124,16 +141,6 @@ async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
     return len(prompt)
 
 
-INLINE_BYTES = 16 * 1024  # a request body up to this is templated and tokenized in place
-
-
-async def _off_loop(small: bool, fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)``, in a worker thread unless the request is small: a hop
-    to a thread and back costs more CPU than templating and tokenizing a
-    short prompt (and a long one must not hold the event loop)."""
-    return fn(*args) if small else await trio.to_thread.run_sync(fn, *args)
-
-
 async def _prompt(
     texts: Texts, req: ChatRequest | CompletionRequest, small: bool = False
 ) -> tuple[list[int], bool, int]:
@@ -141,9 +148,9 @@ async def _prompt(
     of its tokens come before the request's last cache mark; ``small``: the
     request is small enough to do it in place."""
     if isinstance(req, ChatRequest):
-        return await _off_loop(small, _chat_prompt, texts, req)
+        return await off_loop(small, _chat_prompt, texts, req)
     if isinstance(req.prompt, str):
-        return await _off_loop(small, texts.encode, req.prompt), False, 0
+        return await off_loop(small, texts.encode, req.prompt), False, 0
     prompt = list(req.prompt)
     if max(prompt) >= len(texts.tokenizer):
         raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")

@@ -23,6 +23,7 @@ answers too. So, before any route runs:
 from __future__ import annotations
 
 import hmac
+import logging
 from urllib.parse import urlsplit
 
 import attrs
@@ -31,6 +32,8 @@ from quart import Request, Response
 from api.openai.store import owner_of
 from config.settings import Settings
 from scheduler.errors import Forbidden, Unauthorized, UnsupportedMediaType
+
+log = logging.getLogger("mlxd")
 
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
@@ -74,6 +77,12 @@ class Guard:
         if settings.host not in EVERY_INTERFACE or allowed:
             hosts = LOOPBACK | {host_name(settings.host)} | allowed
         origins = frozenset(_origin(o) for o in settings.cors_origins)
+        if hosts is None and not settings.api_keys:
+            log.warning(
+                "listening on every interface with no api_keys and no allowed_hosts: anyone "
+                "who can reach this machine can use its models, by any host name (set "
+                'api_keys, or allowed_hosts, or host = "127.0.0.1")'
+            )
         return cls(hosts, origins, tuple(k.encode() for k in settings.api_keys))
 
     def admit(self, request: Request) -> Response | None:

@@ -11,19 +11,31 @@ from typing import Any, TypeVar
 import trio
 from quart import Response, g, request
 
+from api.offload import INLINE_BYTES, off_loop
 from api.record import CLIENT_GONE, Record
 from api.schemas import parse_json
 from scheduler.errors import InvalidRequest
 
 Route = TypeVar("Route", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 
 async def json_body() -> Any:
+    """The request's body, parsed and checked (``parse_json``); a big one in
+    a worker thread (``api/offload.py``)."""
     raw = await request.get_data(cache=False)
     record: Record | None = g.get("record")
     if record is not None:
         record.body_bytes = len(raw)
-    return parse_json(raw)
+    return await off_loop(len(raw) <= INLINE_BYTES, parse_json, raw)
+
+
+async def validated(build: Callable[..., T], *args: Any) -> T:
+    """``build(*args)``, a request's validation: in a worker thread for a big
+    body (a schema of megabytes is seconds of llguidance's checking)."""
+    record: Record | None = g.get("record")
+    small = record is not None and (record.body_bytes or 0) <= INLINE_BYTES
+    return await off_loop(small, build, *args)
 
 
 def json_response(body: dict[str, Any]) -> Response:

@@ -81,6 +81,9 @@ class Texts:
         )
         self.renders_tools = self._renders_tools()
         self.prompts = PromptTokens(self.backend)  # chat prompts, tokenized from where they differ
+        # The most characters one token can stand for (byte-level vocabularies
+        # spell a byte a character): a text has at least len // this tokens.
+        self.longest_token = max((len(t) for t in self.backend.get_vocab()), default=1) or 1
         self.places_system = self._places_system()
 
     @property

@@ -5,18 +5,33 @@ starts without importing mlx-lm."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
-from api.guard import host_name
-from config.settings import ModelConfig
+from api.guard import Guard, host_name
+from config.settings import ModelConfig, Settings
 from tests.conftest import TLS, running, settings_for
 from tests.scripted import scripted_model
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 APP = "https://app.example"
+
+
+def test_listening_everywhere_without_keys_or_hosts_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="mlxd"):
+        Guard.from_settings(Settings(host="0.0.0.0"))
+        warned = [r.getMessage() for r in caplog.records]
+        Guard.from_settings(Settings(host="0.0.0.0", api_keys=("k",)))
+        Guard.from_settings(Settings(host="0.0.0.0", allowed_hosts=("mac.lan",)))
+        Guard.from_settings(Settings())  # loopback
+    assert len(warned) == 1 and "every interface" in warned[0]
+    assert len(caplog.records) == 1  # the others are guarded
 
 
 def test_host_names_lose_their_port() -> None:

@@ -11,15 +11,22 @@ context) are tried there too.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from api.catalog import Catalog
+from api.generation import prepare
 from api.openai.responses import chat_request
 from api.openai.store import ResponseStore
 from api.openai.turns import Turn
+from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, parse_json
-from scheduler.errors import InvalidRequest
+from config.settings import ModelConfig, Settings
+from scheduler.errors import ContextLengthExceeded, InvalidRequest
+from scheduler.metrics import Metrics
+from tests.scripted import scripted_model
 
 CHAT = [{"role": "user", "content": "Say something."}]
 ASK = [{"role": "user", "content": "What's the weather in Paris?"}]
@@ -231,3 +238,27 @@ def test_an_input_item_whose_type_is_not_a_string_is_refused() -> None:
     body = {"model": "tiny", "input": [{"type": ["message"], "role": "user", "content": "x"}]}
     error = refusal(lambda b: Turn.read(b, store, ""), body)
     assert error.param == "input" and "'type' must be a string" in error.message
+
+
+async def test_text_too_long_for_the_context_is_refused_before_any_templating(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A body at the 10,000-message cap whose text cannot fit the context is
+    refused from its size (no token spells more than the vocabulary's longest
+    string), before it is rendered and tokenized (seconds of CPU)."""
+    model = scripted_model(tiny_dir, tmp_path / "m", "Hi.", context=4096)
+    catalog = Catalog(Settings(models=(ModelConfig("m", str(model)),), cache_dir=tmp_path), where)
+    texts = await catalog.texts("m")
+
+    def never(*args: Any) -> Any:
+        raise AssertionError("rendered")
+
+    texts.render = never  # type: ignore[method-assign,assignment]
+    messages = [{"role": "user", "content": "word " * 330}] * 10_000  # 3.3 MB of text
+    req = ChatRequest.from_openai({"model": "m", "messages": messages})
+    with pytest.raises(ContextLengthExceeded, match="at least"):
+        await prepare(catalog, req, Record("req_test", "/v1/chat/completions", Metrics()))
+
+
+async def where(model: ModelConfig) -> Path:
+    return Path(model.source)

@@ -11,7 +11,7 @@ from quart import Blueprint, Response, g
 from api.anthropic.messages import MessageShaper, chat_request
 from api.catalog import Catalog
 from api.generation import Generation, count_prompt, prepare
-from api.http import accounted, json_body
+from api.http import accounted, json_body, validated
 from api.schemas import json_object
 from api.stalls import Stalls
 from api.stream import answer
@@ -24,7 +24,7 @@ def blueprint(catalog: Catalog, scheduler: Scheduler, stalls: Stalls) -> Bluepri
     @bp.post("/v1/messages")
     @accounted
     async def messages() -> Response:
-        req = chat_request(await json_body())
+        req = await validated(chat_request, await json_body())
         job = await prepare(catalog, req, g.record)
         shaper = MessageShaper(job.model, job.record.tokens)
         return await answer(Generation(scheduler, job), job, shaper, stalls)
@@ -32,7 +32,7 @@ def blueprint(catalog: Catalog, scheduler: Scheduler, stalls: Stalls) -> Bluepri
     @bp.post("/v1/messages/count_tokens")
     async def count_tokens() -> dict[str, Any]:
         body = json_object(await json_body())
-        req = chat_request({"max_tokens": 1, **body})  # counting takes no max_tokens
+        req = await validated(chat_request, {"max_tokens": 1, **body})  # no max_tokens to count
         return {"input_tokens": await count_prompt(catalog, req)}
 
     return bp

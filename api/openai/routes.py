@@ -11,7 +11,7 @@ from quart import Blueprint, Response, g, request
 
 from api.catalog import Catalog
 from api.generation import Generation, count_prompt, prepare
-from api.http import accounted, json_body, json_response
+from api.http import accounted, json_body, json_response, validated
 from api.openai.chat import ChatShaper, CompletionShaper
 from api.openai.embeddings import EmbeddingRequest, embed
 from api.openai.pages import page
@@ -52,20 +52,20 @@ def blueprint(
     @bp.post("/v1/embeddings")
     @accounted
     async def embeddings() -> Response:
-        req = EmbeddingRequest.from_openai(await json_body())
+        req = await validated(EmbeddingRequest.from_openai, await json_body())
         return json_response(await embed(catalog, scheduler, req, g.record))
 
     @bp.post("/v1/chat/completions")
     @accounted
     async def chat_completions() -> Response:
-        req = ChatRequest.from_openai(await json_body())
+        req = await validated(ChatRequest.from_openai, await json_body())
         job = await prepare(catalog, req, g.record)
         return await answer(Generation(scheduler, job), job, ChatShaper(job), stalls)
 
     @bp.post("/v1/completions")
     @accounted
     async def completions() -> Response:
-        req = CompletionRequest.from_openai(await json_body())
+        req = await validated(CompletionRequest.from_openai, await json_body())
         job = await prepare(catalog, req, g.record)
         return await answer(Generation(scheduler, job), job, CompletionShaper(job), stalls)
 
@@ -74,7 +74,7 @@ def blueprint(
     async def responses() -> Response:
         body = json_object(await json_body())
         turn = Turn.read(body, store, g.owner)
-        req, tools = chat_request(body, turn, sealer)
+        req, tools = await validated(chat_request, body, turn, sealer)
         job = await prepare(catalog, req, g.record)
         keep = turn.keeper(store, g.owner)
         shaper = ResponseShaper(job.model, req, body, job.record.tokens, keep, tools, sealer)
@@ -83,7 +83,7 @@ def blueprint(
     @bp.post("/v1/responses/input_tokens")
     async def response_input_tokens() -> dict[str, Any]:
         body = json_object(await json_body())
-        req, _ = chat_request(body, Turn.read(body, store, g.owner), sealer)
+        req, _ = await validated(chat_request, body, Turn.read(body, store, g.owner), sealer)
         count = await count_prompt(catalog, req)
         return {"object": "response.input_tokens", "input_tokens": count}
 
