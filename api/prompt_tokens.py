@@ -50,6 +50,17 @@ class PromptTokens:
                 self._entries.popitem(last=False)
         return list(ids)
 
+    def before(self, text: str, end: int) -> int:
+        """How many of ``text``'s tokens end at or before character ``end``;
+        ``text`` was just encoded, so only the piece between the cuts around
+        ``end`` is tokenized again."""
+        with self._lock:
+            _, cuts = self._entries.get(text, ((), []))
+        at, n = next((cut for cut in reversed(cuts) if cut[0] <= end), (0, 0))
+        stop = next((c for c, _ in cuts if c > end), len(text))
+        piece = self._tokenizer.encode(text[at:stop], add_special_tokens=False)
+        return n + sum(1 for _, right in piece.offsets if at + right <= end)
+
     def _nearest(self, text: str) -> tuple[int, list[int], list[Cut]]:
         """Where the kept prompt sharing the longest start with ``text``
         lets its tokenizing begin, the tokens before that, and their cuts."""

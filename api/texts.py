@@ -137,12 +137,11 @@ class Texts:
     def marked(self, text: str, marks: Sequence[str]) -> int:
         """How many of ``text``'s tokens come before the end of the last of
         ``marks`` found in it (0 if none is): the part of a prompt a request
-        asked to have cached (Anthropic's ``cache_control``)."""
+        asked to have cached (Anthropic's ``cache_control``). ``text`` is a
+        prompt just encoded by ``self.prompts``, whose cuts spare tokenizing
+        it whole again."""
         end = max((i + len(m) for m in marks if (i := text.rfind(m)) >= 0), default=0)
-        if not end:
-            return 0
-        offsets = self.backend.encode(text, add_special_tokens=False).offsets
-        return sum(1 for _, stop in offsets if stop <= end)
+        return self.prompts.before(text, end) if end else 0
 
     def _renders_tools(self) -> bool:
         """Whether the chat template puts tools in the prompt at all (many

@@ -72,8 +72,7 @@ class Embedder:
 
     def warm_up(self) -> None:
         """Load the device's kernels for the common shapes with a throwaway input."""
-        self.embed([[0, 1]])
-        self.stats = Stats()
+        self._batch([[0, 1]])
 
     def add(self, req: Generate) -> Hit:
         raise ValueError("this model embeds text; it does not generate")
@@ -137,15 +136,6 @@ class Embedder:
         """The requests finished since the last call: (id, vectors)."""
         done, self._done = self._done, []
         return done
-
-    def embed(self, inputs: Sequence[Sequence[int]]) -> np.ndarray:
-        """The vectors for ``inputs``, at once (all its pieces in a row)."""
-        self.submit(-1, inputs)
-        while not any(req_id == -1 for req_id, _ in self._done):
-            self.step()
-        ((_, out),) = [a for a in self._done if a[0] == -1]
-        self._done = [a for a in self._done if a[0] != -1]
-        return out
 
     def _batch(self, rows: list[Sequence[int]]) -> np.ndarray:
         width = max(len(r) for r in rows)

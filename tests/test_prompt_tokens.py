@@ -75,3 +75,31 @@ def test_a_follow_up_turn_is_tokenized_from_where_it_is_new(agent: Texts) -> Non
     text = agent.render(follow)
     assert prompts.encode(text) == agent.encode(text)
     assert counting.characters - before < 200 < len(text)  # the new turns, not the system prompt
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(turns=st.lists(WORDS, min_size=1, max_size=6), where=st.floats(0, 1))
+def test_the_tokens_before_a_place_are_those_of_the_whole_text(
+    agent: Texts, turns: list[str], where: float
+) -> None:
+    prompts = PromptTokens(agent.backend)
+    roles = ["user", "assistant"]
+    text = agent.render([{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)])
+    prompts.encode(text)
+    end = round(where * len(text))
+    offsets = agent.backend.encode(text, add_special_tokens=False).offsets
+    assert prompts.before(text, end) == sum(1 for _, stop in offsets if stop <= end)
+
+
+def test_the_tokens_before_a_cache_mark_cost_only_its_turn(agent: Texts) -> None:
+    counting = Counting(agent.backend)
+    prompts = PromptTokens(counting)  # type: ignore[arg-type]
+    system = {"role": "system", "content": "You are a careful coding agent. " * 300}
+    text = agent.render([system, {"role": "user", "content": "Read main.py."}])
+    prompts.encode(text)
+    before = counting.characters
+    end = text.index("Read main.py.") + len("Read main.py.")
+    assert prompts.before(text, end) == len(agent.encode(text[:end]))
+    assert counting.characters - before < 100 < len(text)  # the user turn, not the system prompt

@@ -11,7 +11,7 @@ from typing import Any
 from quart import Blueprint, g, request
 
 from api.http import json_body
-from api.openai.pages import page
+from api.openai.pages import listing, page
 from api.openai.responses import check_items
 from api.openai.store import ResponseStore
 from api.openai.turns import items_with_ids
@@ -54,13 +54,7 @@ def blueprint(store: ResponseStore) -> Blueprint:
         body = json_object(await json_body())
         items = _items(body.get("items"))
         store.update_conversation(g.owner, conversation_id, more=items)
-        return {
-            "object": "list",
-            "data": items,
-            "first_id": items[0]["id"] if items else None,
-            "last_id": items[-1]["id"] if items else None,
-            "has_more": False,
-        }
+        return listing(items)
 
     @bp.get("/v1/conversations/<conversation_id>/items/<item_id>")
     async def get_item(conversation_id: str, item_id: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ meaning.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import re._constants as sre
@@ -92,6 +93,7 @@ def call_grammar(
     return {"type": "grammars", "grammars": [{"lark_grammar": main}, *grammars]}
 
 
+@functools.lru_cache(maxsize=64)  # an agent sends its tools every turn
 def escaped_grammar(syntax: str, definition: str) -> str:
     """A Lark grammar for the JSON-escaped text of ``definition`` (a Lark
     grammar, or a regular expression); ``ValueError`` where it cannot be."""

@@ -28,11 +28,15 @@ def page(items: list[dict[str, Any]], args: Mapping[str, str]) -> dict[str, Any]
         if after not in ids:
             raise InvalidRequest(f"'after' names no item of this list: {after!r}", param="after")
         ordered = ordered[ids.index(after) + 1 :]
-    page = ordered[:limit]
+    return listing(ordered[:limit], has_more=len(ordered) > limit)
+
+
+def listing(items: list[dict[str, Any]], has_more: bool = False) -> dict[str, Any]:
+    """``items`` as OpenAI's list object holds them."""
     return {
         "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(ordered) > limit,
+        "data": items,
+        "first_id": items[0]["id"] if items else None,
+        "last_id": items[-1]["id"] if items else None,
+        "has_more": has_more,
     }

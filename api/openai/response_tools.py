@@ -99,24 +99,15 @@ class ToolSet:
     def item(self, call: ToolCall, status: str = "completed") -> dict[str, Any]:
         """The output item for a call the model made."""
         tool = self.offered.get(call.name)
+        name = tool.own_name if tool is not None else call.name
+        item: dict[str, Any]
         if tool is not None and tool.custom:
-            return {
-                "type": "custom_tool_call",
-                "id": f"ctc_{uuid.uuid4().hex}",
-                "call_id": call.id,
-                "name": tool.own_name,
-                "input": _custom_input(call.arguments),
-                "status": status,
-                **({"namespace": tool.namespace} if tool.namespace else {}),
-            }
-        item = {
-            "type": "function_call",
-            "id": f"fc_{uuid.uuid4().hex}",
-            "call_id": call.id,
-            "name": tool.own_name if tool is not None else call.name,
-            "arguments": call.arguments,
-            "status": status,
-        }
+            item = {"type": "custom_tool_call", "id": f"ctc_{uuid.uuid4().hex}"}
+            item |= {"call_id": call.id, "name": name, "input": _custom_input(call.arguments)}
+        else:
+            item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}"}
+            item |= {"call_id": call.id, "name": name, "arguments": call.arguments}
+        item["status"] = status
         if tool is not None and tool.namespace:
             item["namespace"] = tool.namespace
         return item

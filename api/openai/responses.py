@@ -209,13 +209,13 @@ class ResponseShaper:
         self.summary = (self.body.get("reasoning") or {}).get("summary") is not None
         include = body.get("include")
         wants_sealed = isinstance(include, list) and "reasoning.encrypted_content" in include
-        self._items = self._new_items(tools, sealer if wants_sealed else None)  # a stream's
+        self._tools, self._sealer = tools or ToolSet([], {}), sealer if wants_sealed else None
+        self._items = self._new_items()  # a stream's
         self._finish: str | None = None
-        self._tools, self._sealer = tools, sealer if wants_sealed else None
         self.conversation = conversation_id(body.get("conversation"))
 
-    def _new_items(self, tools: ToolSet | None, sealer: Sealer | None) -> _Items:
-        return _Items(self.summary, tools or ToolSet([], {}), sealer)
+    def _new_items(self) -> _Items:
+        return _Items(self.summary, self._tools, self._sealer)
 
     def response(
         self, status: str, output: list[dict[str, Any]], tokens: Tokens | None, **extra: Any
@@ -249,7 +249,7 @@ class ResponseShaper:
         }
 
     def final(self, whole: Delta) -> dict[str, Any]:
-        items = self._new_items(self._tools, self._sealer)
+        items = self._new_items()
         items.add(whole)
         return self._finished(items.close(whole.finish), whole.finish)
 

@@ -79,6 +79,9 @@ class Conversation:
     nbytes: int = 0
 
     def __attrs_post_init__(self) -> None:
+        self.measure()
+
+    def measure(self) -> None:
         self.nbytes = len(json.dumps([self.metadata, self.items]))
 
     @property
@@ -219,7 +222,7 @@ class ResponseStore:
         found.items = items
         if metadata is not None:
             found.metadata = metadata
-        found.__attrs_post_init__()  # its size again
+        found.measure()
         self.conversation_bytes += found.nbytes
         self._bound_conversations()
         return found
