@@ -32,6 +32,7 @@ BUNDLED_KINDS = {BUNDLED: "chat", BUNDLED_EMBED: "embed"}
 DEFAULT_PORT = 8642
 DEFAULT_PREFIX_CACHE = 4 * 1024**3  # per model; what the budget allows, if less
 DEFAULT_PREFIX_DISK = 16 * 1024**3  # all models' prefixes on disk together
+DEFAULT_PREFIX_DISK_WRITES = 4 * 1024**3  # written by all per hour, at most (SSDs wear)
 DEFAULT_MAX_TOKENS = 4096  # a request that gives no max_tokens generates at most this
 DEFAULT_RESPONSE_STORE = 256 * 1024**2  # stored Responses, all keys together
 T = TypeVar("T")
@@ -122,6 +123,7 @@ class Settings:
     memory_budget: int | float | None = None  # bytes, or a fraction of device memory
     max_turn_s: float = 10.0
     prefix_disk_bytes: int = DEFAULT_PREFIX_DISK  # 0: prefixes are not kept on disk
+    prefix_disk_writes: int = DEFAULT_PREFIX_DISK_WRITES  # bytes per hour
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that give none
     response_store_entries: int = 1000  # stored Responses kept (least recently used go)
     response_store_bytes: int = DEFAULT_RESPONSE_STORE
@@ -175,6 +177,7 @@ class Settings:
             "max_turn_s", (int, float), "a number of seconds > 0", lambda s: s > 0
         )
         kwargs["prefix_disk_bytes"] = _size(t, "prefix_cache_disk")
+        kwargs["prefix_disk_writes"] = _size(t, "prefix_cache_disk_writes")
         kwargs["default_max_tokens"] = t.take(
             "default_max_tokens", int, "a positive integer", _positive
         )
@@ -210,7 +213,8 @@ class Settings:
             "web origins allowed: " + (", ".join(self.cors_origins) or "none"),
             f"cache: {self.cache_dir}",
             f"memory budget: {self.memory_budget or 'device default'}",
-            f"prefix cache on disk: {format_bytes(self.prefix_disk_bytes)}",
+            f"prefix cache on disk: {format_bytes(self.prefix_disk_bytes)}, "
+            f"{format_bytes(self.prefix_disk_writes)} written per hour at most",
             f"default max_tokens: {self.default_max_tokens}",
             f"stored responses: {self.response_store_entries}, "
             f"{format_bytes(self.response_store_bytes)}"

@@ -103,6 +103,16 @@ class Launcher:
         where = self._on_disk.get(name)
         return prefix_disk.usage(where) if where is not None else 0
 
+    def prefix_disk_writes_left(self) -> int:
+        """Bytes the disk tier may still write this hour (all models')."""
+        if self.settings.prefix_disk_bytes <= 0:
+            return 0
+        root = self.settings.cache_dir / "prefixes"
+        try:
+            return prefix_disk.Writes(root, self.settings.prefix_disk_writes).left()
+        except OSError:
+            return 0
+
     async def runner(self, model: ModelConfig, start: StartRunner) -> RunnerProcess:
         """A runner process for ``start``: the spare if there is one, loading
         the model with what the policy gave it (prefix-cache bytes, the prompt
@@ -115,6 +125,7 @@ class Launcher:
             prefix_cache=start.prefixes,
             prefix_dir=await self.prefix_dir(model),
             prefix_disk=self.settings.prefix_disk_bytes,
+            prefix_disk_writes=self.settings.prefix_disk_writes,
             cache_limit=(await self.size(model)).working,
             prompt=start.prompt,
             kind=await self.kind(model),

@@ -80,6 +80,11 @@ async def serve(
         prefix_disk_bytes=launcher.prefix_disk_bytes,
         runner_timeout_s=settings.runner_timeout_s,
     )
+    scheduler.metrics.watch(
+        "mlxd_prefix_cache_disk_write_budget_bytes",
+        "Bytes the prefix disk tier may still write this hour (all models)",
+        launcher.prefix_disk_writes_left,
+    )
     recent = RecentErrors()
     logging.getLogger("mlxd").addHandler(recent)
     store = ResponseStore(
@@ -209,6 +214,7 @@ _RESTART_ONLY = (
     "max_body_bytes",
     "log_level",
     "prefix_disk_bytes",
+    "prefix_disk_writes",
     "response_store_entries",
     "response_store_bytes",
     "persist_responses",

@@ -158,7 +158,8 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
     disk = None
     if where and disk_limit > 0:
         try:
-            disk = Disk(Path(where), disk_limit)
+            per_hour = options.get("prefix_disk_writes")
+            disk = Disk(Path(where), disk_limit, None if per_hour is None else int(per_hour))
         except OSError as e:  # a folder mlxd cannot use: the model serves without
             log.warning("%s: no prefix files on disk: %s", model_dir.name, e)
     prefixes = PrefixCache(model, int(options.get("prefix_cache", 0)), disk)
@@ -324,12 +325,18 @@ def _persist(engine: Engine | Embedder, send: Callable[[dict[str, Any]], None]) 
     mx.clear_cache()
     send({"ev": "saving", "memory": memory(), "prefix_bytes": prefixes.nbytes})
     t0 = time.perf_counter()
+    before = prefixes.stats.disk_written_bytes, prefixes.stats.disk_skipped_bytes
     written = prefixes.persist()
+    nbytes = prefixes.stats.disk_written_bytes - before[0]
+    skipped = prefixes.stats.disk_skipped_bytes - before[1]
+    send({"ev": "saved", "written_bytes": nbytes, "skipped_bytes": skipped})
     log.info(
-        "wrote %d cached prefixes to %s in %.3f s",
+        "wrote %d cached prefixes (%d bytes) to %s in %.3f s%s",
         written,
+        nbytes,
         prefixes.disk.where,
         time.perf_counter() - t0,
+        f"; {skipped} bytes not written: over the hourly bound" if skipped else "",
     )
 
 

@@ -43,7 +43,8 @@ class RunnerSpec:
     cached prefix of ``prompt`` while the weights load; the pool changes it
     once the model is ready); ``prefix_dir`` (``<cache_dir>/prefixes/<fingerprint>``,
     see ``runner/prefix_disk.py``) turns the disk tier on, with ``prefix_disk``
-    bytes for all models' prefix files together."""
+    bytes for all models' prefix files together and ``prefix_disk_writes``
+    bytes written by all per hour."""
 
     model: str
     model_dir: Path
@@ -52,6 +53,7 @@ class RunnerSpec:
     prefix_cache: int = 0
     prefix_dir: Path | None = None
     prefix_disk: int = 0
+    prefix_disk_writes: int | None = None  # bytes per hour, all models' (None: unbounded)
     prompt: tuple[int, ...] = ()  # the first request's: its cached prefix is read ahead
     cache_limit: int | None = None  # bytes of freed buffers MLX may keep (None: its default)
     kind: str = "chat"  # or "embed": the runner loads an embedding engine
@@ -65,6 +67,7 @@ class RunnerSpec:
             "prefix_cache": self.prefix_cache,
             "prefix_dir": str(self.prefix_dir) if self.prefix_dir is not None else None,
             "prefix_disk": self.prefix_disk,
+            "prefix_disk_writes": self.prefix_disk_writes,
             "prompt": list(self.prompt),
             "cache_limit": self.cache_limit,
             "kind": self.kind,
@@ -233,6 +236,9 @@ class RunnerProcess:
         # Called with the runner's memory once, on its way out, it has freed
         # the model and holds only the prefixes it is writing to disk.
         self.on_saving: Callable[[dict[str, int]], object] | None = None
+        # Called with the bytes it wrote to the disk tier, and those it did
+        # not (over the hourly bound), once it has.
+        self.on_saved: Callable[[int, int], object] | None = None
         self._load_timeout_s = load_timeout_s
         self._stop_grace_s = stop_grace_s
         self._python = python
@@ -459,6 +465,9 @@ class RunnerProcess:
             self.memory = msg.get("memory", self.memory)
             if self.on_saving is not None:
                 self.on_saving(self.memory)
+        elif ev == "saved":
+            if self.on_saved is not None:
+                self.on_saved(int(msg["written_bytes"]), int(msg["skipped_bytes"]))
         elif ev == "embeddings":
             self._first_output.set()
             self._answer_embed(msg["id"], msg)

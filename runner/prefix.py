@@ -10,12 +10,15 @@ Inside the runner, beside the engine. Two tiers:
   ``trim_prompt_cache`` where the entry runs past the shared prefix.
   An entry is stored when a request ends with every token it has seen in its
   cache; storing a longer entry drops the entries that are its prefixes.
-- **Disk** (optional): when the model is unloaded, ``persist`` writes the most
-  recently used entries with ``save_prompt_cache`` (``runner/prefix_disk.py``
-  says where and how the files are kept). A prompt whose longest prefix is on
-  disk rather than in memory loads it with ``load_prompt_cache``. The prompt
-  that made the model load has its file read while the weights load
-  (``read_ahead``), in a thread with its own MLX stream.
+- **Disk** (optional): when the model is unloaded, ``persist`` writes the
+  entries most worth keeping with ``save_prompt_cache``, as many as the hourly
+  write bound leaves room for (``runner/prefix_disk.py`` says where and how
+  the files are kept). Worth is reuse: an entry counts the hits of the entries
+  it grew from (an agent's conversation, turn after turn), then recency. A
+  prompt whose longest prefix is on disk rather than in memory loads it with
+  ``load_prompt_cache``. The prompt that made the model load has its file
+  read while the weights load (``read_ahead``), in a thread with its own MLX
+  stream.
 
 Models whose caches cannot be trimmed (rotating windows, state-space layers)
 reuse an entry only when the prompt extends it exactly.
@@ -75,6 +78,8 @@ class Stats:
     cached_tokens: int = 0
     disk_hits: int = 0
     disk_writes: int = 0
+    disk_written_bytes: int = 0
+    disk_skipped_bytes: int = 0  # entries not written: over the hourly bound
 
 
 class Index:
@@ -107,10 +112,12 @@ class Index:
 
 class Disk:
     """One model's prefix files in ``where`` (see ``runner/prefix_disk.py``),
-    whose parent holds every model's and is bounded by ``limit`` bytes."""
+    whose parent holds every model's and is bounded by ``limit`` bytes, and
+    ``per_hour`` bytes written (``None``: unbounded)."""
 
-    def __init__(self, where: Path, limit: int) -> None:
+    def __init__(self, where: Path, limit: int, per_hour: int | None = None) -> None:
         self.where, self.limit = where, limit
+        self.writes = prefix_disk.Writes(where.parent, per_hour) if per_hour is not None else None
         self.index = Index()
         self.paths: dict[Tokens, Path] = {}
         where.mkdir(parents=True, exist_ok=True)
@@ -190,6 +197,7 @@ class PrefixCache:
         self._index = Index()
         self._entries: OrderedDict[Tokens, list[Any]] = OrderedDict()  # least recent first
         self._bytes: dict[Tokens, int] = {}
+        self._uses: dict[Tokens, int] = {}  # hits of an entry and of those it grew from
         self._ahead: tuple[threading.Thread, dict[Tokens, list[Any]]] | None = None
         self._from_disk: set[Tokens] = set()  # read ahead, not yet used
 
@@ -275,6 +283,8 @@ class PrefixCache:
                 source = "disk"
         if keep < len(key):
             trim_prompt_cache(cache, len(key) - keep)
+        if key in self._uses and _continues(best):
+            self._uses[key] += 1
         self.stats.hits += 1
         self.stats.cached_tokens += keep
         return Hit(cache, keep, source)
@@ -299,10 +309,13 @@ class PrefixCache:
         size = nbytes(cache)
         if size > self.limit:
             return
+        grew_from = self._index.best(list(tokens), self.can_trim)
+        uses = self._uses.get(grew_from[0], 0) if _continues(grew_from) else 0
         if tokens in self._entries:
             self._drop(tokens)
         self._entries[tokens] = cache
         self._bytes[tokens] = size
+        self._uses[tokens] = uses
         self._index.add(tokens)
         if self.can_trim:  # an entry a longer one extends is no longer needed
             for shorter in [t for t in self._entries if len(t) < len(tokens)]:
@@ -315,23 +328,37 @@ class PrefixCache:
         self._shrink()
 
     def persist(self) -> int:
-        """Write the most recently used entries to disk, as many as its bound
-        takes, and drop them from memory as they are written (unloading
-        frees the memory early that way). Returns the number written."""
+        """Write the entries most worth keeping to disk (most reused, then
+        most recent), as many as its size bound and the hourly write bound
+        take, and drop every entry from memory (unloading frees the memory
+        early that way). Returns the number written."""
         disk = self.disk
         if disk is None:
             return 0
+        recent_first = reversed(self._entries)
+        ranked = sorted(recent_first, key=self._uses.__getitem__, reverse=True)  # stable
+        wanted = {t for t in ranked if len(t) >= MIN_DISK_GAIN and t not in disk.paths}
+        want = min(sum(self._bytes[t] for t in wanted), disk.limit)
+        rid, room = disk.writes.reserve(want) if disk.writes is not None else ("", want)
         written: list[Path] = []
-        room = disk.limit
-        for tokens in reversed(list(self._entries)):
+        nbytes = 0
+        for tokens in ranked:
             cache, size = self._entries[tokens], self._bytes[tokens]
             self._drop(tokens)
-            if size <= room and disk.write(tokens, cache):
+            if tokens in disk.paths:
+                disk.write(tokens, cache)  # there already: marked as used
+            elif tokens in wanted and size <= room and disk.write(tokens, cache):
                 self.stats.disk_writes += 1
                 written.append(disk.paths[tokens])
+                nbytes += size
                 room -= size
+            elif tokens in wanted:
+                self.stats.disk_skipped_bytes += size
             del cache
             mx.clear_cache()
+        self.stats.disk_written_bytes += nbytes
+        if disk.writes is not None:
+            disk.writes.settle(rid, nbytes)
         if written:
             disk.enforce(written)
         return len(written)
@@ -348,6 +375,7 @@ class PrefixCache:
     def _drop(self, tokens: Tokens) -> None:
         del self._entries[tokens]
         del self._bytes[tokens]
+        del self._uses[tokens]
         self._from_disk.discard(tokens)
         self._index.remove(tokens)
 
@@ -358,3 +386,10 @@ class PrefixCache:
             freed = True
         if freed:
             mx.clear_cache()
+
+
+def _continues(found: tuple[Tokens, int] | None) -> bool:
+    """Whether a prompt that keeps ``found[1]`` tokens of entry ``found[0]``
+    carries it on (keeps at least half of it), rather than sharing a few
+    opening tokens with it: only that counts as the entry's reuse."""
+    return found is not None and found[1] * 2 >= len(found[0])

@@ -18,6 +18,9 @@ The key hashes the tokens; the digest hashes samples of the file's bytes.
   catches truncated and overwritten files, not a flipped bit.
 - The whole ``prefixes`` tree is bounded in bytes: after a write, the files
   least recently used (their mtime, touched on every read) go first.
+- And in what it writes (an SSD wears with every byte): ``Writes`` keeps,
+  in ``<cache_dir>/prefixes/writes.json``, what every runner wrote in the
+  last hour, and grants each unload only what is left of the hourly bound.
 
 No MLX here: the daemon uses this module for its metrics and ``/api/ps``.
 """
@@ -25,6 +28,8 @@ No MLX here: the daemon uses this module for its metrics and ``/api/ps``.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -32,7 +37,7 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +48,8 @@ log = logging.getLogger("mlxd.prefix")
 FORMAT = "mlxd-prefix-1"  # part of the fingerprint: a new layout starts afresh
 SUFFIX = ".safetensors"
 TMP = ".tmp-"
+LEDGER = "writes.json"
+HOUR_S = 3600.0
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's limit
 _SAMPLES = 8  # blocks read from each weights file
 _SAMPLE_BYTES = 64 * 1024
@@ -209,3 +216,75 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+class Writes:
+    """The hourly bound on bytes written under ``root`` (every model's
+    prefix folders), shared by every runner through ``root/writes.json``:
+    each write is a record ``[time, bytes, id]``, and records older than an
+    hour no longer count. A runner reserves before it writes and settles
+    after, under an exclusive lock; one killed in between leaves its
+    reservation counted (too little written, never too much). A damaged
+    ledger is started afresh, with a warning."""
+
+    def __init__(self, root: Path, per_hour: int) -> None:
+        self.root, self.per_hour = root, per_hour
+
+    def left(self) -> int:
+        """Bytes that may still be written this hour."""
+        with self._ledger() as records:
+            return self._left(records)
+
+    def reserve(self, want: int) -> tuple[str, int]:
+        """Reserve up to ``want`` bytes: the reservation's id and its bytes."""
+        rid = f"{os.getpid()}-{time.time_ns()}"
+        with self._ledger() as records:
+            granted = max(min(want, self._left(records)), 0)
+            records.append([time.time(), granted, rid])
+        return rid, granted
+
+    def settle(self, rid: str, written: int) -> None:
+        """Replace reservation ``rid`` with the bytes really written."""
+        with self._ledger() as records:
+            for record in records:
+                if record[2] == rid:
+                    record[1] = written
+
+    def _left(self, records: list[list[Any]]) -> int:
+        return self.per_hour - sum(int(r[1]) for r in records)
+
+    @contextlib.contextmanager
+    def _ledger(self) -> Iterator[list[list[Any]]]:
+        """The last hour's records, locked; written back when the block ends."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LEDGER
+        with (self.root / f"{LEDGER}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            records = _records(path)
+            since = time.time() - HOUR_S
+            records = [r for r in records if r[0] > since]
+            yield records
+            tmp = path.with_name(f"{TMP}{os.getpid()}-{LEDGER}")
+            tmp.write_text(json.dumps(records))
+            os.replace(tmp, path)
+
+
+def _records(path: Path) -> list[list[Any]]:
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning("starting the prefix write ledger %s afresh: %s", path, e)
+        return []
+    valid = isinstance(records, list) and all(
+        isinstance(r, list)
+        and len(r) == 3
+        and all(isinstance(x, (int, float)) for x in r[:2])
+        and isinstance(r[2], str)
+        for r in records
+    )
+    if not valid:
+        log.warning("starting the prefix write ledger %s afresh: not a list of records", path)
+        return []
+    return records

@@ -8,12 +8,14 @@ Commands (daemon → runner)::
 
     {"op": "load", "model_dir": "/models/x", "max_batch": 8, "prefill_chunk": 512,
      "prefix_cache": 0, "prefix_dir": "/cache/prefixes/3fa2...", "prefix_disk": 17179869184,
-     "prompt": [1, 2], "cache_limit": 268435456, "kind": "chat"}
+     "prefix_disk_writes": 4294967296, "prompt": [1, 2], "cache_limit": 268435456,
+     "kind": "chat"}
                                       first line to a runner started without a
                                       model (a spare); it then loads and says
                                       "ready". prefix_cache: bytes its prefix
                                       cache may hold; prefix_dir (or null) and
-                                      prefix_disk (bytes, all models'): its disk tier;
+                                      prefix_disk (bytes, all models'): its disk tier,
+                                      prefix_disk_writes: bytes all write per hour;
                                       prompt: the first request's (its cached prefix
                                       is read while the weights load); cache_limit:
                                       bytes of freed buffers MLX may keep (the
@@ -68,6 +70,9 @@ Events (runner → daemon)::
     {"ev": "saving", "memory": {...}, "prefix_bytes": ...}
                                       after "shutdown": the model is freed; what
                                       is left is the prefixes being written
+    {"ev": "saved", "written_bytes": ..., "skipped_bytes": ...}
+                                      they are written; skipped: over the
+                                      hourly write bound
     {"ev": "fatal", "message": "..."}                 loading failed; exiting
     {"ev": "pong", "id": 3}                           the answer to a ping
 

@@ -87,6 +87,13 @@ class Metrics:
             "mlxd_prefix_cache_drops",
             "Times an idle model's cached prefixes were dropped to make room for a load",
         )
+        self.prefix_disk_written = counter(
+            "mlxd_prefix_cache_disk_written_bytes", "Bytes of cached prefixes written to disk"
+        )
+        self.prefix_disk_skipped = counter(
+            "mlxd_prefix_cache_disk_skipped_bytes",
+            "Bytes of cached prefixes not written to disk: over the hourly write bound",
+        )
         self.runner_crashes = counter(
             "mlxd_runner_crashes", "Runner processes that exited without being asked"
         )
@@ -105,14 +112,29 @@ class Metrics:
                 self.prefix_misses,
                 self.prefix_tokens,
                 self.prefix_drops,
+                self.prefix_disk_written,
+                self.prefix_disk_skipped,
             ):
                 counter.labels(name)
             for reason in EVICTION_REASONS:
                 self.evictions.labels(name, reason)
 
+    def saved(self, model: str) -> Callable[[int, int], None]:
+        """What counts a runner's writes to the prefix disk tier, for ``model``."""
+
+        def count(written: int, skipped: int) -> None:
+            self.prefix_disk_written.labels(model).inc(written)
+            self.prefix_disk_skipped.labels(model).inc(skipped)
+
+        return count
+
     def watch_pool(self, status: Callable[[], dict[str, Any]]) -> None:
         """Report the pool's gauges from ``status()`` (``Scheduler.status``)."""
         self.registry.register(_PoolCollector(status))
+
+    def watch(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        """Report a gauge read from ``read()`` at scrape time."""
+        self.registry.register(_Gauge(name, doc, read))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -175,3 +197,11 @@ class _PoolCollector(Collector):
         yield GaugeMetricFamily(
             "mlxd_memory_budget_bytes", "The memory budget", value=pool["budget"]
         )
+
+
+class _Gauge(Collector):
+    def __init__(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        self._name, self._doc, self._read = name, doc, read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._doc, value=self._read())

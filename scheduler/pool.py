@@ -43,6 +43,9 @@ class Runner(Protocol):
     # Set by the scheduler: called once the runner, on its way out, has freed
     # its model and holds only the prefixes it is writing to disk.
     on_saving: Callable[[dict[str, int]], object] | None
+    # Set by the scheduler: called with the bytes it wrote to the prefix
+    # disk tier and those the hourly bound kept it from writing.
+    on_saved: Callable[[int, int], object] | None
 
     async def run(self, *, task_status: Any = ...) -> None: ...
 
@@ -313,6 +316,7 @@ class Scheduler:
         try:
             runner = await self._make_runner(start)
             runner.on_saving = saving
+            runner.on_saved = self.metrics.saved(model)
             log.info("loading %s", model)
             self._loading[model] = runner
             await runner.run(task_status=status)

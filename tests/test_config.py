@@ -78,6 +78,7 @@ def test_prefix_cache_settings(tmp_path: Path) -> None:
             tmp_path,
             """
 prefix_cache_disk = "2GiB"
+prefix_cache_disk_writes = "1GiB"
 [[models]]
 name = "a"
 path = "/a"
@@ -92,7 +93,8 @@ prefill_chunk = "auto"
         )
     )
     a, b = s.models
-    assert s.prefix_disk_bytes == 2 * 1024**3
+    assert (s.prefix_disk_bytes, s.prefix_disk_writes) == (2 * 1024**3, 1024**3)
+    assert default.prefix_disk_writes == 4 * 1024**3
     assert (a.prefix_cache_bytes, a.prefill_chunk) == (512 * 1024**2, 256)
     assert (b.prefix_cache_bytes, b.prefill_chunk) == (0, None)
 

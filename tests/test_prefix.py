@@ -6,6 +6,7 @@ mechanics run on the tiny random model, which is fast."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -326,3 +327,61 @@ def test_a_damaged_prefix_file_is_skipped_with_a_warning(
     assert hit == 0 and not path.exists()
     why = "partial write" if damage == "truncated" else "do not match its digest"
     assert why in caplog.text
+
+
+def test_an_unload_writes_the_most_reused_prefix_first_within_the_hourly_bound(
+    smol: tuple[Any, Texts], conversation: list[Turn], tmp_path: Path
+) -> None:
+    """The disk tier's writes are budgeted (an SSD wears with every byte):
+    what an unload may write is what the last hour left, and it goes to the
+    prefix reused most (a conversation, turn after turn) before a newer one
+    seen once."""
+    model, texts = smol
+    where = tmp_path / "prefixes" / "model"
+    unrelated = texts.chat_prompt([{"role": "user", "content": "Spell 'banana'. " * 8}])
+
+    def run(prompts: list[list[int]], per_hour: int) -> PrefixCache:
+        cache = PrefixCache(model, 1 << 30, Disk(where, 1 << 30, per_hour))
+        engine = Engine(model, 4, prefixes=cache, chunk=64)
+        for prompt in prompts:
+            answer(engine, texts, prompt, beside=False)
+        return cache
+
+    # The conversation's second turn reuses its first; the unrelated prompt comes last.
+    cache = run([conversation[0].prompt, conversation[1].prompt, unrelated], 1 << 40)
+    assert cache.summary()["entries"] == 2
+    per_hour = cache.nbytes - 1  # room for one of the two
+    cache.disk = Disk(where, 1 << 30, per_hour)
+    assert cache.persist() == 1
+    (path,) = prefix_disk.files(where)
+    kept = prefix_disk.read_tokens(path)
+    assert list(kept[: len(conversation[1].prompt)]) == conversation[1].prompt
+    assert cache.stats.disk_skipped_bytes > 0
+
+    # Within the hour, another unload may write only what is left: not enough.
+    again = run([unrelated], per_hour)
+    assert again.persist() == 0 and again.stats.disk_skipped_bytes > 0
+    assert prefix_disk.files(where) == [path]
+
+    # An hour later, the bound is whole again.
+    ledger = where.parent / prefix_disk.LEDGER
+    records = json.loads(ledger.read_text())
+    ledger.write_text(json.dumps([[t - 3601, n, rid] for t, n, rid in records]))
+    assert prefix_disk.Writes(where.parent, per_hour).left() == per_hour
+    later = run([unrelated], per_hour)
+    assert later.persist() == 1 and len(prefix_disk.files(where)) == 2
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"a": 1}', "[[1, 2]]", "[" * 10_000])
+def test_a_damaged_write_ledger_starts_afresh_with_a_warning(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / prefix_disk.LEDGER).write_text(text)
+    writes = prefix_disk.Writes(tmp_path, 1000)
+    with caplog.at_level(logging.WARNING, logger="mlxd.prefix"):
+        assert writes.left() == 1000
+    assert "afresh" in caplog.text
+    rid, granted = writes.reserve(600)
+    assert granted == 600 and writes.reserve(600)[1] == 400
+    writes.settle(rid, 100)  # it wrote less than it reserved
+    assert writes.left() == 500

@@ -112,3 +112,14 @@ async def test_after_an_unload_a_follow_up_reads_its_prefix_from_disk(
     assert 'mlxd_prefix_cache_hits_total{model="smol"} 1.0' in metrics
     assert 'mlxd_prefix_cache_misses_total{model="smol"} 1.0' in metrics
     assert f'mlxd_prefix_cache_tokens_total{{model="smol"}} {float(reused)}' in metrics
+    # What the unload wrote is counted, and taken from the hour's write bound.
+    written = sample(metrics, 'mlxd_prefix_cache_disk_written_bytes_total{model="smol"}')
+    assert written > 0
+    left = sample(metrics, "mlxd_prefix_cache_disk_write_budget_bytes")
+    assert left == smol.settings.prefix_disk_writes - written
+
+
+def sample(metrics: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in an exposition."""
+    (line,) = [line for line in metrics.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[-1])

@@ -26,6 +26,7 @@ class FakeRunner:
         self.prefix_bytes = 0
         self.exit = trio.Event()
         self.on_saving: Any = None
+        self.on_saved: Any = None
         self.prefix_limits: list[int] = []  # what the scheduler let its prefix cache hold
         self.frozen = False  # then it answers nothing
         self.busy = False  # then it answers pings, not stats (one long step)
