@@ -310,7 +310,7 @@ class PrefixCache:
         if size > self.limit:
             return
         grew_from = self._index.best(list(tokens), self.can_trim)
-        uses = self._uses.get(grew_from[0], 0) if _continues(grew_from) else 0
+        uses = self._uses.get(grew_from[0], 0) if grew_from and _continues(grew_from) else 0
         if tokens in self._entries:
             self._drop(tokens)
         self._entries[tokens] = cache
@@ -388,8 +388,8 @@ class PrefixCache:
             mx.clear_cache()
 
 
-def _continues(found: tuple[Tokens, int] | None) -> bool:
+def _continues(found: tuple[Tokens, int]) -> bool:
     """Whether a prompt that keeps ``found[1]`` tokens of entry ``found[0]``
     carries it on (keeps at least half of it), rather than sharing a few
     opening tokens with it: only that counts as the entry's reuse."""
-    return found is not None and found[1] * 2 >= len(found[0])
+    return found[1] * 2 >= len(found[0])
