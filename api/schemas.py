@@ -10,6 +10,7 @@ are refused rather than silently ignored.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -177,15 +178,40 @@ def grammar_of(fmt: Any, param: str) -> dict[str, Any] | None:
 
 
 def check_grammar(grammar: dict[str, Any], param: str) -> None:
-    """Refuse a JSON schema that the runner's grammar engine cannot compile."""
+    """Refuse a grammar that the runner's grammar engine cannot compile, or
+    that allows no output at all (a schema whose ``$ref`` only leads back to
+    itself): llguidance compiles it against a tokenizer of single bytes and
+    computes the first step's mask, as the runner would with the model's."""
     import llguidance
 
     try:
-        problem = llguidance.LLMatcher.validate_grammar(to_llguidance(grammar))  # "" if valid
+        matcher = llguidance.LLMatcher(_bytes_tokenizer(), to_llguidance(grammar), log_level=0)
+        if not matcher.is_error():
+            matcher.compute_bitmask()
+        problem = matcher.get_error() if matcher.is_error() else ""
     except (ValueError, TypeError) as e:
         problem = str(e)
+    if problem.startswith("NoExtensionBias"):
+        problem = "it allows no output at all (does a $ref only lead back to itself?)"
     if problem:
-        raise InvalidRequest(f"'{param}' holds an invalid JSON schema: {problem}", param=param)
+        what = "JSON schema" if grammar.get("type") == "json_schema" else "grammar"
+        raise InvalidRequest(f"'{param}' holds an invalid {what}: {problem}", param=param)
+
+
+@functools.cache
+def _bytes_tokenizer() -> Any:
+    """An llguidance tokenizer whose tokens are the 256 bytes and an end."""
+    import llguidance
+
+    class Bytes:
+        eos_token_id, bos_token_id = 256, None
+        tokens = [bytes([i]) for i in range(256)] + [b""]
+        special_token_ids = [256]
+
+        def __call__(self, text: str | bytes) -> list[int]:
+            return list(text.encode() if isinstance(text, str) else text)
+
+    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(Bytes()))
 
 
 def keep_alive_field(body: Mapping[str, Any]) -> float | None:

@@ -72,6 +72,20 @@ CHAT_CASES: list[tuple[dict[str, Any], str | None, str]] = [
         "response_format",
         "invalid JSON schema",
     ),
+    *(  # schemas no finite value meets: once a 200 with empty content
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}},
+            "response_format",
+            "allows no output at all",
+        )
+        for schema in (
+            {"$ref": "#"},
+            {
+                "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+                "$ref": "#/$defs/a",
+            },
+        )
+    ),
     ({"model": None}, "model", "'model' is required"),
     ({"seed": 2**64}, "seed", "must be an integer from -2**63 to 2**64 - 1"),
     # moved from test_hostile.py (poison sampling values; malformed bodies)
