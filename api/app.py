@@ -33,9 +33,12 @@ def create_app(
     *,
     spares: Callable[[], dict[str, Any]],
     store: ResponseStore,
+    stalls: Stalls,
 ) -> QuartTrio:
     """The app, on the daemon's catalog and scheduler; ``spares`` says how the
-    spare runner process stands (for ``/api/ps``); ``store`` keeps Responses."""
+    spare runner process stands (for ``/api/ps``); ``store`` keeps Responses;
+    ``stalls`` ends the streams whose client stopped reading, and answers
+    still open when a shutdown's grace period ends."""
     app = QuartTrio("mlxd")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
@@ -45,7 +48,6 @@ def create_app(
     errors.install(app)
     intake = Intake()
     guard = Guard.from_settings(settings)
-    stalls = Stalls(settings.send_timeout_s)
 
     @app.before_serving
     async def _watch_streams() -> None:

@@ -9,12 +9,20 @@ body: one that has waited more than ``send_timeout_s`` for its last event to
 be taken is closed, which ends its generation and frees its slot (the
 connection itself stays blocked until the client reads or leaves). The
 request is logged with status 499 and the reason.
+
+It also ends what a shutdown would cut: Hypercorn gives open requests
+``shutdown_grace_s`` to finish, then closes their connections. Shortly
+before that (``until_shutdown``), an answer still being generated ends with
+the endpoint's error event (a stream) or a 503 (a whole answer), so its
+client learns why rather than reading a cut connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import math
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing
 
 import trio
@@ -29,6 +37,25 @@ class Stalls:
         self.send_timeout_s = send_timeout_s
         # Bodies that have handed an event over, and since when, and their request.
         self._waiting: dict[AsyncGenerator[bytes, None], tuple[float, Record]] = {}
+        self._cut_at = math.inf  # when a shutdown's grace period is about to end
+        self._open: set[trio.CancelScope] = set()  # ``until_shutdown``'s scopes
+
+    @contextlib.contextmanager
+    def until_shutdown(self) -> Iterator[trio.CancelScope]:
+        """A scope cancelled shortly before a shutdown's grace period ends."""
+        with trio.CancelScope(deadline=self._cut_at) as scope:
+            self._open.add(scope)
+            try:
+                yield scope
+            finally:
+                self._open.discard(scope)
+
+    def shutting_down(self, grace_s: float) -> None:
+        """The daemon stops taking requests; those open have ``grace_s``."""
+        margin = min(max(grace_s / 10, 0.2), 1.0)  # to send the error before the cut
+        self._cut_at = trio.current_time() + max(grace_s - margin, 0.0)
+        for scope in self._open:
+            scope.deadline = self._cut_at
 
     def body(self, frames: AsyncIterator[bytes], record: Record) -> AsyncGenerator[bytes, None]:
         """``frames`` as a response body that is watched, and accounts for its

@@ -24,7 +24,7 @@ from api.generation import Generation, Prepared
 from api.http import json_response
 from api.record import Record
 from api.stalls import Stalls
-from scheduler.errors import MlxdError
+from scheduler.errors import MlxdError, ShuttingDown
 
 
 class Shaper(Protocol):
@@ -45,18 +45,23 @@ async def answer(generation: Generation, job: Prepared, shaper: Shaper, stalls: 
     """The response the request asked for: whole, or a stream."""
     if not job.params.stream:
         async with generation:
-            whole = await generation.whole()
+            with stalls.until_shutdown() as cut:
+                whole = await generation.whole()
+            if cut.cancelled_caught:
+                raise _cut()
         return json_response(shaper.final(whole))
     await generation.start()
     job.record.streaming = True  # then the stream's end accounts for the request
     return Response(
-        stalls.body(_frames(generation, shaper, job.record), job.record),
+        stalls.body(_frames(generation, shaper, job.record, stalls), job.record),
         content_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _frames(generation: Generation, shaper: Shaper, record: Record) -> AsyncIterator[bytes]:
+async def _frames(
+    generation: Generation, shaper: Shaper, record: Record, stalls: Stalls
+) -> AsyncIterator[bytes]:
     # The events made together go out in one write: each write is a trip
     # through Quart, Hypercorn and the socket (Anthropic's closing alone is
     # three events).
@@ -65,7 +70,13 @@ async def _frames(generation: Generation, shaper: Shaper, record: Record) -> Asy
             await generation.cached()
         if opening := b"".join(shaper.frame(event) for event in shaper.opening()):
             yield opening
-        async for d in generation:
+        while True:
+            with stalls.until_shutdown() as cut:  # never around a yield
+                d = await anext(generation, None)
+            if cut.cancelled_caught:
+                raise _cut()
+            if d is None:
+                break
             if frames := b"".join(shaper.frame(event) for event in shaper.events(d)):
                 yield frames
         yield b"".join(shaper.frame(event) for event in shaper.closing()) + shaper.end
@@ -74,3 +85,10 @@ async def _frames(generation: Generation, shaper: Shaper, record: Record) -> Asy
         yield shaper.frame(shaper.failed(*errors.describe(exc)))
     finally:
         await generation.aclose()  # shielded: the lease is released whatever happens
+
+
+def _cut() -> ShuttingDown:
+    return ShuttingDown(
+        "mlxd is shutting down: its grace period for open requests (shutdown_grace_s) "
+        "ended before this answer did"
+    )

@@ -29,6 +29,7 @@ import trio
 from api.app import create_app
 from api.catalog import Catalog
 from api.openai.store import ResponseStore
+from api.stalls import Stalls
 from config.settings import ConfigError, Settings
 from config.units import format_bytes
 from daemon import cachedir
@@ -93,8 +94,15 @@ async def serve(
         settings.cache_dir / "responses.json" if settings.persist_responses else None,
     )
     await trio.to_thread.run_sync(store.load)
+    stalls = Stalls(settings.send_timeout_s)
     app = create_app(
-        settings, catalog, scheduler, recent.records, spares=launcher.spares.status, store=store
+        settings,
+        catalog,
+        scheduler,
+        recent.records,
+        spares=launcher.spares.status,
+        store=store,
+        stalls=stalls,
     )
     config = _hypercorn_config(settings)
     watch_signals = stop is None
@@ -115,6 +123,12 @@ async def serve(
         await outer.start(launcher.spares.run)
         async with trio.open_nursery() as inner:
             await inner.start(scheduler.run)
+
+            async def cut_at_shutdown() -> None:
+                await stop.wait()
+                stalls.shutting_down(settings.shutdown_grace_s)
+
+            inner.start_soon(cut_at_shutdown)
 
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn.trio.serve(

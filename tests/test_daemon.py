@@ -6,10 +6,12 @@ are tests of the process, and a stream is still running when a signal comes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,13 +31,15 @@ def scripted(tiny_dir: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def config(request: pytest.FixtureRequest, tmp_path: Path, scripted: Path) -> Path:
     """The daemon's config: no spare runner (a process whose imports cost two
-    seconds of CPU) unless a test asks for one (``indirect`` ``True``)."""
-    spare = getattr(request, "param", False)
+    seconds of CPU) unless a test asks for one, and a grace period of 20 s for
+    open requests at shutdown (``indirect``: ``{"spare": True, "grace": 2}``)."""
+    asked = getattr(request, "param", {})
+    spare, grace = asked.get("spare", False), asked.get("grace", 20)
     path = tmp_path / "mlxd.toml"
     path.write_text(f"""
 port = {free_port()}
 cache_dir = "{tmp_path / "cache"}"
-shutdown_grace_s = 20
+shutdown_grace_s = {grace}
 spare_runner = {str(spare).lower()}
 [[models]]
 name = "tiny"
@@ -64,7 +68,7 @@ def daemon(config: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait()
 
 
-@pytest.mark.parametrize("config", [True], ids=["with a spare"], indirect=True)
+@pytest.mark.parametrize("config", [{"spare": True}], ids=["with a spare"], indirect=True)
 def test_sigterm_mid_stream_finishes_the_stream_and_leaves_no_runner(
     daemon: subprocess.Popen[bytes], config: Path
 ) -> None:
@@ -90,6 +94,45 @@ def test_sigterm_mid_stream_finishes_the_stream_and_leaves_no_runner(
     for pid in filter(None, pids):  # the model's runner and the spare are gone
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("config", [{"grace": 3}], ids=["3 s of grace"], indirect=True)
+def test_answers_still_open_when_the_grace_period_ends_say_why(
+    daemon: subprocess.Popen[bytes], config: Path
+) -> None:
+    """A stream gets an error event and a whole answer a 503 saying the
+    daemon is shutting down, not a connection cut without a word."""
+    url = f"http://127.0.0.1:{port_of(config)}"
+    endless = {"model": "tiny", "prompt": "Go", "max_tokens": 100_000, "temperature": 0}
+    whole: list[httpx.Response] = []
+
+    def ask_whole() -> None:
+        with httpx.Client(timeout=60, verify=TLS) as http:
+            whole.append(http.post(f"{url}/v1/completions", json=endless))
+
+    asking = threading.Thread(target=ask_whole)
+    events: list[str] = []
+    signalled = False
+    with (
+        httpx.Client(timeout=60, verify=TLS) as http,
+        http.stream("POST", f"{url}/v1/completions", json={**endless, "stream": True}) as resp,
+    ):
+        asking.start()
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 3 and not signalled:
+                signalled = True
+                eventually_blocking(
+                    lambda: http.get(f"{url}/api/ps").json()["models"][0]["running"] == 2,
+                    what="both requests running",
+                )
+                daemon.send_signal(signal.SIGTERM)
+    asking.join(timeout=60)
+    assert "shutting down" in json.loads(events[-1][len("data: ") :])["error"]["message"]
+    (answer,) = whole
+    assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+    assert daemon.wait(timeout=30) == 0
 
 
 def test_second_daemon_on_the_same_port_exits_with_a_clear_error(
