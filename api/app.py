@@ -8,6 +8,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import trio
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
@@ -43,7 +51,7 @@ def create_app(
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
         RESPONSE_TIMEOUT=None,  # Quart's default (60 s) would cut long streams
-        BODY_TIMEOUT=60,
+        BODY_TIMEOUT=settings.send_timeout_s,  # then a 408
     )
     errors.install(app)
     intake = Intake()
@@ -80,3 +88,25 @@ def create_app(
     app.register_blueprint(anthropic_routes.blueprint(catalog, scheduler, stalls))
     app.register_blueprint(conversations.blueprint(store))
     return app
+
+
+def served(app: QuartTrio) -> ASGIFramework:
+    """``app`` as Hypercorn serves it, with the end of each response shielded.
+
+    A response that closes its connection (``Connection: close``, asked by
+    the client or sent with a 408 or 413) is ended by Hypercorn inside the
+    last ``send``; Quart-trio cancels the request's tasks as soon as that
+    send reports the stream closed, which cancelled the socket's closing
+    too, leaving the connection open until its keep-alive ran out."""
+
+    async def asgi(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        async def send_end_shielded(message: ASGISendEvent) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                with trio.CancelScope(shield=True):  # the end: bounded, Hypercorn's own write
+                    await send(message)
+            else:
+                await send(message)
+
+        await app(scope, receive, send_end_shielded)
+
+    return asgi

@@ -97,9 +97,10 @@ def install(app: Quart) -> None:
         status, body = _http_error(exc)
         _noted(body["error"]["message"])
         response = _json(body, status)
-        if status == 413:
+        if status in (408, 413):
             # The rest of the body is never read: close the connection, so a
-            # client still sending it gets this answer instead of waiting.
+            # client still sending it gets this answer instead of waiting,
+            # and one that sends nothing more is let go.
             response.headers["Connection"] = "close"
         return response
 

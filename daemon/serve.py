@@ -26,7 +26,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from api.app import create_app
+from api.app import create_app, served
 from api.catalog import Catalog
 from api.openai.store import ResponseStore
 from api.stalls import Stalls
@@ -132,7 +132,7 @@ async def serve(
 
             async def http(task_status: trio.TaskStatus[list[str]]) -> None:
                 await hypercorn.trio.serve(
-                    app, config, shutdown_trigger=stop.wait, task_status=task_status
+                    served(app), config, shutdown_trigger=stop.wait, task_status=task_status
                 )
                 # Hypercorn returns once open requests have drained; only then
                 # are the runners stopped (scheduler.run returns when they are).

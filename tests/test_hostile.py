@@ -180,6 +180,42 @@ async def test_a_client_that_stops_reading_loses_its_slot_and_the_next_is_served
             stalled.close()
 
 
+async def test_a_body_that_never_arrives_gets_a_408_and_connections_asked_closed_close(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A client that sends half a body and then nothing is told, and let go:
+    its connection does not linger after the 408."""
+    settings = settings_for(tmp_path, ModelConfig("tiny", str(tiny_dir)), send_timeout_s=1.0)
+    async with running(settings):
+        slow = trio.socket.socket()
+        await slow.connect(("127.0.0.1", settings.port))
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        await slow.send(head.encode() + b'{"model": ')  # ...and then nothing
+        got = await _until_closed(slow)
+        # A client asking to close after one request is answered and let go too.
+        once = trio.socket.socket()
+        await once.connect(("127.0.0.1", settings.port))
+        await once.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        health = await _until_closed(once)
+    assert got.startswith(b"HTTP/1.1 408")
+    assert b'"type": "invalid_request_error"' in got
+    assert health.startswith(b"HTTP/1.1 200") and b'"ok"' in health
+
+
+async def _until_closed(sock: trio.socket.SocketType) -> bytes:
+    """All a socket receives until the server closes it (within 30 s: the
+    keep-alive timeout would take longer, and a lingering one never ends)."""
+    got = b""
+    with trio.fail_after(30):
+        while chunk := await sock.recv(65536):
+            got += chunk
+    sock.close()
+    return got
+
+
 def _long(tiny_dir: Path, tmp_path: Path) -> Path:
     """The tiny model, with room for thousands of tokens."""
     long = tmp_path / "long"
