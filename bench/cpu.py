@@ -10,8 +10,8 @@ or ``ps``; the runner is another process) is the per-request work alone:
 - ``bare stack``: Hypercorn and Quart-trio answering a streamed completion;
 - ``health``: ``GET /health`` through mlxd (its HTTP path, guard, record);
 - ``chat``, ``chat stream``: a short chat request, whole and streamed;
-- ``agent turn``: a streamed chat request of an agent's size (a 6,000-word
-  system prompt, tools, a growing conversation), each turn one message longer,
+- ``agent turn``: a streamed chat request of an agent's size (a 3,000-word
+  system prompt, a growing conversation), each turn one message longer,
   as a coding agent sends them.
 
 With ``--profile`` mlxd runs under cProfile, twice: once only started and
@@ -75,28 +75,14 @@ def cpu_seconds(pid: int) -> float:
 
 
 def agent_turns() -> Iterator[dict[str, Any]]:
-    """Chat bodies the way a coding agent sends them: one long system prompt
-    and tools, then a conversation that grows by a turn each request."""
-    system = " ".join(f"Rule {i}: keep edits small and explain each one." for i in range(600))
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": f"tool_{i}",
-                "description": "Run a shell command and return its output. " * 5,
-                "parameters": {
-                    "type": "object",
-                    "properties": {"command": {"type": "string"}, "timeout": {"type": "integer"}},
-                    "required": ["command"],
-                },
-            },
-        }
-        for i in range(12)
-    ]
+    """Chat bodies the way a coding agent sends them: one long system prompt,
+    then a conversation that grows by a turn each request (no tools: the
+    bundled model's template has no place for them)."""
+    system = " ".join(f"Rule {i}: keep edits small and explain each one." for i in range(300))
     messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     for turn in range(10**6):
         messages.append({"role": "user", "content": f"Step {turn}: look at file {turn}.py"})
-        yield {"messages": list(messages), "tools": tools}
+        yield {"messages": list(messages)}
         messages.append({"role": "assistant", "content": f"I looked at {turn}.py; it is fine."})
 
 
@@ -141,7 +127,8 @@ def run(args: argparse.Namespace, work: Path, requests: int) -> dict[str, Any]:
 
             def post(where: str, body: dict[str, Any]) -> None:
                 reply = http.post(where, json=body)
-                reply.raise_for_status()
+                if reply.status_code != 200:
+                    raise RuntimeError(f"{where}: {reply.status_code} {reply.text[:300]}")
 
             def post_or_get(where: str) -> None:
                 http.get(where).raise_for_status()
@@ -177,21 +164,28 @@ def run(args: argparse.Namespace, work: Path, requests: int) -> dict[str, Any]:
     return results
 
 
-def parts(served: Path, idle: Path, requests: int) -> dict[str, float]:
+def parts(served: Path, idle: Path, requests: int) -> dict[str, Any]:
     """Own time (``tottime``) by part in ms per request: what the profile
     ``served`` spent beyond ``idle`` (start and stop), waiting aside."""
     totals: dict[str, float] = {}
+    functions: dict[str, float] = {}
     spent: Any = getattr(pstats.Stats(str(served)), "stats")  # noqa: B009 (untyped)
     before: Any = getattr(pstats.Stats(str(idle)), "stats")  # noqa: B009
-    for key, (_, _, tottime, _, _) in spent.items():
+    for key, (_, ncalls, tottime, _, _) in spent.items():
         file, _, name = key
         if file == "~" and any(w in name for w in ("poll", "select", "sleep", "acquire")):
             continue  # waiting for the next event, not work
         own = tottime - (before[key][2] if key in before else 0.0)
         where = next((part for part, pats in PARTS if any(p in file for p in pats)), "other")
         totals[where] = totals.get(where, 0.0) + own
+        calls = ncalls - (before[key][1] if key in before else 0)
+        functions[f"{file.split('site-packages/')[-1]}:{name} x{calls / requests:.1f}"] = own
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])
-    return {part: round(1000 * t / requests, 3) for part, t in ranked}
+    top = sorted(functions.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        **{part: round(1000 * t / requests, 3) for part, t in ranked},
+        "top functions": {f: round(1000 * t / requests, 3) for f, t in top},
+    }
 
 
 def main() -> None:

@@ -205,6 +205,39 @@ async def test_a_body_that_never_arrives_gets_a_408_and_connections_asked_closed
     assert health.startswith(b"HTTP/1.1 200") and b'"ok"' in health
 
 
+async def test_a_client_that_half_closes_is_taken_for_gone_and_frees_its_slot(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """Shutting the write side after a request is how a client that quits
+    looks too: its request is cancelled at once and counted as a 499, so a
+    client cannot hold a slot for an answer nobody may read."""
+    model = ModelConfig("tiny", str(_long(tiny_dir, tmp_path)), max_concurrency=1)
+    settings = settings_for(tmp_path, model)
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
+        body = json.dumps(
+            {"model": "tiny", "messages": CHAT, "max_tokens": 12_000, "ignore_eos": True}
+        ).encode()
+        quitter = trio.socket.socket()
+        await quitter.connect(("127.0.0.1", settings.port))
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        await quitter.send(head.encode() + body)
+        await _wait_for(http, daemon.url, "running", 1)
+        quitter.shutdown(socket.SHUT_WR)
+        await _wait_for(http, daemon.url, "running", 0)
+        quitter.close()
+        metrics = (await http.get(f"{daemon.url}/metrics")).text
+    assert 'endpoint="/v1/chat/completions",model="tiny",status="499"} 1.0' in metrics
+    (generated,) = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith('mlxd_generation_tokens_total{model="tiny"}')
+    ]
+    assert generated < 12_000  # cancelled, not made whole for nobody
+
+
 async def _until_closed(sock: trio.socket.SocketType) -> bytes:
     """All a socket receives until the server closes it (within 30 s: the
     keep-alive timeout would take longer, and a lingering one never ends)."""
