@@ -23,8 +23,9 @@ import trio
 
 from config.settings import ModelConfig, Settings
 from runner import prefix_disk, sources
-from runner.client import RunnerProcess, RunnerSpec, Spares
+from runner.client import RunnerProcess, RunnerSpec
 from runner.errors import SourceError
+from runner.spares import Spares
 from scheduler import memory
 from scheduler.errors import ModelLoadFailed
 from scheduler.kinds import kind_of

@@ -25,8 +25,8 @@ from pathlib import Path
 import trio
 
 from config.settings import BUNDLED, BUNDLED_EMBED
-from runner.client import package_root
 from runner.errors import SourceError
+from runner.spares import package_root
 
 log = logging.getLogger("mlxd.sources")
 

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import trio
 
-from runner.client import RunnerProcess, RunnerSpec, Spares
+from runner.client import RunnerProcess, RunnerSpec
 from runner.protocol import Generate, Sampling
+from runner.spares import Spares
 from tests.waiting import eventually
 
 
