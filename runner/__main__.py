@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import attrs
 
+from runner import events as ev
 from runner import protocol
 
 log = logging.getLogger("mlxd.runner")
@@ -67,7 +68,7 @@ def _protocol_stdout() -> BinaryIO:
     return out
 
 
-def _read_commands(q: queue.Queue[dict[str, Any]], send: Callable[[dict[str, Any]], None]) -> None:
+def _read_commands(q: queue.Queue[dict[str, Any]], send: Callable[[ev.Event], None]) -> None:
     """Hand the daemon's commands to the main thread; answer its pings here,
     at once, whatever the main thread is computing (MLX lets go of the GIL
     while it computes): a runner busy with a long prefill, a big embedding
@@ -77,7 +78,7 @@ def _read_commands(q: queue.Queue[dict[str, Any]], send: Callable[[dict[str, Any
         if line.strip():
             msg = protocol.decode(line)
             if msg.get("op") == "ping":
-                send({"ev": "pong", "id": msg.get("id")})
+                send(ev.Pong(msg.get("id")))
             else:
                 q.put(msg)
     q.put({"op": "shutdown"})  # EOF: the daemon is gone
@@ -179,8 +180,8 @@ def serve(
     engine: Engine | Embedder
     writing = threading.Lock()  # the main thread and the command reader both write
 
-    def send(msg: dict[str, Any]) -> None:
-        line = protocol.encode(msg)
+    def send(event: ev.Event) -> None:
+        line = ev.line(event)
         with writing:
             out.write(line)
 
@@ -199,13 +200,12 @@ def serve(
     try:
         engine = load_engine(Path(model_dir).resolve(), options)
     except Exception as e:
-        send({"ev": "fatal", "message": _describe(e)})
+        send(ev.Fatal(_describe(e)))
         return 1
 
     load_s = time.perf_counter() - t0
     prefix_bytes = engine.prefixes.nbytes if engine.prefixes is not None else 0
-    ready = {"pid": os.getpid(), "memory": memory(), "load_s": load_s, "prefix_bytes": prefix_bytes}
-    send({"ev": "ready", **ready})
+    send(ev.Ready(os.getpid(), memory(), load_s, prefix_bytes))
 
     # Warm up (the device loads its kernels) only if no request comes at once:
     # a request's own first step does that work anyway, and doing it twice
@@ -232,7 +232,7 @@ def serve(
         try:
             outputs = engine.step()
         except Exception as e:
-            send({"ev": "error", "ids": engine.request_ids(), "message": _describe(e)})
+            send(ev.Failed(list(engine.request_ids()), _describe(e)))
             log.exception("a step failed; its requests got the error")
             try:
                 engine.recover()
@@ -241,12 +241,12 @@ def serve(
                 return 1
             continue
         if outputs:
-            send({"ev": "tokens", "batch": len(outputs), "out": outputs})
+            send(ev.Tokens(outputs))
         for req_id, vectors in getattr(engine, "answers", list)():  # an embedder's
-            send(protocol.vectors_message(req_id, vectors))
+            send(ev.Embeddings.of(req_id, vectors))
 
 
-def _prepare_as_spare(send: Callable[[dict[str, Any]], None], started: float) -> None:
+def _prepare_as_spare(send: Callable[[ev.Event], None], started: float) -> None:
     """As a spare: import what a load needs, start the device, and say what
     that holds (then it waits for the ``load`` command)."""
     import mlx.core as mx
@@ -258,8 +258,7 @@ def _prepare_as_spare(send: Callable[[dict[str, Any]], None], started: float) ->
         warm_kernels()  # also starts the device (a CUDA context takes a second)
     mem = memory()  # what every runner holds before its model (as the pool measures it)
     held = max(mem["active"] + mem["cache"], mem.get("device", 0))
-    spare = {"pid": os.getpid(), "startup_s": time.perf_counter() - started, "bytes": held}
-    send({"ev": "spare", **spare})
+    send(ev.Spare(os.getpid(), time.perf_counter() - started, held))
 
 
 def _load_command(commands: queue.Queue[dict[str, Any]]) -> dict[str, Any] | None:
@@ -269,7 +268,7 @@ def _load_command(commands: queue.Queue[dict[str, Any]]) -> dict[str, Any] | Non
 
 
 def _command(
-    engine: Engine | Embedder, msg: dict[str, Any], send: Callable[[dict[str, Any]], None]
+    engine: Engine | Embedder, msg: dict[str, Any], send: Callable[[ev.Event], None]
 ) -> None:
     """Carry out one command from the daemon (``shutdown`` aside)."""
     op = msg.get("op")
@@ -280,33 +279,25 @@ def _command(
                 raise ValueError("this model generates text; it does not embed")
             submit(msg["id"], msg["inputs"])  # read a piece a step: ``Embedder.step``
         except Exception as e:  # a bad request fails alone
-            send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
+            send(ev.Failed([msg.get("id")], _describe(e)))
     elif op == "generate":
         try:
             hit = engine.add(protocol.Generate.from_message(msg))
         except Exception as e:  # a bad request fails alone
-            send({"ev": "error", "ids": [msg.get("id")], "message": _describe(e)})
+            send(ev.Failed([msg.get("id")], _describe(e)))
         else:
-            send({"ev": "cached", "id": msg["id"], "tokens": hit.tokens, "from": hit.source})
+            send(ev.Cached(msg["id"], hit.tokens, hit.source))
     elif op == "cancel":
         engine.cancel(msg["id"])
     elif op == "prefix_limit":
         if engine.prefixes is not None:
             engine.prefixes.set_limit(int(msg["bytes"]))
     elif op == "stats":
-        send(
-            {
-                "ev": "stats",
-                "active": engine.active,
-                **attrs.asdict(engine.stats),
-                "memory": memory(),
-                "prefill_chunk": engine.chunk,
-                "prefix": None if engine.prefixes is None else engine.prefixes.summary(),
-            }
-        )
+        prefix = None if engine.prefixes is None else engine.prefixes.summary()
+        send(ev.Stats(engine.active, memory(), attrs.asdict(engine.stats), engine.chunk, prefix))
 
 
-def _persist(engine: Engine | Embedder, send: Callable[[dict[str, Any]], None]) -> None:
+def _persist(engine: Engine | Embedder, send: Callable[[ev.Event], None]) -> None:
     """On the way out: free the model, say what is still held, and write the
     most recently used prefixes to disk (the daemon may start the next load
     meanwhile, in the memory the model gave back)."""
@@ -323,13 +314,13 @@ def _persist(engine: Engine | Embedder, send: Callable[[dict[str, Any]], None]) 
     gc.collect()
     mx.synchronize()
     mx.clear_cache()
-    send({"ev": "saving", "memory": memory(), "prefix_bytes": prefixes.nbytes})
+    send(ev.Saving(memory(), prefixes.nbytes))
     t0 = time.perf_counter()
     before = prefixes.stats.disk_written_bytes, prefixes.stats.disk_skipped_bytes
     written = prefixes.persist()
     nbytes = prefixes.stats.disk_written_bytes - before[0]
     skipped = prefixes.stats.disk_skipped_bytes - before[1]
-    send({"ev": "saved", "written_bytes": nbytes, "skipped_bytes": skipped})
+    send(ev.Saved(nbytes, skipped))
     log.info(
         "wrote %d cached prefixes (%d bytes) to %s in %.3f s%s",
         written,

@@ -26,6 +26,7 @@ import attrs
 import numpy as np
 import trio
 
+from runner import events as ev
 from runner import protocol
 from runner.errors import LoadFailed, RunnerGone
 from runner.protocol import Chunk
@@ -103,10 +104,10 @@ class RunnerProcess:
         # Each open request's channel and its stop tokens.
         self._streams: dict[int, tuple[trio.MemorySendChannel[Chunk], tuple[int, ...]]] = {}
         self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
-        self._stats: list[trio.MemorySendChannel[dict[str, Any]]] = []
+        self._stats: list[trio.MemorySendChannel[ev.Stats]] = []
         self._pongs: list[trio.MemorySendChannel[None]] = []  # pings waiting, oldest first
         # Embed requests waiting for their answer: an "embeddings" or "error" event.
-        self._embeds: dict[int, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._embeds: dict[int, trio.MemorySendChannel[ev.Embeddings | ev.Failed]] = {}
         self._stop_requested = trio.Event()
         self._first_output = trio.Event()
         self._proc: trio.Process | None = None
@@ -136,26 +137,25 @@ class RunnerProcess:
         # (the runner answers them from the start: ``alive``).
         self._outbox_send.send_nowait(self.spec.load_message())
         try:
-            first: dict[str, Any] | None = None
-            async with aclosing(_lines(proc.stdout)) as lines, trio.open_nursery() as nursery:
+            first: ev.Event | None = None
+            async with aclosing(_events(proc.stdout)) as events, trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, proc.stdin)
                 with trio.move_on_after(self._load_timeout_s):
-                    async for msg in lines:  # (a spare's "spare" line was read)
-                        if msg.get("ev") != "pong":
-                            first = msg
+                    async for event in events:  # (a spare's "spare" line was read)
+                        if not isinstance(event, ev.Pong):
+                            first = event
                             break
-                        self._dispatch(msg)
-                if first is not None and first.get("ev") == "ready":
-                    self.memory = first.get("memory", {})
-                    self.load_s = first.get("load_s")
-                    self.prefix_bytes = int(first.get("prefix_bytes", 0))
+                        self._dispatch(event)
+                if isinstance(first, ev.Ready):
+                    self.memory, self.load_s = first.memory, first.load_s
+                    self.prefix_bytes = first.prefix_bytes
                     nursery.start_soon(self._settle, loading)
                     nursery.start_soon(self._kill_after_grace, proc)
                     task_status.started(self)
-                    async for msg in lines:
-                        self._dispatch(msg)
+                    async for event in events:
+                        self._dispatch(event)
                 nursery.cancel_scope.cancel()  # stdout closed (or no load): the end
-            if first is None or first.get("ev") != "ready":
+            if not isinstance(first, ev.Ready):
                 proc.kill()
                 await proc.wait()
                 raise LoadFailed(_load_error(self.spec, first, proc.returncode, self._killed))
@@ -257,8 +257,8 @@ class RunnerProcess:
             except trio.EndOfChannel:
                 raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
 
-    async def stats(self) -> dict[str, Any]:
-        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+    async def stats(self) -> ev.Stats:
+        send, recv = trio.open_memory_channel[ev.Stats](1)
         self._stats.append(send)
         self._send_nowait({"op": "stats"})
         async with recv:
@@ -272,7 +272,7 @@ class RunnerProcess:
         length. Raises ``RunnerGone`` if the runner fails the request or exits
         first; leaving early (cancelled) has the runner drop the rest of it."""
         req_id = next(self._ids)
-        send, recv = trio.open_memory_channel[dict[str, Any]](1)
+        send, recv = trio.open_memory_channel[ev.Embeddings | ev.Failed](1)
         self._embeds[req_id] = send
         try:
             self._outbox_send.send_nowait({"op": "embed", "id": req_id, "inputs": inputs})
@@ -281,7 +281,7 @@ class RunnerProcess:
             raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
         async with recv:
             try:
-                msg = await recv.receive()
+                answer = await recv.receive()
             except trio.EndOfChannel:
                 raise RunnerGone(
                     f"the runner for model {self.spec.model!r} exited while embedding"
@@ -289,9 +289,9 @@ class RunnerProcess:
             finally:
                 if self._embeds.pop(req_id, None) is not None:  # left before the answer:
                     self._send_nowait({"op": "cancel", "id": req_id})  # the rest is dropped
-        if msg.get("ev") == "error":
-            raise RunnerGone(f"embedding failed in the runner: {msg.get('message')}")
-        return protocol.vectors_of(msg)
+        if isinstance(answer, ev.Failed):
+            raise RunnerGone(f"embedding failed in the runner: {answer.message}")
+        return answer.vectors()
 
     def _send_nowait(self, msg: dict[str, Any]) -> None:
         try:
@@ -299,65 +299,67 @@ class RunnerProcess:
         except trio.ClosedResourceError:
             pass
 
-    def _dispatch(self, msg: dict[str, Any]) -> None:
-        ev = msg.get("ev")
-        if ev == "tokens":
-            self._first_output.set()
-            for req_id, token, finish, lp in msg["out"]:
+    def _dispatch(self, event: ev.Event) -> None:
+        match event:
+            case ev.Tokens(out):
+                self._first_output.set()
+                for req_id, token, finish, lp in out:
+                    open_ = self._streams.get(req_id)
+                    if open_ is None:
+                        continue  # cancelled; the runner drops it at its next step
+                    stream, stop_ids = open_
+                    if finish == "stop" and token in stop_ids:
+                        stream.send_nowait(Chunk(None, finish))
+                    else:
+                        stream.send_nowait(Chunk(token, finish, lp))
+                    if finish is not None:
+                        del self._streams[req_id]
+            case ev.Cached(req_id, tokens):
                 open_ = self._streams.get(req_id)
-                if open_ is None:
-                    continue  # cancelled; the runner drops it at its next step
-                stream, stop_ids = open_
-                if finish == "stop" and token in stop_ids:
-                    stream.send_nowait(Chunk(None, finish))
-                else:
-                    stream.send_nowait(Chunk(token, finish, lp))
-                if finish is not None:
-                    del self._streams[req_id]
-        elif ev == "cached":
-            open_ = self._streams.get(msg["id"])
-            if open_ is not None:
-                open_[0].send_nowait(Chunk(None, cached=int(msg["tokens"])))
-        elif ev == "saving":
-            self.memory = msg.get("memory", self.memory)
-            if self.on_saving is not None:
-                self.on_saving(self.memory)
-        elif ev == "saved":
-            if self.on_saved is not None:
-                self.on_saved(int(msg["written_bytes"]), int(msg["skipped_bytes"]))
-        elif ev == "embeddings":
-            self._first_output.set()
-            self._answer_embed(msg["id"], msg)
-        elif ev == "error":
-            self._first_output.set()
-            err = RunnerGone(f"generation failed in the runner: {msg.get('message')}")
-            for req_id in msg.get("ids", []):
-                self._answer_embed(req_id, msg)
-                open_ = self._streams.pop(req_id, None)
                 if open_ is not None:
-                    open_[0].send_nowait(Chunk(None, error=err))
-        elif ev == "pong":
-            if self._pongs:
-                try:
-                    self._pongs.pop(0).send_nowait(None)
-                except trio.BrokenResourceError:
-                    pass  # its waiter gave up
-        elif ev == "stats":
-            self.memory = msg.get("memory", self.memory)
-            self.last_stats = {k: v for k, v in msg.items() if k != "ev"} | {"at": time.time()}
-            if self._stats:
-                try:
-                    self._stats.pop(0).send_nowait(msg)
-                except trio.BrokenResourceError:
-                    pass  # its waiter gave up
-        else:
-            log.warning("runner for %s sent an unknown event: %r", self.spec.model, msg)
+                    open_[0].send_nowait(Chunk(None, cached=tokens))
+            case ev.Saving(memory):
+                self.memory = memory
+                if self.on_saving is not None:
+                    self.on_saving(self.memory)
+            case ev.Saved(written, skipped):
+                if self.on_saved is not None:
+                    self.on_saved(written, skipped)
+            case ev.Embeddings(req_id):
+                self._first_output.set()
+                self._answer_embed(req_id, event)
+            case ev.Failed(ids, message):
+                self._first_output.set()
+                err = RunnerGone(f"generation failed in the runner: {message}")
+                for failed in ids:
+                    if failed is None:
+                        continue
+                    self._answer_embed(failed, event)
+                    open_ = self._streams.pop(failed, None)
+                    if open_ is not None:
+                        open_[0].send_nowait(Chunk(None, error=err))
+            case ev.Pong():
+                if self._pongs:
+                    try:
+                        self._pongs.pop(0).send_nowait(None)
+                    except trio.BrokenResourceError:
+                        pass  # its waiter gave up
+            case ev.Stats(_, memory):
+                self.memory = memory
+                self.last_stats = event.shown() | {"at": time.time()}
+                if self._stats:
+                    try:
+                        self._stats.pop(0).send_nowait(event)
+                    except trio.BrokenResourceError:
+                        pass  # its waiter gave up
+            case _:
+                log.warning("runner for %s sent an unexpected event: %r", self.spec.model, event)
 
-    def _answer_embed(self, req_id: int, msg: dict[str, Any]) -> None:
+    def _answer_embed(self, req_id: int, answer: ev.Embeddings | ev.Failed) -> None:
         waiter = self._embeds.pop(req_id, None)
         if waiter is not None:
             try:
-                waiter.send_nowait(msg)
+                waiter.send_nowait(answer)
             except trio.BrokenResourceError:
                 pass  # its waiter gave up
 
@@ -365,7 +367,9 @@ class RunnerProcess:
         streams, self._streams = self._streams, {}
         for stream, _ in streams.values():
             stream.send_nowait(Chunk(None, error=err))
-        for waiter in [*self._stats, *self._embeds.values()]:
+        for stats in self._stats:
+            stats.close()
+        for waiter in self._embeds.values():
             waiter.close()
         for pong in self._pongs:
             pong.close()
@@ -375,21 +379,27 @@ class RunnerProcess:
         self._outbox_send.close()
 
 
-async def _lines(stream: trio.abc.ReceiveStream) -> AsyncGenerator[dict[str, Any], None]:
+async def _events(stream: trio.abc.ReceiveStream) -> AsyncGenerator[ev.Event, None]:
     buf = b""
     async for data in stream:
         buf += data
         *complete, buf = buf.split(b"\n")
         for line in complete:
-            if line.strip():
-                yield protocol.decode(line)
+            if not line.strip():
+                continue
+            try:
+                event = ev.read(protocol.decode(line))
+            except ValueError as e:  # a runner of another version, or a bug
+                log.warning("skipping a line from a runner: %s", e)
+                continue
+            yield event
 
 
 def _load_error(
-    spec: RunnerSpec, first: dict[str, Any] | None, code: int | None, killed: str | None
+    spec: RunnerSpec, first: ev.Event | None, code: int | None, killed: str | None
 ) -> str:
-    if first is not None and first.get("ev") == "fatal":
-        why = first.get("message", "unknown error")
+    if isinstance(first, ev.Fatal):
+        why = first.message
     elif killed is not None:
         why = killed
     elif first is None:

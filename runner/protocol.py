@@ -51,11 +51,11 @@ Events (runner → daemon)::
                                       every runner does before its model
     {"ev": "ready", "pid": 123, "memory": {...}, "load_s": 0.4}
                                       the model is loaded (in load_s seconds)
-    {"ev": "cached", "id": 7, "tokens": 1200, "from": "memory"}
+    {"ev": "cached", "id": 7, "tokens": 1200, "source": "memory"}
                                       request 7 starts from a cached prefix of
                                       1200 prompt tokens ("memory", "disk"; 0
                                       and "" for none); sent before its tokens
-    {"ev": "tokens", "batch": 3, "out": [[7, 42, null, null], [8, 2, "stop", lp]]}
+    {"ev": "tokens", "out": [[7, 42, null, null], [8, 2, "stop", lp]]}
         one decoding step: [id, token, finish, lp] for every sequence that made
         a token; finish is null, "stop" or "length"; lp is null unless the
         request asked for logprobs (below)
@@ -65,8 +65,8 @@ Events (runner → daemon)::
                                       (a fifth of a JSON list's size, and exact);
                                       unit length, as the model pools them
     {"ev": "error", "ids": [7], "message": "..."}    those requests failed
-    {"ev": "stats", "active": 2, "max_batch": 4, ..., "memory": {...},
-     "prefix": {"bytes": ..., "entries": ..., "limit": ..., "hits": ..., "disk_hits": ...}}
+    {"ev": "stats", "active": 2, "memory": {...}, "counters": {"steps": ..., ...},
+     "prefill_chunk": 512, "prefix": {"bytes": ..., "entries": ..., "hits": ..., ...}}
     {"ev": "saving", "memory": {...}, "prefix_bytes": ...}
                                       after "shutdown": the model is freed; what
                                       is left is the prefixes being written
@@ -110,13 +110,11 @@ Stdin reaching EOF means the daemon is gone: the runner exits.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Iterable
 from typing import Any
 
 import attrs
-import numpy as np
 
 MAX_LOGPROBS = 20
 
@@ -192,19 +190,6 @@ class Generate:
             reasoning_budget=msg.get("reasoning_budget"),
             more=bool(msg.get("more", False)),
         )
-
-
-def vectors_message(req_id: int, vectors: np.ndarray) -> dict[str, Any]:
-    """The "embeddings" event for ``vectors`` (count x dims)."""
-    count, dims = vectors.shape
-    data = base64.b64encode(np.ascontiguousarray(vectors, dtype="<f4").tobytes()).decode()
-    return {"ev": "embeddings", "id": req_id, "count": count, "dims": dims, "data": data}
-
-
-def vectors_of(msg: dict[str, Any]) -> np.ndarray:
-    """The vectors an "embeddings" event carries (count x dims float32)."""
-    raw = np.frombuffer(base64.b64decode(msg["data"]), dtype="<f4")
-    return raw.reshape(int(msg["count"]), int(msg["dims"])).astype(np.float32)
 
 
 def encode(msg: dict[str, Any]) -> bytes:

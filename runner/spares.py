@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+from runner import events as ev
 from runner import protocol
 
 log = logging.getLogger("mlxd.runner")
@@ -115,14 +116,15 @@ class Spares:
         assert spare.proc.stdout is not None
         try:
             line = await _first_line(spare.proc.stdout)
-            if line is not None and line.get("ev") == "spare":
-                spare.ready, spare.bytes = True, int(line.get("bytes", 0))
+            said = ev.read(line) if line is not None else None
+            if isinstance(said, ev.Spare):
+                spare.ready, spare.bytes = True, said.bytes
                 if self._spare is spare:  # not taken meanwhile
                     self._held(spare.bytes)
                 log.info(
                     "spare runner ready pid=%s startup_s=%.3f bytes=%d",
-                    line["pid"],
-                    line["startup_s"],
+                    said.pid,
+                    said.startup_s,
                     spare.bytes,
                 )
         finally:

@@ -32,6 +32,15 @@ log = logging.getLogger("mlxd.scheduler")
 MEASURE_EVERY_S = 2.0
 
 
+class Measurement(Protocol):
+    """What the scheduler reads of a runner's stats (``runner.events.Stats``)."""
+
+    @property
+    def memory(self) -> dict[str, int]: ...
+    @property
+    def prefix_bytes(self) -> int: ...
+
+
 class Runner(Protocol):
     """What the scheduler needs of a runner handle (``runner.client.RunnerProcess``
     in the daemon, a fake in tests)."""
@@ -53,9 +62,9 @@ class Runner(Protocol):
         """Return once it answers a ping (answered while it computes or
         loads); raises ``RuntimeError`` once it is gone."""
 
-    async def stats(self) -> dict[str, Any]:
-        """Its counters and memory (answered between its steps); raises
-        ``RuntimeError`` once it is gone."""
+    async def stats(self) -> Measurement:
+        """Its memory and prefix cache's bytes (answered between its steps);
+        raises ``RuntimeError`` once it is gone."""
 
     def stop(self) -> None: ...
 
@@ -368,9 +377,8 @@ class Scheduler:
                 return
             finally:
                 measuring.discard(runner)
-            memory = stats.get("memory", {})
-            prefixes = int((stats.get("prefix") or {}).get("bytes", 0))
-            self._post(p.Measured(name, measured_bytes(memory), prefixes, trio.current_time()))
+            measured = measured_bytes(stats.memory)
+            self._post(p.Measured(name, measured, stats.prefix_bytes, trio.current_time()))
 
         def watch(name: str, runner: Runner, now: float) -> None:
             if runner not in pinged:

@@ -112,7 +112,7 @@ async def test_a_client_that_leaves_has_the_runner_drop_the_rest_of_its_request(
 
     async def dropped() -> bool:
         stats = await runner.stats()
-        return stats["cancelled"] == 1 and stats["active"] == 0
+        return stats.counters["cancelled"] == 1 and stats.active == 0
 
     await eventually(dropped, what="the rest of the request dropped")
     with trio.fail_after(60):

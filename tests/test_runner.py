@@ -6,10 +6,13 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import trio
 
 from api.texts import Texts
+from runner import events as ev
+from runner import protocol
 from runner.client import RunnerProcess, RunnerSpec
 from runner.errors import LoadFailed, RunnerGone
 from runner.protocol import Generate, Sampling
@@ -61,7 +64,9 @@ async def test_joining_a_batch_and_leaving_it_keeps_greedy_output(
         inner.start_soon(first)
         inner.start_soon(second)
     stats = await runner.stats()
-    assert stats["max_batch"] == 2 and stats["migrations"] >= 2  # into the batch and out
+    assert (
+        stats.counters["max_batch"] == 2 and stats.counters["migrations"] >= 2
+    )  # into the batch and out
     assert results["a"] == alone
     assert len(results["b"]) == 6
     runner.stop()
@@ -120,6 +125,43 @@ async def test_the_runner_keeps_mlx_freed_buffers_within_its_cache_limit(
             async with trio.open_nursery() as batch:
                 for i in range(6):
                     batch.start_soon(tokens_of, runner, list(range(i, 150 + 20 * i)), 16)
-        cached[limit] = (await runner.stats())["memory"]["cache"]
+        cached[limit] = (await runner.stats()).memory["cache"]
         runner.stop()
     assert cached[256 * 1024] <= 256 * 1024 < cached[None]
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        ev.Spare(12, 1.5, 4096),
+        ev.Ready(12, {"active": 1, "peak": 2, "cache": 3}, 0.4, 100),
+        ev.Cached(7, 1200, "disk"),
+        ev.Tokens([(7, 42, None, None), (8, 2, "stop", {"logprob": -0.5, "top": [[2, -0.5]]})]),
+        ev.Embeddings.of(8, np.arange(6, dtype=np.float32).reshape(2, 3)),
+        ev.Failed([7, None], "boom"),
+        ev.Stats(2, {"active": 1}, {"steps": 9}, 512, {"bytes": 10}),
+        ev.Saving({"active": 1}, 10),
+        ev.Saved(100, 20),
+        ev.Fatal("no weights"),
+        ev.Pong(3),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_every_runner_event_reads_back_as_it_was_written(event: ev.Event) -> None:
+    back = ev.read(protocol.decode(ev.line(event)))
+    assert type(back) is type(event)
+    if isinstance(event, ev.Embeddings):
+        assert isinstance(back, ev.Embeddings)
+        assert np.array_equal(back.vectors(), event.vectors())
+    elif isinstance(event, ev.Tokens):  # JSON gives lists where tuples went
+        assert isinstance(back, ev.Tokens)
+        assert [tuple(o) for o in back.out] == event.out
+    else:
+        assert back == event
+
+
+def test_a_line_that_is_no_runner_event_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a runner event"):
+        ev.read({"ev": "gossip"})
+    with pytest.raises(ValueError, match="malformed 'cached'"):
+        ev.read({"ev": "cached", "tokens": 3})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -13,6 +14,14 @@ from scheduler.errors import ModelLoadFailed, QueueFull, QueueTimeout, ShuttingD
 from scheduler.memory import Size
 from scheduler.policy import StartRunner
 from scheduler.pool import Scheduler
+
+
+@attrs.frozen
+class Measured:
+    """A fake runner's stats: its memory, no prefixes."""
+
+    memory: dict[str, int]
+    prefix_bytes: int = 0
 
 
 class FakeRunner:
@@ -46,10 +55,10 @@ class FakeRunner:
         if self.frozen:
             await trio.sleep_forever()
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> Measured:
         if self.frozen or self.busy:
             await trio.sleep_forever()
-        return {"memory": self.memory}
+        return Measured(self.memory)
 
     def stop(self) -> None:
         self.exit.set()
