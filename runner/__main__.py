@@ -26,10 +26,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import attrs
 
+from runner import commands as cmd
 from runner import events as ev
 from runner import protocol
 
@@ -68,20 +69,26 @@ def _protocol_stdout() -> BinaryIO:
     return out
 
 
-def _read_commands(q: queue.Queue[dict[str, Any]], send: Callable[[ev.Event], None]) -> None:
+def _read_commands(q: queue.Queue[cmd.Command], send: Callable[[ev.Event], None]) -> None:
     """Hand the daemon's commands to the main thread; answer its pings here,
     at once, whatever the main thread is computing (MLX lets go of the GIL
     while it computes): a runner busy with a long prefill, a big embedding
     batch or a slow read is alive, and only one whose process no longer runs
     at all goes unanswered."""
     for line in sys.stdin.buffer:
-        if line.strip():
-            msg = protocol.decode(line)
-            if msg.get("op") == "ping":
-                send(ev.Pong(msg.get("id")))
-            else:
-                q.put(msg)
-    q.put({"op": "shutdown"})  # EOF: the daemon is gone
+        if not line.strip():
+            continue
+        msg = protocol.decode(line)
+        try:
+            command = cmd.read(msg)
+        except ValueError as e:  # a bad request fails alone
+            send(ev.Failed([msg.get("id")], str(e)))
+            continue
+        if isinstance(command, cmd.Ping):
+            send(ev.Pong(command.id))
+        else:
+            q.put(command)
+    q.put(cmd.Shutdown())  # EOF: the daemon is gone
 
 
 BURST_GAP_S = 0.002  # after a request the daemon sent alone
@@ -89,7 +96,7 @@ MORE_GAP_S = 0.010  # after one it says others follow
 BURST_MAX_S = 0.050
 
 
-def _burst(commands: queue.Queue[dict[str, Any]], idle_s: float | None) -> list[dict[str, Any]]:
+def _burst(commands: queue.Queue[cmd.Command], idle_s: float | None) -> list[cmd.Command]:
     """Wait for work while idle (at most ``idle_s``, if given: then there is
     none), then keep collecting while requests keep coming: for 2 ms after
     each, or 10 ms after one that says others follow (``more``: several
@@ -101,8 +108,8 @@ def _burst(commands: queue.Queue[dict[str, Any]], idle_s: float | None) -> list[
     except queue.Empty:
         return []
     deadline = time.monotonic() + BURST_MAX_S
-    while msgs[-1].get("op") == "generate":
-        gap = MORE_GAP_S if msgs[-1].get("more") else BURST_GAP_S
+    while isinstance(last := msgs[-1], protocol.Generate):
+        gap = MORE_GAP_S if last.more else BURST_GAP_S
         wait = min(gap, deadline - time.monotonic())
         if wait <= 0:
             break
@@ -134,15 +141,15 @@ def memory() -> dict[str, int]:
 WARM_UP_AFTER_S = 0.05
 
 
-def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
-    """The engine for ``model_dir``; ``options`` are the ``load`` command's
-    (``kind`` "embed": an embedding model, ``runner/embedder.py``)."""
+def load_engine(model_dir: Path, load: cmd.Load) -> Engine | Embedder:
+    """The engine for ``model_dir``, as the ``Load`` command says (``kind``
+    "embed": an embedding model, ``runner/embedder.py``)."""
     if hook := os.environ.get("MLXD_ENGINE"):  # an engine the tests bring
         module, _, function = hook.partition(":")
-        engine = getattr(importlib.import_module(module), function)(model_dir, options)
+        engine = getattr(importlib.import_module(module), function)(model_dir, load)
         if engine is not None:
             return cast("Engine", engine)
-    if options.get("kind") == "embed":
+    if load.kind == "embed":
         from runner.embedder import Embedder
 
         return Embedder.load(model_dir)
@@ -153,30 +160,26 @@ def load_engine(model_dir: Path, options: dict[str, Any]) -> Engine | Embedder:
     from runner.grammar import Grammars
     from runner.prefix import Disk, PrefixCache
 
-    max_batch = int(options.get("max_batch", 8))
     model, _ = load_model(model_dir, lazy=True)
-    where, disk_limit = options.get("prefix_dir"), int(options.get("prefix_disk", 0))
     disk = None
-    if where and disk_limit > 0:
+    if load.prefix_dir and load.prefix_disk > 0:
         try:
-            per_hour = options.get("prefix_disk_writes")
-            disk = Disk(Path(where), disk_limit, None if per_hour is None else int(per_hour))
+            disk = Disk(Path(load.prefix_dir), load.prefix_disk, load.prefix_disk_writes)
         except OSError as e:  # a folder mlxd cannot use: the model serves without
             log.warning("%s: no prefix files on disk: %s", model_dir.name, e)
-    prefixes = PrefixCache(model, int(options.get("prefix_cache", 0)), disk)
+    prefixes = PrefixCache(model, load.prefix_cache, disk)
     log.info("%s: %s", model_dir.name, prefixes.describe())
-    prefixes.read_ahead(options.get("prompt") or [])  # the first request's, meanwhile
+    prefixes.read_ahead(load.prompt)  # the first request's, meanwhile
     mx.eval(model.parameters())
     prefixes.settle()
-    if options.get("cache_limit"):  # the working memory the pool charges it, beyond weights
-        mx.set_cache_limit(int(options["cache_limit"]))
-    chunk = options.get("prefill_chunk")
-    return Engine(model, max_batch, Grammars(model_dir), prefixes, chunk and int(chunk))
+    if load.cache_limit:  # the working memory the pool charges it, beyond weights
+        mx.set_cache_limit(load.cache_limit)
+    return Engine(model, load.max_batch, Grammars(model_dir), prefixes, load.prefill_chunk)
 
 
-def serve(
-    model_dir: str | None, options: dict[str, Any], out: BinaryIO, started: float, spare: bool
-) -> int:
+def serve(load: cmd.Load | None, out: BinaryIO, started: float, spare: bool) -> int:
+    """Serve the protocol on ``out`` and stdin: the model ``load`` says, or
+    the one a ``Load`` command names when it comes."""
     engine: Engine | Embedder
     writing = threading.Lock()  # the main thread and the command reader both write
 
@@ -187,18 +190,17 @@ def serve(
 
     # Commands are read from the start, so that pings are answered while the
     # model loads too (a load is watched like a running model).
-    commands: queue.Queue[dict[str, Any]] = queue.Queue()
+    commands: queue.Queue[cmd.Command] = queue.Queue()
     threading.Thread(target=_read_commands, args=(commands, send), daemon=True).start()
-    if model_dir is None:  # wait for the model to load
+    if load is None:  # wait for the model to load
         if spare:
             _prepare_as_spare(send, started)
         load = _load_command(commands)
         if load is None:
             return 0
-        options, model_dir = load, load["model_dir"]
     t0 = time.perf_counter()
     try:
-        engine = load_engine(Path(model_dir).resolve(), options)
+        engine = load_engine(Path(load.model_dir).resolve(), load)
     except Exception as e:
         send(ev.Fatal(_describe(e)))
         return 1
@@ -222,11 +224,11 @@ def serve(
                 msgs.append(commands.get_nowait())
             except queue.Empty:
                 break
-        for msg in msgs:
-            if msg.get("op") == "shutdown":
+        for command in msgs:
+            if isinstance(command, cmd.Shutdown):
                 _persist(engine, send)
                 return 0
-            _command(engine, msg, send)
+            _command(engine, command, send)
         if not engine.active:
             continue
         try:
@@ -261,40 +263,48 @@ def _prepare_as_spare(send: Callable[[ev.Event], None], started: float) -> None:
     send(ev.Spare(os.getpid(), time.perf_counter() - started, held))
 
 
-def _load_command(commands: queue.Queue[dict[str, Any]]) -> dict[str, Any] | None:
-    """The daemon's ``load`` command (None if the daemon went away)."""
-    msg = commands.get()
-    return None if msg.get("op") == "shutdown" else msg
+def _load_command(commands: queue.Queue[cmd.Command]) -> cmd.Load | None:
+    """The daemon's ``Load`` command (None if the daemon went away first)."""
+    while True:
+        command = commands.get()
+        if isinstance(command, cmd.Shutdown):
+            return None
+        if isinstance(command, cmd.Load):
+            return command
+        log.warning("a runner with no model ignores %r", command)
 
 
 def _command(
-    engine: Engine | Embedder, msg: dict[str, Any], send: Callable[[ev.Event], None]
+    engine: Engine | Embedder, command: cmd.Command, send: Callable[[ev.Event], None]
 ) -> None:
-    """Carry out one command from the daemon (``shutdown`` aside)."""
-    op = msg.get("op")
-    if op == "embed":
-        submit = getattr(engine, "submit", None)
-        try:
-            if submit is None:
-                raise ValueError("this model generates text; it does not embed")
-            submit(msg["id"], msg["inputs"])  # read a piece a step: ``Embedder.step``
-        except Exception as e:  # a bad request fails alone
-            send(ev.Failed([msg.get("id")], _describe(e)))
-    elif op == "generate":
-        try:
-            hit = engine.add(protocol.Generate.from_message(msg))
-        except Exception as e:  # a bad request fails alone
-            send(ev.Failed([msg.get("id")], _describe(e)))
-        else:
-            send(ev.Cached(msg["id"], hit.tokens, hit.source))
-    elif op == "cancel":
-        engine.cancel(msg["id"])
-    elif op == "prefix_limit":
-        if engine.prefixes is not None:
-            engine.prefixes.set_limit(int(msg["bytes"]))
-    elif op == "stats":
-        prefix = None if engine.prefixes is None else engine.prefixes.summary()
-        send(ev.Stats(engine.active, memory(), attrs.asdict(engine.stats), engine.chunk, prefix))
+    """Carry out one command from the daemon (``Shutdown`` aside)."""
+    match command:
+        case cmd.Embed(req_id, inputs):
+            submit = getattr(engine, "submit", None)
+            try:
+                if submit is None:
+                    raise ValueError("this model generates text; it does not embed")
+                submit(req_id, inputs)  # read a piece a step: ``Embedder.step``
+            except Exception as e:  # a bad request fails alone
+                send(ev.Failed([req_id], _describe(e)))
+        case protocol.Generate():
+            try:
+                hit = engine.add(command)
+            except Exception as e:  # a bad request fails alone
+                send(ev.Failed([command.id], _describe(e)))
+            else:
+                send(ev.Cached(command.id, hit.tokens, hit.source))
+        case cmd.Cancel(req_id):
+            engine.cancel(req_id)
+        case cmd.PrefixLimit(nbytes):
+            if engine.prefixes is not None:
+                engine.prefixes.set_limit(nbytes)
+        case cmd.AskStats():
+            prefix = None if engine.prefixes is None else engine.prefixes.summary()
+            counters = attrs.asdict(engine.stats)
+            send(ev.Stats(engine.active, memory(), counters, engine.chunk, prefix))
+        case _:
+            log.warning("a runner with a model ignores %r", command)
 
 
 def _persist(engine: Engine | Embedder, send: Callable[[ev.Event], None]) -> None:
@@ -360,7 +370,8 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     preload_blas()
-    return serve(args.model_dir, {"max_batch": args.max_batch}, out, started, args.spare)
+    load = cmd.Load(args.model_dir, args.max_batch) if args.model_dir else None
+    return serve(load, out, started, args.spare)
 
 
 if __name__ == "__main__":

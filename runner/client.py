@@ -26,6 +26,7 @@ import attrs
 import numpy as np
 import trio
 
+from runner import commands as cmd
 from runner import events as ev
 from runner import protocol
 from runner.errors import LoadFailed, RunnerGone
@@ -58,20 +59,19 @@ class RunnerSpec:
     cache_limit: int | None = None  # bytes of freed buffers MLX may keep (None: its default)
     kind: str = "chat"  # or "embed": the runner loads an embedding engine
 
-    def load_message(self) -> dict[str, Any]:
-        return {
-            "op": "load",
-            "model_dir": str(self.model_dir),
-            "max_batch": self.max_batch,
-            "prefill_chunk": self.prefill_chunk,
-            "prefix_cache": self.prefix_cache,
-            "prefix_dir": str(self.prefix_dir) if self.prefix_dir is not None else None,
-            "prefix_disk": self.prefix_disk,
-            "prefix_disk_writes": self.prefix_disk_writes,
-            "prompt": list(self.prompt),
-            "cache_limit": self.cache_limit,
-            "kind": self.kind,
-        }
+    def load(self) -> cmd.Load:
+        return cmd.Load(
+            str(self.model_dir),
+            self.max_batch,
+            self.prefill_chunk,
+            self.prefix_cache,
+            str(self.prefix_dir) if self.prefix_dir is not None else None,
+            self.prefix_disk,
+            self.prefix_disk_writes,
+            list(self.prompt),
+            self.cache_limit,
+            self.kind,
+        )
 
 
 class RunnerProcess:
@@ -103,7 +103,7 @@ class RunnerProcess:
         self._ids = itertools.count(1)
         # Each open request's channel and its stop tokens.
         self._streams: dict[int, tuple[trio.MemorySendChannel[Chunk], tuple[int, ...]]] = {}
-        self._outbox_send, self._outbox = trio.open_memory_channel[dict[str, Any]](math.inf)
+        self._outbox_send, self._outbox = trio.open_memory_channel[cmd.Command](math.inf)
         self._stats: list[trio.MemorySendChannel[ev.Stats]] = []
         self._pongs: list[trio.MemorySendChannel[None]] = []  # pings waiting, oldest first
         # Embed requests waiting for their answer: an "embeddings" or "error" event.
@@ -135,7 +135,7 @@ class RunnerProcess:
         assert proc.stdin is not None and proc.stdout is not None
         # The load command goes first; pings follow it while the model loads
         # (the runner answers them from the start: ``alive``).
-        self._outbox_send.send_nowait(self.spec.load_message())
+        self._outbox_send.send_nowait(self.spec.load())
         try:
             first: ev.Event | None = None
             async with aclosing(_events(proc.stdout)) as events, trio.open_nursery() as nursery:
@@ -180,7 +180,7 @@ class RunnerProcess:
 
     def stop(self) -> None:
         """Ask the runner to exit; it is killed if it has not within the grace period."""
-        self._send_nowait({"op": "shutdown"})
+        self._send_nowait(cmd.Shutdown())
         self._stop_requested.set()
 
     def kill(self, reason: str) -> None:
@@ -213,8 +213,8 @@ class RunnerProcess:
 
     async def _write(self, stdin: trio.abc.SendStream) -> None:
         try:
-            async for msg in self._outbox:
-                await stdin.send_all(protocol.encode(msg))
+            async for command in self._outbox:
+                await stdin.send_all(cmd.line(command))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the process is gone; run() notices through stdout
 
@@ -230,27 +230,26 @@ class RunnerProcess:
         req_id = next(self._ids)
         send, recv = trio.open_memory_channel[Chunk](math.inf)  # bounded by max_tokens
         self._streams[req_id] = (send, request.stop_ids)
-        message = attrs.evolve(request, id=req_id, more=more).to_message()
         try:
-            self._outbox_send.send_nowait(message)
+            self._outbox_send.send_nowait(attrs.evolve(request, id=req_id, more=more))
         except trio.ClosedResourceError:
             raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
         try:
             yield recv
         finally:
             if self._streams.pop(req_id, None) is not None:
-                self._send_nowait({"op": "cancel", "id": req_id})
+                self._send_nowait(cmd.Cancel(req_id))
 
     def limit_prefixes(self, nbytes: int) -> None:
         """Let the prefix cache hold at most ``nbytes`` from now on (0 drops it)."""
-        self._send_nowait({"op": "prefix_limit", "bytes": nbytes})
+        self._send_nowait(cmd.PrefixLimit(nbytes))
 
     async def alive(self) -> None:
         """Return once the runner answers a ping: its process runs, whatever
         it is computing (or loading). Raises ``RunnerGone`` once it is gone."""
         send, recv = trio.open_memory_channel[None](1)
         self._pongs.append(send)
-        self._send_nowait({"op": "ping"})
+        self._send_nowait(cmd.Ping())
         async with recv:
             try:
                 await recv.receive()
@@ -260,7 +259,7 @@ class RunnerProcess:
     async def stats(self) -> ev.Stats:
         send, recv = trio.open_memory_channel[ev.Stats](1)
         self._stats.append(send)
-        self._send_nowait({"op": "stats"})
+        self._send_nowait(cmd.AskStats())
         async with recv:
             try:
                 return await recv.receive()
@@ -275,7 +274,7 @@ class RunnerProcess:
         send, recv = trio.open_memory_channel[ev.Embeddings | ev.Failed](1)
         self._embeds[req_id] = send
         try:
-            self._outbox_send.send_nowait({"op": "embed", "id": req_id, "inputs": inputs})
+            self._outbox_send.send_nowait(cmd.Embed(req_id, inputs))
         except trio.ClosedResourceError:
             del self._embeds[req_id]
             raise RunnerGone(f"the runner for model {self.spec.model!r} has exited") from None
@@ -288,14 +287,14 @@ class RunnerProcess:
                 ) from None
             finally:
                 if self._embeds.pop(req_id, None) is not None:  # left before the answer:
-                    self._send_nowait({"op": "cancel", "id": req_id})  # the rest is dropped
+                    self._send_nowait(cmd.Cancel(req_id))  # the rest is dropped
         if isinstance(answer, ev.Failed):
             raise RunnerGone(f"embedding failed in the runner: {answer.message}")
         return answer.vectors()
 
-    def _send_nowait(self, msg: dict[str, Any]) -> None:
+    def _send_nowait(self, command: cmd.Command) -> None:
         try:
-            self._outbox_send.send_nowait(msg)
+            self._outbox_send.send_nowait(command)
         except trio.ClosedResourceError:
             pass
 

@@ -2,7 +2,9 @@
 
 One JSON object per line. The daemon writes commands to the runner's stdin;
 the runner writes events to its stdout (anything else it prints goes to
-stderr, which the daemon passes through to its own log).
+stderr, which the daemon passes through to its own log). Both sides handle
+them as typed values: the commands in ``runner/commands.py`` (and
+``Generate``, here), the events in ``runner/events.py``.
 
 Commands (daemon → runner)::
 

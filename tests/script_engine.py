@@ -29,6 +29,7 @@ from typing import Any
 
 import attrs
 
+from runner.commands import Load
 from runner.protocol import Generate
 from runner.steps import Hit, Output, Stats
 
@@ -120,7 +121,7 @@ class ScriptEngine:
         return out
 
 
-def load(model_dir: Path, options: dict[str, Any]) -> ScriptEngine | None:
+def load(model_dir: Path, how: Load) -> ScriptEngine | None:
     """The runner's engine hook: the engine for a scripted model directory;
     ``None`` for a real model (which the runner then loads itself)."""
     config = json.loads((model_dir / "config.json").read_text())
@@ -133,6 +134,4 @@ def load(model_dir: Path, options: dict[str, Any]) -> ScriptEngine | None:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    return ScriptEngine(
-        script, int(options.get("max_batch", 8)), float(config.get("step_s", 0)), replies, tokenizer
-    )
+    return ScriptEngine(script, how.max_batch, float(config.get("step_s", 0)), replies, tokenizer)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from api import record
 from api.record import Intake, Record
 from runner import __main__ as runner_main
+from runner.protocol import Generate, Sampling
 from scheduler.metrics import Metrics
 
 Burst = Callable[["Arrivals"], list[int]]
@@ -22,11 +22,11 @@ class Arrivals:
     before, on a clock of its own: ``get`` returns the next one if it arrives
     within the timeout."""
 
-    def __init__(self, *arrivals: tuple[float, dict[str, Any]]) -> None:
+    def __init__(self, *arrivals: tuple[float, Generate]) -> None:
         self.arrivals = list(arrivals)
         self.now = 0.0
 
-    def get(self, timeout: float | None = None) -> dict[str, Any]:
+    def get(self, timeout: float | None = None) -> Generate:
         if self.arrivals and (timeout is None or self.arrivals[0][0] <= timeout):
             gap, msg = self.arrivals.pop(0)
             self.now += gap
@@ -35,8 +35,8 @@ class Arrivals:
         raise queue.Empty
 
 
-def generate(n: int, more: bool) -> dict[str, Any]:
-    return {"op": "generate", "id": n, "more": more}
+def generate(n: int, more: bool) -> Generate:
+    return Generate([1], 4, Sampling(), id=n, more=more)
 
 
 @pytest.fixture
@@ -45,7 +45,8 @@ def burst(monkeypatch: pytest.MonkeyPatch) -> Callable[[Arrivals], list[int]]:
 
     def read(q: Arrivals) -> list[int]:
         monkeypatch.setattr(runner_main.time, "monotonic", lambda: q.now)
-        return [m["id"] for m in runner_main._burst(q, None)]  # type: ignore[arg-type]
+        got = runner_main._burst(q, None)  # type: ignore[arg-type]
+        return [m.id for m in got if isinstance(m, Generate)]
 
     return read
 

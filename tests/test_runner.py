@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from api.texts import Texts
+from runner import commands as cmd
 from runner import events as ev
 from runner import protocol
 from runner.client import RunnerProcess, RunnerSpec
@@ -165,3 +166,28 @@ def test_a_line_that_is_no_runner_event_is_refused() -> None:
         ev.read({"ev": "gossip"})
     with pytest.raises(ValueError, match="malformed 'cached'"):
         ev.read({"ev": "cached", "tokens": 3})
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        cmd.Load("/models/x", 4, 256, 1 << 20, "/cache/prefixes/ab", 1 << 30, 1 << 29, [1, 2]),
+        Generate([1, 2, 3], 16, Sampling(temperature=0.5, top_k=4), (2,), id=7, more=True),
+        cmd.Embed(8, [[101, 7592, 102]]),
+        cmd.Cancel(7),
+        cmd.PrefixLimit(0),
+        cmd.Ping(3),
+        cmd.AskStats(),
+        cmd.Shutdown(),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_every_runner_command_reads_back_as_it_was_written(command: cmd.Command) -> None:
+    assert cmd.read(protocol.decode(cmd.line(command))) == command
+
+
+def test_a_malformed_command_is_refused_with_its_kind() -> None:
+    with pytest.raises(ValueError, match="malformed 'generate'"):
+        cmd.read({"op": "generate", "id": 3})  # no prompt
+    with pytest.raises(ValueError, match="not a runner command"):
+        cmd.read({"op": "dance"})

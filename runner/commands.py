@@ -1,0 +1,115 @@
+"""What the daemon asks of a runner, as typed values.
+
+``runner/protocol.py`` describes the wire (one JSON object a line, its kind
+in ``op``) and holds ``Generate``, the request to generate, which the API
+builds. The daemon's client (``runner/client.py``) writes these with
+``line``; the runner (``runner/__main__.py``) reads each back with ``read``
+and matches on its type. Like the protocol, no MLX and no trio here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+
+from runner.protocol import Generate
+
+
+@attrs.frozen
+class Load:
+    """Load a model (the first command to a runner started without one: a
+    spare). ``prefix_cache``: bytes its prefix cache may hold at first;
+    ``prefix_dir`` and ``prefix_disk`` (bytes, all models'): its disk tier,
+    ``prefix_disk_writes`` bytes all write per hour; ``prompt``: the first
+    request's, whose cached prefix is read while the weights load;
+    ``cache_limit``: bytes of freed buffers MLX may keep; ``kind``: "chat", or
+    "embed" for an embedding model."""
+
+    model_dir: str
+    max_batch: int = 8
+    prefill_chunk: int | None = None
+    prefix_cache: int = 0
+    prefix_dir: str | None = None
+    prefix_disk: int = 0
+    prefix_disk_writes: int | None = None
+    prompt: list[int] = attrs.field(factory=list)
+    cache_limit: int | None = None
+    kind: str = "chat"
+
+
+@attrs.frozen
+class Embed:
+    """Embed each input (token ids, special tokens included)."""
+
+    id: int
+    inputs: list[list[int]]
+
+
+@attrs.frozen
+class Cancel:
+    """Drop a request (its client left); its cache is kept for reuse."""
+
+    id: int
+
+
+@attrs.frozen
+class PrefixLimit:
+    """The prefix cache may hold at most ``bytes`` from now on (0 drops it)."""
+
+    bytes: int
+
+
+@attrs.frozen
+class Ping:
+    """Answered at once with a ``Pong``, whatever the runner computes."""
+
+    id: int | None = None
+
+
+@attrs.frozen
+class AskStats:
+    """Answered between two steps with a ``Stats`` event."""
+
+
+@attrs.frozen
+class Shutdown:
+    """Finish nothing more, write the prefixes worth keeping to disk, exit."""
+
+
+Command = Load | Generate | Embed | Cancel | PrefixLimit | Ping | AskStats | Shutdown
+_NAMES: dict[type[Command], str] = {
+    Load: "load",
+    Generate: "generate",
+    Embed: "embed",
+    Cancel: "cancel",
+    PrefixLimit: "prefix_limit",
+    Ping: "ping",
+    AskStats: "stats",
+    Shutdown: "shutdown",
+}
+_KINDS = {name: kind for kind, name in _NAMES.items()}
+
+
+def line(command: Command) -> bytes:
+    """The command as a line of the wire."""
+    if isinstance(command, Generate):
+        fields = command.to_message()
+    else:
+        fields = {"op": _NAMES[type(command)], **attrs.asdict(command, recurse=False)}
+    return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+
+
+def read(msg: dict[str, Any]) -> Command:
+    """The command a decoded line holds; ``ValueError`` if it is none."""
+    kind = _KINDS.get(msg.get("op"))  # type: ignore[arg-type]
+    if kind is None:
+        raise ValueError(f"not a runner command: {str(msg)[:80]}")
+    try:
+        if kind is Generate:
+            return Generate.from_message(msg)
+        names = {a.name for a in attrs.fields(kind)}
+        return kind(**{k: v for k, v in msg.items() if k in names})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"a malformed {msg.get('op')!r} command: {e!r}") from None
