@@ -27,16 +27,16 @@ from api.openai import conversations
 from api.openai import routes as openai_routes
 from api.openai.seal import Sealer
 from api.openai.store import ResponseStore
+from api.pool import Pool
 from api.record import Intake, Record
 from api.stalls import Stalls
 from config.settings import Settings
-from scheduler.pool import Scheduler
 
 
 def create_app(
     settings: Settings,
     catalog: Catalog,
-    scheduler: Scheduler,
+    scheduler: Pool,
     recent_errors: Iterable[dict[str, Any]] = (),
     *,
     spares: Callable[[], dict[str, Any]],

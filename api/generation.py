@@ -23,6 +23,7 @@ from api.decoder import Decoder
 from api.delta import Delta
 from api.offload import INLINE_BYTES, off_loop
 from api.openai.custom_calls import call_grammar
+from api.pool import Pool
 from api.reader import Reader
 from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams, check_grammar
@@ -31,7 +32,6 @@ from api.tools import forced_call
 from runner.errors import RunnerError
 from runner.protocol import Chunk, Generate
 from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
-from scheduler.pool import Scheduler
 
 TOGETHER = 4  # the most chunks one delta carries
 
@@ -216,7 +216,7 @@ class Generation:
     *stream* ends, not when its handler returns.
     """
 
-    def __init__(self, scheduler: Scheduler, job: Prepared) -> None:
+    def __init__(self, scheduler: Pool, job: Prepared) -> None:
         self._scheduler = scheduler
         self._job = job
         self._held = AsyncExitStack()

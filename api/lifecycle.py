@@ -10,14 +10,14 @@ from quart import Blueprint, Response
 
 from api.catalog import Catalog
 from api.http import accounted, json_body, model_field
+from api.pool import Pool
 from api.schemas import keep_alive_field
 from scheduler.metrics import CONTENT_TYPE
-from scheduler.pool import Scheduler
 
 
 def blueprint(
     catalog: Catalog,
-    scheduler: Scheduler,
+    scheduler: Pool,
     spares: Callable[[], dict[str, Any]],
     recent_errors: Iterable[dict[str, Any]] = (),
 ) -> Blueprint:
@@ -45,9 +45,9 @@ def blueprint(
         bytes are ``spare_bytes``)."""
         pool = scheduler.status() | {"spare": spares()}
         for m in pool["models"]:
-            runner = scheduler.runner(m["model"])
-            ready = m["state"] == "ready" and runner is not None
-            m["runner"] = runner.last_stats if ready else None  # never waits on a busy runner
+            runner = scheduler.runner(m["model"]) if m["state"] == "ready" else None
+            # never waits on a busy runner: what it last said
+            m["runner"] = runner.last_stats if runner is not None else None
         return pool
 
     @bp.get("/api/errors")

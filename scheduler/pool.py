@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import trio
 
@@ -104,11 +104,17 @@ class _OnStarted:
         self._callback(value)
 
 
-class Scheduler:
+R = TypeVar("R", bound=Runner, covariant=True)  # the daemon's runner handle, or a test's
+
+
+class Scheduler(Generic[R]):
+    """The pool's owner: runs the policy, starts and stops the runners
+    ``make_runner`` gives, and lends them out (``lease``)."""
+
     def __init__(
         self,
         models: Sequence[ModelConfig],
-        make_runner: Callable[[p.StartRunner], Awaitable[Runner]],
+        make_runner: Callable[[p.StartRunner], Awaitable[R]],
         budget: int = 2**62,
         size_model: Callable[[str], Awaitable[Size]] | None = None,
         max_turn_s: float = 10.0,
@@ -172,7 +178,7 @@ class Scheduler:
         keep_alive_s: float | None = None,
         prompt: Sequence[int] = (),
         max_tokens: int = 0,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[R]:
         """Wait for a slot on ``model`` (loading it if needed) and for memory
         for the KV cache of ``prompt`` and ``max_tokens`` more, and hold them.
         ``keep_alive_s`` overrides the model's keep-alive from this request on;
@@ -192,7 +198,7 @@ class Scheduler:
         if ticket.error is not None:
             raise ticket.error
         try:
-            yield ticket.runner
+            yield cast("R", ticket.runner)
         finally:
             self._post(p.Released(ticket, trio.current_time()))
 
@@ -270,8 +276,9 @@ class Scheduler:
         """The KV cache bytes a request to ``model`` reserves."""
         return self._policy.models[model].kv_bytes(prompt_tokens + max_tokens)
 
-    def runner(self, model: str) -> Any:
-        return self._policy.models[model].runner
+    def runner(self, model: str) -> R | None:
+        """The model's runner, once it is loaded."""
+        return cast("R | None", self._policy.models[model].runner)
 
     # -- effects -------------------------------------------------------------
 

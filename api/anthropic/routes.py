@@ -12,13 +12,13 @@ from api.anthropic.messages import MessageShaper, chat_request
 from api.catalog import Catalog
 from api.generation import Generation, count_prompt, prepare
 from api.http import accounted, json_body, validated
+from api.pool import Pool
 from api.schemas import json_object
 from api.stalls import Stalls
 from api.stream import answer
-from scheduler.pool import Scheduler
 
 
-def blueprint(catalog: Catalog, scheduler: Scheduler, stalls: Stalls) -> Blueprint:
+def blueprint(catalog: Catalog, scheduler: Pool, stalls: Stalls) -> Blueprint:
     bp = Blueprint("anthropic", __name__)
 
     @bp.post("/v1/messages")

@@ -25,11 +25,11 @@ import trio
 
 from api.catalog import Catalog
 from api.encoder import Encoder
+from api.pool import Pool
 from api.record import Record
 from api.schemas import json_object, keep_alive_field
 from runner.errors import RunnerError
 from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
-from scheduler.pool import Scheduler
 
 MAX_INPUTS = 2048  # OpenAI's limit
 FORMATS = ("float", "base64")
@@ -93,7 +93,7 @@ def _is_id(value: Any) -> bool:
 
 
 async def embed(
-    catalog: Catalog, scheduler: Scheduler, req: EmbeddingRequest, record: Record
+    catalog: Catalog, scheduler: Pool, req: EmbeddingRequest, record: Record
 ) -> dict[str, Any]:
     """The response body for ``req``, in OpenAI's shape."""
     name = catalog.get(req.model).name

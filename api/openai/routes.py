@@ -19,15 +19,15 @@ from api.openai.responses import ResponseShaper, chat_request
 from api.openai.seal import Sealer
 from api.openai.store import ResponseStore
 from api.openai.turns import Turn
+from api.pool import Pool
 from api.schemas import ChatRequest, CompletionRequest, json_object
 from api.stalls import Stalls
 from api.stream import answer
 from scheduler.errors import ModelLoadFailed
-from scheduler.pool import Scheduler
 
 
 def blueprint(
-    catalog: Catalog, scheduler: Scheduler, stalls: Stalls, store: ResponseStore, sealer: Sealer
+    catalog: Catalog, scheduler: Pool, stalls: Stalls, store: ResponseStore, sealer: Sealer
 ) -> Blueprint:
     bp = Blueprint("openai", __name__)
 
