@@ -28,8 +28,8 @@ from runner.errors import SourceError
 from runner.spares import Spares
 from scheduler import memory
 from scheduler.errors import ModelLoadFailed
+from scheduler.events import StartRunner
 from scheduler.kinds import kind_of
-from scheduler.policy import StartRunner
 
 log = logging.getLogger("mlxd.launcher")
 

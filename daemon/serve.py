@@ -37,8 +37,8 @@ from daemon.launcher import Launcher
 from daemon.recent import RecentErrors
 from runner.client import RunnerProcess
 from scheduler.errors import MlxdError
+from scheduler.events import StartRunner
 from scheduler.memory import Size, resolve_budget
-from scheduler.policy import StartRunner
 from scheduler.pool import Scheduler
 
 log = logging.getLogger("mlxd")

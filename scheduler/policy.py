@@ -3,7 +3,8 @@
 ``Policy.handle(event)`` never blocks, sleeps or does I/O, and takes the time
 from the event, so every decision is tested by calling it directly. One task
 (``scheduler/pool.py``) owns the policy, carries out its effects and wakes it
-at ``next_deadline()``; nothing else touches its state.
+at ``next_deadline()``; nothing else touches its state. The events and
+effects themselves are plain values in ``scheduler/events.py``.
 
 Each model is charged bytes against one budget: its estimated cost (weights
 and working memory) while it loads; once ready, that plus the KV cache its
@@ -89,7 +90,6 @@ Then, at every event (``Tick`` only does this):
 from __future__ import annotations
 
 import enum
-import itertools
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -108,201 +108,35 @@ from scheduler.errors import (
     RequestTooLarge,
     ShuttingDown,
 )
+from scheduler.events import (
+    FOREVER,
+    Effect,
+    Event,
+    Grant,
+    Loaded,
+    LoadFailed,
+    Measured,
+    ModelSpec,
+    PrefixLimit,
+    Reconfigure,
+    Reject,
+    Released,
+    RunnerExited,
+    Shutdown,
+    Sized,
+    SpareHeld,
+    StartRunner,
+    StopRunner,
+    Submitted,
+    Ticket,
+    Unload,
+    Withdrawn,
+)
 
-FOREVER = math.inf
 KV_STEP = 256  # tokens: mlx-lm's KV caches grow in steps of this many
 LOAD_BACKOFF_S = 5.0  # after a failed load, doubling with each failure in a row
 LOAD_BACKOFF_MAX_S = 300.0
 RETRY_AFTER_MAX_S = 600
-_ticket_ids = itertools.count(1)
-
-
-@attrs.frozen
-class ModelSpec:
-    """What the policy knows of a configured model."""
-
-    cost: int = 0  # estimated bytes of weights and working memory; ``Sized`` may update it
-    kv_per_token: int = 0  # KV cache bytes per token of a sequence; ``Sized`` too
-    max_concurrency: int = 8
-    queue_limit: int = 64
-    queue_timeout_s: float = 600.0
-    keep_alive_s: float = 300.0
-    pinned: bool = False
-    prefix_cache: int = 0  # bytes its prefix cache may take, when the budget allows
-
-
-@attrs.define(eq=False)
-class Ticket:
-    """One request's claim on a model. Compared by identity."""
-
-    model: str
-    keep_alive_s: float | None = None  # overrides the model's, from this request on
-    prompt: tuple[int, ...] = ()  # its tokens: a load it causes reads their cached prefix
-    max_tokens: int = 0  # with the prompt, the tokens its KV reservation holds
-    id: int = attrs.field(factory=lambda: next(_ticket_ids))
-    since: float = 0.0
-    deadline: float = FOREVER
-    granted: float | None = None
-
-
-# -- events (each carries the time it happened) ------------------------------
-
-
-@attrs.frozen
-class Submitted:
-    ticket: Ticket
-    now: float = 0.0
-
-
-@attrs.frozen
-class Withdrawn:
-    ticket: Ticket
-    now: float = 0.0
-
-
-@attrs.frozen
-class Released:
-    ticket: Ticket
-    now: float = 0.0
-
-
-@attrs.frozen
-class Loaded:
-    model: str
-    runner: Any
-    now: float = 0.0
-    prefixes: int = 0  # the bytes of cached prefixes its runner read ahead
-
-
-@attrs.frozen
-class LoadFailed:
-    model: str
-    error: MlxdError
-    now: float = 0.0
-
-
-@attrs.frozen
-class RunnerExited:
-    model: str
-    now: float = 0.0
-
-
-@attrs.frozen
-class Sized:
-    model: str
-    cost: int  # weights and working memory
-    kv_per_token: int = 0  # KV cache bytes per token of a sequence
-    now: float = 0.0
-
-
-@attrs.frozen
-class Measured:
-    model: str
-    bytes: int  # all the runner holds
-    prefixes: int = 0  # of which its cached prefixes
-    now: float = 0.0
-
-
-@attrs.frozen
-class SpareHeld:
-    """The spare runner (a process started ahead of the next load) holds
-    ``held`` bytes; None while one starts (it will hold what the last one
-    did), 0 when there is none. What a spare holds is what every runner
-    process holds before its model (on a CUDA host, its CUDA context), so
-    each model is charged that much too."""
-
-    held: int | None
-    now: float = 0.0
-
-
-@attrs.frozen
-class Unload:
-    model: str
-    now: float = 0.0
-
-
-@attrs.frozen
-class Reconfigure:
-    """A new config: models not in ``specs`` are unloaded once their requests
-    are done and then forgotten; ``changed`` ones are unloaded when idle, to
-    load again with their new settings; new ones are added."""
-
-    specs: Mapping[str, ModelSpec]
-    changed: frozenset[str] = frozenset()
-    now: float = 0.0
-
-
-@attrs.frozen
-class Tick:
-    now: float = 0.0
-
-
-@attrs.frozen
-class Shutdown:
-    now: float = 0.0
-
-
-Event = (
-    Submitted
-    | Withdrawn
-    | Released
-    | Loaded
-    | LoadFailed
-    | RunnerExited
-    | Sized
-    | Reconfigure
-    | Measured
-    | SpareHeld
-    | Unload
-    | Tick
-    | Shutdown
-)
-
-# -- effects -----------------------------------------------------------------
-
-
-@attrs.frozen
-class Grant:
-    ticket: Ticket
-    runner: Any
-
-
-@attrs.frozen
-class Reject:
-    ticket: Ticket
-    error: MlxdError
-
-
-@attrs.frozen
-class StartRunner:
-    """Load ``model`` with a prefix cache of ``prefixes`` bytes, into which it
-    may read the cached prefix of ``prompt`` (the first waiting request's)
-    while its weights load."""
-
-    model: str
-    prefixes: int = 0
-    prompt: tuple[int, ...] = ()
-
-
-@attrs.frozen
-class StopRunner:
-    model: str
-    runner: Any
-    reason: str  # idle (keep-alive 0), expired, memory, manual, shutdown
-
-
-@attrs.frozen
-class PrefixLimit:
-    """The bytes the model's prefix cache may hold from now on; ``dropped``
-    when cached prefixes are given up for another model's load."""
-
-    model: str
-    runner: Any
-    bytes: int
-    dropped: bool = False
-
-
-Effect = Grant | Reject | StartRunner | StopRunner | PrefixLimit
 
 
 class State(enum.Enum):

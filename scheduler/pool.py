@@ -23,6 +23,7 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 import trio
 
 from config.settings import ModelConfig
+from scheduler import events as pe
 from scheduler import policy as p
 from scheduler.errors import MlxdError, ModelLoadFailed, ShuttingDown
 from scheduler.memory import Size
@@ -82,7 +83,7 @@ def measured_bytes(memory: dict[str, int]) -> int:
     return max(mlx, int(memory.get("device", 0)))
 
 
-class _LeaseTicket(p.Ticket):
+class _LeaseTicket(pe.Ticket):
     def __init__(
         self, model: str, keep_alive_s: float | None, prompt: tuple[int, ...], max_tokens: int
     ) -> None:
@@ -114,7 +115,7 @@ class Scheduler(Generic[R]):
     def __init__(
         self,
         models: Sequence[ModelConfig],
-        make_runner: Callable[[p.StartRunner], Awaitable[R]],
+        make_runner: Callable[[pe.StartRunner], Awaitable[R]],
         budget: int = 2**62,
         size_model: Callable[[str], Awaitable[Size]] | None = None,
         max_turn_s: float = 10.0,
@@ -137,7 +138,7 @@ class Scheduler(Generic[R]):
         # Runners pinged that have yet to answer: model, since when.
         self._pinged: dict[Runner, tuple[str, float]] = {}
         self._loading: dict[str, Runner] = {}  # runners loading their model, watched too
-        self._send, self._events = trio.open_memory_channel[p.Event](math.inf)
+        self._send, self._events = trio.open_memory_channel[pe.Event](math.inf)
         self._nursery: trio.Nursery | None = None
         self.metrics = metrics or Metrics()
         self.metrics.add_models(specs)
@@ -153,7 +154,7 @@ class Scheduler(Generic[R]):
                 nursery.start_soon(self._load_at_start, name)
             task_status.started()
             while not self._policy.finished:
-                event: p.Event = p.Tick(trio.current_time())
+                event: pe.Event = pe.Tick(trio.current_time())
                 with trio.move_on_at(self._policy.next_deadline()):
                     event = await self._events.receive()
                 for effect in self._policy.handle(event):
@@ -162,9 +163,9 @@ class Scheduler(Generic[R]):
 
     def shutdown(self) -> None:
         """Reject waiting requests and stop every runner; ``run`` then returns."""
-        self._post(p.Shutdown(trio.current_time()))
+        self._post(pe.Shutdown(trio.current_time()))
 
-    def _post(self, event: p.Event) -> bool:
+    def _post(self, event: pe.Event) -> bool:
         try:
             self._send.send_nowait(event)
             return True
@@ -186,21 +187,21 @@ class Scheduler(Generic[R]):
         known = self._policy.models.get(model)  # (the policy answers for an unknown one)
         if self._size_model is not None and known is not None and known.state is p.State.ABSENT:
             size = await self._size_model(model)
-            self._post(p.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
+            self._post(pe.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
         ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens)
-        if not self._post(p.Submitted(ticket, trio.current_time())):
+        if not self._post(pe.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:
             await ticket.done.wait()
         except BaseException:
-            self._post(p.Withdrawn(ticket, trio.current_time()))
+            self._post(pe.Withdrawn(ticket, trio.current_time()))
             raise
         if ticket.error is not None:
             raise ticket.error
         try:
             yield cast("R", ticket.runner)
         finally:
-            self._post(p.Released(ticket, trio.current_time()))
+            self._post(pe.Released(ticket, trio.current_time()))
 
     async def load(self, model: str, keep_alive_s: float | None = None) -> None:
         """Make ``model`` resident (waiting its turn like any request)."""
@@ -210,11 +211,11 @@ class Scheduler(Generic[R]):
     def reconfigure(self, models: Sequence[ModelConfig], changed: set[str]) -> None:
         """Serve ``models`` from now on (see ``policy.Reconfigure``)."""
         self.metrics.add_models(m.name for m in models)
-        self._post(p.Reconfigure(_specs(models), frozenset(changed), trio.current_time()))
+        self._post(pe.Reconfigure(_specs(models), frozenset(changed), trio.current_time()))
 
     def unload(self, model: str) -> None:
         """Unload ``model`` once its running and queued requests are done."""
-        self._post(p.Unload(model, trio.current_time()))
+        self._post(pe.Unload(model, trio.current_time()))
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the pool, for the lifecycle API. Times are Unix time."""
@@ -266,7 +267,7 @@ class Scheduler(Generic[R]):
     def spare_held(self, held: int | None) -> None:
         """The spare runner holds ``held`` bytes (None: one is starting; 0:
         there is none). See ``policy.SpareHeld``."""
-        self._post(p.SpareHeld(held, trio.current_time()))
+        self._post(pe.SpareHeld(held, trio.current_time()))
 
     def spare_fits(self) -> bool:
         """Whether a spare runner may start now (memory allowing)."""
@@ -282,32 +283,32 @@ class Scheduler(Generic[R]):
 
     # -- effects -------------------------------------------------------------
 
-    def _apply(self, effect: p.Effect) -> None:
+    def _apply(self, effect: pe.Effect) -> None:
         match effect:
-            case p.Grant(ticket, runner):
+            case pe.Grant(ticket, runner):
                 assert isinstance(ticket, _LeaseTicket)
                 ticket.runner = runner
                 ticket.done.set()
-            case p.Reject(ticket, error):
+            case pe.Reject(ticket, error):
                 assert isinstance(ticket, _LeaseTicket)
                 ticket.error = error
                 ticket.done.set()
-            case p.StartRunner():
+            case pe.StartRunner():
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_runner, effect)
-            case p.PrefixLimit(model, runner, nbytes, dropped):
+            case pe.PrefixLimit(model, runner, nbytes, dropped):
                 if dropped:
                     log.info("drop prefix cache model=%s reason=memory", model)
                     self.metrics.prefix_drops.labels(model).inc()
                 runner.limit_prefixes(nbytes)
-            case p.StopRunner(model, runner, reason):
+            case pe.StopRunner(model, runner, reason):
                 log.info("unload model=%s reason=%s", model, reason)
                 if reason != "shutdown":
                     self.metrics.evictions.labels(model, reason).inc()
                 self._stopping.add(model)
                 runner.stop()
 
-    async def _run_runner(self, start: p.StartRunner) -> None:
+    async def _run_runner(self, start: pe.StartRunner) -> None:
         model, started = start.model, trio.current_time()
 
         def loaded(runner: Runner) -> None:
@@ -322,11 +323,11 @@ class Scheduler(Generic[R]):
             self.metrics.loads.labels(model).inc()
             self.metrics.load_duration.labels(model).observe(took)
             now, prefixes = trio.current_time(), runner.prefix_bytes  # read ahead
-            self._post(p.Loaded(model, runner, now, prefixes))
-            self._post(p.Measured(model, measured_bytes(runner.memory), prefixes, now))
+            self._post(pe.Loaded(model, runner, now, prefixes))
+            self._post(pe.Measured(model, measured_bytes(runner.memory), prefixes, now))
 
         def saving(memory: dict[str, int]) -> None:
-            self._post(p.Measured(model, measured_bytes(memory), 0, trio.current_time()))
+            self._post(pe.Measured(model, measured_bytes(memory), 0, trio.current_time()))
 
         status = _OnStarted(loaded)
         try:
@@ -346,13 +347,13 @@ class Scheduler(Generic[R]):
                 error = ModelLoadFailed(reason)
                 log.error("%s", error.message)
                 self.metrics.load_failures.labels(model).inc()
-                self._post(p.LoadFailed(model, error, trio.current_time()))
+                self._post(pe.LoadFailed(model, error, trio.current_time()))
                 return
         if model not in self._stopping:
             log.error("the runner for %s exited unasked", model)
             self.metrics.runner_crashes.labels(model).inc()
         self._stopping.discard(model)
-        self._post(p.RunnerExited(model, trio.current_time()))
+        self._post(pe.RunnerExited(model, trio.current_time()))
 
     async def _measure(self) -> None:
         """Keep each resident model's measured bytes (and its runner's last
@@ -385,7 +386,7 @@ class Scheduler(Generic[R]):
             finally:
                 measuring.discard(runner)
             measured = measured_bytes(stats.memory)
-            self._post(p.Measured(name, measured, stats.prefix_bytes, trio.current_time()))
+            self._post(pe.Measured(name, measured, stats.prefix_bytes, trio.current_time()))
 
         def watch(name: str, runner: Runner, now: float) -> None:
             if runner not in pinged:
@@ -431,9 +432,9 @@ class Scheduler(Generic[R]):
             log.error("preloading %s failed: %s", model, e.message)
 
 
-def _specs(models: Sequence[ModelConfig]) -> dict[str, p.ModelSpec]:
+def _specs(models: Sequence[ModelConfig]) -> dict[str, pe.ModelSpec]:
     return {
-        m.name: p.ModelSpec(
+        m.name: pe.ModelSpec(
             max_concurrency=m.max_concurrency,
             queue_limit=m.queue_limit,
             queue_timeout_s=m.queue_timeout_s,

@@ -3,6 +3,7 @@
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from scheduler import events as pe
 from scheduler import policy as p
 from scheduler.errors import (
     ModelLoadFailed,
@@ -19,38 +20,38 @@ RUNNER = object()
 GB = 10**9
 
 
-def policy(budget: int = 100 * GB, max_turn_s: float = 10.0, **specs: p.ModelSpec) -> p.Policy:
+def policy(budget: int = 100 * GB, max_turn_s: float = 10.0, **specs: pe.ModelSpec) -> p.Policy:
     return p.Policy(specs, budget, max_turn_s)
 
 
-def spec(cost: int = 10 * GB, **kw: float | int | bool) -> p.ModelSpec:
-    return p.ModelSpec(cost=cost, **kw)  # type: ignore[arg-type]
+def spec(cost: int = 10 * GB, **kw: float | int | bool) -> pe.ModelSpec:
+    return pe.ModelSpec(cost=cost, **kw)  # type: ignore[arg-type]
 
 
-def tickets(model: str, n: int) -> list[p.Ticket]:
-    return [p.Ticket(model) for _ in range(n)]
+def tickets(model: str, n: int) -> list[pe.Ticket]:
+    return [pe.Ticket(model) for _ in range(n)]
 
 
-def submit_all(pol: p.Policy, ts: list[p.Ticket], now: float = 0.0) -> list[p.Effect]:
-    return [e for t in ts for e in pol.handle(p.Submitted(t, now))]
+def submit_all(pol: p.Policy, ts: list[pe.Ticket], now: float = 0.0) -> list[pe.Effect]:
+    return [e for t in ts for e in pol.handle(pe.Submitted(t, now))]
 
 
 def serve_once(pol: p.Policy, model: str, now: float) -> None:
     """Load ``model`` (it must fit), run one request on it and finish it."""
     (t,) = tickets(model, 1)
-    assert pol.handle(p.Submitted(t, now)) == [p.StartRunner(model)]
-    assert pol.handle(p.Loaded(model, RUNNER, now)) == [p.Grant(t, RUNNER)]
-    pol.handle(p.Released(t, now))
+    assert pol.handle(pe.Submitted(t, now)) == [pe.StartRunner(model)]
+    assert pol.handle(pe.Loaded(model, RUNNER, now)) == [pe.Grant(t, RUNNER)]
+    pol.handle(pe.Released(t, now))
 
 
-def rejected(effects: list[p.Effect]) -> list[p.Reject]:
-    return [e for e in effects if isinstance(e, p.Reject)]
+def rejected(effects: list[pe.Effect]) -> list[pe.Reject]:
+    return [e for e in effects if isinstance(e, pe.Reject)]
 
 
-def one_reject(effects: list[p.Effect]) -> p.Reject:
+def one_reject(effects: list[pe.Effect]) -> pe.Reject:
     """The one effect, a ``Reject``."""
     (effect,) = effects
-    assert isinstance(effect, p.Reject), effect
+    assert isinstance(effect, pe.Reject), effect
     return effect
 
 
@@ -59,50 +60,50 @@ def one_reject(effects: list[p.Effect]) -> p.Reject:
 
 def test_ten_first_requests_start_one_load() -> None:
     pol = policy(a=spec(max_concurrency=4))
-    assert submit_all(pol, tickets("a", 10)) == [p.StartRunner("a")]
+    assert submit_all(pol, tickets("a", 10)) == [pe.StartRunner("a")]
 
 
 def test_grants_up_to_max_concurrency_then_one_per_release() -> None:
     pol = policy(a=spec(max_concurrency=2))
     ts = tickets("a", 3)
     submit_all(pol, ts)
-    assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(ts[0], RUNNER), p.Grant(ts[1], RUNNER)]
-    assert pol.handle(p.Released(ts[0])) == [p.Grant(ts[2], RUNNER)]
-    assert pol.handle(p.Released(ts[1])) == []
+    assert pol.handle(pe.Loaded("a", RUNNER)) == [pe.Grant(ts[0], RUNNER), pe.Grant(ts[1], RUNNER)]
+    assert pol.handle(pe.Released(ts[0])) == [pe.Grant(ts[2], RUNNER)]
+    assert pol.handle(pe.Released(ts[1])) == []
 
 
 def test_resident_model_grants_at_once() -> None:
     pol = policy(a=spec())
     serve_once(pol, "a", 0)
     (u,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(u, 1)) == [p.Grant(u, RUNNER)]
+    assert pol.handle(pe.Submitted(u, 1)) == [pe.Grant(u, RUNNER)]
 
 
 def test_withdrawn_ticket_leaves_queue_and_is_never_granted() -> None:
     pol = policy(a=spec(max_concurrency=1))
     ts = tickets("a", 3)
     submit_all(pol, ts)
-    pol.handle(p.Withdrawn(ts[1]))
-    pol.handle(p.Loaded("a", RUNNER))
-    assert pol.handle(p.Released(ts[0])) == [p.Grant(ts[2], RUNNER)]
+    pol.handle(pe.Withdrawn(ts[1]))
+    pol.handle(pe.Loaded("a", RUNNER))
+    assert pol.handle(pe.Released(ts[0])) == [pe.Grant(ts[2], RUNNER)]
 
 
 def test_withdrawn_before_load_never_causes_one() -> None:
     pol = policy(b=spec(cost=80 * GB), a=spec(cost=80 * GB))
     serve_once(pol, "b", 0)
     (t,) = tickets("a", 1)
-    effects = pol.handle(p.Submitted(t, 1))  # b is idle: evicted to make room
-    assert effects == [p.StopRunner("b", RUNNER, "memory")]
-    pol.handle(p.Withdrawn(t, 2))  # the client hangs up while b stops
-    assert pol.handle(p.RunnerExited("b", 3)) == []  # nothing loads for nobody
+    effects = pol.handle(pe.Submitted(t, 1))  # b is idle: evicted to make room
+    assert effects == [pe.StopRunner("b", RUNNER, "memory")]
+    pol.handle(pe.Withdrawn(t, 2))  # the client hangs up while b stops
+    assert pol.handle(pe.RunnerExited("b", 3)) == []  # nothing loads for nobody
 
 
 def test_withdrawn_after_grant_frees_the_slot() -> None:
     pol = policy(a=spec(max_concurrency=1))
     ts = tickets("a", 2)
     submit_all(pol, ts)
-    pol.handle(p.Loaded("a", RUNNER))
-    assert pol.handle(p.Withdrawn(ts[0])) == [p.Grant(ts[1], RUNNER)]
+    pol.handle(pe.Loaded("a", RUNNER))
+    assert pol.handle(pe.Withdrawn(ts[0])) == [pe.Grant(ts[1], RUNNER)]
 
 
 def test_a_failed_load_rejects_its_waiters_and_is_not_retried_for_a_growing_while() -> None:
@@ -110,39 +111,39 @@ def test_a_failed_load_rejects_its_waiters_and_is_not_retried_for_a_growing_whil
     ts = tickets("a", 2)
     submit_all(pol, ts)
     err = ModelLoadFailed("broken weights")
-    assert pol.handle(p.LoadFailed("a", err)) == [p.Reject(ts[0], err), p.Reject(ts[1], err)]
+    assert pol.handle(pe.LoadFailed("a", err)) == [pe.Reject(ts[0], err), pe.Reject(ts[1], err)]
     assert pol.used == 0
     (t,) = tickets("a", 1)
-    reject = one_reject(pol.handle(p.Submitted(t, 3)))  # at once, without a load
+    reject = one_reject(pol.handle(pe.Submitted(t, 3)))  # at once, without a load
     assert isinstance(reject.error, ModelLoadFailed)
     assert "broken weights" in reject.error.message and "again in 2 s" in reject.error.message
     (t,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(t, 5)) == [p.StartRunner("a")]  # 5 s on: tried again
-    pol.handle(p.LoadFailed("a", err, 6))
+    assert pol.handle(pe.Submitted(t, 5)) == [pe.StartRunner("a")]  # 5 s on: tried again
+    pol.handle(pe.LoadFailed("a", err, 6))
     (t,) = tickets("a", 1)
-    assert rejected(pol.handle(p.Submitted(t, 15)))  # 10 s after a second failure
+    assert rejected(pol.handle(pe.Submitted(t, 15)))  # 10 s after a second failure
     (t,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(t, 16)) == [p.StartRunner("a")]
-    pol.handle(p.Loaded("a", RUNNER, 17))
-    pol.handle(p.Released(t, 18))
-    pol.handle(p.Tick(10_000))  # expired
-    pol.handle(p.RunnerExited("a", 10_000))
+    assert pol.handle(pe.Submitted(t, 16)) == [pe.StartRunner("a")]
+    pol.handle(pe.Loaded("a", RUNNER, 17))
+    pol.handle(pe.Released(t, 18))
+    pol.handle(pe.Tick(10_000))  # expired
+    pol.handle(pe.RunnerExited("a", 10_000))
     (t,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(t, 10_001)) == [p.StartRunner("a")]
-    pol.handle(p.LoadFailed("a", err, 10_002))  # a first failure again: the success reset them
+    assert pol.handle(pe.Submitted(t, 10_001)) == [pe.StartRunner("a")]
+    pol.handle(pe.LoadFailed("a", err, 10_002))  # a first failure again: the success reset them
     (t,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(t, 10_008)) == [p.StartRunner("a")]
+    assert pol.handle(pe.Submitted(t, 10_008)) == [pe.StartRunner("a")]
 
 
 def test_retry_after_estimates_the_wait_from_the_queue() -> None:
     pol = policy(a=spec(max_concurrency=2, queue_limit=4))
     first = tickets("a", 2)
     submit_all(pol, first)
-    pol.handle(p.Loaded("a", RUNNER, 0))
+    pol.handle(pe.Loaded("a", RUNNER, 0))
     for t in first:
-        pol.handle(p.Released(t, 30))  # requests hold a slot 30 s
+        pol.handle(pe.Released(t, 30))  # requests hold a slot 30 s
     submit_all(pol, tickets("a", 6), now=31)  # 2 running, 4 waiting: full
-    reject = one_reject(pol.handle(p.Submitted(p.Ticket("a"), 32)))
+    reject = one_reject(pol.handle(pe.Submitted(pe.Ticket("a"), 32)))
     assert isinstance(reject.error, QueueFull)
     assert reject.error.retry_after_s == 75  # 5 ahead, two at a time, 30 s each
 
@@ -151,12 +152,12 @@ def test_runner_exit_frees_its_bytes_and_reloads_only_if_requests_wait() -> None
     pol = policy(a=spec(max_concurrency=1))
     ts = tickets("a", 2)
     submit_all(pol, ts)
-    pol.handle(p.Loaded("a", RUNNER))
-    assert pol.handle(p.RunnerExited("a")) == [p.StartRunner("a")]  # ts[1] still waits
+    pol.handle(pe.Loaded("a", RUNNER))
+    assert pol.handle(pe.RunnerExited("a")) == [pe.StartRunner("a")]  # ts[1] still waits
     quiet = policy(a=spec())
     serve_once(quiet, "a", 0)
     assert quiet.used == 10 * GB
-    assert quiet.handle(p.RunnerExited("a", 1)) == []
+    assert quiet.handle(pe.RunnerExited("a", 1)) == []
     assert quiet.models["a"].state is p.State.ABSENT
     assert quiet.used == 0
 
@@ -168,24 +169,24 @@ def test_one_more_than_running_plus_queue_limit_is_refused() -> None:
     pol = policy(a=spec(max_concurrency=1, queue_limit=2))
     ts = tickets("a", 3)
     submit_all(pol, ts)
-    pol.handle(p.Loaded("a", RUNNER))  # one runs, two wait
+    pol.handle(pe.Loaded("a", RUNNER))  # one runs, two wait
     (extra,) = tickets("a", 1)
-    (reject,) = rejected(pol.handle(p.Submitted(extra)))
+    (reject,) = rejected(pol.handle(pe.Submitted(extra)))
     assert isinstance(reject.error, QueueFull)
     assert "1 requests running and 2 waiting" in reject.error.message
-    pol.handle(p.Released(ts[0]))  # room again
+    pol.handle(pe.Released(ts[0]))  # room again
     (late,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(late)) == []
+    assert pol.handle(pe.Submitted(late)) == []
 
 
 def test_a_request_that_waits_past_its_queue_timeout_is_rejected() -> None:
     pol = policy(a=spec(max_concurrency=1, queue_timeout_s=5))
     ts = tickets("a", 2)
     submit_all(pol, ts, now=0)
-    pol.handle(p.Loaded("a", RUNNER, 1))
+    pol.handle(pe.Loaded("a", RUNNER, 1))
     assert pol.next_deadline() == 5
-    assert pol.handle(p.Tick(4.9)) == []
-    reject = one_reject(pol.handle(p.Tick(5)))
+    assert pol.handle(pe.Tick(4.9)) == []
+    reject = one_reject(pol.handle(pe.Tick(5)))
     assert reject.ticket is ts[1] and isinstance(reject.error, QueueTimeout)
     assert "queue timeout 5 s" in reject.error.message
 
@@ -196,7 +197,7 @@ def test_a_request_that_waits_past_its_queue_timeout_is_rejected() -> None:
 def test_a_model_that_cannot_fit_alone_is_refused_naming_the_bytes() -> None:
     pol = policy(budget=100 * GB, big=spec(cost=150 * GB))
     (t,) = tickets("big", 1)
-    reject = one_reject(pol.handle(p.Submitted(t)))
+    reject = one_reject(pol.handle(pe.Submitted(t)))
     assert isinstance(reject.error, ModelTooLarge)
     assert str(150 * GB) in reject.error.message and str(100 * GB) in reject.error.message
     assert pol.used == 0
@@ -206,7 +207,7 @@ def test_pinned_models_count_against_what_another_model_can_ever_have() -> None:
     pol = policy(budget=100 * GB, pin=spec(cost=40 * GB, pinned=True), b=spec(cost=70 * GB))
     serve_once(pol, "pin", 0)
     (t,) = tickets("b", 1)
-    reject = one_reject(pol.handle(p.Submitted(t, 1)))
+    reject = one_reject(pol.handle(pe.Submitted(t, 1)))
     assert isinstance(reject.error, ModelTooLarge)
     assert "pinned" in reject.error.message
 
@@ -216,9 +217,9 @@ def test_a_load_evicts_the_least_recently_used_idle_model_and_waits_for_its_exit
     serve_once(pol, "a", 1)
     serve_once(pol, "b", 2)
     (t,) = tickets("c", 1)
-    assert pol.handle(p.Submitted(t, 3)) == [p.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(pe.Submitted(t, 3)) == [pe.StopRunner("a", RUNNER, "memory")]
     assert pol.used == 80 * GB  # a's bytes stay charged until its process is gone
-    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("c")]
+    assert pol.handle(pe.RunnerExited("a", 4)) == [pe.StartRunner("c")]
     assert pol.used == 80 * GB <= pol.budget
 
 
@@ -232,7 +233,7 @@ def test_ties_in_last_use_evict_the_shorter_keep_alive_first() -> None:
     serve_once(pol, "long", 1)
     serve_once(pol, "short", 1)
     (t,) = tickets("c", 1)
-    assert pol.handle(p.Submitted(t, 2)) == [p.StopRunner("short", RUNNER, "memory")]
+    assert pol.handle(pe.Submitted(t, 2)) == [pe.StopRunner("short", RUNNER, "memory")]
 
 
 def test_pinned_and_busy_models_are_never_evicted_and_a_swap_waits_for_requests() -> None:
@@ -244,67 +245,67 @@ def test_pinned_and_busy_models_are_never_evicted_and_a_swap_waits_for_requests(
     )
     serve_once(pol, "pin", 0)
     (busy,) = tickets("a", 1)
-    pol.handle(p.Submitted(busy, 1))
-    pol.handle(p.Loaded("a", RUNNER, 1))  # a is running a request
+    pol.handle(pe.Submitted(busy, 1))
+    pol.handle(pe.Loaded("a", RUNNER, 1))  # a is running a request
     (t,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(t, 2)) == []  # nothing can go: b waits
-    assert pol.handle(p.Released(busy, 3)) == [p.StopRunner("a", RUNNER, "memory")]
-    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("b")]
+    assert pol.handle(pe.Submitted(t, 2)) == []  # nothing can go: b waits
+    assert pol.handle(pe.Released(busy, 3)) == [pe.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(pe.RunnerExited("a", 4)) == [pe.StartRunner("b")]
 
 
 def test_requests_to_a_resident_model_are_served_while_another_loads() -> None:
     pol = policy(a=spec(), b=spec())
     serve_once(pol, "a", 0)
     (b,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(b, 1)) == [p.StartRunner("b")]
+    assert pol.handle(pe.Submitted(b, 1)) == [pe.StartRunner("b")]
     (a,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(a, 2)) == [p.Grant(a, RUNNER)]  # b is still loading
+    assert pol.handle(pe.Submitted(a, 2)) == [pe.Grant(a, RUNNER)]  # b is still loading
 
 
 def test_measured_bytes_replace_a_smaller_estimate_and_overflow_evicts_idle_models() -> None:
     pol = policy(budget=100 * GB, a=spec(cost=40 * GB), b=spec(cost=40 * GB))
     serve_once(pol, "a", 1)
     serve_once(pol, "b", 2)
-    assert pol.handle(p.Measured("a", 30 * GB, 3)) == []
+    assert pol.handle(pe.Measured("a", 30 * GB, 3)) == []
     assert pol.models["a"].bytes == 40 * GB  # never below the reservation
-    assert pol.handle(p.Measured("b", 70 * GB, 4)) == [p.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(pe.Measured("b", 70 * GB, 4)) == [pe.StopRunner("a", RUNNER, "memory")]
 
 
 def test_sized_updates_the_estimate_before_a_first_load() -> None:
     pol = policy(budget=100 * GB, a=spec(cost=0))
-    pol.handle(p.Sized("a", 120 * GB))
+    pol.handle(pe.Sized("a", 120 * GB))
     (t,) = tickets("a", 1)
-    reject = one_reject(pol.handle(p.Submitted(t)))
+    reject = one_reject(pol.handle(pe.Submitted(t)))
     assert isinstance(reject.error, ModelTooLarge)
 
 
 # -- prefix caches ---------------------------------------------------------------
 
 
-def loaded_with_prefixes(pol: p.Policy, model: str, used: int, now: float = 0.0) -> p.Ticket:
+def loaded_with_prefixes(pol: p.Policy, model: str, used: int, now: float = 0.0) -> pe.Ticket:
     """Load ``model`` and have its runner report ``used`` bytes of cached
     prefixes; returns its ticket, still running."""
     (t,) = tickets(model, 1)
-    assert pol.handle(p.Submitted(t, now)) == [p.StartRunner(model)]
-    pol.handle(p.Loaded(model, RUNNER, now))
+    assert pol.handle(pe.Submitted(t, now)) == [pe.StartRunner(model)]
+    pol.handle(pe.Loaded(model, RUNNER, now))
     m = pol.models[model]
-    pol.handle(p.Measured(model, m.cost + used, used, now))
+    pol.handle(pe.Measured(model, m.cost + used, used, now))
     return t
 
 
 def test_a_loaded_model_reserves_free_memory_for_its_prefixes_up_to_its_limit() -> None:
     pol = policy(budget=100 * GB, a=spec(prefix_cache=30 * GB), b=spec(prefix_cache=80 * GB))
     (t,) = tickets("a", 1)
-    pol.handle(p.Submitted(t))
-    assert pol.handle(p.Loaded("a", RUNNER)) == [
-        p.Grant(t, RUNNER),
-        p.PrefixLimit("a", RUNNER, 30 * GB),
+    pol.handle(pe.Submitted(t))
+    assert pol.handle(pe.Loaded("a", RUNNER)) == [
+        pe.Grant(t, RUNNER),
+        pe.PrefixLimit("a", RUNNER, 30 * GB),
     ]
     (u,) = tickets("b", 1)
-    pol.handle(p.Submitted(u))
-    assert pol.handle(p.Loaded("b", RUNNER)) == [
-        p.Grant(u, RUNNER),
-        p.PrefixLimit("b", RUNNER, 50 * GB),  # what the budget has left
+    pol.handle(pe.Submitted(u))
+    assert pol.handle(pe.Loaded("b", RUNNER)) == [
+        pe.Grant(u, RUNNER),
+        pe.PrefixLimit("b", RUNNER, 50 * GB),  # what the budget has left
     ]
     assert pol.used == 100 * GB
 
@@ -313,9 +314,9 @@ def test_a_load_takes_back_prefix_reservations_that_are_not_used_first() -> None
     pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(40 * GB))
     loaded_with_prefixes(pol, "a", used=10 * GB)  # still running
     (t,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(t)) == [
-        p.PrefixLimit("a", RUNNER, 10 * GB),  # what it holds, nothing dropped
-        p.StartRunner("b"),
+    assert pol.handle(pe.Submitted(t)) == [
+        pe.PrefixLimit("a", RUNNER, 10 * GB),  # what it holds, nothing dropped
+        pe.StartRunner("b"),
     ]
     assert pol.used == 90 * GB
 
@@ -323,11 +324,11 @@ def test_a_load_takes_back_prefix_reservations_that_are_not_used_first() -> None
 def test_memory_pressure_drops_idle_models_prefixes_before_evicting_any_model() -> None:
     pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(50 * GB))
     t = loaded_with_prefixes(pol, "a", used=40 * GB)
-    pol.handle(p.Released(t, 1))
+    pol.handle(pe.Released(t, 1))
     (u,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(u, 2)) == [
-        p.PrefixLimit("a", RUNNER, 0, dropped=True),
-        p.StartRunner("b"),
+    assert pol.handle(pe.Submitted(u, 2)) == [
+        pe.PrefixLimit("a", RUNNER, 0, dropped=True),
+        pe.StartRunner("b"),
     ]
     assert pol.models["a"].state is p.State.READY  # still resident
 
@@ -336,40 +337,40 @@ def test_a_busy_models_prefixes_are_kept_while_it_runs() -> None:
     pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(50 * GB))
     t = loaded_with_prefixes(pol, "a", used=40 * GB)
     (u,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(u, 1)) == [p.PrefixLimit("a", RUNNER, 40 * GB)]
-    assert pol.handle(p.Released(t, 2)) == [
-        p.PrefixLimit("a", RUNNER, 0, dropped=True),
-        p.StartRunner("b"),
+    assert pol.handle(pe.Submitted(u, 1)) == [pe.PrefixLimit("a", RUNNER, 40 * GB)]
+    assert pol.handle(pe.Released(t, 2)) == [
+        pe.PrefixLimit("a", RUNNER, 0, dropped=True),
+        pe.StartRunner("b"),
     ]
 
 
 def test_a_model_that_must_go_anyway_keeps_its_prefixes_for_the_disk() -> None:
     pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(80 * GB))
     t = loaded_with_prefixes(pol, "a", used=30 * GB)
-    pol.handle(p.Released(t, 1))
+    pol.handle(pe.Released(t, 1))
     (u,) = tickets("b", 1)
-    effects = pol.handle(p.Submitted(u, 2))
+    effects = pol.handle(pe.Submitted(u, 2))
     # Its unused reservation goes at once; its cached prefixes leave with it.
-    assert effects == [p.PrefixLimit("a", RUNNER, 30 * GB), p.StopRunner("a", RUNNER, "memory")]
-    assert pol.handle(p.Measured("a", 25 * GB, 0, 3)) == []  # freed its weights, writing
+    assert effects == [pe.PrefixLimit("a", RUNNER, 30 * GB), pe.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(pe.Measured("a", 25 * GB, 0, 3)) == []  # freed its weights, writing
     assert pol.models["a"].bytes == 25 * GB and pol.models["a"].prefixes == 0
-    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("b")]
+    assert pol.handle(pe.RunnerExited("a", 4)) == [pe.StartRunner("b")]
 
 
 def test_a_load_for_a_prompt_gets_free_memory_to_read_its_cached_prefix_ahead() -> None:
     pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=30 * GB), b=spec(40 * GB))
-    t = p.Ticket("a", prompt=(1, 2, 3))
-    assert pol.handle(p.Submitted(t)) == [p.StartRunner("a", 30 * GB, (1, 2, 3))]
+    t = pe.Ticket("a", prompt=(1, 2, 3))
+    assert pol.handle(pe.Submitted(t)) == [pe.StartRunner("a", 30 * GB, (1, 2, 3))]
     assert pol.used == 70 * GB  # charged from the start: the budget holds
     # It read 12 GB ahead; the rest of the reservation stays its own.
-    pol.handle(p.Loaded("a", RUNNER, 1, 12 * GB))
-    pol.handle(p.Measured("a", 52 * GB, 12 * GB, 1))
+    pol.handle(pe.Loaded("a", RUNNER, 1, 12 * GB))
+    pol.handle(pe.Measured("a", 52 * GB, 12 * GB, 1))
     assert (pol.models["a"].bytes, pol.models["a"].prefixes) == (40 * GB, 30 * GB)
 
 
 def test_a_load_without_a_prompt_or_with_others_waiting_reads_nothing_ahead() -> None:
     pol = policy(budget=100 * GB, a=spec(40 * GB, prefix_cache=30 * GB))
-    assert pol.handle(p.Submitted(p.Ticket("a"))) == [p.StartRunner("a")]  # ``mlxd load``
+    assert pol.handle(pe.Submitted(pe.Ticket("a"))) == [pe.StartRunner("a")]  # ``mlxd load``
     pol = policy(
         budget=100 * GB,
         x=spec(90 * GB),
@@ -378,15 +379,19 @@ def test_a_load_without_a_prompt_or_with_others_waiting_reads_nothing_ahead() ->
         d=spec(30 * GB),
     )
     (tx,) = tickets("x", 1)
-    pol.handle(p.Submitted(tx))
-    pol.handle(p.Loaded("x", RUNNER))
-    waiting = [p.Ticket("a", prompt=(1,)), p.Ticket("c", prompt=(2,)), p.Ticket("d", prompt=(3,))]
+    pol.handle(pe.Submitted(tx))
+    pol.handle(pe.Loaded("x", RUNNER))
+    waiting = [
+        pe.Ticket("a", prompt=(1,)),
+        pe.Ticket("c", prompt=(2,)),
+        pe.Ticket("d", prompt=(3,)),
+    ]
     assert submit_all(pol, waiting, 1) == []  # "x" is busy
-    assert pol.handle(p.Released(tx, 2)) == [p.StopRunner("x", RUNNER, "memory")]
+    assert pol.handle(pe.Released(tx, 2)) == [pe.StopRunner("x", RUNNER, "memory")]
     # "d" still waits for memory after "a" and "c" start: they take none for prefixes.
-    assert pol.handle(p.RunnerExited("x", 3)) == [
-        p.StartRunner("a", 0, (1,)),
-        p.StartRunner("c", 0, (2,)),
+    assert pol.handle(pe.RunnerExited("x", 3)) == [
+        pe.StartRunner("a", 0, (1,)),
+        pe.StartRunner("c", 0, (2,)),
     ]
 
 
@@ -395,15 +400,15 @@ def test_a_later_load_waits_for_a_loading_models_reservation_rather_than_evict()
         budget=100 * GB, a=spec(40 * GB, prefix_cache=60 * GB), b=spec(20 * GB), c=spec(30 * GB)
     )
     serve_once(pol, "c", 0)  # idle, evictable
-    t = p.Ticket("a", prompt=(1,))
-    assert pol.handle(p.Submitted(t, 1)) == [p.StartRunner("a", 30 * GB, (1,))]
+    t = pe.Ticket("a", prompt=(1,))
+    assert pol.handle(pe.Submitted(t, 1)) == [pe.StartRunner("a", 30 * GB, (1,))]
     (u,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(u, 2)) == []  # "c" stays
+    assert pol.handle(pe.Submitted(u, 2)) == []  # "c" stays
     # It read 10 GB of cached prefixes: the rest of its reservation goes to "b".
-    assert pol.handle(p.Loaded("a", RUNNER, 3, 10 * GB)) == [
-        p.Grant(t, RUNNER),
-        p.PrefixLimit("a", RUNNER, 10 * GB),
-        p.StartRunner("b"),
+    assert pol.handle(pe.Loaded("a", RUNNER, 3, 10 * GB)) == [
+        pe.Grant(t, RUNNER),
+        pe.PrefixLimit("a", RUNNER, 10 * GB),
+        pe.StartRunner("b"),
     ]
     assert pol.models["c"].state is p.State.READY
 
@@ -414,16 +419,16 @@ def test_a_busy_model_outgrowing_its_charge_takes_back_a_loads_read_ahead() -> N
     within the budget, and the loaded runner trims what it read beyond it."""
     pol = policy(budget=100 * GB, a=spec(40 * GB), b=spec(40 * GB, prefix_cache=30 * GB))
     (t,) = tickets("a", 1)
-    pol.handle(p.Submitted(t))
-    pol.handle(p.Loaded("a", RUNNER))
-    u = p.Ticket("b", prompt=(1, 2))
-    assert pol.handle(p.Submitted(u, 1)) == [p.StartRunner("b", 20 * GB, (1, 2))]
+    pol.handle(pe.Submitted(t))
+    pol.handle(pe.Loaded("a", RUNNER))
+    u = pe.Ticket("b", prompt=(1, 2))
+    assert pol.handle(pe.Submitted(u, 1)) == [pe.StartRunner("b", 20 * GB, (1, 2))]
     assert pol.used == 100 * GB
-    assert pol.handle(p.Measured("a", 43 * GB, 0, 2)) == []  # 3 GB over its estimate
+    assert pol.handle(pe.Measured("a", 43 * GB, 0, 2)) == []  # 3 GB over its estimate
     assert pol.used == 100 * GB and pol.models["b"].prefixes == 17 * GB
-    assert pol.handle(p.Loaded("b", RUNNER, 3, 19 * GB)) == [
-        p.PrefixLimit("b", RUNNER, 17 * GB, dropped=True),
-        p.Grant(u, RUNNER),
+    assert pol.handle(pe.Loaded("b", RUNNER, 3, 19 * GB)) == [
+        pe.PrefixLimit("b", RUNNER, 17 * GB, dropped=True),
+        pe.Grant(u, RUNNER),
     ]
     assert pol.used == 100 * GB
 
@@ -435,84 +440,84 @@ def test_idle_model_is_unloaded_when_its_keep_alive_runs_out() -> None:
     pol = policy(a=spec(keep_alive_s=60))
     serve_once(pol, "a", 10)
     assert pol.next_deadline() == 70
-    assert pol.handle(p.Tick(69)) == []
-    assert pol.handle(p.Tick(70)) == [p.StopRunner("a", RUNNER, "expired")]
+    assert pol.handle(pe.Tick(69)) == []
+    assert pol.handle(pe.Tick(70)) == [pe.StopRunner("a", RUNNER, "expired")]
 
 
 def test_a_request_keep_alive_overrides_the_model_and_zero_unloads_when_idle() -> None:
     pol = policy(a=spec(keep_alive_s=60))
     serve_once(pol, "a", 0)
-    t = p.Ticket("a", keep_alive_s=0)
-    assert pol.handle(p.Submitted(t, 1)) == [p.Grant(t, RUNNER)]
-    assert pol.handle(p.Released(t, 2)) == [p.StopRunner("a", RUNNER, "idle")]
+    t = pe.Ticket("a", keep_alive_s=0)
+    assert pol.handle(pe.Submitted(t, 1)) == [pe.Grant(t, RUNNER)]
+    assert pol.handle(pe.Released(t, 2)) == [pe.StopRunner("a", RUNNER, "idle")]
     forever = policy(a=spec(keep_alive_s=60))
     serve_once(forever, "a", 0)
-    u = p.Ticket("a", keep_alive_s=p.FOREVER)
-    forever.handle(p.Submitted(u, 1))
-    forever.handle(p.Released(u, 2))
-    assert forever.next_deadline() == p.FOREVER
+    u = pe.Ticket("a", keep_alive_s=pe.FOREVER)
+    forever.handle(pe.Submitted(u, 1))
+    forever.handle(pe.Released(u, 2))
+    assert forever.next_deadline() == pe.FOREVER
 
 
 def test_pinned_model_never_expires() -> None:
     pol = policy(a=spec(keep_alive_s=0, pinned=True))
     serve_once(pol, "a", 0)
-    assert pol.next_deadline() == p.FOREVER
-    assert pol.handle(p.Tick(10**6)) == []
+    assert pol.next_deadline() == pe.FOREVER
+    assert pol.handle(pe.Tick(10**6)) == []
 
 
 def test_unload_waits_for_running_requests() -> None:
     pol = policy(a=spec())
     (t,) = tickets("a", 1)
-    pol.handle(p.Submitted(t))
-    pol.handle(p.Loaded("a", RUNNER))
-    assert pol.handle(p.Unload("a", 1)) == []
-    assert pol.handle(p.Released(t, 2)) == [p.StopRunner("a", RUNNER, "manual")]
+    pol.handle(pe.Submitted(t))
+    pol.handle(pe.Loaded("a", RUNNER))
+    assert pol.handle(pe.Unload("a", 1)) == []
+    assert pol.handle(pe.Released(t, 2)) == [pe.StopRunner("a", RUNNER, "manual")]
 
 
 # -- taking turns -----------------------------------------------------------------
 
 
-def loads(effects: list[p.Effect]) -> list[str]:
-    return [e.model for e in effects if isinstance(e, p.StartRunner)]
+def loads(effects: list[pe.Effect]) -> list[str]:
+    return [e.model for e in effects if isinstance(e, pe.StartRunner)]
 
 
 def test_waiting_requests_are_served_together_not_a_b_a_b() -> None:
     pol = policy(budget=10 * GB, a=spec(max_concurrency=4), b=spec(max_concurrency=4))
-    effects: list[p.Effect] = []
+    effects: list[pe.Effect] = []
     for i in range(3):  # interleaved arrivals: a, b, a, b, a, b
         effects += submit_all(pol, tickets("a", 1), now=i)
         effects += submit_all(pol, tickets("b", 1), now=i)
-    effects += pol.handle(p.Loaded("a", RUNNER, 3))
-    grants_a = [e.ticket for e in effects if isinstance(e, p.Grant)]
+    effects += pol.handle(pe.Loaded("a", RUNNER, 3))
+    grants_a = [e.ticket for e in effects if isinstance(e, pe.Grant)]
     assert len(grants_a) == 3  # all of a's waiting requests at once
     for t in grants_a:
-        effects += pol.handle(p.Released(t, 4))
-    effects += pol.handle(p.RunnerExited("a", 5))
-    effects += pol.handle(p.Loaded("b", RUNNER, 6))
+        effects += pol.handle(pe.Released(t, 4))
+    effects += pol.handle(pe.RunnerExited("a", 5))
+    effects += pol.handle(pe.Loaded("b", RUNNER, 6))
     assert loads(effects) == ["a", "b"]  # two loads for six requests
-    assert sum(isinstance(e, p.Grant) for e in effects) == 6
+    assert sum(isinstance(e, pe.Grant) for e in effects) == 6
 
 
 def test_a_busy_model_drains_after_max_turn_so_a_waiting_model_gets_its_turn() -> None:
     pol = policy(budget=10 * GB, max_turn_s=10, a=spec(max_concurrency=2), b=spec())
     (first,) = tickets("a", 1)
-    pol.handle(p.Submitted(first, 0))
-    pol.handle(p.Loaded("a", RUNNER, 0))
+    pol.handle(pe.Submitted(first, 0))
+    pol.handle(pe.Loaded("a", RUNNER, 0))
     (wb,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(wb, 1)) == []  # a is busy: b waits
+    assert pol.handle(pe.Submitted(wb, 1)) == []  # a is busy: b waits
     assert pol.next_deadline() == 11
     (more,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(more, 5)) == [p.Grant(more, RUNNER)]  # within b's wait bound
-    pol.handle(p.Released(more, 6))
-    assert pol.handle(p.Tick(11)) == []  # a now drains
+    assert pol.handle(pe.Submitted(more, 5)) == [pe.Grant(more, RUNNER)]  # within b's wait bound
+    pol.handle(pe.Released(more, 6))
+    assert pol.handle(pe.Tick(11)) == []  # a now drains
     (late,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(late, 12)) == []  # not granted: a is draining
-    assert pol.handle(p.Released(first, 13)) == [p.StopRunner("a", RUNNER, "memory")]
-    assert pol.handle(p.RunnerExited("a", 14)) == [p.StartRunner("b")]
-    assert pol.handle(p.Loaded("b", RUNNER, 15)) == [p.Grant(wb, RUNNER)]
+    assert pol.handle(pe.Submitted(late, 12)) == []  # not granted: a is draining
+    assert pol.handle(pe.Released(first, 13)) == [pe.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(pe.RunnerExited("a", 14)) == [pe.StartRunner("b")]
+    assert pol.handle(pe.Loaded("b", RUNNER, 15)) == [pe.Grant(wb, RUNNER)]
     # a's waiting request has its turn next.
-    assert pol.handle(p.Released(wb, 16)) == [p.StopRunner("b", RUNNER, "memory")]
-    assert pol.handle(p.RunnerExited("b", 17)) == [p.StartRunner("a")]
+    assert pol.handle(pe.Released(wb, 16)) == [pe.StopRunner("b", RUNNER, "memory")]
+    assert pol.handle(pe.RunnerExited("b", 17)) == [pe.StartRunner("a")]
 
 
 # -- shutdown -----------------------------------------------------------------------
@@ -522,20 +527,20 @@ def test_shutdown_rejects_waiters_stops_runners_and_refuses_new() -> None:
     pol = policy(a=spec(max_concurrency=1), b=spec())
     ts = tickets("a", 2)
     submit_all(pol, ts)
-    pol.handle(p.Loaded("a", RUNNER))
+    pol.handle(pe.Loaded("a", RUNNER))
     (b,) = tickets("b", 1)
-    pol.handle(p.Submitted(b))  # b is loading
-    effects = pol.handle(p.Shutdown())
-    assert p.StopRunner("a", RUNNER, "shutdown") in effects
+    pol.handle(pe.Submitted(b))  # b is loading
+    effects = pol.handle(pe.Shutdown())
+    assert pe.StopRunner("a", RUNNER, "shutdown") in effects
     assert [e.ticket for e in rejected(effects)] == [ts[1], b]
     assert all(isinstance(e.error, ShuttingDown) for e in rejected(effects))
     (late,) = tickets("a", 1)
-    assert isinstance(pol.handle(p.Submitted(late))[0], p.Reject)
+    assert isinstance(pol.handle(pe.Submitted(late))[0], pe.Reject)
     # b finishes loading during shutdown: it is stopped at once.
-    assert pol.handle(p.Loaded("b", RUNNER)) == [p.StopRunner("b", RUNNER, "shutdown")]
+    assert pol.handle(pe.Loaded("b", RUNNER)) == [pe.StopRunner("b", RUNNER, "shutdown")]
     assert not pol.finished
-    pol.handle(p.RunnerExited("a"))
-    pol.handle(p.RunnerExited("b"))
+    pol.handle(pe.RunnerExited("a"))
+    pol.handle(pe.RunnerExited("b"))
     assert pol.finished
 
 
@@ -545,32 +550,32 @@ def test_shutdown_rejects_waiters_stops_runners_and_refuses_new() -> None:
 def test_reconfigure_adds_and_forgets_models_after_their_requests() -> None:
     pol = policy(a=spec(keep_alive_s=600, max_concurrency=1), b=spec(keep_alive_s=600))
     (t,) = tickets("a", 1)
-    pol.handle(p.Submitted(t, 0))
-    pol.handle(p.Loaded("a", RUNNER, 0))  # t is running on a
+    pol.handle(pe.Submitted(t, 0))
+    pol.handle(pe.Loaded("a", RUNNER, 0))  # t is running on a
     (q,) = tickets("a", 1)
-    effects = pol.handle(p.Reconfigure({"b": spec(), "c": spec()}, now=1))
+    effects = pol.handle(pe.Reconfigure({"b": spec(), "c": spec()}, now=1))
     assert effects == [] and set(pol.models) == {"a", "b", "c"}
-    assert pol.handle(p.Submitted(q, 2)) == []  # queued before the reload: still served
-    assert pol.handle(p.Released(t, 3)) == [p.Grant(q, RUNNER)]
-    assert pol.handle(p.Released(q, 4)) == [p.StopRunner("a", RUNNER, "manual")]
-    pol.handle(p.RunnerExited("a", 5))
+    assert pol.handle(pe.Submitted(q, 2)) == []  # queued before the reload: still served
+    assert pol.handle(pe.Released(t, 3)) == [pe.Grant(q, RUNNER)]
+    assert pol.handle(pe.Released(q, 4)) == [pe.StopRunner("a", RUNNER, "manual")]
+    pol.handle(pe.RunnerExited("a", 5))
     assert set(pol.models) == {"b", "c"}
-    assert pol.handle(p.Measured("a", GB, 6)) == []  # late news of a is ignored
+    assert pol.handle(pe.Measured("a", GB, 6)) == []  # late news of a is ignored
     # A request that named "a" before the reload gets a 404, not a crash.
     (late,) = tickets("a", 1)
-    reject = one_reject(pol.handle(p.Submitted(late, 7)))
+    reject = one_reject(pol.handle(pe.Submitted(late, 7)))
     assert isinstance(reject.error, ModelNotFound) and "removed" in reject.error.message
 
 
 def test_reconfigure_refuses_what_waits_for_a_removed_absent_model() -> None:
     pol = policy(a=spec(cost=80 * GB), b=spec(cost=80 * GB))
     (t,) = tickets("b", 1)
-    pol.handle(p.Submitted(t, 0))
-    pol.handle(p.Loaded("b", RUNNER, 0))
+    pol.handle(pe.Submitted(t, 0))
+    pol.handle(pe.Loaded("b", RUNNER, 0))
     (u,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(u, 1)) == []  # a waits for b's memory
-    reject = one_reject(pol.handle(p.Reconfigure({"b": spec(cost=80 * GB)}, now=2)))
-    assert isinstance(reject, p.Reject) and reject.ticket is u
+    assert pol.handle(pe.Submitted(u, 1)) == []  # a waits for b's memory
+    reject = one_reject(pol.handle(pe.Reconfigure({"b": spec(cost=80 * GB)}, now=2)))
+    assert isinstance(reject, pe.Reject) and reject.ticket is u
     assert "removed" in reject.error.message and "a" not in pol.models
 
 
@@ -578,24 +583,24 @@ def test_a_changed_model_reloads_when_idle_even_if_pinned() -> None:
     pol = policy(a=spec(pinned=True))
     serve_once(pol, "a", 0)
     new = spec(pinned=True, max_concurrency=4)
-    assert pol.handle(p.Reconfigure({"a": new}, frozenset({"a"}), now=1)) == [
-        p.StopRunner("a", RUNNER, "manual")
+    assert pol.handle(pe.Reconfigure({"a": new}, frozenset({"a"}), now=1)) == [
+        pe.StopRunner("a", RUNNER, "manual")
     ]
-    pol.handle(p.RunnerExited("a", 2))
+    pol.handle(pe.RunnerExited("a", 2))
     assert pol.models["a"].spec == new
     (t,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(t, 3)) == [p.StartRunner("a")]
+    assert pol.handle(pe.Submitted(t, 3)) == [pe.StartRunner("a")]
 
 
 def test_a_model_added_back_while_its_old_runner_stops_is_served() -> None:
     pol = policy(a=spec(keep_alive_s=600))
     serve_once(pol, "a", 0)
-    assert pol.handle(p.Reconfigure({}, now=1)) == [p.StopRunner("a", RUNNER, "manual")]
+    assert pol.handle(pe.Reconfigure({}, now=1)) == [pe.StopRunner("a", RUNNER, "manual")]
     new = spec(max_concurrency=4)
-    assert pol.handle(p.Reconfigure({"a": new}, now=2)) == []  # before the runner exits
+    assert pol.handle(pe.Reconfigure({"a": new}, now=2)) == []  # before the runner exits
     (t,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(t, 3)) == []  # waits for the old runner
-    assert pol.handle(p.RunnerExited("a", 4)) == [p.StartRunner("a")]
+    assert pol.handle(pe.Submitted(t, 3)) == []  # waits for the old runner
+    assert pol.handle(pe.RunnerExited("a", 4)) == [pe.StartRunner("a")]
     assert "a" in pol.models and pol.models["a"].spec == new
 
 
@@ -605,20 +610,20 @@ MB = 10**6
 KV = 1 * MB  # KV bytes per token in these tests: 256 tokens take 256 MB
 
 
-def request(model: str, prompt: int, max_tokens: int) -> p.Ticket:
-    return p.Ticket(model, prompt=(1,) * prompt, max_tokens=max_tokens)
+def request(model: str, prompt: int, max_tokens: int) -> pe.Ticket:
+    return pe.Ticket(model, prompt=(1,) * prompt, max_tokens=max_tokens)
 
 
 def test_a_model_is_charged_its_weights_and_what_its_running_requests_reserve() -> None:
     pol = policy(budget=100 * GB, a=spec(4 * GB, kv_per_token=KV))
     t = request("a", 1000, 1000)  # 2000 tokens, in the cache's steps of 256: 2048
-    pol.handle(p.Submitted(t))
-    assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(t, RUNNER)]
+    pol.handle(pe.Submitted(t))
+    assert pol.handle(pe.Loaded("a", RUNNER)) == [pe.Grant(t, RUNNER)]
     assert pol.used == 4 * GB + 2048 * KV
-    pol.handle(p.Released(t, 1))
+    pol.handle(pe.Released(t, 1))
     assert pol.used == 4 * GB
     # What the runner measures counts when it is more than the reservations.
-    pol.handle(p.Measured("a", 5 * GB, 0, 2))
+    pol.handle(pe.Measured("a", 5 * GB, 0, 2))
     assert pol.used == 5 * GB
 
 
@@ -628,8 +633,8 @@ def test_max_concurrency_is_a_cap_not_a_charge() -> None:
     pol = policy(budget=8 * GB, a=spec(4 * GB, kv_per_token=KV, max_concurrency=8))
     ts = [request("a", 200, 56) for _ in range(9)]  # 256 MB each
     submit_all(pol, ts)
-    effects = pol.handle(p.Loaded("a", RUNNER))
-    assert effects == [p.Grant(t, RUNNER) for t in ts[:8]]  # the ninth waits for a slot
+    effects = pol.handle(pe.Loaded("a", RUNNER))
+    assert effects == [pe.Grant(t, RUNNER) for t in ts[:8]]  # the ninth waits for a slot
     assert pol.used == 4 * GB + 8 * 256 * MB
 
 
@@ -637,9 +642,9 @@ def test_a_request_waits_for_memory_and_is_granted_when_another_ends() -> None:
     pol = policy(budget=10 * GB, a=spec(4 * GB, kv_per_token=KV))
     first, second = request("a", 3000, 1000), request("a", 3000, 1000)  # 4096 tokens each
     submit_all(pol, [first, second])
-    assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(first, RUNNER)]
+    assert pol.handle(pe.Loaded("a", RUNNER)) == [pe.Grant(first, RUNNER)]
     assert pol.waiting_for_memory() == {"a": 1}
-    assert pol.handle(p.Released(first, 1)) == [p.Grant(second, RUNNER)]
+    assert pol.handle(pe.Released(first, 1)) == [pe.Grant(second, RUNNER)]
 
 
 def test_a_request_takes_memory_from_idle_prefix_caches_then_idle_models() -> None:
@@ -650,22 +655,22 @@ def test_a_request_takes_memory_from_idle_prefix_caches_then_idle_models() -> No
         c=spec(4 * GB),
     )
     (tb,) = tickets("b", 1)
-    pol.handle(p.Submitted(tb, 0))
-    pol.handle(p.Loaded("b", RUNNER, 0))
-    pol.handle(p.Released(tb, 0))
-    pol.handle(p.Measured("b", 5 * GB, 1 * GB, 0))  # 1 GB of its 2 GB reservation used
+    pol.handle(pe.Submitted(tb, 0))
+    pol.handle(pe.Loaded("b", RUNNER, 0))
+    pol.handle(pe.Released(tb, 0))
+    pol.handle(pe.Measured("b", 5 * GB, 1 * GB, 0))  # 1 GB of its 2 GB reservation used
     serve_once(pol, "c", 1)
     (running,) = tickets("a", 1)
-    pol.handle(p.Submitted(running, 2))
-    pol.handle(p.Loaded("a", RUNNER, 2))  # 4+2+4+4 = 14 GB used, 6 GB free
+    pol.handle(pe.Submitted(running, 2))
+    pol.handle(pe.Loaded("a", RUNNER, 2))  # 4+2+4+4 = 14 GB used, 6 GB free
     big = request("a", 6000, 1500)  # 7680 MB of KV: b's cached prefixes make up the rest
-    assert pol.handle(p.Submitted(big, 3)) == [
-        p.PrefixLimit("b", RUNNER, 0, dropped=True),
-        p.Grant(big, RUNNER),
+    assert pol.handle(pe.Submitted(big, 3)) == [
+        pe.PrefixLimit("b", RUNNER, 0, dropped=True),
+        pe.Grant(big, RUNNER),
     ]
     more = request("a", 1000, 1000)  # 2048 MB: now a model must go, the least recently used
-    assert pol.handle(p.Submitted(more, 4)) == [p.StopRunner("b", RUNNER, "memory")]
-    assert pol.handle(p.RunnerExited("b", 5)) == [p.Grant(more, RUNNER)]
+    assert pol.handle(pe.Submitted(more, 4)) == [pe.StopRunner("b", RUNNER, "memory")]
+    assert pol.handle(pe.RunnerExited("b", 5)) == [pe.Grant(more, RUNNER)]
     assert pol.models["c"].state is p.State.READY
     assert pol.used <= pol.budget
 
@@ -674,20 +679,20 @@ def test_a_large_request_is_not_starved_by_a_stream_of_small_ones() -> None:
     pol = policy(budget=10 * GB, a=spec(4 * GB, kv_per_token=KV, max_concurrency=8))
     small = [request("a", 100, 100) for _ in range(4)]  # 256 MB each
     submit_all(pol, small)
-    pol.handle(p.Loaded("a", RUNNER))  # 4976 MB free
+    pol.handle(pe.Loaded("a", RUNNER))  # 4976 MB free
     hog = request("a", 1000, 4500)  # 5632 MB
-    assert pol.handle(p.Submitted(hog, 1)) == []
+    assert pol.handle(pe.Submitted(hog, 1)) == []
     later = request("a", 100, 100)
-    assert pol.handle(p.Submitted(later, 2)) == []  # it would fit, but waits its turn
-    assert pol.handle(p.Released(small[0], 3)) == []
-    assert pol.handle(p.Released(small[1], 4)) == []
-    assert pol.handle(p.Released(small[2], 5)) == [p.Grant(hog, RUNNER)]
-    assert pol.handle(p.Released(small[3], 6)) == [p.Grant(later, RUNNER)]
+    assert pol.handle(pe.Submitted(later, 2)) == []  # it would fit, but waits its turn
+    assert pol.handle(pe.Released(small[0], 3)) == []
+    assert pol.handle(pe.Released(small[1], 4)) == []
+    assert pol.handle(pe.Released(small[2], 5)) == [pe.Grant(hog, RUNNER)]
+    assert pol.handle(pe.Released(small[3], 6)) == [pe.Grant(later, RUNNER)]
 
 
 def test_a_request_that_could_never_fit_gets_400_if_fewer_tokens_would_fit() -> None:
     pol = policy(budget=10 * GB, a=spec(4 * GB, kv_per_token=KV))
-    reject = one_reject(pol.handle(p.Submitted(request("a", 1000, 100_000))))
+    reject = one_reject(pol.handle(pe.Submitted(request("a", 1000, 100_000))))
     assert isinstance(reject.error, RequestTooLarge) and reject.error.param == "max_tokens"
     message = reject.error.message
     assert str(10 * GB) in message and str(101_120 * KV) in message
@@ -695,7 +700,7 @@ def test_a_request_that_could_never_fit_gets_400_if_fewer_tokens_would_fit() -> 
     assert 4 * GB + pol.models["a"].kv(request("a", 1000, most)) <= 10 * GB
     assert 4 * GB + pol.models["a"].kv(request("a", 1000, most + KV_STEP)) > 10 * GB
     reject = one_reject(
-        pol.handle(p.Submitted(request("a", 7000, 10)))
+        pol.handle(pe.Submitted(request("a", 7000, 10)))
     )  # the prompt alone is too big
     assert isinstance(reject.error, ModelTooLarge)
     assert pol.used == 0
@@ -708,35 +713,35 @@ def test_a_laptop_budget_takes_an_8b_model_whatever_its_declared_context() -> No
     pol = policy(budget=int(10.7 * GB), m=spec(int(5.3 * GB), kv_per_token=128 * 1024))
     ts = [request("m", 12_000, 4096) for _ in range(2)]  # two agents, 2.2 GB of KV each
     effects = submit_all(pol, ts)
-    assert effects == [p.StartRunner("m", 0, ts[0].prompt)]
-    assert pol.handle(p.Loaded("m", RUNNER)) == [p.Grant(t, RUNNER) for t in ts]
+    assert effects == [pe.StartRunner("m", 0, ts[0].prompt)]
+    assert pol.handle(pe.Loaded("m", RUNNER)) == [pe.Grant(t, RUNNER) for t in ts]
     assert pol.used <= pol.budget
     long = request("m", 30_000, 4096)  # 4.5 GB: it waits for them, it is not refused
-    assert pol.handle(p.Submitted(long, 1)) == []
-    pol.handle(p.Released(ts[0], 2))
-    assert pol.handle(p.Released(ts[1], 3)) == [p.Grant(long, RUNNER)]
+    assert pol.handle(pe.Submitted(long, 1)) == []
+    pol.handle(pe.Released(ts[0], 2))
+    assert pol.handle(pe.Released(ts[1], 3)) == [pe.Grant(long, RUNNER)]
 
 
 def test_what_a_model_measures_beyond_its_requests_kv_becomes_its_cost_for_later_loads() -> None:
     pol = policy(budget=30 * GB, a=spec(10 * GB, kv_per_token=KV), b=spec(10 * GB))
     t = request("a", 3000, 1000)  # reserves 4096 tokens' KV: 4.096 GB
-    pol.handle(p.Submitted(t, 0))
-    pol.handle(p.Loaded("a", RUNNER, 1))
-    pol.handle(p.Measured("a", 14 * GB, 0, 2))  # busy: its requests' KV is in there
+    pol.handle(pe.Submitted(t, 0))
+    pol.handle(pe.Loaded("a", RUNNER, 1))
+    pol.handle(pe.Measured("a", 14 * GB, 0, 2))  # busy: its requests' KV is in there
     assert pol.models["a"].cost == 10 * GB
-    pol.handle(p.Measured("a", 15 * GB, 0, 2))  # more than its KV explains
+    pol.handle(pe.Measured("a", 15 * GB, 0, 2))  # more than its KV explains
     assert pol.models["a"].cost == 15 * GB - 4096 * KV
-    pol.handle(p.Released(t, 3))
-    pol.handle(p.Measured("a", 12 * GB, 0, 4))  # idle: weights, buffers and cache
+    pol.handle(pe.Released(t, 3))
+    pol.handle(pe.Measured("a", 12 * GB, 0, 4))  # idle: weights, buffers and cache
     assert pol.models["a"].cost == 12 * GB and pol.used == 12 * GB
     (u,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(u, 5)) == [p.StartRunner("b", 0, ())]
-    pol.handle(p.Measured("a", 9 * GB, 0, 6))  # less, later: it keeps the most it was seen to hold
+    assert pol.handle(pe.Submitted(u, 5)) == [pe.StartRunner("b", 0, ())]
+    pol.handle(pe.Measured("a", 9 * GB, 0, 6))  # less, later: it keeps the most it was seen to hold
     assert pol.models["a"].cost == 12 * GB
-    pol.handle(p.Unload("a", 7))
-    pol.handle(p.RunnerExited("a", 8))
+    pol.handle(pe.Unload("a", 7))
+    pol.handle(pe.RunnerExited("a", 8))
     (v,) = tickets("a", 1)
-    pol.handle(p.Submitted(v, 9))
+    pol.handle(pe.Submitted(v, 9))
     assert pol.models["a"].held == 12 * GB  # its next load is charged what it held
 
 
@@ -746,36 +751,36 @@ def test_every_runner_is_charged_what_the_spare_runner_holds() -> None:
     each model is charged it on top of its weights. A load takes the spare
     over, with its bytes."""
     pol = policy(budget=10 * GB, a=spec(int(8.5 * GB)), b=spec(int(9.5 * GB)))
-    pol.handle(p.SpareHeld(None))  # starting: the first one's size is not known yet
+    pol.handle(pe.SpareHeld(None))  # starting: the first one's size is not known yet
     assert pol.used == 0
-    pol.handle(p.SpareHeld(GB))
+    pol.handle(pe.SpareHeld(GB))
     assert pol.used == GB and pol.context == GB
     (t,) = tickets("a", 1)
-    assert pol.handle(p.Submitted(t)) == [p.StartRunner("a", 0, ())]
+    assert pol.handle(pe.Submitted(t)) == [pe.StartRunner("a", 0, ())]
     assert pol.used == int(9.5 * GB)  # the spare's gigabyte is the load's now, not twice
-    pol.handle(p.SpareHeld(0))  # the pool says so too, once it has taken it
-    assert pol.handle(p.Loaded("a", RUNNER)) == [p.Grant(t, RUNNER)]
+    pol.handle(pe.SpareHeld(0))  # the pool says so too, once it has taken it
+    assert pol.handle(pe.Loaded("a", RUNNER)) == [pe.Grant(t, RUNNER)]
     assert pol.used == int(9.5 * GB)
     assert not pol.spare_fits()  # 0.5 GB left: no room for another runner
-    pol.handle(p.Released(t, 1))
+    pol.handle(pe.Released(t, 1))
     (u,) = tickets("b", 1)
-    reject = one_reject(pol.handle(p.Submitted(u, 2)))  # 9.5 GB of weights and a 1 GB runner
+    reject = one_reject(pol.handle(pe.Submitted(u, 2)))  # 9.5 GB of weights and a 1 GB runner
     assert isinstance(reject.error, ModelTooLarge)
     assert "runner process" in reject.error.message and str(int(10.5 * GB)) in reject.error.message
 
 
 def test_a_spare_runner_waits_while_a_model_waits_for_memory() -> None:
     pol = policy(budget=20 * GB, a=spec(8 * GB), b=spec(8 * GB), c=spec(8 * GB))
-    pol.handle(p.SpareHeld(GB))
+    pol.handle(pe.SpareHeld(GB))
     serve_once(pol, "a", 0)
-    pol.handle(p.SpareHeld(GB))  # the next spare
+    pol.handle(pe.SpareHeld(GB))  # the next spare
     (t,) = tickets("b", 1)
-    assert pol.handle(p.Submitted(t, 1)) == [p.StartRunner("b", 0, ())]
+    assert pol.handle(pe.Submitted(t, 1)) == [pe.StartRunner("b", 0, ())]
     assert pol.spare_fits()  # 2 GB free
     (u,) = tickets("c", 1)
-    assert pol.handle(p.Submitted(u, 2)) == [p.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(pe.Submitted(u, 2)) == [pe.StopRunner("a", RUNNER, "memory")]
     assert not pol.spare_fits()  # c waits for a's memory: a spare must not take it
-    assert pol.handle(p.RunnerExited("a", 3)) == [p.StartRunner("c", 0, ())]
+    assert pol.handle(pe.RunnerExited("a", 3)) == [pe.StartRunner("c", 0, ())]
     assert pol.spare_fits()  # nobody waits, and 2 GB are free
 
 
@@ -801,25 +806,25 @@ def test_no_sequence_of_events_charges_more_than_the_budget(
         name = names[which]
         m = pol.models[name]
         if kind in (0, 1):
-            event: p.Event = p.Submitted(request(name, 300 * size + 1, 500 * size), now)
+            event: pe.Event = pe.Submitted(request(name, 300 * size + 1, 500 * size), now)
         elif kind == 2 and m.running:
-            event = p.Released(next(iter(m.running)), now)
+            event = pe.Released(next(iter(m.running)), now)
         elif kind == 3 and m.queue:
-            event = p.Withdrawn(m.queue[-1], now)
+            event = pe.Withdrawn(m.queue[-1], now)
         elif kind == 4 and m.state is p.State.LOADING:
-            event = p.Loaded(name, RUNNER, now)
+            event = pe.Loaded(name, RUNNER, now)
         elif kind == 5 and m.state is p.State.STOPPING:
-            event = p.RunnerExited(name, now)
+            event = pe.RunnerExited(name, now)
         elif kind == 6 and m.state is p.State.READY:
             prefixes = min(m.prefixes, size * GB // 4)
-            event = p.Measured(name, m.bytes * size // 9 + prefixes, prefixes, now)
+            event = pe.Measured(name, m.bytes * size // 9 + prefixes, prefixes, now)
         elif kind == 7 and which == 0 and not pol.spare and pol.spare_fits():
-            pol.handle(p.SpareHeld(None, now))  # a spare starts, and says what it holds
-            event = p.SpareHeld(min(pol.free, size * GB // 8), now)
+            pol.handle(pe.SpareHeld(None, now))  # a spare starts, and says what it holds
+            event = pe.SpareHeld(min(pol.free, size * GB // 8), now)
         elif kind == 7 and which == 1:
-            event = p.SpareHeld(0, now)  # it died (or a load took it)
+            event = pe.SpareHeld(0, now)  # it died (or a load took it)
         else:
-            event = p.Tick(now + 60 * size)
+            event = pe.Tick(now + 60 * size)
         pol.handle(event)
         assert pol.used <= pol.budget, (event, pol.models)
         for m in pol.models.values():

@@ -11,8 +11,8 @@ import trio.testing
 
 from config.settings import ModelConfig
 from scheduler.errors import ModelLoadFailed, QueueFull, QueueTimeout, ShuttingDown
+from scheduler.events import StartRunner
 from scheduler.memory import Size
-from scheduler.policy import StartRunner
 from scheduler.pool import Scheduler
 
 
