@@ -6,16 +6,12 @@ from the event, so every decision is tested by calling it directly. One task
 at ``next_deadline()``; nothing else touches its state. The events and
 effects themselves are plain values in ``scheduler/events.py``.
 
-Each model is charged bytes against one budget: its estimated cost (weights
-and working memory) while it loads; once ready, that plus the KV cache its
-running requests reserve (each its prompt plus ``max_tokens``, in the
-cache's steps), or what its runner measures if that is more; plus a
-reservation for its prefix cache (the KV of earlier requests kept for
-reuse). The runner never lets its prefix cache outgrow the reservation,
-which the policy sets (``PrefixLimit``): up to the model's ``prefix_cache``
-bytes, out of memory nobody else is waiting for. The part a model is not
-using goes back as soon as a load needs it; the cached prefixes of idle
-models go next, before any model is evicted.
+What each model is charged against the budget, and the arithmetic of room,
+is the ledger's (``scheduler/ledger.py``); the policy decides and asks it
+what a decision costs. A model's prefix-cache reservation is up to its
+``prefix_cache`` bytes, out of memory nobody else is waiting for; the part a
+model is not using goes back as soon as a load needs it, the cached prefixes
+of idle models next, before any model is evicted.
 
 Decision steps, for each event:
 
@@ -89,23 +85,15 @@ Then, at every event (``Tick`` only does this):
 
 from __future__ import annotations
 
-import enum
 import math
-from collections import deque
 from collections.abc import Mapping
-from typing import Any
 
-import attrs
-
-from config.units import format_bytes
 from scheduler.errors import (
     MlxdError,
     ModelLoadFailed,
     ModelNotFound,
-    ModelTooLarge,
     QueueFull,
     QueueTimeout,
-    RequestTooLarge,
     ShuttingDown,
 )
 from scheduler.events import (
@@ -132,117 +120,35 @@ from scheduler.events import (
     Unload,
     Withdrawn,
 )
+from scheduler.ledger import Ledger, ModelState, State
 
-KV_STEP = 256  # tokens: mlx-lm's KV caches grow in steps of this many
 LOAD_BACKOFF_S = 5.0  # after a failed load, doubling with each failure in a row
 LOAD_BACKOFF_MAX_S = 300.0
 RETRY_AFTER_MAX_S = 600
 
 
-class State(enum.Enum):
-    ABSENT = "absent"
-    LOADING = "loading"
-    READY = "ready"
-    STOPPING = "stopping"
-
-
-@attrs.define
-class ModelState:
-    spec: ModelSpec
-    cost: int = 0
-    context: int = 0  # what its runner process holds before the model (``SpareHeld``)
-    state: State = State.ABSENT
-    runner: Any = None
-    held: int = 0  # charged while loading (its cost) or stopping (what it still holds)
-    kv_per_token: int = 0
-    measured: int = 0  # what its runner last said it holds, less its cached prefixes
-    prefixes: int = 0  # the prefix-cache reservation, charged too
-    prefixes_used: int = 0  # what the runner last said its prefixes take
-    queue: deque[Ticket] = attrs.field(factory=deque)
-    running: set[Ticket] = attrs.field(factory=set)
-    last_used: float = 0.0
-    keep_alive_s: float = 0.0
-    unload_asked: bool = False
-    draining: bool = False
-    retired: bool = False  # gone from the config: forgotten once absent
-    hold_s: float = 0.0  # how long its requests hold a slot, on average (recent ones weigh most)
-    failures: int = 0  # loads that failed in a row
-    retry_at: float = 0.0  # no load is tried before this, after a failure
-    load_error: MlxdError | None = None  # the last failure's, for requests meanwhile
-    stale: bool = False  # its config changed: unloaded once idle, even if pinned
-
-    def __attrs_post_init__(self) -> None:
-        self.keep_alive_s = self.spec.keep_alive_s
-        self.cost, self.kv_per_token = self.spec.cost, self.spec.kv_per_token
-
-    @property
-    def idle(self) -> bool:
-        return self.state is State.READY and not self.running and not self.queue
-
-    def kv(self, ticket: Ticket, max_tokens: int | None = None) -> int:
-        """The KV bytes ``ticket`` reserves (with ``max_tokens`` instead of its own)."""
-        more = ticket.max_tokens if max_tokens is None else max_tokens
-        return self.kv_bytes(len(ticket.prompt) + more)
-
-    def kv_bytes(self, tokens: int) -> int:
-        """The KV cache of one sequence of ``tokens`` (in the cache's steps)."""
-        return -(-tokens // KV_STEP) * KV_STEP * self.kv_per_token
-
-    @property
-    def base(self) -> int:
-        """Its bytes with no request running: its runner process, its weights
-        and working memory."""
-        return self.context + self.cost
-
-    @property
-    def bytes(self) -> int:
-        """Charged against the budget, its prefix-cache reservation apart."""
-        return self.charge() if self.state is State.READY else self.held
-
-    def stopping(self) -> None:
-        """Now on its way out: it holds what it was charged until it says less."""
-        self.held, self.state = self.bytes, State.STOPPING
-
-    @property
-    def reserved(self) -> int:
-        """The KV bytes its running requests reserve."""
-        return sum(self.kv(t) for t in self.running)
-
-    def charge(self, extra: int = 0) -> int:
-        """A ready model's bytes: its base plus the KV its running requests
-        (and ``extra``) reserve, never below what its runner measures."""
-        return max(self.base + self.reserved + extra, self.measured)
-
-    @property
-    def expires(self) -> float:
-        """When an idle model may be unloaded (``FOREVER`` if never)."""
-        if self.spec.pinned:
-            return FOREVER
-        return self.last_used + self.keep_alive_s
-
-
 class Policy:
     def __init__(self, specs: Mapping[str, ModelSpec], budget: int, max_turn_s: float = 10.0):
         self.models = {name: ModelState(spec) for name, spec in specs.items()}
-        self.budget = budget
+        self.ledger = Ledger(self.models, budget)  # what each is charged; the budget
         self.max_turn_s = max_turn_s
         self.stopping = False
         self.now = 0.0
-        self.spare = 0  # what the spare runner holds
-        self.context = 0  # what a runner holds before its model, as the last spare measured
+
+    @property
+    def budget(self) -> int:
+        return self.ledger.budget
 
     @property
     def used(self) -> int:
-        return self.spare + sum(m.bytes + m.prefixes for m in self.models.values())
+        return self.ledger.used
 
     def spare_fits(self) -> bool:
         """Whether a spare runner may start: nobody waits for memory, and
         there is room for what a runner holds."""
-        return not self.stopping and not self._candidates() and self.free >= self.context
-
-    @property
-    def free(self) -> int:
-        return self.budget - self.used
+        return (
+            not self.stopping and not self._candidates() and self.ledger.free >= self.ledger.context
+        )
 
     @property
     def finished(self) -> bool:
@@ -310,11 +216,11 @@ class Policy:
                 self.models[model].cost = cost
                 self.models[model].kv_per_token = kv_per_token
             case Measured(model, measured, prefixes):
-                self._measured(self.models[model], measured, prefixes)
+                self.ledger.measured(self.models[model], measured, prefixes)
             case SpareHeld(held):
-                self.spare = self.context if held is None else held
+                self.ledger.spare = self.ledger.context if held is None else held
                 if held:
-                    self.context = held
+                    self.ledger.context = held
                     for m in self.models.values():
                         if m.state is State.ABSENT:  # a running one's measurement covers it
                             m.context = held
@@ -332,16 +238,6 @@ class Policy:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _measured(self, m: ModelState, measured: int, prefixes: int) -> None:
-        if m.state is State.READY:
-            m.measured = measured - prefixes
-            m.prefixes_used = prefixes
-            # Beyond its runner and its requests' KV, what it holds is its
-            # weights and working memory: its cost, for its next load too.
-            m.cost = max(m.cost, m.measured - m.context - m.reserved)
-        elif m.state is State.STOPPING:
-            m.held, m.prefixes = min(m.held + m.prefixes, measured), 0
-
     def _reconfigure(self, specs: Mapping[str, ModelSpec], changed: frozenset[str]) -> None:
         for name, m in self.models.items():
             if name not in specs:
@@ -353,7 +249,7 @@ class Policy:
                 if m.state is State.ABSENT:
                     self._absent(m)  # takes the new settings now
         for name, spec in specs.items():
-            self.models.setdefault(name, ModelState(spec, context=self.context))
+            self.models.setdefault(name, ModelState(spec, context=self.ledger.context))
 
     def _shutdown(self) -> list[Effect]:
         self.stopping = True
@@ -375,9 +271,9 @@ class Policy:
         if self.stopping:
             return ShuttingDown("the server is shutting down")
         pinned = sum(o.bytes for name, o in self.models.items() if o.spec.pinned and name != model)
-        room = self.budget - pinned
+        room = self.ledger.budget - pinned
         if m.base + m.kv(ticket) > room:
-            return self._too_large(ticket, room, pinned)
+            return self.ledger.too_large(ticket, room, pinned)
         if m.state is State.ABSENT and self.now < m.retry_at and m.load_error is not None:
             return ModelLoadFailed(
                 f"{m.load_error.message} (failed {m.failures} time(s) in a row; mlxd tries "
@@ -396,35 +292,9 @@ class Policy:
             return full
         return None
 
-    def _too_large(self, ticket: Ticket, room: int, pinned: int) -> MlxdError:
-        """Why ``ticket`` could never run, even with its model alone: a 400 if
-        a smaller ``max_tokens`` would fit, else a 503."""
-        m = self.models[ticket.model]
-        budget = f"the memory budget is {format_bytes(self.budget)} ({self.budget} bytes"
-        budget += f", {format_bytes(pinned)} of it held by pinned models)" if pinned else ")"
-        kv, base = m.kv(ticket), m.base
-        weights = f"{format_bytes(base)} ({base} bytes) for its weights"
-        if m.context:
-            weights += f" and runner process ({format_bytes(m.context)} of it)"
-        if base + m.kv(ticket, 1) > room:
-            return ModelTooLarge(
-                f"model {ticket.model!r} needs about {weights}, plus {format_bytes(kv)} "
-                f"({kv} bytes) of KV cache for this request, but {budget}; raise "
-                "memory_budget or use a smaller model",
-                param="model",
-            )
-        fits = (room - base) // max(m.kv_per_token, 1) // KV_STEP * KV_STEP
-        most = max(fits - len(ticket.prompt), 1)
-        return RequestTooLarge(
-            f"this request needs {format_bytes(kv)} ({kv} bytes) of KV cache for its "
-            f"{len(ticket.prompt)} prompt tokens plus max_tokens {ticket.max_tokens}, and "
-            f"model {ticket.model!r} {weights}, but {budget}; max_tokens {most} would fit",
-            param="max_tokens",
-        )
-
     def _absent(self, m: ModelState) -> None:
         m.state, m.runner, m.held, m.measured = State.ABSENT, None, 0, 0
-        m.context = self.context  # what its next runner will hold before the model
+        m.context = self.ledger.context  # what its next runner will hold before the model
         m.prefixes = m.prefixes_used = 0
         m.running.clear()
         m.keep_alive_s = m.spec.keep_alive_s
@@ -484,7 +354,7 @@ class Policy:
         while ready := self._grantable():
             m = min(ready, key=lambda m: (m.queue[0].since, m.queue[0].id))
             t = m.queue[0]
-            if m.charge(m.kv(t)) - m.bytes > self.free:
+            if m.charge(m.kv(t)) - m.bytes > self.ledger.free:
                 break
             m.queue.popleft()
             m.running.add(t)
@@ -493,16 +363,6 @@ class Policy:
                 m.keep_alive_s = t.keep_alive_s
             effects.append(Grant(t, m.runner))
         return effects
-
-    def _need(self, name: str) -> int:
-        """The bytes a candidate needs: an absent model its base and its
-        first ticket's KV (less the spare runner's bytes, which its load
-        takes over); a ready one the growth of its charge by that KV."""
-        m = self.models[name]
-        kv = m.kv(m.queue[0])
-        if m.state is State.ABSENT:  # its load takes the spare runner, and its bytes
-            return m.base + kv - self.spare
-        return m.charge(kv) - m.bytes
 
     def _candidates(self) -> list[str]:
         """Models waiting for memory, oldest waiting ticket first: absent ones
@@ -527,115 +387,37 @@ class Policy:
         ]
         return sorted(names, key=lambda n: (self.models[n].last_used, self.models[n].keep_alive_s))
 
-    def _room(self) -> tuple[int, int]:
-        """Free bytes now, and bytes to come: what runners already stopping
-        will free, and the prefix-cache reservations of loads (what a load's
-        read-ahead leaves unused can be taken back once it is ready)."""
-        coming = sum(
-            m.bytes + m.prefixes if m.state is State.STOPPING else m.prefixes
-            for m in self.models.values()
-            if m.state in (State.STOPPING, State.LOADING)
-        )
-        return self.free, coming
-
-    def _reclaimable(
-        self, loading: bool = False
-    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-        """Prefix-cache bytes a load may take without evicting a model: the
-        reservations ready models are not using (any model; with ``loading``,
-        loads' read-ahead too), then the cached prefixes of idle ones (least
-        recently used first); as (model, bytes)."""
-        ready = [(n, m) for n, m in self.models.items() if m.state is State.READY]
-        unused = [(n, m.prefixes - m.prefixes_used) for n, m in ready]
-        if loading:
-            unused += [(n, m.prefixes) for n, m in self.models.items() if m.state is State.LOADING]
-        idle = sorted((m.last_used, n) for n, m in ready if m.idle or m.draining)
-        held = [(n, min(self.models[n].prefixes, self.models[n].prefixes_used)) for _, n in idle]
-        return [u for u in unused if u[1] > 0], [h for h in held if h[1] > 0]
-
-    def _shrink(self, name: str, by: int, dropped: bool) -> PrefixLimit:
-        m = self.models[name]
-        m.prefixes -= by
-        m.prefixes_used = min(m.prefixes_used, m.prefixes)
-        return PrefixLimit(name, m.runner, m.prefixes, dropped)
-
-    def _make_room(
-        self,
-        need: int,
-        unused: bool = True,
-        held: bool = True,
-        spare: tuple[str, ...] = (),
-        loading: bool = False,
-    ) -> tuple[list[Effect], int]:
-        """Free up to ``need`` bytes of prefix-cache reservations: ``unused``
-        ones first (``loading``: loads' read-ahead too, whose runners hear
-        their limit once ready), then the ``held`` cached prefixes of idle
-        models other than those in ``spare`` (models being evicted, whose
-        prefixes go to disk with them). Returns the effects and the bytes freed."""
-        limits: dict[str, PrefixLimit] = {}  # one effect per model: its last limit
-        freed = 0
-        free_unused, free_held = self._reclaimable(loading)
-        steps = [(free_unused, False)] * unused + [(free_held, True)] * held
-        for amounts, dropped in steps:
-            for name, size in amounts:
-                if freed >= need:
-                    break
-                if name not in spare:
-                    if self.models[name].state is State.LOADING:  # keep what it may read
-                        size = min(size, need - freed)
-                    limits[name] = self._shrink(name, size, dropped)
-                    freed += size
-        return [e for e in limits.values() if e.runner is not None], freed
-
-    def _grow(self) -> list[Effect]:
-        """Give free memory to prefix caches below their limit (step 12),
-        once no load or unload is under way (a model loading gets its share
-        when it is ready)."""
-        effects: list[Effect] = []
-        if any(m.state in (State.LOADING, State.STOPPING) for m in self.models.values()):
-            return effects
-        free = self.free
-        ready = [(m.last_used, n) for n, m in self.models.items() if m.state is State.READY]
-        for _, name in sorted(ready, reverse=True):
-            m = self.models[name]
-            more = min(m.spec.prefix_cache - m.prefixes, free)
-            if more > 0 and not m.draining:
-                m.prefixes += more
-                free -= more
-                effects.append(PrefixLimit(name, m.runner, m.prefixes))
-        return effects
-
     def _load(self) -> list[Effect]:
         effects: list[Effect] = []
-        stopping = sum(
-            m.bytes + m.prefixes for m in self.models.values() if m.state is State.STOPPING
-        )
-        over = self.used - self.budget - stopping  # not counting runners on their way out
+        stopping = sum(m.charged for m in self.models.values() if m.state is State.STOPPING)
+        over = (
+            self.ledger.used - self.ledger.budget - stopping
+        )  # not counting runners on their way out
         if over > 0:  # measured use grew past the budget
-            more, freed = self._make_room(over, loading=True)
+            more, freed = self.ledger.make_room(over, loading=True)
             effects += more
             over -= freed
         for v in self._evictable():
             if over <= 0:
                 break
             effects.append(self._stop(v, "memory"))
-            over -= self.models[v].bytes + self.models[v].prefixes
-        free, incoming = self._room()
+            over -= self.models[v].charged
+        free, incoming = self.ledger.room()
         candidates = self._candidates()
         for name in candidates:
             m = self.models[name]
-            cost = self._need(name)
+            cost = self.ledger.need(name)
             if cost > free + incoming:
-                unused, held = self._reclaimable()
+                unused, held = self.ledger.reclaimable()
                 short = cost - free - incoming
                 enough = short <= sum(b for _, b in unused) + sum(b for _, b in held)
-                more, freed = self._make_room(short, held=enough)
+                more, freed = self.ledger.make_room(short, held=enough)
                 effects += more
                 free += freed
             if cost <= free:
                 free -= cost  # a ready model's next ticket takes it in the next grant
                 if m.state is State.ABSENT:
-                    m.state, m.held, self.spare = State.LOADING, m.base, 0
+                    m.state, m.held, self.ledger.spare = State.LOADING, m.base, 0
                     effects.append(StartRunner(name, 0, m.queue[0].prompt))
                 continue
             if cost > free + incoming:
@@ -644,13 +426,13 @@ class Policy:
                     if free + incoming + reclaim >= cost:
                         break
                     victims.append(v)
-                    reclaim += self.models[v].bytes + self.models[v].prefixes
+                    reclaim += self.models[v].charged
                 short = cost - free - incoming - reclaim
-                _, held = self._reclaimable()
+                _, held = self.ledger.reclaimable()
                 if short > sum(b for n, b in held if n not in victims):
                     break  # busy models hold the memory: later candidates wait too
                 if short > 0:  # pinned models' cached prefixes make up the rest
-                    more, freed = self._make_room(short, unused=False, spare=tuple(victims))
+                    more, freed = self.ledger.make_room(short, unused=False, spare=tuple(victims))
                     effects += more
                     free += freed
                 effects += [self._stop(v, "memory") for v in victims]
@@ -661,29 +443,22 @@ class Policy:
             free = 0
         if not [n for n in candidates if self.models[n].state is not State.LOADING]:
             # Nobody waits for memory: loads may read a cached prefix into it.
-            effects = [self._read_ahead(e) if isinstance(e, StartRunner) else e for e in effects]
-            effects += self._grow()
+            effects = [
+                self.ledger.read_ahead(e) if isinstance(e, StartRunner) else e for e in effects
+            ]
+            effects += self.ledger.grow()
         return effects
-
-    def _read_ahead(self, start: StartRunner) -> StartRunner:
-        """Give a starting load's prefix cache free memory (up to its
-        ``prefix_cache``) when it has a prompt to read a cached prefix for."""
-        m = self.models[start.model]
-        if not start.prompt:
-            return start
-        m.prefixes = max(0, min(m.spec.prefix_cache, self.free))
-        return attrs.evolve(start, prefixes=m.prefixes)
 
     def _blocked(self) -> tuple[str, int] | None:
         """The first load candidate that idle models cannot make room for, and
         the bytes it lacks."""
-        free, incoming = self._room()
-        unused, held = self._reclaimable()
-        evictable = sum(self.models[v].bytes + self.models[v].prefixes for v in self._evictable())
+        free, incoming = self.ledger.room()
+        unused, held = self.ledger.reclaimable()
+        evictable = sum(self.models[v].charged for v in self._evictable())
         spare = free + incoming + evictable + sum(b for _, b in unused)
         spare += sum(b for n, b in held if self.models[n].spec.pinned)
         for name in self._candidates():
-            cost = self._need(name)
+            cost = self.ledger.need(name)
             if cost > spare:
                 return name, cost - spare
             spare -= cost
@@ -709,4 +484,4 @@ class Policy:
             if need <= 0:
                 break
             self.models[n].draining = True
-            need -= self.models[n].bytes + self.models[n].prefixes
+            need -= self.models[n].charged

@@ -233,7 +233,7 @@ class Scheduler(Generic[R]):
                 {
                     "model": name,
                     "state": m.state.value,
-                    "bytes": m.bytes + m.prefixes,
+                    "bytes": m.charged,
                     "weights": m.cost or None,
                     "kv_reserved": m.reserved,
                     "measured": measured_bytes(memory) if memory else None,
@@ -259,8 +259,8 @@ class Scheduler(Generic[R]):
         return {
             "budget": pol.budget,
             "used": pol.used,
-            "runner_bytes": pol.context,
-            "spare_bytes": pol.spare,
+            "runner_bytes": pol.ledger.context,
+            "spare_bytes": pol.ledger.spare,
             "models": models,
         }
 

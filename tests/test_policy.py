@@ -14,7 +14,7 @@ from scheduler.errors import (
     RequestTooLarge,
     ShuttingDown,
 )
-from scheduler.policy import KV_STEP
+from scheduler.ledger import KV_STEP
 
 RUNNER = object()
 GB = 10**9
@@ -754,7 +754,7 @@ def test_every_runner_is_charged_what_the_spare_runner_holds() -> None:
     pol.handle(pe.SpareHeld(None))  # starting: the first one's size is not known yet
     assert pol.used == 0
     pol.handle(pe.SpareHeld(GB))
-    assert pol.used == GB and pol.context == GB
+    assert pol.used == GB and pol.ledger.context == GB
     (t,) = tickets("a", 1)
     assert pol.handle(pe.Submitted(t)) == [pe.StartRunner("a", 0, ())]
     assert pol.used == int(9.5 * GB)  # the spare's gigabyte is the load's now, not twice
@@ -818,9 +818,9 @@ def test_no_sequence_of_events_charges_more_than_the_budget(
         elif kind == 6 and m.state is p.State.READY:
             prefixes = min(m.prefixes, size * GB // 4)
             event = pe.Measured(name, m.bytes * size // 9 + prefixes, prefixes, now)
-        elif kind == 7 and which == 0 and not pol.spare and pol.spare_fits():
+        elif kind == 7 and which == 0 and not pol.ledger.spare and pol.spare_fits():
             pol.handle(pe.SpareHeld(None, now))  # a spare starts, and says what it holds
-            event = pe.SpareHeld(min(pol.free, size * GB // 8), now)
+            event = pe.SpareHeld(min(pol.ledger.free, size * GB // 8), now)
         elif kind == 7 and which == 1:
             event = pe.SpareHeld(0, now)  # it died (or a load took it)
         else:
