@@ -170,12 +170,13 @@ class Ledger:
             param="max_tokens",
         )
 
-    def need(self, name: str) -> int:
-        """The bytes a candidate needs: an absent model its base and its
-        first ticket's KV (less the spare runner's bytes, which its load
-        takes over); a ready one the growth of its charge by that KV."""
+    def need(self, name: str, ticket: Ticket) -> int:
+        """The bytes a candidate needs for ``ticket``, its next: an absent
+        model its base and the ticket's KV (less the spare runner's bytes,
+        which its load takes over); a ready one the growth of its charge by
+        that KV."""
         m = self.models[name]
-        kv = m.kv(m.queue[0])
+        kv = m.kv(ticket)
         if m.state is State.ABSENT:  # its load takes the spare runner, and its bytes
             return m.base + kv - self.spare
         return m.charge(kv) - m.bytes

@@ -86,7 +86,8 @@ Then, at every event (``Tick`` only does this):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from scheduler.errors import (
     MlxdError,
@@ -127,10 +128,37 @@ LOAD_BACKOFF_MAX_S = 300.0
 RETRY_AFTER_MAX_S = 600
 
 
+class Order(Protocol):
+    """Which queued request goes next: within a model's queue (``first``) and
+    across models (``rank``, lowest first, of each model's first). The policy
+    asks it at every grant and load; an order between clients changes it
+    alone."""
+
+    def first(self, queue: Sequence[Ticket]) -> Ticket: ...
+    def rank(self, ticket: Ticket) -> tuple[float, int]: ...
+
+
+class Arrival:
+    """Oldest first, within a model and across models."""
+
+    def first(self, queue: Sequence[Ticket]) -> Ticket:
+        return queue[0]
+
+    def rank(self, ticket: Ticket) -> tuple[float, int]:
+        return ticket.since, ticket.id
+
+
 class Policy:
-    def __init__(self, specs: Mapping[str, ModelSpec], budget: int, max_turn_s: float = 10.0):
+    def __init__(
+        self,
+        specs: Mapping[str, ModelSpec],
+        budget: int,
+        max_turn_s: float = 10.0,
+        order: Order | None = None,
+    ):
         self.models = {name: ModelState(spec) for name, spec in specs.items()}
         self.ledger = Ledger(self.models, budget)  # what each is charged; the budget
+        self.order = order or Arrival()
         self.max_turn_s = max_turn_s
         self.stopping = False
         self.now = 0.0
@@ -164,7 +192,7 @@ class Policy:
                 times.append(m.expires)
         blocked = self._blocked()
         if blocked is not None:
-            turn = self.models[blocked[0]].queue[0].since + self.max_turn_s
+            turn = self._next(blocked[0]).since + self.max_turn_s
             if turn > self.now:  # once past, the busy models are draining already
                 times.append(turn)
         return min(times)
@@ -310,8 +338,8 @@ class Policy:
             return []
         effects: list[Effect] = []
         for name, m in self.models.items():
-            while m.queue and m.queue[0].deadline <= now:
-                t = m.queue.popleft()
+            for t in [t for t in m.queue if t.deadline <= now]:
+                m.queue.remove(t)
                 waited = f"{now - t.since:.0f} s (queue timeout {m.spec.queue_timeout_s:g} s)"
                 effects.append(Reject(t, QueueTimeout(f"waited {waited} for model {name!r}")))
             if m.idle and m.stale:
@@ -325,6 +353,10 @@ class Policy:
         effects += self._grant(now)
         effects += self._load()
         return effects + self._grant(now)  # into room the load step made
+
+    def _next(self, name: str) -> Ticket:
+        """The queued ticket model ``name`` serves next (it has one)."""
+        return self.order.first(self.models[name].queue)
 
     def waiting_for_memory(self) -> dict[str, int]:
         """Queued tickets per model that wait for memory, not for a slot or a
@@ -352,11 +384,13 @@ class Policy:
         does not fit stops the rest (it waits for room, step 11)."""
         effects: list[Effect] = []
         while ready := self._grantable():
-            m = min(ready, key=lambda m: (m.queue[0].since, m.queue[0].id))
-            t = m.queue[0]
+            m, t = min(
+                ((m, self.order.first(m.queue)) for m in ready),
+                key=lambda mt: self.order.rank(mt[1]),
+            )
             if m.charge(m.kv(t)) - m.bytes > self.ledger.free:
                 break
-            m.queue.popleft()
+            m.queue.remove(t)
             m.running.add(t)
             m.last_used = t.granted = now
             if t.keep_alive_s is not None:
@@ -369,7 +403,7 @@ class Policy:
         with queued tickets, and ready ones whose next ticket did not fit."""
         blocked = {id(m) for m in self._grantable()}  # after a grant pass: no room
         waiting = [
-            (m.queue[0].since, m.queue[0].id, name)
+            (*self.order.rank(self.order.first(m.queue)), name)
             for name, m in self.models.items()
             if m.queue and (m.state is State.ABSENT or id(m) in blocked)
         ]
@@ -406,7 +440,7 @@ class Policy:
         candidates = self._candidates()
         for name in candidates:
             m = self.models[name]
-            cost = self.ledger.need(name)
+            cost = self.ledger.need(name, self._next(name))
             if cost > free + incoming:
                 unused, held = self.ledger.reclaimable()
                 short = cost - free - incoming
@@ -418,7 +452,7 @@ class Policy:
                 free -= cost  # a ready model's next ticket takes it in the next grant
                 if m.state is State.ABSENT:
                     m.state, m.held, self.ledger.spare = State.LOADING, m.base, 0
-                    effects.append(StartRunner(name, 0, m.queue[0].prompt))
+                    effects.append(StartRunner(name, 0, self._next(name).prompt))
                 continue
             if cost > free + incoming:
                 victims, reclaim = [], 0
@@ -458,7 +492,7 @@ class Policy:
         spare = free + incoming + evictable + sum(b for _, b in unused)
         spare += sum(b for n, b in held if self.models[n].spec.pinned)
         for name in self._candidates():
-            cost = self.ledger.need(name)
+            cost = self.ledger.need(name, self._next(name))
             if cost > spare:
                 return name, cost - spare
             spare -= cost
@@ -473,7 +507,7 @@ class Policy:
         if blocked is None:
             return
         name, need = blocked
-        if now - self.models[name].queue[0].since < self.max_turn_s:
+        if now - self._next(name).since < self.max_turn_s:
             return
         busy = [
             n

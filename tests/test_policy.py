@@ -1,5 +1,7 @@
 """The pool's decisions, called directly: no trio, no processes, time passed in."""
 
+from collections.abc import Sequence
+
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -70,6 +72,37 @@ def test_grants_up_to_max_concurrency_then_one_per_release() -> None:
     assert pol.handle(pe.Loaded("a", RUNNER)) == [pe.Grant(ts[0], RUNNER), pe.Grant(ts[1], RUNNER)]
     assert pol.handle(pe.Released(ts[0])) == [pe.Grant(ts[2], RUNNER)]
     assert pol.handle(pe.Released(ts[1])) == []
+
+
+class Newest:
+    """An order that serves the newest request first: not one mlxd uses, but
+    it shows every grant and load asks the order."""
+
+    def first(self, queue: Sequence[pe.Ticket]) -> pe.Ticket:
+        return max(queue, key=lambda t: (t.since, t.id))
+
+    def rank(self, ticket: pe.Ticket) -> tuple[float, int]:
+        return -ticket.since, -ticket.id
+
+
+def test_the_order_hook_chooses_who_is_granted_and_loaded_next() -> None:
+    pol = p.Policy({"a": spec(max_concurrency=1), "b": spec()}, 15 * GB, order=Newest())
+    ts = tickets("a", 3)
+    for i, t in enumerate(ts):
+        pol.handle(pe.Submitted(t, float(i)))
+    assert pol.handle(pe.Loaded("a", RUNNER, 3.0)) == [pe.Grant(ts[2], RUNNER)]
+    assert pol.handle(pe.Released(ts[2], 4.0)) == [pe.Grant(ts[1], RUNNER)]
+    # Across models too: with room for one model, c's newer request loads
+    # it before b's older one, once a is done and goes.
+    pol = p.Policy({m: spec() for m in "abc"}, 15 * GB, order=Newest())
+    serve_once(pol, "a", 0.0)
+    (busy,) = tickets("a", 1)
+    pol.handle(pe.Submitted(busy, 1.0))  # a is busy: nothing can go
+    (older,), (newer,) = tickets("b", 1), tickets("c", 1)
+    assert pol.handle(pe.Submitted(older, 2.0)) == []
+    assert pol.handle(pe.Submitted(newer, 3.0)) == []
+    assert pol.handle(pe.Released(busy, 4.0)) == [pe.StopRunner("a", RUNNER, "memory")]
+    assert pol.handle(pe.RunnerExited("a", 5.0)) == [pe.StartRunner("c")]
 
 
 def test_resident_model_grants_at_once() -> None:
