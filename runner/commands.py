@@ -9,11 +9,11 @@ and matches on its type. Like the protocol, no MLX and no trio here.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 
+from runner import protocol
 from runner.protocol import Generate
 
 
@@ -95,10 +95,8 @@ _KINDS = {name: kind for kind, name in _NAMES.items()}
 def line(command: Command) -> bytes:
     """The command as a line of the wire."""
     if isinstance(command, Generate):
-        fields = command.to_message()
-    else:
-        fields = {"op": _NAMES[type(command)], **attrs.asdict(command, recurse=False)}
-    return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+        return protocol.encode(command.to_message())
+    return protocol.tagged("op", _NAMES[type(command)], command)
 
 
 def read(msg: dict[str, Any]) -> Command:
@@ -109,7 +107,6 @@ def read(msg: dict[str, Any]) -> Command:
     try:
         if kind is Generate:
             return Generate.from_message(msg)
-        names = {a.name for a in attrs.fields(kind)}
-        return kind(**{k: v for k, v in msg.items() if k in names})
+        return protocol.instance(kind, msg)
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"a malformed {msg.get('op')!r} command: {e!r}") from None

@@ -11,11 +11,12 @@ Like the protocol, this module imports neither MLX nor trio.
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any
 
 import attrs
 import numpy as np
+
+from runner import protocol
 
 Memory = dict[str, int]  # MLX's active, peak and cache bytes; "device" where the driver says
 Output = tuple[int, int, str | None, dict[str, Any] | None]  # request id, token, finish, logprobs
@@ -160,8 +161,7 @@ _KINDS = {name: kind for kind, name in _NAMES.items()}
 
 def line(event: Event) -> bytes:
     """The event as a line of the wire."""
-    fields = {"ev": _NAMES[type(event)], **attrs.asdict(event, recurse=False)}
-    return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+    return protocol.tagged("ev", _NAMES[type(event)], event)
 
 
 def read(msg: dict[str, Any]) -> Event:
@@ -169,8 +169,7 @@ def read(msg: dict[str, Any]) -> Event:
     kind = _KINDS.get(msg.get("ev"))  # type: ignore[arg-type]
     if kind is None:
         raise ValueError(f"not a runner event: {str(msg)[:80]}")
-    names = {a.name for a in attrs.fields(kind)}
     try:
-        return kind(**{k: v for k, v in msg.items() if k in names})
+        return protocol.instance(kind, msg)
     except TypeError as e:
         raise ValueError(f"a malformed {msg.get('ev')!r} event: {e}") from None

@@ -114,9 +114,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
+
+T = TypeVar("T")
 
 MAX_LOGPROBS = 20
 
@@ -196,6 +198,18 @@ class Generate:
 
 def encode(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
+
+
+def tagged(tag: str, name: str, value: Any) -> bytes:
+    """``value`` (attrs) as a line, its kind ``name`` under ``tag`` ("op", "ev")."""
+    return encode({tag: name, **attrs.asdict(value, recurse=False)})
+
+
+def instance(kind: type[T], msg: dict[str, Any]) -> T:
+    """A ``kind`` (attrs) from a message's fields, others ignored; ``TypeError``
+    if one it needs is missing."""
+    names = {a.name for a in attrs.fields(kind)}  # type: ignore[arg-type]
+    return kind(**{k: v for k, v in msg.items() if k in names})
 
 
 def decode(line: bytes) -> dict[str, Any]:
