@@ -32,6 +32,10 @@ class ModelSpec:
     prefix_cache: int = 0  # bytes its prefix cache may take, when the budget allows
 
 
+INTERACTIVE, NORMAL, BACKGROUND = 0, 1, 2  # a request's priority, most urgent first
+PRIORITIES = {"interactive": INTERACTIVE, "normal": NORMAL, "background": BACKGROUND}
+
+
 @attrs.define(eq=False)
 class Ticket:
     """One request's claim on a model. Compared by identity."""
@@ -40,6 +44,9 @@ class Ticket:
     keep_alive_s: float | None = None  # overrides the model's, from this request on
     prompt: tuple[int, ...] = ()  # its tokens: a load it causes reads their cached prefix
     max_tokens: int = 0  # with the prompt, the tokens its KV reservation holds
+    client: str = ""  # who sent it (``scheduler/order.py`` shares turns between clients)
+    priority: int = NORMAL
+    weight: float = 1.0  # its client's share of turns
     id: int = attrs.field(factory=lambda: next(_ticket_ids))
     since: float = 0.0
     deadline: float = FOREVER

@@ -86,8 +86,7 @@ Then, at every event (``Tick`` only does this):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Mapping
 
 from scheduler.errors import (
     MlxdError,
@@ -122,30 +121,11 @@ from scheduler.events import (
     Withdrawn,
 )
 from scheduler.ledger import Ledger, ModelState, State
+from scheduler.order import Arrival, Order
 
 LOAD_BACKOFF_S = 5.0  # after a failed load, doubling with each failure in a row
 LOAD_BACKOFF_MAX_S = 300.0
 RETRY_AFTER_MAX_S = 600
-
-
-class Order(Protocol):
-    """Which queued request goes next: within a model's queue (``first``) and
-    across models (``rank``, lowest first, of each model's first). The policy
-    asks it at every grant and load; an order between clients changes it
-    alone."""
-
-    def first(self, queue: Sequence[Ticket]) -> Ticket: ...
-    def rank(self, ticket: Ticket) -> tuple[float, int]: ...
-
-
-class Arrival:
-    """Oldest first, within a model and across models."""
-
-    def first(self, queue: Sequence[Ticket]) -> Ticket:
-        return queue[0]
-
-    def rank(self, ticket: Ticket) -> tuple[float, int]:
-        return ticket.since, ticket.id
 
 
 class Policy:
@@ -356,7 +336,7 @@ class Policy:
 
     def _next(self, name: str) -> Ticket:
         """The queued ticket model ``name`` serves next (it has one)."""
-        return self.order.first(self.models[name].queue)
+        return self.order.first(self.models[name].queue, self.now)
 
     def waiting_for_memory(self) -> dict[str, int]:
         """Queued tickets per model that wait for memory, not for a slot or a
@@ -379,35 +359,37 @@ class Policy:
         ]
 
     def _grant(self, now: float) -> list[Effect]:
-        """Step 10: grant queued tickets, oldest first across ready models,
+        """Step 10: grant queued tickets, in the order's rank across ready models,
         while each one's KV reservation fits in free memory; the first that
         does not fit stops the rest (it waits for room, step 11)."""
         effects: list[Effect] = []
         while ready := self._grantable():
             m, t = min(
-                ((m, self.order.first(m.queue)) for m in ready),
-                key=lambda mt: self.order.rank(mt[1]),
+                ((m, self.order.first(m.queue, now)) for m in ready),
+                key=lambda mt: self.order.rank(mt[1], now),
             )
             if m.charge(m.kv(t)) - m.bytes > self.ledger.free:
                 break
             m.queue.remove(t)
             m.running.add(t)
             m.last_used = t.granted = now
+            self.order.granted(t)
             if t.keep_alive_s is not None:
                 m.keep_alive_s = t.keep_alive_s
             effects.append(Grant(t, m.runner))
         return effects
 
     def _candidates(self) -> list[str]:
-        """Models waiting for memory, oldest waiting ticket first: absent ones
-        with queued tickets, and ready ones whose next ticket did not fit."""
+        """Models waiting for memory, in the order's rank of their next
+        tickets (oldest first by default): absent ones with queued tickets,
+        and ready ones whose next ticket did not fit."""
         blocked = {id(m) for m in self._grantable()}  # after a grant pass: no room
         waiting = [
-            (*self.order.rank(self.order.first(m.queue)), name)
+            name
             for name, m in self.models.items()
             if m.queue and (m.state is State.ABSENT or id(m) in blocked)
         ]
-        return [name for *_, name in sorted(waiting)]
+        return sorted(waiting, key=lambda n: (self.order.rank(self._next(n), self.now), n))
 
     def _evictable(self) -> list[str]:
         """Idle (or drained) unpinned ready models, in eviction order."""

@@ -78,11 +78,14 @@ class Newest:
     """An order that serves the newest request first: not one mlxd uses, but
     it shows every grant and load asks the order."""
 
-    def first(self, queue: Sequence[pe.Ticket]) -> pe.Ticket:
+    def first(self, queue: Sequence[pe.Ticket], now: float) -> pe.Ticket:
         return max(queue, key=lambda t: (t.since, t.id))
 
-    def rank(self, ticket: pe.Ticket) -> tuple[float, int]:
+    def rank(self, ticket: pe.Ticket, now: float) -> tuple[float, ...]:
         return -ticket.since, -ticket.id
+
+    def granted(self, ticket: pe.Ticket) -> None:
+        pass
 
 
 def test_the_order_hook_chooses_who_is_granted_and_loaded_next() -> None:
