@@ -22,6 +22,7 @@ from quart_trio import QuartTrio
 from api import errors, lifecycle
 from api.anthropic import routes as anthropic_routes
 from api.catalog import Catalog
+from api.clients import Clients
 from api.guard import Guard
 from api.openai import conversations
 from api.openai import routes as openai_routes
@@ -56,6 +57,7 @@ def create_app(
     errors.install(app)
     intake = Intake()
     guard = Guard.from_settings(settings)
+    clients = Clients.from_settings(settings)
 
     @app.before_serving
     async def _watch_streams() -> None:
@@ -80,6 +82,7 @@ def create_app(
     async def _admit() -> Response | None:
         answer = guard.admit(request)  # Host, Origin, Content-Type, API key
         g.owner = guard.owner(request)  # whose stored responses it may see
+        g.record.client = clients.identify(request)  # whose turn it takes, at what priority
         return answer
 
     app.register_blueprint(lifecycle.blueprint(catalog, scheduler, spares, recent_errors))

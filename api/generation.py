@@ -230,8 +230,13 @@ class Generation:
         asked = time.monotonic()
         record.queued()
         try:
+            client = record.client.lowered("background") if job.params.flex else record.client
             lease = self._scheduler.lease(
-                job.model, job.params.keep_alive_s, request.prompt, request.max_tokens
+                job.model,
+                job.params.keep_alive_s,
+                request.prompt,
+                request.max_tokens,
+                client=(client.name, client.priority, client.weight),
             )
             runner = await self._held.enter_async_context(lease)
             kv = self._scheduler.kv_bytes(job.model, len(request.prompt), request.max_tokens)

@@ -77,13 +77,14 @@ class Guard:
         if settings.host not in EVERY_INTERFACE or allowed:
             hosts = LOOPBACK | {host_name(settings.host)} | allowed
         origins = frozenset(_origin(o) for o in settings.cors_origins)
-        if hosts is None and not settings.api_keys:
+        keys = (*settings.api_keys, *(c.key for c in settings.clients if c.key is not None))
+        if hosts is None and not keys:
             log.warning(
                 "listening on every interface with no api_keys and no allowed_hosts: anyone "
                 "who can reach this machine can use its models, by any host name (set "
                 'api_keys, or allowed_hosts, or host = "127.0.0.1")'
             )
-        return cls(hosts, origins, tuple(k.encode() for k in settings.api_keys))
+        return cls(hosts, origins, tuple(k.encode() for k in keys))
 
     def admit(self, request: Request) -> Response | None:
         """Raise if ``request`` may not be served; the answer to a CORS

@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 
+from api.clients import Client
 from api.errors import describe
 from scheduler.errors import MlxdError
 from scheduler.metrics import Metrics
@@ -77,6 +78,7 @@ class Record:
     intake: Intake | None = None  # counted in it until queued (or finished)
     arrived: float = attrs.field(factory=time.monotonic)
     model: str = ""
+    client: Client = attrs.field(factory=Client)  # who sent it (``api/clients.py``)
     tokens: Tokens = attrs.field(factory=Tokens)
     queue_s: float | None = None
     kv_reserved: int | None = None  # KV cache bytes reserved for it once granted
@@ -141,10 +143,12 @@ class Record:
             hit.labels(self.model).inc()
             m.prefix_tokens.labels(self.model).inc(tokens.cached)
         log.info(
-            "request id=%s model=%s endpoint=%s status=%d prompt_tokens=%d cached_tokens=%s "
-            "generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s duration_s=%.3f%s",
+            "request id=%s model=%s client=%s endpoint=%s status=%d prompt_tokens=%d "
+            "cached_tokens=%s generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s "
+            "duration_s=%.3f%s",
             self.id,
             self.model or "-",
+            self.client.name or "-",
             self.endpoint,
             status,
             tokens.prompt,

@@ -50,6 +50,7 @@ class GenerationParams:
     logprobs: int | None = None  # alternatives per token; None: no logprobs
     grammar: dict[str, Any] | None = attrs.field(default=None, eq=False)  # structured output
     unset: frozenset[str] = frozenset()  # the sampling fields the request left to the model
+    flex: bool = False  # OpenAI's service_tier "flex": it may wait (background priority)
 
     @classmethod
     def from_openai(
@@ -112,6 +113,7 @@ class GenerationParams:
             logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
             grammar=grammar_of(body.get("response_format"), "response_format"),
             unset=frozenset(k for k in SAMPLING_DEFAULTS if body.get(k) is None),
+            flex=body.get("service_tier") == "flex",
         )
 
 

@@ -103,6 +103,21 @@ class ModelConfig:
         return BUNDLED_KINDS.get(self.source)
 
 
+PRIORITIES = ("interactive", "normal", "background")  # most urgent first
+
+
+@attrs.frozen
+class ClientConfig:
+    """A tool that shares the pool: known by its API ``key`` (or, without
+    keys, by the ``X-Mlxd-Client`` header naming it), served at its
+    ``priority`` and, among clients of one priority, its ``weight`` of turns."""
+
+    name: str
+    key: str | None = None
+    priority: str = "normal"
+    weight: float = 1.0
+
+
 @attrs.frozen
 class Settings:
     host: str = "127.0.0.1"
@@ -112,6 +127,8 @@ class Settings:
         ModelConfig(name="all-minilm-l6-v2", source=BUNDLED_EMBED),
     )
     api_keys: tuple[str, ...] = ()
+    clients: tuple[ClientConfig, ...] = ()
+    background_max_wait_s: float = 120.0  # a background request waiting longer counts as normal
     allowed_hosts: tuple[str, ...] = ()  # Host names served besides loopback and ``host``
     cors_origins: tuple[str, ...] = ()  # web origins whose pages may call the API
     max_body_bytes: int = 8 * 1024 * 1024
@@ -190,6 +207,18 @@ class Settings:
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
+        kwargs["background_max_wait_s"] = _duration(t, "background_max_wait")
+        raw_clients = t.data.get("clients")
+        t.seen.add("clients")
+        if raw_clients is not None:
+            if not isinstance(raw_clients, list):
+                raise ConfigError("clients: expected [[clients]] tables")
+            clients = tuple(_client(c, f"clients[{i}]") for i, c in enumerate(raw_clients))
+            for what in ("name", "key"):
+                seen = [getattr(c, what) for c in clients if getattr(c, what) is not None]
+                if len(seen) != len(set(seen)):
+                    raise ConfigError(f"clients: two clients have the same {what}")
+            kwargs["clients"] = clients
         raw_models = t.data.get("models")
         t.seen.add("models")
         if raw_models is not None:
@@ -209,6 +238,11 @@ class Settings:
         lines = [
             f"listen: {self.host}:{self.port}",
             f"api keys: {len(self.api_keys)} configured" if self.api_keys else "api keys: none",
+            "clients: "
+            + (
+                ", ".join(f"{c.name} ({c.priority}, weight {c.weight:g})" for c in self.clients)
+                or "any, named by X-Mlxd-Client"
+            ),
             f"hosts served: loopback, {self.host}" + "".join(f", {h}" for h in self.allowed_hosts),
             "web origins allowed: " + (", ".join(self.cors_origins) or "none"),
             f"cache: {self.cache_dir}",
@@ -279,6 +313,24 @@ def _budget(t: _Table) -> int | float | None:
     if isinstance(value, int) and value > 1:
         return value
     raise ConfigError(f"memory_budget: expected a size or a fraction in (0, 1], got {value!r}")
+
+
+def _client(raw: Any, where: str) -> ClientConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table")
+    t = _Table(raw, f"{where}.")
+    name = t.take("name", str, "a non-empty string", bool)
+    if name is None:
+        raise ConfigError(f"{where}.name: required")
+    kwargs = {
+        "key": t.take("key", str, "an API key", bool),
+        "priority": t.take(
+            "priority", str, "interactive, normal or background", lambda v: v in PRIORITIES
+        ),
+        "weight": t.take("weight", (int, float), "a number > 0", lambda w: w > 0),
+    }
+    t.reject_unknown()
+    return ClientConfig(name, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def _model(raw: Any, where: str, base: Path) -> ModelConfig:

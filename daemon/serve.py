@@ -39,6 +39,7 @@ from runner.client import RunnerProcess
 from scheduler.errors import MlxdError
 from scheduler.events import StartRunner
 from scheduler.memory import Size, resolve_budget
+from scheduler.order import Fair
 from scheduler.pool import Scheduler
 
 log = logging.getLogger("mlxd")
@@ -80,6 +81,7 @@ async def serve(
         max_turn_s=settings.max_turn_s,
         prefix_disk_bytes=launcher.prefix_disk_bytes,
         runner_timeout_s=settings.runner_timeout_s,
+        order=Fair(settings.background_max_wait_s),
     )
     scheduler.metrics.watch(
         "mlxd_prefix_cache_disk_write_budget_bytes",

@@ -33,7 +33,6 @@ class ModelSpec:
 
 
 INTERACTIVE, NORMAL, BACKGROUND = 0, 1, 2  # a request's priority, most urgent first
-PRIORITIES = {"interactive": INTERACTIVE, "normal": NORMAL, "background": BACKGROUND}
 
 
 @attrs.define(eq=False)

@@ -26,8 +26,10 @@ from config.settings import ModelConfig
 from scheduler import events as pe
 from scheduler import policy as p
 from scheduler.errors import MlxdError, ModelLoadFailed, ShuttingDown
+from scheduler.events import NORMAL
 from scheduler.memory import Size
 from scheduler.metrics import Metrics
+from scheduler.order import Order
 
 log = logging.getLogger("mlxd.scheduler")
 MEASURE_EVERY_S = 2.0
@@ -85,9 +87,16 @@ def measured_bytes(memory: dict[str, int]) -> int:
 
 class _LeaseTicket(pe.Ticket):
     def __init__(
-        self, model: str, keep_alive_s: float | None, prompt: tuple[int, ...], max_tokens: int
+        self,
+        model: str,
+        keep_alive_s: float | None,
+        prompt: tuple[int, ...],
+        max_tokens: int,
+        client: str = "",
+        priority: int = NORMAL,
+        weight: float = 1.0,
     ) -> None:
-        super().__init__(model, keep_alive_s, prompt, max_tokens)
+        super().__init__(model, keep_alive_s, prompt, max_tokens, client, priority, weight)
         self.done = trio.Event()
         self.runner: Any = None
         self.error: MlxdError | None = None
@@ -122,6 +131,7 @@ class Scheduler(Generic[R]):
         metrics: Metrics | None = None,
         prefix_disk_bytes: Callable[[str], int] | None = None,
         runner_timeout_s: float = 120.0,
+        order: Order | None = None,
     ) -> None:
         """``make_runner(start)`` prepares (but does not start) a runner for
         ``start.model``, with the policy's prefix-cache bytes and prompt to
@@ -129,7 +139,7 @@ class Scheduler(Generic[R]):
         token before a first load;
         ``prefix_disk_bytes(model)`` says what its prefixes take on disk."""
         specs = _specs(models)
-        self._policy = p.Policy(specs, budget, max_turn_s)
+        self._policy = p.Policy(specs, budget, max_turn_s, order)
         self._preload = [m.name for m in models if m.preload]
         self._make_runner = make_runner
         self._size_model = size_model
@@ -179,16 +189,18 @@ class Scheduler(Generic[R]):
         keep_alive_s: float | None = None,
         prompt: Sequence[int] = (),
         max_tokens: int = 0,
+        client: tuple[str, int, float] = ("", NORMAL, 1.0),
     ) -> AsyncIterator[R]:
         """Wait for a slot on ``model`` (loading it if needed) and for memory
         for the KV cache of ``prompt`` and ``max_tokens`` more, and hold them.
         ``keep_alive_s`` overrides the model's keep-alive from this request on;
-        a load for this request reads the cached prefix of ``prompt`` early."""
+        a load for this request reads the cached prefix of ``prompt`` early;
+        ``client``: who asks, at what priority and weight (``scheduler/order.py``)."""
         known = self._policy.models.get(model)  # (the policy answers for an unknown one)
         if self._size_model is not None and known is not None and known.state is p.State.ABSENT:
             size = await self._size_model(model)
             self._post(pe.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
-        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens)
+        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens, *client)
         if not self._post(pe.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:

@@ -1,0 +1,121 @@
+"""Clients sharing one model: who they are, at what priority, and who goes
+next (``api/clients.py``, ``scheduler/order.py``), through a real daemon."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from config.settings import ClientConfig, ConfigError, ModelConfig, Settings
+from tests.conftest import TLS, Daemon, running, settings_for
+from tests.scripted import talking_model
+from tests.waiting import eventually
+
+CLIENTS = (
+    ClientConfig("indexer", priority="background"),
+    ClientConfig("editor", priority="interactive"),
+    ClientConfig("agent", key="sk-agent", weight=2.0),
+)
+
+
+def chat(tokens: int = 4) -> dict[str, object]:
+    return {
+        "model": "slow",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": tokens,
+        "ignore_eos": True,
+    }
+
+
+async def pool(http: httpx.AsyncClient, daemon: Daemon) -> dict[str, int]:
+    (m,) = (await http.get(f"{daemon.url}/api/ps")).json()["models"]
+    return {"running": m["running"], "queued": m["queued"]}
+
+
+async def test_an_interactive_request_passes_a_background_backlog(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    slow = talking_model(tiny_dir, tmp_path / "slow", step_s=0.1)  # 10 tokens a second
+    model = ModelConfig("slow", str(slow), max_concurrency=1)
+    settings = settings_for(tmp_path, model, clients=CLIENTS[:2])  # no keys: named by header
+    finished: list[str] = []
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=60, verify=TLS) as http:
+        url = f"{daemon.url}/v1/chat/completions"
+
+        async def ask(name: str, headers: dict[str, str], tokens: int = 2) -> None:
+            reply = await http.post(url, json=chat(tokens), headers=headers)
+            assert reply.status_code == 200, reply.text
+            finished.append(name)
+
+        async with trio.open_nursery() as nursery:
+            indexer = {"X-Mlxd-Client": "indexer"}
+            nursery.start_soon(ask, "indexer 1", indexer, 60)  # runs 6 s: the rest queue
+            await eventually(partial(_is, http, daemon, 1, 0), what="the first one running")
+            for i in (2, 3):
+                nursery.start_soon(ask, f"indexer {i}", indexer)
+                await eventually(partial(_is, http, daemon, 1, i - 1), what=f"{i - 1} queued")
+            nursery.start_soon(ask, "editor", {"X-Mlxd-Client": "editor"})
+    assert finished.index("editor") == 1  # after the one running, before the backlog
+
+
+async def _is(http: httpx.AsyncClient, daemon: Daemon, running: int, queued: int) -> bool:
+    return await pool(http, daemon) == {"running": running, "queued": queued}
+
+
+SHARED = {"Authorization": "Bearer sk-shared"}  # an api_keys key, no client's
+AGENT = {"Authorization": "Bearer sk-agent"}  # the agent client's
+
+
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        (SHARED | {"X-Mlxd-Client": "stranger"}, "no client 'stranger' is configured"),
+        (SHARED | {"X-Mlxd-Client": "agent"}, "is known by its key"),
+        (AGENT | {"X-Mlxd-Client": "editor"}, "this API key belongs to client 'agent'"),
+        (SHARED | {"X-Mlxd-Client": "editor", "X-Mlxd-Priority": "urgent"}, "expected one of"),
+    ],
+    ids=["unknown", "keyed by name", "another's key", "bad priority"],
+)
+async def test_unknown_clients_and_priorities_are_a_clear_400(
+    tiny_dir: Path, tmp_path: Path, headers: dict[str, str], says: str
+) -> None:
+    model = ModelConfig("slow", str(talking_model(tiny_dir, tmp_path / "t")))
+    settings = settings_for(tmp_path, model, clients=CLIENTS, api_keys=("sk-shared",))
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=60, verify=TLS) as http:
+        reply = await http.post(f"{daemon.url}/v1/chat/completions", json=chat(), headers=headers)
+        assert reply.status_code == 400
+        assert says in reply.json()["error"]["message"]
+        ok = await http.post(
+            f"{daemon.url}/v1/chat/completions",
+            json=chat(),
+            headers=AGENT | {"X-Mlxd-Priority": "background"},
+        )
+        assert ok.status_code == 200, ok.text  # a client's own key, lowering its priority
+
+
+def test_clients_in_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "mlxd.toml"
+    path.write_text(
+        'background_max_wait = "1m"\n'
+        '[[clients]]\nname = "indexer"\npriority = "background"\n'
+        '[[clients]]\nname = "agent"\nkey = "sk-a"\nweight = 2\n'
+    )
+    s = Settings.from_toml(path)
+    assert s.clients == (
+        ClientConfig("indexer", priority="background"),
+        ClientConfig("agent", key="sk-a", weight=2),
+    )
+    assert s.background_max_wait_s == 60
+    assert "indexer (background, weight 1)" in s.describe()
+    for bad, says in [
+        ('[[clients]]\nname = "x"\npriority = "urgent"\n', "interactive, normal or background"),
+        ('[[clients]]\nname = "x"\n[[clients]]\nname = "x"\n', "same name"),
+        ('[[clients]]\nname = "x"\nweight = 0\n', "a number > 0"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=says):
+            Settings.from_toml(path)
