@@ -17,21 +17,28 @@ from quart import Request
 from api.guard import presented_key
 from config.settings import PRIORITIES, ClientConfig, Settings
 from scheduler.errors import InvalidRequest
+from scheduler.events import BACKGROUND, INTERACTIVE, NORMAL
 
 CLIENT_HEADER = "X-Mlxd-Client"
 PRIORITY_HEADER = "X-Mlxd-Priority"
 MAX_NAME = 64
+LEVELS = {"interactive": INTERACTIVE, "normal": NORMAL, "background": BACKGROUND}
 
 
 @attrs.frozen
 class Client:
     name: str = ""  # "": anonymous
-    priority: int = PRIORITIES.index("normal")  # an index into PRIORITIES
+    priority: int = NORMAL  # the scheduler's level (``LEVELS``)
     weight: float = 1.0
+
+    @property
+    def who(self) -> tuple[str, int, float]:
+        """As the scheduler's lease takes it: name, priority, weight."""
+        return self.name, self.priority, self.weight
 
     def lowered(self, to: str) -> Client:
         """At priority ``to``, unless that is above its own."""
-        return attrs.evolve(self, priority=max(self.priority, PRIORITIES.index(to)))
+        return attrs.evolve(self, priority=max(self.priority, LEVELS[to]))
 
 
 class Clients:
@@ -62,7 +69,7 @@ class Clients:
             if config is not None and config.key is not None:
                 raise InvalidRequest(f"{CLIENT_HEADER}: client {named!r} is known by its key")
         if config is not None:
-            client = Client(config.name, PRIORITIES.index(config.priority), config.weight)
+            client = Client(config.name, LEVELS[config.priority], config.weight)
         else:
             client = Client((named or "")[:MAX_NAME])
         asked = request.headers.get(PRIORITY_HEADER)

@@ -236,7 +236,7 @@ class Generation:
                 job.params.keep_alive_s,
                 request.prompt,
                 request.max_tokens,
-                client=(client.name, client.priority, client.weight),
+                client=client.who,
             )
             runner = await self._held.enter_async_context(lease)
             kv = self._scheduler.kv_bytes(job.model, len(request.prompt), request.max_tokens)

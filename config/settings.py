@@ -315,13 +315,19 @@ def _budget(t: _Table) -> int | float | None:
     raise ConfigError(f"memory_budget: expected a size or a fraction in (0, 1], got {value!r}")
 
 
-def _client(raw: Any, where: str) -> ClientConfig:
+def _named(raw: Any, where: str) -> tuple[_Table, str]:
+    """A ``[[models]]`` or ``[[clients]]`` table, and its required name."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a table")
     t = _Table(raw, f"{where}.")
     name = t.take("name", str, "a non-empty string", bool)
     if name is None:
         raise ConfigError(f"{where}.name: required")
+    return t, name
+
+
+def _client(raw: Any, where: str) -> ClientConfig:
+    t, name = _named(raw, where)
     kwargs = {
         "key": t.take("key", str, "an API key", bool),
         "priority": t.take(
@@ -334,12 +340,7 @@ def _client(raw: Any, where: str) -> ClientConfig:
 
 
 def _model(raw: Any, where: str, base: Path) -> ModelConfig:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a table")
-    t = _Table(raw, f"{where}.")
-    name = t.take("name", str, "a non-empty string", bool)
-    if name is None:
-        raise ConfigError(f"{where}.name: required")
+    t, name = _named(raw, where)
     path = t.take("path", str, "a path to an MLX model directory", bool)
     repo = t.take("repo", str, "a Hugging Face repo id (ORG/NAME)", lambda r: r.count("/") == 1)
     if (path is None) == (repo is None):

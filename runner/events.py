@@ -166,10 +166,4 @@ def line(event: Event) -> bytes:
 
 def read(msg: dict[str, Any]) -> Event:
     """The event a decoded line holds; ``ValueError`` if it is none."""
-    kind = _KINDS.get(msg.get("ev"))  # type: ignore[arg-type]
-    if kind is None:
-        raise ValueError(f"not a runner event: {str(msg)[:80]}")
-    try:
-        return protocol.instance(kind, msg)
-    except TypeError as e:
-        raise ValueError(f"a malformed {msg.get('ev')!r} event: {e}") from None
+    return protocol.untagged(_KINDS, "ev", msg, "event")

@@ -112,8 +112,9 @@ Stdin reaching EOF means the daemon is gone: the runner exits.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -205,11 +206,25 @@ def tagged(tag: str, name: str, value: Any) -> bytes:
     return encode({tag: name, **attrs.asdict(value, recurse=False)})
 
 
-def instance(kind: type[T], msg: dict[str, Any]) -> T:
-    """A ``kind`` (attrs) from a message's fields, others ignored; ``TypeError``
-    if one it needs is missing."""
-    names = {a.name for a in attrs.fields(kind)}  # type: ignore[arg-type]
-    return kind(**{k: v for k, v in msg.items() if k in names})
+def untagged(kinds: Mapping[str, type[T]], tag: str, msg: dict[str, Any], what: str) -> T:
+    """The value a decoded line holds: the kind ``msg[tag]`` names, built
+    from its fields (others ignored; a kind with a ``from_message`` builds
+    itself); ``ValueError`` if no kind has that name or the fields do not fit."""
+    kind = kinds.get(msg.get(tag))  # type: ignore[arg-type]
+    if kind is None:
+        raise ValueError(f"not a runner {what}: {str(msg)[:80]}")
+    try:
+        if (build := getattr(kind, "from_message", None)) is not None:
+            return build(msg)
+        names = _field_names(kind)  # type: ignore[arg-type]
+        return kind(**{k: v for k, v in msg.items() if k in names})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"a malformed {msg.get(tag)!r} {what}: {e!r}") from None
+
+
+@functools.cache
+def _field_names(kind: type) -> frozenset[str]:
+    return frozenset(a.name for a in attrs.fields(kind))  # once a kind: every step reads one
 
 
 def decode(line: bytes) -> dict[str, Any]:

@@ -105,8 +105,7 @@ async def embed(
     record.tokens.prompt = tokens = sum(len(ids) for ids in inputs)
     asked = time.monotonic()
     record.queued()
-    who = (record.client.name, record.client.priority, record.client.weight)
-    async with scheduler.lease(name, req.keep_alive_s, client=who) as runner:
+    async with scheduler.lease(name, req.keep_alive_s, client=record.client.who) as runner:
         record.granted(time.monotonic() - asked, 0)
         try:
             vectors = await runner.embed(inputs)
