@@ -33,6 +33,7 @@ class ModelSpec:
 
 
 INTERACTIVE, NORMAL, BACKGROUND = 0, 1, 2  # a request's priority, most urgent first
+PRIORITY_NAMES = ("interactive", "normal", "background")  # by level
 
 
 @attrs.define(eq=False)
@@ -129,6 +130,15 @@ class Unload:
 
 
 @attrs.frozen
+class Pin:
+    """Pin the model (never unloaded for memory or keep-alive) or unpin it."""
+
+    model: str
+    pinned: bool = True
+    now: float = 0.0
+
+
+@attrs.frozen
 class Reconfigure:
     """A new config: models not in ``specs`` are unloaded once their requests
     are done and then forgotten; ``changed`` ones are unloaded when idle, to
@@ -161,6 +171,7 @@ Event = (
     | Measured
     | SpareHeld
     | Unload
+    | Pin
     | Tick
     | Shutdown
 )

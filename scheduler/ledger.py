@@ -58,9 +58,10 @@ class ModelState:
     retry_at: float = 0.0  # no load is tried before this, after a failure
     load_error: MlxdError | None = None  # the last failure's, for requests meanwhile
     stale: bool = False  # its config changed: unloaded once idle, even if pinned
+    pinned: bool = False  # never unloaded for memory or keep-alive: its config's, or ``Pin``
 
     def __attrs_post_init__(self) -> None:
-        self.keep_alive_s = self.spec.keep_alive_s
+        self.keep_alive_s, self.pinned = self.spec.keep_alive_s, self.spec.pinned
         self.cost, self.kv_per_token = self.spec.cost, self.spec.kv_per_token
 
     @property
@@ -104,7 +105,7 @@ class ModelState:
     @property
     def expires(self) -> float:
         """When an idle model may be unloaded (``FOREVER`` if never)."""
-        if self.spec.pinned:
+        if self.pinned:
             return FOREVER
         return self.last_used + self.keep_alive_s
 

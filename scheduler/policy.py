@@ -44,7 +44,9 @@ Decision steps, for each event:
    read-ahead too: its runner drops what it read beyond the new limit once
    ready), then idle models. A stopping runner that has freed its weights to
    write its prefixes to disk is charged what it still holds.
-7. ``Unload``: unload the model once it is idle.
+7. ``Unload``: unpin the model and unload it once it is idle. ``Pin`` pins
+   or unpins it until the config changes it (a pinned model is never
+   evicted or expired).
 8. ``Shutdown``: reject queued tickets, stop every runner, accept nothing new.
 
 Then, at every event (``Tick`` only does this):
@@ -105,6 +107,7 @@ from scheduler.events import (
     LoadFailed,
     Measured,
     ModelSpec,
+    Pin,
     PrefixLimit,
     Reconfigure,
     Reject,
@@ -234,6 +237,10 @@ class Policy:
                             m.context = held
             case Unload(model):
                 self.models[model].unload_asked = True
+                self.models[model].pinned = False
+            case Pin(model, pinned):
+                self.models[model].pinned = pinned
+                self.models[model].unload_asked = False
             case Reconfigure(specs, changed):
                 self._reconfigure(specs, changed)
             case Shutdown():
@@ -251,7 +258,7 @@ class Policy:
             if name not in specs:
                 m.retired = m.stale = True
             elif name in changed or m.retired:  # (retired: added back before it stopped)
-                m.spec, m.retired = specs[name], False
+                m.spec, m.retired, m.pinned = specs[name], False, specs[name].pinned
                 m.failures, m.retry_at = 0, 0.0  # a new config may load
                 m.stale = m.state is not State.ABSENT
                 if m.state is State.ABSENT:
@@ -278,7 +285,7 @@ class Policy:
         m = self.models[model]
         if self.stopping:
             return ShuttingDown("the server is shutting down")
-        pinned = sum(o.bytes for name, o in self.models.items() if o.spec.pinned and name != model)
+        pinned = sum(o.bytes for name, o in self.models.items() if o.pinned and name != model)
         room = self.ledger.budget - pinned
         if m.base + m.kv(ticket) > room:
             return self.ledger.too_large(ticket, room, pinned)
@@ -324,7 +331,7 @@ class Policy:
                 effects.append(Reject(t, QueueTimeout(f"waited {waited} for model {name!r}")))
             if m.idle and m.stale:
                 effects.append(self._stop(name, "manual"))
-            elif m.idle and not m.spec.pinned:
+            elif m.idle and not m.pinned:
                 if m.unload_asked:
                     effects.append(self._stop(name, "manual"))
                 elif now >= m.expires:
@@ -397,7 +404,7 @@ class Policy:
             name
             for name, m in self.models.items()
             if m.state is State.READY
-            and not m.spec.pinned
+            and not m.pinned
             and not m.running
             and (m.draining or not m.queue)
         ]
@@ -472,7 +479,7 @@ class Policy:
         unused, held = self.ledger.reclaimable()
         evictable = sum(self.models[v].charged for v in self._evictable())
         spare = free + incoming + evictable + sum(b for _, b in unused)
-        spare += sum(b for n, b in held if self.models[n].spec.pinned)
+        spare += sum(b for n, b in held if self.models[n].pinned)
         for name in self._candidates():
             cost = self.ledger.need(name, self._next(name))
             if cost > spare:
@@ -494,7 +501,7 @@ class Policy:
         busy = [
             n
             for n, m in self.models.items()
-            if m.state is State.READY and not m.spec.pinned and (m.running or m.queue) and n != name
+            if m.state is State.READY and not m.pinned and (m.running or m.queue) and n != name
         ]
         for n in sorted(busy, key=lambda n: self.models[n].last_used):
             if need <= 0:

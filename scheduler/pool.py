@@ -26,7 +26,7 @@ from config.settings import ModelConfig
 from scheduler import events as pe
 from scheduler import policy as p
 from scheduler.errors import MlxdError, ModelLoadFailed, ShuttingDown
-from scheduler.events import NORMAL
+from scheduler.events import NORMAL, PRIORITY_NAMES
 from scheduler.memory import Size
 from scheduler.metrics import Metrics
 from scheduler.order import Order
@@ -226,8 +226,14 @@ class Scheduler(Generic[R]):
         self._post(pe.Reconfigure(_specs(models), frozenset(changed), trio.current_time()))
 
     def unload(self, model: str) -> None:
-        """Unload ``model`` once its running and queued requests are done."""
+        """Unload ``model`` once its running and queued requests are done
+        (unpinning it)."""
         self._post(pe.Unload(model, trio.current_time()))
+
+    def pin(self, model: str, pinned: bool = True) -> None:
+        """Keep ``model`` resident once loaded, whatever its keep-alive or
+        memory others want (or no longer, ``pinned=False``)."""
+        self._post(pe.Pin(model, pinned, trio.current_time()))
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the pool, for the lifecycle API. Times are Unix time."""
@@ -252,7 +258,8 @@ class Scheduler(Generic[R]):
                     "running": len(m.running),
                     "queued": len(m.queue),
                     "waiting_for_memory": short.get(name, 0),
-                    "pinned": m.spec.pinned,
+                    "pinned": m.pinned,
+                    "clients": _by_client(m),
                     "keep_alive_s": None if math.isinf(m.keep_alive_s) else m.keep_alive_s,
                     "last_used": at(m.last_used) if m.state is p.State.READY else None,
                     "expires_at": at(m.expires) if m.idle else None,
@@ -442,6 +449,20 @@ class Scheduler(Generic[R]):
             await self.load(model)
         except MlxdError as e:
             log.error("preloading %s failed: %s", model, e.message)
+
+
+def _by_client(m: p.ModelState) -> list[dict[str, Any]]:
+    """A model's running and queued requests by client and priority."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for where, tickets in (("running", m.running), ("queued", m.queue)):
+        for t in tickets:
+            name = PRIORITY_NAMES[t.priority]
+            row = rows.setdefault(
+                (t.client, t.priority),
+                {"client": t.client, "priority": name, "running": 0, "queued": 0},
+            )
+            row[where] += 1
+    return sorted(rows.values(), key=lambda r: (r["client"], r["priority"]))
 
 
 def _specs(models: Sequence[ModelConfig]) -> dict[str, pe.ModelSpec]:

@@ -501,6 +501,27 @@ def test_pinned_model_never_expires() -> None:
     assert pol.handle(pe.Tick(10**6)) == []
 
 
+def test_a_model_pinned_at_run_time_stays_until_unpinned() -> None:
+    pol = policy(budget=20 * GB, a=spec(keep_alive_s=60), b=spec(15 * GB))
+    serve_once(pol, "a", 0)
+    assert pol.handle(pe.Pin("a", True, 1)) == []
+    assert pol.handle(pe.Tick(1000)) == []  # past its keep-alive
+    assert pol.next_deadline() == pe.FOREVER
+    refused = one_reject(pol.handle(pe.Submitted(pe.Ticket("b"), 1001)))
+    assert isinstance(refused.error, ModelTooLarge)
+    assert "held by pinned models" in refused.error.message
+    assert pol.handle(pe.Pin("a", False, 1002)) == [pe.StopRunner("a", RUNNER, "expired")]
+
+
+def test_unloading_a_pinned_model_unpins_it() -> None:
+    pol = policy(a=spec(pinned=True))
+    serve_once(pol, "a", 0)
+    assert pol.handle(pe.Unload("a", 1)) == [pe.StopRunner("a", RUNNER, "manual")]
+    pol.handle(pe.RunnerExited("a", 2))
+    serve_once(pol, "a", 3)  # loaded again: expires by its keep-alive now
+    assert pol.next_deadline() == 3 + pol.models["a"].spec.keep_alive_s
+
+
 def test_unload_waits_for_running_requests() -> None:
     pol = policy(a=spec())
     (t,) = tickets("a", 1)
