@@ -19,7 +19,8 @@ from hypercorn.typing import (
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from api import errors, lifecycle
+from api import errors, lifecycle, page
+from api.activity import Activity
 from api.anthropic import routes as anthropic_routes
 from api.catalog import Catalog
 from api.clients import Clients
@@ -55,19 +56,22 @@ def create_app(
         BODY_TIMEOUT=settings.send_timeout_s,  # then a 408
     )
     errors.install(app)
-    intake = Intake()
+    intake, activity = Intake(), Activity()
     guard = Guard.from_settings(settings)
     clients = Clients.from_settings(settings)
 
     @app.before_serving
     async def _watch_streams() -> None:
         app.add_background_task(stalls.run)
+        app.add_background_task(activity.run)
 
     @app.before_request
     async def _start_record() -> None:
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         reading = intake if request.method == "POST" else None
-        g.record = Record(f"req_{uuid.uuid4().hex[:16]}", rule, scheduler.metrics, reading)
+        g.record = Record(
+            f"req_{uuid.uuid4().hex[:16]}", rule, scheduler.metrics, reading, activity
+        )
 
     @app.after_request
     async def _finish_record(response: Response) -> Response:
@@ -85,7 +89,8 @@ def create_app(
         g.record.client = clients.identify(request)  # whose turn it takes, at what priority
         return answer
 
-    app.register_blueprint(lifecycle.blueprint(catalog, scheduler, spares, recent_errors))
+    app.register_blueprint(lifecycle.blueprint(catalog, scheduler, spares, activity, recent_errors))
+    app.register_blueprint(page.blueprint())
     sealer = Sealer.in_dir(settings.cache_dir)  # for reasoning clients keep (encrypted_content)
     app.register_blueprint(openai_routes.blueprint(catalog, scheduler, stalls, store, sealer))
     app.register_blueprint(anthropic_routes.blueprint(catalog, scheduler, stalls))

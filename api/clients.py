@@ -17,12 +17,12 @@ from quart import Request
 from api.guard import presented_key
 from config.settings import PRIORITIES, ClientConfig, Settings
 from scheduler.errors import InvalidRequest
-from scheduler.events import BACKGROUND, INTERACTIVE, NORMAL
+from scheduler.events import NORMAL, PRIORITY_NAMES
 
 CLIENT_HEADER = "X-Mlxd-Client"
 PRIORITY_HEADER = "X-Mlxd-Priority"
 MAX_NAME = 64
-LEVELS = {"interactive": INTERACTIVE, "normal": NORMAL, "background": BACKGROUND}
+LEVELS = {name: level for level, name in enumerate(PRIORITY_NAMES)}
 
 
 @attrs.frozen

@@ -15,7 +15,8 @@ answers too. So, before any route runs:
 - a POST body must be ``application/json`` (415 otherwise): a page may send
   text or a form anywhere without asking, but JSON only after a preflight,
   which an unlisted origin fails;
-- with API keys configured, every request but ``/health`` needs one
+- with API keys configured, every request but ``/health`` and the status
+  page's own files (``api/page.py``: they hold no data) needs one
   (``Authorization: Bearer KEY``, or Anthropic's ``x-api-key: KEY``), and
   keys are compared in constant time.
 """
@@ -30,6 +31,7 @@ import attrs
 from quart import Request, Response
 
 from api.openai.store import owner_of
+from api.page import is_page
 from config.settings import Settings
 from scheduler.errors import Forbidden, Unauthorized, UnsupportedMediaType
 
@@ -106,7 +108,8 @@ class Guard:
             raise UnsupportedMediaType(
                 "the request body must be JSON, sent as Content-Type: application/json"
             )
-        if self.keys and request.path != "/health":
+        keyless = request.path == "/health" or (request.method == "GET" and is_page(request.path))
+        if self.keys and not keyless:
             given = (presented_key(request) or "").encode()
             # Every key is compared, whether or not an earlier one matched.
             if not any([hmac.compare_digest(given, k) for k in self.keys]):

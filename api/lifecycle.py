@@ -1,13 +1,15 @@
-"""The daemon's own routes: its health, the pool's state, loading and
-unloading models by hand, recent errors, and the Prometheus metrics."""
+"""The daemon's own routes: its health, the pool's state, loading,
+unloading and pinning models by hand, recent errors and activity (what the
+status page shows), and the Prometheus metrics."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from quart import Blueprint, Response
+from quart import Blueprint, Response, g
 
+from api.activity import Activity
 from api.catalog import Catalog
 from api.http import accounted, json_body, model_field
 from api.pool import Pool
@@ -19,6 +21,7 @@ def blueprint(
     catalog: Catalog,
     scheduler: Pool,
     spares: Callable[[], dict[str, Any]],
+    activity: Activity,
     recent_errors: Iterable[dict[str, Any]] = (),
 ) -> Blueprint:
     bp = Blueprint("lifecycle", __name__)
@@ -55,19 +58,48 @@ def blueprint(
         """The daemon's recent warnings and errors (for ``mlxd doctor``)."""
         return {"errors": list(recent_errors)}
 
+    @bp.get("/api/activity")
+    async def recently() -> dict[str, Any]:
+        """The latest requests, and tokens and requests per second over the
+        last minutes (``api/activity.py``)."""
+        return activity.snapshot()
+
+    def named_model(body: Any) -> str:
+        """The configured model a lifecycle request names (its record's too)."""
+        g.record.model = model = catalog.get(model_field(body)).name
+        return model
+
     @bp.post("/api/load")
     @accounted
     async def load() -> dict[str, Any]:
         body = await json_body()
-        model = catalog.get(model_field(body)).name
+        model = named_model(body)
         await catalog.texts(model)
         await scheduler.load(model, keep_alive_field(body))
         return {"model": model, "state": "ready"}
 
     @bp.post("/api/unload")
     async def unload() -> dict[str, Any]:
-        model = catalog.get(model_field(await json_body())).name
+        model = named_model(await json_body())
         scheduler.unload(model)
         return {"model": model, "state": "unloading"}
+
+    @bp.post("/api/pin")
+    @accounted
+    async def pin() -> dict[str, Any]:
+        """Keep the model resident (loading it if needed) until it is
+        unpinned or unloaded by hand, or the config changes it."""
+        model = named_model(await json_body())
+        scheduler.pin(model)
+        await catalog.texts(model)
+        await scheduler.load(model)
+        return {"model": model, "state": "ready", "pinned": True}
+
+    @bp.post("/api/unpin")
+    async def unpin() -> dict[str, Any]:
+        """Let the model go by its keep-alive again (now, if that has run out)."""
+        model = named_model(await json_body())
+        scheduler.pin(model, pinned=False)
+        return {"model": model, "pinned": False}
 
     return bp

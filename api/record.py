@@ -10,9 +10,11 @@ from typing import Any
 
 import attrs
 
+from api.activity import Activity
 from api.clients import Client
 from api.errors import describe
 from scheduler.errors import MlxdError
+from scheduler.events import PRIORITY_NAMES
 from scheduler.metrics import Metrics
 
 log = logging.getLogger("mlxd.request")
@@ -75,7 +77,8 @@ class Record:
     id: str
     endpoint: str
     metrics: Metrics
-    intake: Intake | None = None  # counted in it until queued (or finished)
+    intake: Intake | None = None  # counted in it until queued (or finished); POSTs only
+    activity: Activity | None = None  # what the status page shows
     arrived: float = attrs.field(factory=time.monotonic)
     model: str = ""
     client: Client = attrs.field(factory=Client)  # who sent it (``api/clients.py``)
@@ -116,6 +119,8 @@ class Record:
     def token(self) -> None:
         """A token has come (the decoder counts it): its timing."""
         now = time.monotonic()
+        if self.activity is not None:
+            self.activity.tokens += 1
         if self._last_token is None:
             self.ttft_s = now - self.arrived
             self._itl = self.metrics.itl.labels(self.model)  # once, not per token
@@ -142,6 +147,8 @@ class Record:
             hit = m.prefix_hits if tokens.cached else m.prefix_misses
             hit.labels(self.model).inc()
             m.prefix_tokens.labels(self.model).inc(tokens.cached)
+        if self.activity is not None and self.intake is not None:
+            self.activity.finished(self._row(status, duration))
         log.info(
             "request id=%s model=%s client=%s endpoint=%s status=%d prompt_tokens=%d "
             "cached_tokens=%s generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s "
@@ -160,6 +167,26 @@ class Record:
             duration,
             f" error={self.error!r}" if self.error else "",
         )
+
+    def _row(self, status: int, duration: float) -> dict[str, Any]:
+        """Its account, as the status page lists it."""
+        t = self.tokens
+        return {
+            "time": round(time.time(), 3),
+            "id": self.id,
+            "endpoint": self.endpoint,
+            "model": self.model or None,
+            "client": self.client.name or None,
+            "priority": PRIORITY_NAMES[self.client.priority],
+            "status": status,
+            "prompt_tokens": t.prompt,
+            "cached_tokens": t.cached,
+            "generated_tokens": t.generated,
+            "queue_s": self.queue_s,
+            "ttft_s": self.ttft_s,
+            "duration_s": round(duration, 3),
+            "error": self.error,
+        }
 
 
 def _seconds(value: float | None) -> str:

@@ -106,15 +106,34 @@ class DaemonError(Exception):
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    pool = _call(args, "GET", "/api/ps")
-    print(f"memory: {format_bytes(pool['used'])} of {format_bytes(pool['budget'])} in use")
-    print(
+    if args.watch is None:
+        print(ps_text(_call(args, "GET", "/api/ps")), end="")
+        return 0
+    try:
+        while True:
+            try:
+                text = ps_text(_call(args, "GET", "/api/ps"))
+            except DaemonError as e:
+                text = f"mlxd is not answering: {e}\n"
+            stamp = time.strftime("%H:%M:%S")
+            # home, clear: the view redrawn in place, as `watch` does
+            print(f"\x1b[H\x1b[2J{stamp}, every {args.watch:g} s (Ctrl-C to stop)\n{text}", end="")
+            sys.stdout.flush()
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def ps_text(pool: dict[str, Any]) -> str:
+    """``/api/ps`` as ``mlxd ps`` prints it."""
+    lines = [f"memory: {format_bytes(pool['used'])} of {format_bytes(pool['budget'])} in use"]
+    lines.append(
         f"{'MODEL':28} {'STATE':9} {'BYTES':>10} {'WEIGHTS':>10} {'KV':>10} {'PREFIXES':>10} "
         f"{'MEASURED':>10} {'ON DISK':>10} {'RUN':>4} {'QUEUE':>5}  UNTIL"
     )
     for m in pool["models"]:
         until = "-"
-        if m["pinned"] and m["state"] == "ready":
+        if m["pinned"]:
             until = "pinned"
         elif m["expires_at"] is not None:
             until = time.strftime("%H:%M:%S", time.localtime(m["expires_at"]))
@@ -125,14 +144,21 @@ def cmd_ps(args: argparse.Namespace) -> int:
         prefixes, sizes = m["prefix_cache"], [m["bytes"], m["weights"], m["kv_reserved"]]
         sizes += [prefixes["bytes"], m["measured"], prefixes["disk_bytes"]]
         cells = " ".join(f"{format_bytes(b) if b is not None else '-':>10}" for b in sizes)
-        print(f"{m['model']:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}")
+        lines.append(
+            f"{m['model']:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}"
+        )
+        for c in m.get("clients", []):
+            who = f"  {c['client'] or '(anonymous)'} ({c['priority']})"
+            lines.append(f"{who:<28.28} {'':>76} {c['running']:>4} {c['queued']:>5}")
     spare = pool["spare"]
     pid = f" (pid {spare['pid']})" if spare["pid"] else ""
     held = f", holding {format_bytes(pool['spare_bytes'])}" if pool["spare_bytes"] else ""
-    print(f"spare runner: {spare['state']}{pid}{held}")
+    lines.append(f"spare runner: {spare['state']}{pid}{held}")
     if pool["runner_bytes"]:
-        print(f"each runner holds {format_bytes(pool['runner_bytes'])} before its model (in BYTES)")
-    return 0
+        lines.append(
+            f"each runner holds {format_bytes(pool['runner_bytes'])} before its model (in BYTES)"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def cmd_load(args: argparse.Namespace) -> int:
@@ -147,6 +173,18 @@ def cmd_load(args: argparse.Namespace) -> int:
 def cmd_unload(args: argparse.Namespace) -> int:
     _call(args, "POST", "/api/unload", {"model": args.name})
     print(f"{args.name}: unloading once its requests are done")
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    _call(args, "POST", "/api/pin", {"model": args.name})
+    print(f"{args.name}: loaded and pinned")
+    return 0
+
+
+def cmd_unpin(args: argparse.Namespace) -> int:
+    _call(args, "POST", "/api/unpin", {"model": args.name})
+    print(f"{args.name}: unpinned (it goes by its keep-alive)")
     return 0
 
 
@@ -267,9 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--timeout", type=float, default=600, help="seconds to wait")
         return cmd
 
-    client(
-        "ps", "list models (state, the memory ledger, requests, expiry), the spare runner"
-    ).set_defaults(func=cmd_ps)
+    ps = client(
+        "ps", "list models (state, the memory ledger, requests by client, expiry), the spare runner"
+    )
+    ps.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        metavar="SECONDS",
+        help="redraw every SECONDS (2 if not given) until Ctrl-C",
+    )
+    ps.set_defaults(func=cmd_ps)
     load = client("load", "load a model into the running daemon now")
     load.add_argument("name")
     load.add_argument("--keep-alive", help="how long it stays once idle ('5m', 'forever')")
@@ -277,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     unload = client("unload", "unload a model once its requests are done")
     unload.add_argument("name")
     unload.set_defaults(func=cmd_unload)
+    pin = client("pin", "load a model and keep it loaded whatever its keep-alive")
+    pin.add_argument("name")
+    pin.set_defaults(func=cmd_pin)
+    unpin = client("unpin", "let a pinned model go by its keep-alive again")
+    unpin.add_argument("name")
+    unpin.set_defaults(func=cmd_unpin)
 
     client(
         "doctor", "print versions, device, config and the daemon's state for a bug report"

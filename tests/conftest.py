@@ -73,6 +73,7 @@ SLOWEST_FIRST = (
     "test_messages.py",
     "test_smollm2.py",
     "test_metrics.py",
+    "test_page.py",
 )
 
 

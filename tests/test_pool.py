@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -191,6 +193,25 @@ async def test_a_killed_runner_fails_only_its_own_stream(three: Daemon) -> None:
     assert again.choices[0].finish_reason == "length"
 
 
+async def test_cli_ps_watch_redraws_the_view_until_interrupted(three: Daemon) -> None:
+    port = str(three.settings.port)
+    args = [sys.executable, "-m", "daemon.cli", "ps", "--watch", "0.2", "--port", port]
+    watch = await trio.lowlevel.open_process(args, stdout=subprocess.PIPE)
+    assert watch.stdout is not None
+    seen = b""
+    try:
+        with trio.fail_after(60):
+            while seen.count(b"\x1b[H\x1b[2J") < 3:  # the screen cleared and drawn again
+                seen += await watch.stdout.receive_some()
+            watch.send_signal(signal.SIGINT)
+            assert await watch.wait() == 0
+    finally:
+        watch.kill()
+    frame = seen.split(b"\x1b[H\x1b[2J")[2].decode()
+    assert "every 0.2 s (Ctrl-C to stop)" in frame
+    assert re.search(r"^a +(absent|ready)", frame, re.M), frame
+
+
 async def test_keep_alive_zero_in_a_request_unloads_the_model_once_idle(three: Daemon) -> None:
     async with three.client() as client:
         await client.completions.create(model="c", prompt="Hi", max_tokens=2)
@@ -212,7 +233,11 @@ async def test_cli_ps_load_unload_talk_to_the_daemon(
     row = next(line for line in out.splitlines() if line.startswith("a "))
     assert "ready" in row and re.search(r"\d\.\d [KMG]iB", row)  # its charge, in human units
     assert "spare runner: off" in out  # (settings_for turns it off)
-    assert await trio.to_thread.run_sync(main, ["unload", "a", *port]) == 0
+    assert await trio.to_thread.run_sync(main, ["pin", "a", *port]) == 0
+    assert await trio.to_thread.run_sync(main, ["ps", *port]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("a "))
+    assert row.endswith("pinned")
+    assert await trio.to_thread.run_sync(main, ["unload", "a", *port]) == 0  # unpins it too
     await pool_where(three, lambda pool: not resident(pool), "a unloaded")
     assert await trio.to_thread.run_sync(main, ["load", "nope", *port]) == 1
     assert "does not exist" in capsys.readouterr().err
