@@ -240,20 +240,29 @@ async def measure(columns: dict[str, Column], repeat: int) -> dict[str, dict[str
     little differently each time (say 6 then 2 instead of 8), and each new
     grouping compiles kernels once; on the GPU the first few groupings cost
     up to 0.15 s of time to first token."""
-    for single, batch in columns.values():
+    for name, (single, batch) in columns.items():
+        progress(f"{name}: warming up")
         await single()
         await batch()
         await batch()
     runs: dict[str, dict[str, list[Metrics]]] = {c: {"single": [], "batch": []} for c in columns}
-    for _ in range(repeat):
+    for i in range(repeat):
         for name, (single, _) in columns.items():
             runs[name]["single"].append(await single())
+            progress(f"{name} single, round {i + 1}: {runs[name]['single'][-1]}")
         for name, (_, batch) in columns.items():
             runs[name]["batch"].append(await batch())
+            progress(f"{name} batch, round {i + 1}: {runs[name]['batch'][-1]}")
     return {
         name: {"single": median(r["single"]), "batch": median(r["batch"]), "runs": r}
         for name, r in runs.items()
     }
+
+
+def progress(message: str) -> None:
+    """A line on stderr as the run goes: a run cut short still says how far
+    it got (on the lent GPU, a call's time limit ends it without a word)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def median(runs: list[Metrics]) -> Metrics:
@@ -358,6 +367,7 @@ def start_mlxd(
 
 
 def wait_ready(url: str, timeout: float = 900, model: str = "bench") -> None:
+    progress(f"waiting for {url}")
     deadline = time.monotonic() + timeout
     body: dict[str, Any] = {"prompt": "hi", "max_tokens": 1}
     if model:
@@ -369,6 +379,7 @@ def wait_ready(url: str, timeout: float = 900, model: str = "bench") -> None:
             time.sleep(0.2)  # not listening yet
             continue
         if reply.status_code == 200:
+            progress(f"{url} is ready")
             return
         raise RuntimeError(f"mlxd answered {reply.status_code}: {reply.text}")
     raise TimeoutError("mlxd did not become ready")

@@ -131,11 +131,15 @@ def main() -> None:
         "engine burst": lambda: engine(0),
         "engine join": lambda: engine(args.join),
     }
-    first = {name: run() for name, run in runs.items()}  # warm-up: shapes compile once
+    first = {}
+    for name, run in runs.items():  # warm-up: shapes compile once
+        first[name] = run()
+        print(f"{name:>13} (first run): {json.dumps(first[name])}", flush=True)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in runs}
-    for _ in range(args.repeat):
+    for i in range(args.repeat):
         for name, run in runs.items():
             results[name].append(run())
+            print(f"{name:>13} (run {i + 1}): {json.dumps(results[name][-1])}", flush=True)
             mx.clear_cache()
     summary = {
         name: {
@@ -150,8 +154,6 @@ def main() -> None:
     )
     for name, row in summary.items():
         print(f"{name:>13}: {json.dumps(row)}")
-    for name, row in first.items():  # what new shapes cost (kernels compiled on a GPU)
-        print(f"{name:>13} (first run): {json.dumps(row)}")
 
 
 if __name__ == "__main__":
