@@ -42,7 +42,13 @@ def daemon(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     work = tmp_path_factory.mktemp("page")
     slow = talking_model(tiny_dir, work / "slow", step_s=0.05)  # 20 tokens a second
     fast = talking_model(tiny_dir, work / "fast")
-    models = ModelConfig("slow", str(slow)), ModelConfig("fast", str(fast))
+    broken = work / "broken"  # the tiny model without its weights: its load fails
+    shutil.copytree(tiny_dir, broken, ignore=shutil.ignore_patterns("*.safetensors*"))
+    models = (
+        ModelConfig("slow", str(slow)),
+        ModelConfig("fast", str(fast)),
+        ModelConfig("broken", str(broken)),
+    )
     with serving(settings_for(work, *models)) as d:
         yield d
 
@@ -152,6 +158,23 @@ def test_its_buttons_pin_and_unload_and_work_from_the_keyboard(
     actions = page.tab.locator("#requests tbody tr td:nth-child(4)")
     expect(actions.first).to_have_text("/api/unload")
     expect(page.tab.locator("#requests tbody tr").first.locator("td").nth(1)).to_have_text("fast")
+    page.close()
+
+
+def test_a_failed_load_says_why_beside_its_button_and_among_the_errors(
+    browser: Browser, daemon: Daemon
+) -> None:
+    page = Page(browser, daemon.url)
+    page.card("broken").get_by_role("button", name="Load broken").click()
+    status = page.tab.locator("#action-status")
+    expect(status).to_contain_text("load broken failed: ")
+    expect(status).to_contain_text("No safetensors found")
+    expect(page.tab.locator("#errors li").first).to_contain_text("'broken' failed to load")
+    expect(page.card("broken").locator(".badge").first).to_have_text("absent")
+    page.shot("a-failed-load")
+    # The browser logs the failed call's status, and nothing else.
+    assert len(page.problems) == 1 and "status of 500" in page.problems[0], page.problems
+    page.problems.clear()
     page.close()
 
 
