@@ -114,7 +114,11 @@ class Record:
 
     def granted(self, waited_s: float, kv_reserved: int) -> None:
         self.queue_s, self.kv_reserved = waited_s, kv_reserved
-        self.metrics.queue_time.labels(self.model).observe(waited_s)
+        self.metrics.queue_time.labels(self.model, self._client_label).observe(waited_s)
+
+    @property
+    def _client_label(self) -> str:
+        return self.metrics.client(self.client.name)
 
     def token(self) -> None:
         """A token has come (the decoder counts it): its timing."""
@@ -135,13 +139,13 @@ class Record:
         self.queued()
         status = self.failed or status
         duration = time.monotonic() - self.arrived
-        m, tokens = self.metrics, self.tokens
-        m.requests.labels(self.endpoint, self.model, str(status)).inc()
+        m, tokens, client = self.metrics, self.tokens, self._client_label
+        m.requests.labels(self.endpoint, self.model, str(status), client).inc()
         if self.model and self.queue_s is not None:
-            m.prompt_tokens.labels(self.model).inc(tokens.prompt)
-            m.generation_tokens.labels(self.model).inc(tokens.generated)
+            m.prompt_tokens.labels(self.model, client).inc(tokens.prompt)
+            m.generation_tokens.labels(self.model, client).inc(tokens.generated)
             if self.ttft_s is not None:
-                m.ttft.labels(self.model).observe(self.ttft_s)
+                m.ttft.labels(self.model, client).observe(self.ttft_s)
                 m.e2e.labels(self.model).observe(duration)
         if self.model and tokens.cached is not None:
             hit = m.prefix_hits if tokens.cached else m.prefix_misses
@@ -150,12 +154,13 @@ class Record:
         if self.activity is not None and self.intake is not None:
             self.activity.finished(self._row(status, duration))
         log.info(
-            "request id=%s model=%s client=%s endpoint=%s status=%d prompt_tokens=%d "
+            "request id=%s model=%s client=%s priority=%s endpoint=%s status=%d prompt_tokens=%d "
             "cached_tokens=%s generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s "
             "duration_s=%.3f%s",
             self.id,
             self.model or "-",
             self.client.name or "-",
+            PRIORITY_NAMES[self.client.priority],
             self.endpoint,
             status,
             tokens.prompt,

@@ -82,6 +82,7 @@ async def serve(
         prefix_disk_bytes=launcher.prefix_disk_bytes,
         runner_timeout_s=settings.runner_timeout_s,
         order=Fair(settings.background_max_wait_s),
+        clients=[c.name for c in settings.clients],
     )
     scheduler.metrics.watch(
         "mlxd_prefix_cache_disk_write_budget_bytes",

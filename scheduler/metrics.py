@@ -25,32 +25,42 @@ EVICTION_REASONS = ("idle", "expired", "memory", "manual")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
+OTHER = "other"  # the ``client`` label of every request from a client not configured
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self.clients: frozenset[str] = frozenset()  # the ``client`` label's names, and OTHER
 
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, list(labels or ["model"]), registry=r)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, ["model"], buckets=buckets, registry=r)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], *labels: str) -> Histogram:
+            return Histogram(name, doc, list(labels or ["model"]), buckets=buckets, registry=r)
 
         self.requests = counter(
             "mlxd_requests",
-            "HTTP requests by endpoint, model and status code",
-            *("endpoint", "model", "status"),
+            "HTTP requests by endpoint, model, status code and client",
+            *("endpoint", "model", "status", "client"),
         )
-        self.prompt_tokens = counter("mlxd_prompt_tokens", "Prompt tokens processed")
-        self.generation_tokens = counter("mlxd_generation_tokens", "Tokens generated")
+        self.prompt_tokens = counter(
+            "mlxd_prompt_tokens", "Prompt tokens processed", "model", "client"
+        )
+        self.generation_tokens = counter(
+            "mlxd_generation_tokens", "Tokens generated", "model", "client"
+        )
         self.queue_time = histogram(
             "mlxd_request_queue_time_seconds",
             "Wait for a model slot (queue and load)",
             LATENCY_BUCKETS,
+            *("model", "client"),
         )
         self.ttft = histogram(
             "mlxd_time_to_first_token_seconds",
             "From arrival to the first generated token",
             LATENCY_BUCKETS,
+            *("model", "client"),
         )
         self.itl = histogram(
             "mlxd_inter_token_latency_seconds",
@@ -98,13 +108,23 @@ class Metrics:
             "mlxd_runner_crashes", "Runner processes that exited without being asked"
         )
 
+    def add_clients(self, names: Iterable[str]) -> None:
+        """The configured clients' names: the ``client`` label takes these and
+        ``other``, never a name a request makes up (bounded cardinality)."""
+        self.clients = frozenset(names)
+
+    def client(self, name: str) -> str:
+        """The ``client`` label of a request from client ``name``."""
+        return name if name in self.clients else OTHER
+
     def add_models(self, names: Iterable[str]) -> None:
         """Start each model's counters at zero, so that every series exists
         (and a dashboard shows 0 rather than "no data") before anything happens."""
         for name in names:
+            for client in (*sorted(self.clients), OTHER):
+                self.prompt_tokens.labels(name, client)
+                self.generation_tokens.labels(name, client)
             for counter in (
-                self.prompt_tokens,
-                self.generation_tokens,
                 self.loads,
                 self.load_failures,
                 self.runner_crashes,

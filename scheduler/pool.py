@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Generic, Protocol, TypeVar, cast
 
@@ -132,12 +132,15 @@ class Scheduler(Generic[R]):
         prefix_disk_bytes: Callable[[str], int] | None = None,
         runner_timeout_s: float = 120.0,
         order: Order | None = None,
+        clients: Iterable[str] = (),
     ) -> None:
         """``make_runner(start)`` prepares (but does not start) a runner for
         ``start.model``, with the policy's prefix-cache bytes and prompt to
         read ahead; ``size_model(model)`` estimates its bytes and KV bytes per
         token before a first load;
-        ``prefix_disk_bytes(model)`` says what its prefixes take on disk."""
+        ``prefix_disk_bytes(model)`` says what its prefixes take on disk;
+        ``clients`` are the configured clients' names (the metrics' ``client``
+        label takes those and ``other``)."""
         specs = _specs(models)
         self._policy = p.Policy(specs, budget, max_turn_s, order)
         self._preload = [m.name for m in models if m.preload]
@@ -151,6 +154,7 @@ class Scheduler(Generic[R]):
         self._send, self._events = trio.open_memory_channel[pe.Event](math.inf)
         self._nursery: trio.Nursery | None = None
         self.metrics = metrics or Metrics()
+        self.metrics.add_clients(clients)
         self.metrics.add_models(specs)
         self.metrics.watch_pool(self.status)
         self._stopping: set[str] = set()  # models whose runner was asked to exit

@@ -58,8 +58,17 @@ async def test_an_interactive_request_passes_a_background_backlog(
             for i in (2, 3):
                 nursery.start_soon(ask, f"indexer {i}", indexer)
                 await eventually(partial(_is, http, daemon, 1, i - 1), what=f"{i - 1} queued")
+            (m,) = (await http.get(f"{daemon.url}/api/ps")).json()["models"]
+            assert m["clients"] == [
+                {"client": "indexer", "priority": "background", "running": 1, "queued": 2}
+            ]
             nursery.start_soon(ask, "editor", {"X-Mlxd-Client": "editor"})
+        metrics = (await http.get(f"{daemon.url}/metrics")).text
     assert finished.index("editor") == 1  # after the one running, before the backlog
+    done = 'endpoint="/v1/chat/completions",model="slow",status="200"}'
+    assert f'mlxd_requests_total{{client="indexer",{done} 3.0' in metrics
+    assert f'mlxd_requests_total{{client="editor",{done} 1.0' in metrics
+    assert 'mlxd_generation_tokens_total{client="other",model="slow"} 0.0' in metrics
 
 
 async def _is(http: httpx.AsyncClient, daemon: Daemon, running: int, queued: int) -> bool:

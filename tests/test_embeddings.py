@@ -103,10 +103,10 @@ async def test_embeddings_beside_a_chat_model(
         async with httpx.AsyncClient(timeout=30, verify=TLS) as http:
             metrics = (await http.get(f"{daemon.url}/metrics")).text
         assert (
-            'mlxd_requests_total{endpoint="/v1/embeddings",model="all-minilm-l6-v2",status="200"}'
-            in metrics
+            'mlxd_requests_total{client="other",endpoint="/v1/embeddings",'
+            'model="all-minilm-l6-v2",status="200"}' in metrics
         )
-        assert 'mlxd_prompt_tokens_total{model="all-minilm-l6-v2"}' in metrics
+        assert 'mlxd_prompt_tokens_total{client="other",model="all-minilm-l6-v2"}' in metrics
 
 
 @pytest.mark.parametrize(

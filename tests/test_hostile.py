@@ -229,11 +229,12 @@ async def test_a_client_that_half_closes_is_taken_for_gone_and_frees_its_slot(
         await _wait_for(http, daemon.url, "running", 0)
         quitter.close()
         metrics = (await http.get(f"{daemon.url}/metrics")).text
-    assert 'endpoint="/v1/chat/completions",model="tiny",status="499"} 1.0' in metrics
+    done = 'client="other",endpoint="/v1/chat/completions",model="tiny",status="499"}'
+    assert f"{done} 1.0" in metrics
     (generated,) = [
         float(line.split()[-1])
         for line in metrics.splitlines()
-        if line.startswith('mlxd_generation_tokens_total{model="tiny"}')
+        if line.startswith('mlxd_generation_tokens_total{client="other",model="tiny"}')
     ]
     assert generated < 12_000  # cancelled, not made whole for nobody
 

@@ -71,13 +71,13 @@ async def test_metrics_count_what_happened(talker: Daemon) -> None:
     def value(name: str, **labels: str) -> float:
         return got[name, frozenset(labels.items())]
 
-    chat = {"endpoint": "/v1/chat/completions"}
+    chat = {"endpoint": "/v1/chat/completions", "client": "other"}  # no clients configured
     assert value("mlxd_requests_total", **chat, model="tiny", status="200") == 2
     assert value("mlxd_requests_total", **chat, model="", status="400") == 1
-    assert value("mlxd_generation_tokens_total", model="tiny") == 16
-    assert value("mlxd_time_to_first_token_seconds_count", model="tiny") == 2
+    assert value("mlxd_generation_tokens_total", model="tiny", client="other") == 16
+    assert value("mlxd_time_to_first_token_seconds_count", model="tiny", client="other") == 2
     assert value("mlxd_inter_token_latency_seconds_count", model="tiny") == 14
-    assert value("mlxd_request_queue_time_seconds_count", model="tiny") == 2
+    assert value("mlxd_request_queue_time_seconds_count", model="tiny", client="other") == 2
     assert value("mlxd_model_loads_total", model="tiny") == 1
     assert value("mlxd_evictions_total", model="tiny", reason="manual") == 1
     assert value("mlxd_evictions_total", model="tiny", reason="memory") == 0
