@@ -112,11 +112,12 @@ class RawChild:
     async def ready(self) -> None:
         self.device = (await trio.to_thread.run_sync(self._ask, None))["device"]
 
+    # abandoned on cancel: a run timeout (``measure``) kills the child after
     async def single(self) -> Metrics:
-        return await trio.to_thread.run_sync(self._ask, "single")
+        return await trio.to_thread.run_sync(self._ask, "single", abandon_on_cancel=True)
 
     async def batch(self) -> Metrics:
-        return await trio.to_thread.run_sync(self._ask, "batch")
+        return await trio.to_thread.run_sync(self._ask, "batch", abandon_on_cancel=True)
 
     def close(self) -> None:
         self.proc.kill()
@@ -232,26 +233,37 @@ def streamed(one: Stream, ps: list[list[int]], offsets: list[float]) -> Column:
     return single, batch
 
 
-async def measure(columns: dict[str, Column], repeat: int) -> dict[str, dict[str, Any]]:
+async def measure(
+    columns: dict[str, Column], repeat: int, run_timeout: float = 300.0
+) -> dict[str, dict[str, Any]]:
     """Warm every column up with full-length runs (one single, two batches),
-    then interleave ``repeat`` rounds and take each metric's median.
+    then interleave ``repeat`` rounds and take each metric's median. A run
+    that takes longer than ``run_timeout`` ends the benchmark, naming it.
 
     Two batch warm-ups, because requests that arrive over HTTP are grouped a
     little differently each time (say 6 then 2 instead of 8), and each new
     grouping compiles kernels once; on the GPU the first few groupings cost
     up to 0.15 s of time to first token."""
+
+    async def timed(what: str, run: Callable[[], Awaitable[Metrics]]) -> Metrics:
+        with trio.move_on_after(run_timeout) as scope:
+            return await run()
+        assert scope.cancelled_caught
+        progress(f"{what}: no end after {run_timeout:g} s")
+        raise TimeoutError(f"{what} took longer than {run_timeout:g} s (--run-timeout)")
+
     for name, (single, batch) in columns.items():
         progress(f"{name}: warming up")
-        await single()
-        await batch()
-        await batch()
+        await timed(f"{name} single warm-up", single)
+        await timed(f"{name} batch warm-up", batch)
+        await timed(f"{name} second batch warm-up", batch)
     runs: dict[str, dict[str, list[Metrics]]] = {c: {"single": [], "batch": []} for c in columns}
     for i in range(repeat):
         for name, (single, _) in columns.items():
-            runs[name]["single"].append(await single())
+            runs[name]["single"].append(await timed(f"{name} single", single))
             progress(f"{name} single, round {i + 1}: {runs[name]['single'][-1]}")
         for name, (_, batch) in columns.items():
-            runs[name]["batch"].append(await batch())
+            runs[name]["batch"].append(await timed(f"{name} batch", batch))
             progress(f"{name} batch, round {i + 1}: {runs[name]['batch'][-1]}")
     return {
         name: {"single": median(r["single"]), "batch": median(r["batch"]), "runs": r}
@@ -335,7 +347,7 @@ async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[
                     columns["http floor"] = streamed(
                         lambda p: stream_plain(floor, {"max_tokens": 1}), ps, offsets
                     )
-                results = await measure(columns, args.repeat)
+                results = await measure(columns, args.repeat, args.run_timeout)
                 runner.stop()
         finally:
             raw.close()
@@ -461,6 +473,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--base", help="another mlxd checkout, served beside this one (an A/B in one run)"
+    )
+    parser.add_argument(
+        "--run-timeout", type=float, default=300.0, help="seconds one run may take (then it fails)"
     )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--json", help="also write the results here")
