@@ -12,7 +12,12 @@ or ``ps``; the runner is another process) is the per-request work alone:
 - ``chat``, ``chat stream``: a short chat request, whole and streamed;
 - ``agent turn``: a streamed chat request of an agent's size (a 3,000-word
   system prompt, a growing conversation), each turn one message longer,
-  as a coding agent sends them.
+  as a coding agent sends them;
+- ``per streamed token``: 8 streams of 64 tokens at once, the daemon's CPU
+  divided by the tokens (a chunk from the runner, decoded, sent as an
+  event): what bounds a fast model's throughput at many streams, since the
+  daemon's event loop is one thread (with ``--profile``, only with
+  ``--per-token``, which profiles it alone).
 
 With ``--profile`` mlxd runs under cProfile, twice: once only started and
 stopped, once serving the requests; the difference, split by where it was
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +102,40 @@ def measure(pid: int, n: int, send: Callable[[int], None]) -> float:
     return round(1000 * (cpu_seconds(pid) - before) / n, 3)
 
 
+STREAMS, STREAM_TOKENS = 8, 64
+
+
+def per_token(pid: int, url: str) -> float:
+    """Milliseconds of ``pid``'s CPU per token while ``STREAMS`` streams of
+    ``STREAM_TOKENS`` tokens each run at once: a stream's cost beyond its
+    request (a chunk from the runner, decoded, sent as an event)."""
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": STREAM_TOKENS,
+        "ignore_eos": True,
+        "stream": True,
+    }
+
+    def stream(_: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            with http.stream("POST", f"{url}/v1/chat/completions", json=body) as reply:
+                reply.raise_for_status()
+                for _chunk in reply.iter_bytes():
+                    pass
+
+    def together() -> None:
+        with ThreadPoolExecutor(STREAMS) as pool:
+            list(pool.map(stream, range(STREAMS)))
+
+    together()  # once before: the batch's shapes, first-use costs
+    before = cpu_seconds(pid)
+    together()
+    time.sleep(0.2)
+    spent = cpu_seconds(pid) - before
+    return round(1000 * spent / (STREAMS * STREAM_TOKENS), 3)
+
+
 def run(args: argparse.Namespace, work: Path, requests: int) -> dict[str, Any]:
     """Serve, send ``requests`` of each case (none: only start and stop)."""
     model = (
@@ -153,9 +193,16 @@ def run(args: argparse.Namespace, work: Path, requests: int) -> dict[str, Any]:
                     ),
                 ),
             }
-            for name, (pid, send) in cases.items() if requests else ():
+            for name, (pid, send) in cases.items() if requests and not args.per_token else ():
                 results[name] = measure(pid, requests, send)
                 print(f"{name:>12}: {results[name]:.3f} ms of CPU a request", flush=True)
+            if requests and (args.per_token or not args.profile):  # profiled apart
+                results["per streamed token"] = per_token(mlxd.pid, url)
+                print(
+                    f"per streamed token ({STREAMS} streams): "
+                    f"{results['per streamed token']:.3f} ms of CPU",
+                    flush=True,
+                )
     finally:
         floor.send_signal(signal.SIGTERM)
         mlxd.send_signal(signal.SIGTERM)
@@ -195,6 +242,9 @@ def main() -> None:
     parser.add_argument("--model", help="MLX model directory (default: bundled SmolLM2)")
     parser.add_argument("--requests", type=int, default=300, help="per case")
     parser.add_argument("--profile", action="store_true", help="run mlxd under cProfile")
+    parser.add_argument(
+        "--per-token", action="store_true", help="only the streamed tokens (profiled: per token)"
+    )
     parser.add_argument("--port", type=int, default=8770)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
@@ -202,9 +252,13 @@ def main() -> None:
         results = run(args, Path(tmp), args.requests)
         if args.profile:
             run(args, Path(tmp), 0)
-            mlxd_requests = args.requests * (len(results) - 1)  # the bare stack's aside
             served, idle = Path(tmp) / f"mlxd-{args.requests}.prof", Path(tmp) / "mlxd-0.prof"
-            results["profile_ms_per_request"] = parts(served, idle, mlxd_requests)
+            if args.per_token:  # two rounds of streams: the warm-up's and the measured
+                tokens = 2 * STREAMS * STREAM_TOKENS
+                results["profile_ms_per_token"] = parts(served, idle, tokens)
+            else:
+                mlxd_requests = args.requests * (len(results) - 1)  # the bare stack's aside
+                results["profile_ms_per_request"] = parts(served, idle, mlxd_requests)
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
