@@ -43,7 +43,7 @@ class Ticket:
     model: str
     keep_alive_s: float | None = None  # overrides the model's, from this request on
     prompt: tuple[int, ...] = ()  # its tokens: a load it causes reads their cached prefix
-    max_tokens: int = 0  # with the prompt, the tokens its KV reservation holds
+    max_tokens: int = 0  # the most it may generate
     client: str = ""  # who sent it (``scheduler/order.py`` shares turns between clients)
     priority: int = NORMAL
     weight: float = 1.0  # its client's share of turns
@@ -51,6 +51,14 @@ class Ticket:
     since: float = 0.0
     deadline: float = FOREVER
     granted: float | None = None
+    # Output tokens its KV reservation holds, with its prompt (None: all of
+    # ``max_tokens``); ``Grow`` raises it as the sequence generates.
+    reserve: int | None = None
+
+    @property
+    def reserved(self) -> int:
+        """Output tokens its KV reservation holds now."""
+        return self.max_tokens if self.reserve is None else min(self.reserve, self.max_tokens)
 
 
 # -- events (each carries the time it happened) ------------------------------
@@ -130,6 +138,17 @@ class Unload:
 
 
 @attrs.frozen
+class Grow:
+    """A running ticket's sequence nears the end of its reservation: it asks
+    for ``reserve`` output tokens (granted with ``Grown`` when they fit, before
+    any new request is; else it pauses itself, releasing its ticket)."""
+
+    ticket: Ticket
+    reserve: int
+    now: float = 0.0
+
+
+@attrs.frozen
 class Pin:
     """Pin the model (never unloaded for memory or keep-alive) or unpin it."""
 
@@ -171,6 +190,7 @@ Event = (
     | Measured
     | SpareHeld
     | Unload
+    | Grow
     | Pin
     | Tick
     | Shutdown
@@ -220,4 +240,11 @@ class PrefixLimit:
     dropped: bool = False
 
 
-Effect = Grant | Reject | StartRunner | StopRunner | PrefixLimit
+@attrs.frozen
+class Grown:
+    """The ticket's reservation now holds ``ticket.reserve`` output tokens."""
+
+    ticket: Ticket
+
+
+Effect = Grant | Reject | StartRunner | StopRunner | PrefixLimit | Grown

@@ -48,6 +48,7 @@ class ModelState:
     prefixes_used: int = 0  # what the runner last said its prefixes take
     queue: deque[Ticket] = attrs.field(factory=deque)
     running: set[Ticket] = attrs.field(factory=set)
+    growing: dict[Ticket, int] = attrs.field(factory=dict)  # running, waiting to grow: to what
     last_used: float = 0.0
     keep_alive_s: float = 0.0
     unload_asked: bool = False
@@ -69,8 +70,9 @@ class ModelState:
         return self.state is State.READY and not self.running and not self.queue
 
     def kv(self, ticket: Ticket, max_tokens: int | None = None) -> int:
-        """The KV bytes ``ticket`` reserves (with ``max_tokens`` instead of its own)."""
-        more = ticket.max_tokens if max_tokens is None else max_tokens
+        """The KV bytes ``ticket`` reserves (for ``max_tokens`` output tokens
+        instead of what its reservation holds)."""
+        more = ticket.reserved if max_tokens is None else max_tokens
         return self.kv_bytes(len(ticket.prompt) + more)
 
     def kv_bytes(self, tokens: int) -> int:
@@ -151,7 +153,7 @@ class Ledger:
         m = self.models[ticket.model]
         budget = f"the memory budget is {format_bytes(self.budget)} ({self.budget} bytes"
         budget += f", {format_bytes(pinned)} of it held by pinned models)" if pinned else ")"
-        kv, base = m.kv(ticket), m.base
+        kv, base = m.kv(ticket, ticket.max_tokens), m.base
         weights = f"{format_bytes(base)} ({base} bytes) for its weights"
         if m.context:
             weights += f" and runner process ({format_bytes(m.context)} of it)"

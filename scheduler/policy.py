@@ -54,7 +54,12 @@ Then, at every event (``Tick`` only does this):
 9.  Queued tickets past their deadline are rejected (``QueueTimeout``); idle
     unpinned models are stopped when asked to (``Unload``) or when their
     keep-alive has run out.
-10. Ready models grant queued tickets, oldest first across models, up to
+10. Running sequences waiting to grow their reservation (``Grow``) get it
+    while it fits in free memory (``Grown``), which unused prefix-cache
+    reservations and idle models' cached prefixes give way to; while one waits, no new request
+    is granted (it pauses itself if it reaches the end of what it holds, and
+    comes back as a queued request). Then ready models grant queued tickets,
+    oldest first across models, up to
     each one's concurrency (unless it is draining, step 11), while each
     ticket's KV reservation fits in free memory; the first that does not fit
     stops the grants behind it (so a large request is not passed for ever by
@@ -103,6 +108,8 @@ from scheduler.events import (
     Effect,
     Event,
     Grant,
+    Grow,
+    Grown,
     Loaded,
     LoadFailed,
     Measured,
@@ -194,6 +201,7 @@ class Policy:
                 self.models[ticket.model].queue.append(ticket)
             case Withdrawn(ticket) | Released(ticket):
                 m = self.models[ticket.model]
+                m.growing.pop(ticket, None)
                 if ticket in m.queue:
                     m.queue.remove(ticket)
                 if ticket in m.running:
@@ -238,6 +246,10 @@ class Policy:
             case Unload(model):
                 self.models[model].unload_asked = True
                 self.models[model].pinned = False
+            case Grow(ticket, reserve):
+                m = self.models[ticket.model]
+                if ticket in m.running and min(reserve, ticket.max_tokens) > ticket.reserved:
+                    m.growing[ticket] = min(reserve, ticket.max_tokens)
             case Pin(model, pinned):
                 self.models[model].pinned = pinned
                 self.models[model].unload_asked = False
@@ -287,7 +299,7 @@ class Policy:
             return ShuttingDown("the server is shutting down")
         pinned = sum(o.bytes for name, o in self.models.items() if o.pinned and name != model)
         room = self.ledger.budget - pinned
-        if m.base + m.kv(ticket) > room:
+        if m.base + m.kv(ticket, ticket.max_tokens) > room:  # all it may write, alone
             return self.ledger.too_large(ticket, room, pinned)
         if m.state is State.ABSENT and self.now < m.retry_at and m.load_error is not None:
             return ModelLoadFailed(
@@ -312,6 +324,7 @@ class Policy:
         m.context = self.ledger.context  # what its next runner will hold before the model
         m.prefixes = m.prefixes_used = 0
         m.running.clear()
+        m.growing.clear()
         m.keep_alive_s = m.spec.keep_alive_s
         m.unload_asked = m.draining = m.stale = False
 
@@ -337,6 +350,7 @@ class Policy:
                 elif now >= m.expires:
                     effects.append(self._stop(name, "idle" if m.keep_alive_s == 0 else "expired"))
         self._drain(now)
+        effects += self._grow()
         effects += self._grant(now)
         effects += self._load()
         return effects + self._grant(now)  # into room the load step made
@@ -365,11 +379,32 @@ class Policy:
             and len(m.running) < m.spec.max_concurrency
         ]
 
+    def _grow(self) -> list[Effect]:
+        """Step 10a: running sequences grow their reservations, oldest first,
+        while the growth fits in free memory, taking back prefix-cache
+        reservations nobody uses and idle models' cached prefixes for it."""
+        effects: list[Effect] = []
+        for m in self.models.values():
+            for t, reserve in sorted(m.growing.items(), key=lambda tr: tr[0].since):
+                need = m.charge(m.kv(t, reserve) - m.kv(t)) - m.bytes
+                if need > self.ledger.free:
+                    more, _ = self.ledger.make_room(need - self.ledger.free)
+                    effects += more
+                if need > self.ledger.free:
+                    return effects  # the rest wait too
+                del m.growing[t]
+                t.reserve = reserve
+                effects.append(Grown(t))
+        return effects
+
     def _grant(self, now: float) -> list[Effect]:
         """Step 10: grant queued tickets, in the order's rank across ready models,
         while each one's KV reservation fits in free memory; the first that
-        does not fit stops the rest (it waits for room, step 11)."""
+        does not fit stops the rest (it waits for room, step 11). A running
+        sequence waiting to grow (10a) goes before any new request."""
         effects: list[Effect] = []
+        if any(m.growing for m in self.models.values()):
+            return effects
         while ready := self._grantable():
             m, t = min(
                 ((m, self.order.first(m.queue, now)) for m in ready),

@@ -117,6 +117,29 @@ class _OnStarted:
 R = TypeVar("R", bound=Runner, covariant=True)  # the daemon's runner handle, or a test's
 
 
+class Claim(Generic[R]):
+    """A held lease whose KV reservation grows (``Scheduler.claim``)."""
+
+    def __init__(self, scheduler: Scheduler[R], ticket: _LeaseTicket) -> None:
+        self._scheduler, self._ticket = scheduler, ticket
+        self.runner = cast("R", ticket.runner)
+
+    @property
+    def reserved(self) -> int:
+        """Output tokens its reservation holds now (the policy raises it)."""
+        return self._ticket.reserved
+
+    @property
+    def most(self) -> int:
+        """The most output tokens it may hold: its ``max_tokens``."""
+        return self._ticket.max_tokens
+
+    def grow(self, reserve: int) -> None:
+        """Ask for the reservation to hold ``reserve`` output tokens: granted
+        when it fits (``reserved`` says so), before any new request."""
+        self._scheduler.grow(self._ticket, reserve)
+
+
 class Scheduler(Generic[R]):
     """The pool's owner: runs the policy, starts and stops the runners
     ``make_runner`` gives, and lends them out (``lease``)."""
@@ -200,11 +223,40 @@ class Scheduler(Generic[R]):
         ``keep_alive_s`` overrides the model's keep-alive from this request on;
         a load for this request reads the cached prefix of ``prompt`` early;
         ``client``: who asks, at what priority and weight (``scheduler/order.py``)."""
+        async with self._held(model, keep_alive_s, prompt, max_tokens, client, None) as ticket:
+            yield cast("R", ticket.runner)
+
+    @asynccontextmanager
+    async def claim(
+        self,
+        model: str,
+        keep_alive_s: float | None,
+        prompt: Sequence[int],
+        max_tokens: int,
+        client: tuple[str, int, float],
+        reserve: int,
+    ) -> AsyncIterator[Claim[R]]:
+        """``lease``, reserving KV for ``reserve`` output tokens at first
+        (``Claim.grow`` asks for more as the sequence generates)."""
+        async with self._held(model, keep_alive_s, prompt, max_tokens, client, reserve) as ticket:
+            yield Claim(self, ticket)
+
+    @asynccontextmanager
+    async def _held(
+        self,
+        model: str,
+        keep_alive_s: float | None,
+        prompt: Sequence[int],
+        max_tokens: int,
+        client: tuple[str, int, float],
+        reserve: int | None,
+    ) -> AsyncIterator[_LeaseTicket]:
         known = self._policy.models.get(model)  # (the policy answers for an unknown one)
         if self._size_model is not None and known is not None and known.state is p.State.ABSENT:
             size = await self._size_model(model)
             self._post(pe.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
         ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens, *client)
+        ticket.reserve = reserve
         if not self._post(pe.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:
@@ -215,9 +267,13 @@ class Scheduler(Generic[R]):
         if ticket.error is not None:
             raise ticket.error
         try:
-            yield cast("R", ticket.runner)
+            yield ticket
         finally:
             self._post(pe.Released(ticket, trio.current_time()))
+
+    def grow(self, ticket: pe.Ticket, reserve: int) -> None:
+        """Ask for ``ticket``'s reservation to hold ``reserve`` output tokens."""
+        self._post(pe.Grow(ticket, reserve, trio.current_time()))
 
     async def load(self, model: str, keep_alive_s: float | None = None) -> None:
         """Make ``model`` resident (waiting its turn like any request)."""
@@ -316,6 +372,8 @@ class Scheduler(Generic[R]):
                 assert isinstance(ticket, _LeaseTicket)
                 ticket.error = error
                 ticket.done.set()
+            case pe.Grown():
+                pass  # ``Claim.reserved`` reads the ticket the policy has raised
             case pe.StartRunner():
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_runner, effect)

@@ -684,6 +684,51 @@ def test_a_model_is_charged_its_weights_and_what_its_running_requests_reserve() 
     assert pol.used == 5 * GB
 
 
+def growing(model: str, prompt: int, max_tokens: int, reserve: int) -> pe.Ticket:
+    t = request(model, prompt, max_tokens)
+    t.reserve = reserve
+    return t
+
+
+def test_a_sequence_reserves_a_first_step_and_grows_when_it_fits() -> None:
+    """Claude Code asks for 32,000 tokens on every turn: it is charged its
+    prompt and a first step of output, and more as it writes."""
+    pol = policy(budget=100 * GB, a=spec(4 * GB, kv_per_token=KV))
+    t = growing("a", 200, 32_000, reserve=256)
+    pol.handle(pe.Submitted(t))
+    assert pol.handle(pe.Loaded("a", RUNNER)) == [pe.Grant(t, RUNNER)]
+    assert pol.used == 4 * GB + 512 * KV  # 456 tokens, in steps of 256
+    assert pol.handle(pe.Grow(t, 512, 1)) == [pe.Grown(t)]
+    assert t.reserved == 512 and pol.used == 4 * GB + 768 * KV
+    assert pol.handle(pe.Grow(t, 10**6, 2)) == [pe.Grown(t)]  # never past max_tokens
+    assert t.reserved == 32_000
+
+
+def test_a_growth_that_does_not_fit_waits_and_goes_before_new_requests() -> None:
+    step = 256 * KV
+    pol = policy(budget=4 * GB + 5 * step, a=spec(4 * GB, kv_per_token=KV, max_concurrency=4))
+    t, u = growing("a", 256, 1024, 256), growing("a", 256, 1024, 256)  # all of it fits alone
+    submit_all(pol, [t, u])
+    assert pol.handle(pe.Loaded("a", RUNNER)) == [pe.Grant(t, RUNNER), pe.Grant(u, RUNNER)]
+    assert pol.ledger.free == step
+    assert pol.handle(pe.Grow(u, 768, 1)) == []  # two steps more: one is free
+    v = growing("a", 1, 1000, 1)  # one step: it would fit, but u's growth comes first
+    assert pol.handle(pe.Submitted(v, 2)) == []
+    assert pol.handle(pe.Released(t, 3)) == [pe.Grown(u), pe.Grant(v, RUNNER)]
+    assert u.reserved == 768 and pol.used <= pol.budget
+
+
+def test_a_sequence_that_leaves_drops_its_growth() -> None:
+    pol = policy(budget=4 * GB + 4 * 256 * KV, a=spec(4 * GB, kv_per_token=KV, max_concurrency=4))
+    t, w = growing("a", 256, 768, 256), growing("a", 1, 1, 1)  # 2 steps, and 1
+    submit_all(pol, [t, w])
+    pol.handle(pe.Loaded("a", RUNNER))
+    assert pol.handle(pe.Grow(t, 768, 1)) == []  # two steps more: one is free
+    assert pol.handle(pe.Released(t, 2)) == []  # paused, say: it asks again when it is back
+    u = growing("a", 256, 768, 256)
+    assert pol.handle(pe.Submitted(u, 3)) == [pe.Grant(u, RUNNER)]
+
+
 def test_max_concurrency_is_a_cap_not_a_charge() -> None:
     """Eight short requests run together on a model whose worst case (eight
     sequences of its whole context) is far beyond the budget."""
@@ -848,8 +893,9 @@ def test_a_spare_runner_waits_while_a_model_waits_for_memory() -> None:
 def test_no_sequence_of_events_charges_more_than_the_budget(
     steps: list[tuple[int, int, int]],
 ) -> None:
-    """Whatever arrives, finishes, loads, exits or is measured (a runner never
-    holds more than it was charged), the charges stay within the budget."""
+    """Whatever arrives, grows, finishes, loads, exits or is measured (a
+    runner never holds more than it was charged), the charges stay within the
+    budget."""
     pol = policy(
         budget=16 * GB,
         a=spec(4 * GB, kv_per_token=KV, max_concurrency=3, prefix_cache=2 * GB),
@@ -862,8 +908,13 @@ def test_no_sequence_of_events_charges_more_than_the_budget(
         now += 1.0
         name = names[which]
         m = pol.models[name]
-        if kind in (0, 1):
+        if kind == 0:
             event: pe.Event = pe.Submitted(request(name, 300 * size + 1, 500 * size), now)
+        elif kind == 1:  # a sequence that reserves a first step and grows
+            event = pe.Submitted(growing(name, 300 * size + 1, 5000, 256), now)
+        elif kind == 8 and m.running:
+            t = max(m.running, key=lambda t: t.id)
+            event = pe.Grow(t, t.reserved + 256 * (size + 1), now)
         elif kind == 2 and m.running:
             event = pe.Released(next(iter(m.running)), now)
         elif kind == 3 and m.queue:
