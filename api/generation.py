@@ -23,7 +23,7 @@ from api.decoder import Decoder
 from api.delta import Delta
 from api.offload import INLINE_BYTES, off_loop
 from api.openai.custom_calls import call_grammar
-from api.pool import Pool
+from api.pool import ModelRunner, Pool
 from api.reader import Reader
 from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams, check_grammar
@@ -32,8 +32,11 @@ from api.tools import forced_call
 from runner.errors import RunnerError
 from runner.protocol import Chunk, Generate
 from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
+from scheduler.pool import Claim
 
 TOGETHER = 4  # the most chunks one delta carries
+GROW_AHEAD = 0.25  # of a step: how far from its reservation's end a sequence asks for more
+EDGE = 16  # tokens short of its reservation's end at which a sequence that has not grown pauses
 
 
 @attrs.frozen
@@ -45,6 +48,7 @@ class Prepared:
     record: Record  # the request's account (timings, tokens)
     chat: ChatRequest | None = None  # a chat's output is read into parts (api.reader)
     reasoning: bool = False  # the prompt opened a reasoning block
+    step: int = 0  # output tokens its KV is reserved for at a time (0: all of max_tokens)
 
     def decoder(self) -> Decoder:
         text = self.texts.text_stream(self.params.stop)
@@ -103,7 +107,23 @@ async def prepare(
     if chat is not None and chat.reasoning_budget is not None and texts.markers.think:
         budget = _budget(texts, chat.reasoning_budget, reasoning)
     request = _request(texts, req.params, prompt, max_tokens, grammar, budget)
-    return Prepared(model.name, req.params, request, texts, record, chat, reasoning)
+    step = catalog.settings.kv_step_tokens if _resumable(request) else 0
+    return Prepared(model.name, req.params, request, texts, record, chat, reasoning, step)
+
+
+def _resumable(request: Generate) -> bool:
+    """Whether the request can pause and go on from its tokens so far as
+    though it had not (a sequence whose KV grows on demand pauses when it
+    cannot grow): not where the runner's state beyond the tokens would be
+    lost (a grammar's, a reasoning budget's, penalties' windows, a seeded
+    sampler's)."""
+    r, sampling = request, request.sampling
+    return (
+        r.grammar is None
+        and r.reasoning_budget is None
+        and r.presence_penalty == r.frequency_penalty == 0
+        and (sampling.seed is None or sampling.temperature == 0)
+    )
 
 
 def _too_long_to_read(texts: Texts, req: ChatRequest | CompletionRequest, model: str) -> None:
@@ -224,22 +244,22 @@ class Generation:
         self._decoder = job.decoder()
         self._done = False
         self._first: Chunk | None = None  # a chunk ``cached`` took ahead of its turn
+        # A reservation that grows (``job.step``): its claim, the tokens made
+        # (for a resume), those made before this lease, the growth last asked.
+        self._claim: Claim[ModelRunner] | None = None
+        self._out: list[int] = []
+        self._base = 0
+        self._asked = 0
+        self._pausing = False
 
     async def start(self) -> None:
         job, record, request = self._job, self._job.record, self._job.request
         asked = time.monotonic()
         record.queued()
         try:
-            client = record.client.lowered("background") if job.params.flex else record.client
-            lease = self._scheduler.lease(
-                job.model,
-                job.params.keep_alive_s,
-                request.prompt,
-                request.max_tokens,
-                client=client.who,
-            )
-            runner = await self._held.enter_async_context(lease)
-            kv = self._scheduler.kv_bytes(job.model, len(request.prompt), request.max_tokens)
+            runner = await self._lease(request)
+            reserved = self._claim.reserved if self._claim is not None else request.max_tokens
+            kv = self._scheduler.kv_bytes(job.model, len(request.prompt), reserved)
             record.granted(time.monotonic() - asked, kv)
             # Others on their way: worth a moment's wait for the runner.
             more = record.others_arriving()
@@ -249,6 +269,52 @@ class Generation:
             if isinstance(e, RunnerError):
                 raise _crashed(e) from e
             raise
+
+    async def _lease(self, request: Generate) -> ModelRunner:
+        """Wait for the model to take ``request``, and hold its lease: one whose
+        reservation grows a step at a time, where the request allows."""
+        job, record = self._job, self._job.record
+        client = record.client.lowered("background") if job.params.flex else record.client
+        args = (job.model, job.params.keep_alive_s, request.prompt, request.max_tokens, client.who)
+        if 0 < job.step < request.max_tokens:
+            self._claim = await self._held.enter_async_context(
+                self._scheduler.claim(*args, reserve=job.step)
+            )
+            self._base, self._asked = len(self._out), 0
+            return self._claim.runner
+        self._claim = None
+        return await self._held.enter_async_context(self._scheduler.lease(*args))
+
+    def _must_pause(self) -> bool:
+        """Ask for the next step of the reservation ahead of need; whether the
+        sequence has come to the end of what it holds without it."""
+        claim, step = self._claim, self._job.step
+        if claim is None:
+            return False
+        made, reserved, most = len(self._out) - self._base, claim.reserved, claim.most
+        if reserved >= most:
+            return False
+        if made >= reserved - step * GROW_AHEAD and self._asked <= reserved:
+            self._asked = min(reserved + step, most)
+            claim.grow(self._asked)
+        return made >= reserved - min(EDGE, step // 4)
+
+    async def _pause(self) -> None:
+        """Leave the runner (the sequence's KV goes to its prefix cache) and the
+        lease, and come back as a request for the rest: the prompt and the
+        tokens made so far, and the tokens left. Its client sees a pause."""
+        record, first = self._job.record, self._job.request
+        paused = time.monotonic()
+        await self.aclose()
+        self._held = AsyncExitStack()
+        rest = attrs.evolve(
+            first,
+            prompt=(*first.prompt, *self._out),
+            max_tokens=first.max_tokens - len(self._out),
+        )
+        runner = await self._lease(rest)
+        self._chunks = await self._held.enter_async_context(runner.generate(rest))
+        record.paused(time.monotonic() - paused)
 
     async def cached(self) -> None:
         """Wait until the runner has said how much of the prompt it found in
@@ -291,9 +357,13 @@ class Generation:
         one write instead of several (a write per token was most of its work
         at 32 streams). The bound keeps a stream that is far behind a stream
         of pieces, not one block."""
-        chunks, decoder, record = self._chunks, self._decoder, self._job.record
-        assert chunks is not None, "start() first"
+        decoder, record = self._decoder, self._job.record
+        assert self._chunks is not None, "start() first"
         while not self._done:
+            if self._pausing:
+                self._pausing = False
+                await self._pause()
+            chunks = self._chunks
             if self._first is not None:
                 chunk, self._first = self._first, None
             else:
@@ -305,15 +375,20 @@ class Generation:
                 if chunk.error is not None:
                     raise _crashed(chunk.error) from chunk.error
                 if chunk.cached is not None:
-                    record.tokens.cached = chunk.cached
+                    if record.tokens.cached is None:  # (a resumed sequence's is not the request's)
+                        record.tokens.cached = chunk.cached
                 elif chunk.token is not None:
                     record.token()
+                    self._out.append(chunk.token)
                     if decoder.feed(chunk.token, chunk.logprob):
                         self._done = True  # a stop string: leaving cancels the generation
                         return decoder.finish("stop")
                 if chunk.finish is not None:
                     self._done = True
                     return decoder.finish(chunk.finish)
+                if self._must_pause():
+                    self._pausing = True
+                    break
                 if taken == TOGETHER:
                     break
                 try:

@@ -87,6 +87,8 @@ class Record:
     kv_reserved: int | None = None  # KV cache bytes reserved for it once granted
     body_bytes: int | None = None  # its request body's size, once read
     ttft_s: float | None = None
+    paused_s: float = 0.0  # paused to wait for memory to grow its KV (``api/generation.py``)
+    pauses: int = 0
     streaming: bool = False  # then the stream's end finishes the record
     error: str | None = None  # a failure after a stream had started
     failed: int | None = None  # its HTTP status, which the stream could no longer send
@@ -119,6 +121,10 @@ class Record:
     @property
     def _client_label(self) -> str:
         return self.metrics.client(self.client.name)
+
+    def paused(self, seconds: float) -> None:
+        self.pauses += 1
+        self.paused_s += seconds
 
     def token(self) -> None:
         """A token has come (the decoder counts it): its timing."""
@@ -156,7 +162,7 @@ class Record:
         log.info(
             "request id=%s model=%s client=%s priority=%s endpoint=%s status=%d prompt_tokens=%d "
             "cached_tokens=%s generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s "
-            "duration_s=%.3f%s",
+            "duration_s=%.3f%s%s",
             self.id,
             self.model or "-",
             self.client.name or "-",
@@ -170,6 +176,7 @@ class Record:
             _seconds(self.queue_s),
             _seconds(self.ttft_s),
             duration,
+            f" pauses={self.pauses} paused_s={self.paused_s:.3f}" if self.pauses else "",
             f" error={self.error!r}" if self.error else "",
         )
 
@@ -190,6 +197,8 @@ class Record:
             "queue_s": self.queue_s,
             "ttft_s": self.ttft_s,
             "duration_s": round(duration, 3),
+            "pauses": self.pauses,
+            "paused_s": round(self.paused_s, 3),
             "error": self.error,
         }
 

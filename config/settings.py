@@ -142,6 +142,7 @@ class Settings:
     prefix_disk_bytes: int = DEFAULT_PREFIX_DISK  # 0: prefixes are not kept on disk
     prefix_disk_writes: int = DEFAULT_PREFIX_DISK_WRITES  # bytes per hour
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # for requests that give none
+    kv_step_tokens: int = 1024  # output tokens KV is reserved for at a time (0: all at once)
     response_store_entries: int = 1000  # stored Responses kept (least recently used go)
     response_store_bytes: int = DEFAULT_RESPONSE_STORE
     persist_responses: bool = False  # keep stored Responses across restarts (in cache_dir)
@@ -197,6 +198,9 @@ class Settings:
         kwargs["prefix_disk_writes"] = _size(t, "prefix_cache_disk_writes")
         kwargs["default_max_tokens"] = t.take(
             "default_max_tokens", int, "a positive integer", _positive
+        )
+        kwargs["kv_step_tokens"] = t.take(
+            "kv_step_tokens", int, "an integer >= 0", lambda n: n >= 0
         )
         kwargs["response_store_entries"] = t.take(
             "response_store_entries", int, "an integer >= 0", lambda n: n >= 0

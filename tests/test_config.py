@@ -107,6 +107,7 @@ prefill_chunk = "auto"
         ("[[models]]\nname = 'a'\npath = '/a'\nprefill_chunk = 4", "prefill_chunk: expected"),
         ("[[models]]\nname = 'a'\npath = '/a'\nprefix_cache = -1", "prefix_cache: expected a"),
         ("port = 70000", "port: expected a port number"),
+        ("kv_step_tokens = -1", "kv_step_tokens: expected an integer >= 0"),
         ("colour = 1", "colour: unknown key"),
         ("[[models]]\nname = 'a'", "models[0]: give either path"),
         ("memory_budget = 'lots'", "memory_budget: not a size: 'lots'"),

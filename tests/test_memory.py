@@ -75,7 +75,8 @@ async def test_a_long_request_waits_for_a_busy_model_then_evicts_it_once_idle(
         ModelConfig(name, str(long_context), max_concurrency=2, keep_alive_s=600)
         for name in ("a", "b")
     ]
-    settings = settings_for(tmp_path, *models, memory_budget=BUDGET)
+    # Each request reserves all its max_tokens at once: a long one's whole KV.
+    settings = settings_for(tmp_path, *models, memory_budget=BUDGET, kv_step_tokens=0)
     async with running(settings) as daemon, httpx.AsyncClient(timeout=120, verify=TLS) as http:
         for name in ("a", "b"):  # both fit, with room for short requests
             reply = await http.post(
@@ -133,3 +134,48 @@ def test_an_embedding_model_is_charged_weights_and_one_batch_no_kv(
     assert size.kv_per_token == 0 and size.weights == weights
     # float32 activations (its LayerNorm weights say so) for one batch of 4096 tokens
     assert weights + 200 * 2**20 < size.bytes < weights + 600 * 2**20
+
+
+async def test_sequences_grow_their_kv_and_one_that_cannot_pauses_and_says_the_same(
+    long_context: Path, tmp_path: Path
+) -> None:
+    """Each request reserves its prompt and a first step of output (256
+    tokens here) and grows a step at a time. Under a budget that holds four
+    steps, two sequences of 600 tokens cannot both grow: one pauses (its KV
+    kept in the prefix cache), the other goes on, and the paused one resumes
+    when room comes back. Greedy, each says what it says alone."""
+    model = ModelConfig("long", str(long_context), max_concurrency=2)
+    size = memory.estimate(long_context, model)
+    step = 256 * size.kv_per_token
+    budget = size.bytes + 4 * step + step // 2
+    settings = settings_for(tmp_path, model, memory_budget=budget, kv_step_tokens=256)
+    prompts = ["Count to ten:", "Name the planets:"]
+    body = {"model": "long", "max_tokens": 600, "temperature": 0, "ignore_eos": True}
+    async with running(settings) as daemon:
+        async with httpx.AsyncClient(base_url=daemon.url, timeout=300, verify=TLS) as http:
+
+            async def ask(prompt: str) -> list[int]:
+                reply = await http.post(
+                    "/v1/completions", json=body | {"prompt": prompt, "logprobs": 0}
+                )
+                assert reply.status_code == 200, reply.text
+                choice = reply.json()["choices"][0]
+                assert choice["finish_reason"] == "length"
+                return list(choice["logprobs"]["tokens"])
+
+            alone = [await ask(p) for p in prompts]  # one at a time: each grows freely
+            together: dict[str, list[int]] = {}
+
+            async def keep(prompt: str) -> None:
+                together[prompt] = await ask(prompt)
+
+            async with trio.open_nursery() as nursery:
+                for p in prompts:
+                    nursery.start_soon(keep, p)
+            activity = (await http.get("/api/activity")).json()["latest"]
+            pool = (await http.get("/api/ps")).json()
+    assert [together[p] for p in prompts] == alone
+    paused = [r for r in activity[:2] if r["pauses"]]
+    assert paused, activity[:2]  # one of the two had to wait for memory
+    assert all(r["paused_s"] > 0 for r in paused)
+    assert pool["used"] <= pool["budget"]

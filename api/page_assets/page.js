@@ -195,7 +195,8 @@ function drawRequests(latest) {
     el("td", {}, count(r.prompt_tokens)),
     el("td", {}, count(r.cached_tokens)),
     el("td", {}, count(r.generated_tokens)),
-    el("td", {}, seconds(r.duration_s)))));
+    el("td", {}, seconds(r.duration_s)),
+    el("td", {}, r.pauses ? `${r.pauses} × ${seconds(r.paused_s / r.pauses)}` : "–"))));
 }
 
 function drawErrors(errors) {
