@@ -270,15 +270,19 @@ class Generation:
                 raise _crashed(e) from e
             raise
 
-    async def _lease(self, request: Generate) -> ModelRunner:
+    async def _lease(
+        self, request: Generate, resumes: Claim[ModelRunner] | None = None
+    ) -> ModelRunner:
         """Wait for the model to take ``request``, and hold its lease: one whose
         reservation grows a step at a time, where the request allows."""
         job, record = self._job, self._job.record
         client = record.client.lowered("background") if job.params.flex else record.client
         args = (job.model, job.params.keep_alive_s, request.prompt, request.max_tokens, client.who)
-        if 0 < job.step < request.max_tokens:
+        if job.step:  # it can pause: for memory to grow, or for an interactive request
             self._claim = await self._held.enter_async_context(
-                self._scheduler.claim(*args, reserve=job.step)
+                self._scheduler.claim(
+                    *args, reserve=min(job.step, request.max_tokens), resumes=resumes
+                )
             )
             self._base, self._asked = len(self._out), 0
             return self._claim.runner
@@ -287,10 +291,13 @@ class Generation:
 
     def _must_pause(self) -> bool:
         """Ask for the next step of the reservation ahead of need; whether the
-        sequence has come to the end of what it holds without it."""
+        sequence must pause: it has come to the end of what it holds without
+        it, or the pool asks it to."""
         claim, step = self._claim, self._job.step
         if claim is None:
             return False
+        if claim.pause_asked:  # an interactive request waits for what it holds
+            return True
         made, reserved, most = len(self._out) - self._base, claim.reserved, claim.most
         if reserved >= most:
             return False
@@ -303,7 +310,7 @@ class Generation:
         """Leave the runner (the sequence's KV goes to its prefix cache) and the
         lease, and come back as a request for the rest: the prompt and the
         tokens made so far, and the tokens left. Its client sees a pause."""
-        record, first = self._job.record, self._job.request
+        record, first, claim = self._job.record, self._job.request, self._claim
         paused = time.monotonic()
         await self.aclose()
         self._held = AsyncExitStack()
@@ -312,7 +319,7 @@ class Generation:
             prompt=(*first.prompt, *self._out),
             max_tokens=first.max_tokens - len(self._out),
         )
-        runner = await self._lease(rest)
+        runner = await self._lease(rest, resumes=claim)
         self._chunks = await self._held.enter_async_context(runner.generate(rest))
         record.paused(time.monotonic() - paused)
 

@@ -149,7 +149,8 @@ def ps_text(pool: dict[str, Any]) -> str:
         )
         for c in m.get("clients", []):
             who = f"  {c['client'] or '(anonymous)'} ({c['priority']})"
-            lines.append(f"{who:<28.28} {'':>76} {c['running']:>4} {c['queued']:>5}")
+            paused = f"  ({c['paused']} paused)" if c.get("paused") else ""
+            lines.append(f"{who:<28.28} {'':>76} {c['running']:>4} {c['queued']:>5}{paused}")
     spare = pool["spare"]
     pid = f" (pid {spare['pid']})" if spare["pid"] else ""
     held = f", holding {format_bytes(pool['spare_bytes'])}" if pool["spare_bytes"] else ""

@@ -54,6 +54,7 @@ class Ticket:
     # Output tokens its KV reservation holds, with its prompt (None: all of
     # ``max_tokens``); ``Grow`` raises it as the sequence generates.
     reserve: int | None = None
+    resumes: bool = False  # it is a paused sequence's rest, waiting to go on
 
     @property
     def reserved(self) -> int:
@@ -241,10 +242,18 @@ class PrefixLimit:
 
 
 @attrs.frozen
+class Pause:
+    """Pause the ticket's sequence (it goes on later from its tokens): an
+    interactive request waits for what it holds."""
+
+    ticket: Ticket
+
+
+@attrs.frozen
 class Grown:
     """The ticket's reservation now holds ``ticket.reserve`` output tokens."""
 
     ticket: Ticket
 
 
-Effect = Grant | Reject | StartRunner | StopRunner | PrefixLimit | Grown
+Effect = Grant | Reject | StartRunner | StopRunner | PrefixLimit | Grown | Pause

@@ -88,6 +88,10 @@ Then, at every event (``Tick`` only does this):
     runner can read that request's cached prefix from disk while the weights
     load. Until it is ready, a load's reservation counts as memory to come
     for later candidates (they wait for it rather than evict).
+13. A sequence that cannot grow has the lowest-priority, newest sequence
+    below it that can go on later paused (``Pause``); an interactive request
+    still waiting for a slot or for memory, the newest background one (on
+    its own model if that one is full, else on any); one at a time.
 """
 
 from __future__ import annotations
@@ -104,7 +108,9 @@ from scheduler.errors import (
     ShuttingDown,
 )
 from scheduler.events import (
+    BACKGROUND,
     FOREVER,
+    INTERACTIVE,
     Effect,
     Event,
     Grant,
@@ -114,6 +120,7 @@ from scheduler.events import (
     LoadFailed,
     Measured,
     ModelSpec,
+    Pause,
     Pin,
     PrefixLimit,
     Reconfigure,
@@ -152,6 +159,7 @@ class Policy:
         self.max_turn_s = max_turn_s
         self.stopping = False
         self.now = 0.0
+        self.pausing: set[Ticket] = set()  # asked to pause (``Pause``), not yet let go
 
     @property
     def budget(self) -> int:
@@ -196,12 +204,14 @@ class Policy:
             case Submitted(ticket):
                 if (error := self._refusal(ticket)) is not None:
                     return [Reject(ticket, error)]
-                ticket.since = now
+                if not ticket.resumes:  # (a paused sequence keeps its place: its arrival)
+                    ticket.since = now
                 ticket.deadline = now + self.models[ticket.model].spec.queue_timeout_s
                 self.models[ticket.model].queue.append(ticket)
             case Withdrawn(ticket) | Released(ticket):
                 m = self.models[ticket.model]
                 m.growing.pop(ticket, None)
+                self.pausing.discard(ticket)
                 if ticket in m.queue:
                     m.queue.remove(ticket)
                 if ticket in m.running:
@@ -353,7 +363,8 @@ class Policy:
         effects += self._grow()
         effects += self._grant(now)
         effects += self._load()
-        return effects + self._grant(now)  # into room the load step made
+        effects += self._grant(now)  # into room the load step made
+        return effects + self._preempt()
 
     def _next(self, name: str) -> Ticket:
         """The queued ticket model ``name`` serves next (it has one)."""
@@ -420,6 +431,43 @@ class Policy:
                 m.keep_alive_s = t.keep_alive_s
             effects.append(Grant(t, m.runner))
         return effects
+
+    def _preempt(self) -> list[Effect]:
+        """Step 13: a sequence that cannot grow has the lowest-priority, newest
+        sequence below it that can pause paused (a lower priority, or the same
+        and newer); else an interactive request still waiting (for a slot, or
+        for memory) has the newest background one paused: on its own model if
+        that model is full, else on any. One at a time: the next only once
+        that one has let go."""
+        if self.pausing:
+            return []
+        pausable = [t for m in self.models.values() for t in m.running if t.reserve is not None]
+        for m in self.models.values():
+            for t in m.growing:  # (growth that did not fit: step 10a)
+                below = [v for v in pausable if (v.priority, v.granted) > (t.priority, t.granted)]
+                if below:
+                    victim = max(below, key=lambda v: (v.priority, v.granted or 0.0, v.id))
+                    self.pausing.add(victim)
+                    return [Pause(victim)]
+        short = self.waiting_for_memory()
+        for name, m in self.models.items():
+            if not m.queue or self._next(name).priority != INTERACTIVE:
+                continue
+            full = m.state is State.READY and len(m.running) >= m.spec.max_concurrency
+            if not full and name not in short:
+                continue  # it waits for its load, not for what others hold
+            holders = [m] if full else list(self.models.values())
+            victims = [
+                t
+                for o in holders
+                for t in o.running
+                if t.priority == BACKGROUND and t.reserve is not None  # (it can go on later)
+            ]
+            if victims:
+                victim = max(victims, key=lambda t: (t.granted or 0.0, t.id))
+                self.pausing.add(victim)
+                return [Pause(victim)]
+        return []
 
     def _candidates(self) -> list[str]:
         """Models waiting for memory, in the order's rank of their next

@@ -100,6 +100,7 @@ class _LeaseTicket(pe.Ticket):
         self.done = trio.Event()
         self.runner: Any = None
         self.error: MlxdError | None = None
+        self.pause_asked = False  # (``policy.Pause``) its holder pauses at its next token
 
 
 class _OnStarted:
@@ -128,6 +129,12 @@ class Claim(Generic[R]):
     def reserved(self) -> int:
         """Output tokens its reservation holds now (the policy raises it)."""
         return self._ticket.reserved
+
+    @property
+    def pause_asked(self) -> bool:
+        """Whether the pool asks the sequence to pause (an interactive
+        request waits for what it holds): it lets go, and comes back."""
+        return self._ticket.pause_asked
 
     @property
     def most(self) -> int:
@@ -235,10 +242,16 @@ class Scheduler(Generic[R]):
         max_tokens: int,
         client: tuple[str, int, float],
         reserve: int,
+        resumes: Claim[R] | None = None,
     ) -> AsyncIterator[Claim[R]]:
         """``lease``, reserving KV for ``reserve`` output tokens at first
-        (``Claim.grow`` asks for more as the sequence generates)."""
-        async with self._held(model, keep_alive_s, prompt, max_tokens, client, reserve) as ticket:
+        (``Claim.grow`` asks for more as the sequence generates); ``resumes``:
+        the paused claim this is the rest of, whose place in the order it
+        keeps (``/api/ps`` counts those waiting as paused)."""
+        since = resumes._ticket.since if resumes is not None else None
+        async with self._held(
+            model, keep_alive_s, prompt, max_tokens, client, reserve, since
+        ) as ticket:
             yield Claim(self, ticket)
 
     @asynccontextmanager
@@ -250,6 +263,7 @@ class Scheduler(Generic[R]):
         max_tokens: int,
         client: tuple[str, int, float],
         reserve: int | None,
+        since: float | None = None,
     ) -> AsyncIterator[_LeaseTicket]:
         known = self._policy.models.get(model)  # (the policy answers for an unknown one)
         if self._size_model is not None and known is not None and known.state is p.State.ABSENT:
@@ -257,6 +271,8 @@ class Scheduler(Generic[R]):
             self._post(pe.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
         ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens, *client)
         ticket.reserve = reserve
+        if since is not None:  # a paused sequence's rest: it keeps its arrival
+            ticket.since, ticket.resumes = since, True
         if not self._post(pe.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:
@@ -374,6 +390,9 @@ class Scheduler(Generic[R]):
                 ticket.done.set()
             case pe.Grown():
                 pass  # ``Claim.reserved`` reads the ticket the policy has raised
+            case pe.Pause(ticket):
+                assert isinstance(ticket, _LeaseTicket)
+                ticket.pause_asked = True
             case pe.StartRunner():
                 assert self._nursery is not None
                 self._nursery.start_soon(self._run_runner, effect)
@@ -514,16 +533,18 @@ class Scheduler(Generic[R]):
 
 
 def _by_client(m: p.ModelState) -> list[dict[str, Any]]:
-    """A model's running and queued requests by client and priority."""
+    """A model's running and queued requests by client and priority, and of
+    the queued ones those that are paused sequences waiting to go on."""
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for where, tickets in (("running", m.running), ("queued", m.queue)):
         for t in tickets:
             name = PRIORITY_NAMES[t.priority]
             row = rows.setdefault(
                 (t.client, t.priority),
-                {"client": t.client, "priority": name, "running": 0, "queued": 0},
+                {"client": t.client, "priority": name, "running": 0, "queued": 0, "paused": 0},
             )
             row[where] += 1
+            row["paused"] += where == "queued" and t.resumes
     return sorted(rows.values(), key=lambda r: (r["client"], r["priority"]))
 
 

@@ -127,6 +127,22 @@ def made_once(out: Path, make: Callable[[Path], None]) -> Path:
     return out
 
 
+LONG_CONTEXT = 131_072
+
+
+@pytest.fixture(scope="session")
+def long_context(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, its config declaring a 131k context (what a model's
+    context allows is then far beyond what the memory budget holds)."""
+    out = tmp_path_factory.mktemp("long-context")
+    for f in tiny_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = LONG_CONTEXT
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_gguf: Path, model_cache: Path) -> Path:
     """SmolLM2's tokenizer files and config, as the conversion writes them,

@@ -60,11 +60,18 @@ async def test_an_interactive_request_passes_a_background_backlog(
                 await eventually(partial(_is, http, daemon, 1, i - 1), what=f"{i - 1} queued")
             (m,) = (await http.get(f"{daemon.url}/api/ps")).json()["models"]
             assert m["clients"] == [
-                {"client": "indexer", "priority": "background", "running": 1, "queued": 2}
+                {
+                    "client": "indexer",
+                    "priority": "background",
+                    "running": 1,
+                    "queued": 2,
+                    "paused": 0,
+                }
             ]
             nursery.start_soon(ask, "editor", {"X-Mlxd-Client": "editor"})
         metrics = (await http.get(f"{daemon.url}/metrics")).text
-    assert finished.index("editor") == 1  # after the one running, before the backlog
+    # The one running pauses for the editor, and goes on first when it is done.
+    assert finished == ["editor", "indexer 1", "indexer 2", "indexer 3"]
     done = 'endpoint="/v1/chat/completions",model="slow",status="200"}'
     assert f'mlxd_requests_total{{client="indexer",{done} 3.0' in metrics
     assert f'mlxd_requests_total{{client="editor",{done} 1.0' in metrics
@@ -104,6 +111,63 @@ async def test_unknown_clients_and_priorities_are_a_clear_400(
             headers=AGENT | {"X-Mlxd-Priority": "background"},
         )
         assert ok.status_code == 200, ok.text  # a client's own key, lowering its priority
+
+
+async def test_an_interactive_request_pauses_a_background_stream_which_then_says_the_same(
+    long_context: Path, tmp_path: Path
+) -> None:
+    """One slot: a background client's long answer is running when the
+    editor asks. The background sequence pauses at its next token, the
+    editor's request runs, and the background one goes on from where it was:
+    greedy, the same text as when nothing came between."""
+    model = ModelConfig("slow", str(long_context), max_concurrency=1)
+    settings = settings_for(tmp_path, model, clients=CLIENTS[:2])
+    long = {
+        "model": "slow",
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": 0,
+    }
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=300, verify=TLS) as http:
+        url = f"{daemon.url}/v1/completions"
+
+        async def background() -> list[str]:
+            reply = await http.post(url, json=long, headers={"X-Mlxd-Client": "indexer"})
+            assert reply.status_code == 200, reply.text
+            return list(reply.json()["choices"][0]["logprobs"]["tokens"])
+
+        alone = await background()
+        order: list[str] = []
+        paused: list[list[str]] = []
+
+        async def indexer() -> None:
+            paused.append(await background())
+            order.append("indexer")
+
+        async def editor() -> None:
+            reply = await http.post(
+                url,
+                json={"model": "slow", "prompt": "Hi", "max_tokens": 400, "ignore_eos": True},
+                headers={"X-Mlxd-Client": "editor"},
+            )
+            assert reply.status_code == 200, reply.text
+            order.append("editor")
+
+        async def indexer_paused() -> bool:
+            (m,) = (await http.get(f"{daemon.url}/api/ps")).json()["models"]
+            return any(c["client"] == "indexer" and c["paused"] == 1 for c in m["clients"])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(indexer)
+            await eventually(partial(_is, http, daemon, 1, 0), what="the indexer running")
+            nursery.start_soon(editor)
+            await eventually(indexer_paused, what="/api/ps to show the indexer paused")
+        (latest, *_) = (await http.get(f"{daemon.url}/api/activity")).json()["latest"]
+    assert order == ["editor", "indexer"]
+    assert paused == [alone]
+    assert latest["client"] == "indexer" and latest["pauses"] >= 1, latest
 
 
 def test_clients_in_the_config(tmp_path: Path) -> None:

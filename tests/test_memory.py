@@ -6,7 +6,6 @@ tokens need."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,10 @@ import trio
 
 from config.settings import ModelConfig
 from scheduler import memory
-from tests.conftest import TLS, running, settings_for
+from tests.conftest import LONG_CONTEXT, TLS, running, settings_for
 from tests.test_pool import pool_where
 
 BUDGET = 64 * 2**20
-CONTEXT = 131_072
-
-
-@pytest.fixture(scope="module")
-def long_context(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model, its config declaring a 131k context."""
-    out = tmp_path_factory.mktemp("long-context")
-    for f in tiny_dir.iterdir():
-        shutil.copy(f, out / f.name)
-    config = json.loads((out / "config.json").read_text())
-    config["max_position_embeddings"] = CONTEXT
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 def model_in(pool: dict[str, Any], name: str) -> dict[str, Any]:
@@ -46,7 +32,7 @@ async def test_eight_requests_run_together_far_below_the_worst_case(
 ) -> None:
     model = ModelConfig("long", str(long_context), max_concurrency=8)
     size = memory.estimate(long_context, model)
-    assert size.bytes + 8 * CONTEXT * size.kv_per_token > 8 * BUDGET  # the worst case
+    assert size.bytes + 8 * LONG_CONTEXT * size.kv_per_token > 8 * BUDGET  # the worst case
     settings = settings_for(tmp_path, model, memory_budget=BUDGET)
     async with running(settings) as daemon, daemon.client() as client:
         finished: list[str | None] = []

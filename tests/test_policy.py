@@ -718,6 +718,22 @@ def test_a_growth_that_does_not_fit_waits_and_goes_before_new_requests() -> None
     assert u.reserved == 768 and pol.used <= pol.budget
 
 
+def test_a_sequence_that_cannot_grow_pauses_the_lowest_priority_newest_one() -> None:
+    step = 256 * KV
+    pol = policy(budget=4 * GB + 6 * step, a=spec(4 * GB, kv_per_token=KV, max_concurrency=4))
+    old, new = growing("a", 256, 1024, 256), growing("a", 256, 1024, 256)
+    batch = growing("a", 256, 1024, 256)
+    batch.priority = pe.BACKGROUND
+    submit_all(pol, [old, batch], now=0)
+    pol.handle(pe.Loaded("a", RUNNER, 0))
+    assert pol.handle(pe.Submitted(new, 1)) == [pe.Grant(new, RUNNER)]  # all six steps taken
+    assert pol.handle(pe.Grow(new, 512, 2)) == [pe.Pause(batch)]  # lower priority, though older
+    assert pol.handle(pe.Released(batch, 3)) == [pe.Grown(new)]
+    assert pol.handle(pe.Grow(old, 512, 4)) == [pe.Grown(old)]  # one step free: it fits
+    assert pol.handle(pe.Grow(new, 1024, 5)) == []  # no room, nobody below it: it waits
+    assert pol.handle(pe.Grow(old, 1024, 6)) == [pe.Pause(new)]  # the same priority, newer
+
+
 def test_a_sequence_that_leaves_drops_its_growth() -> None:
     pol = policy(budget=4 * GB + 4 * 256 * KV, a=spec(4 * GB, kv_per_token=KV, max_concurrency=4))
     t, w = growing("a", 256, 768, 256), growing("a", 1, 1, 1)  # 2 steps, and 1
@@ -727,6 +743,49 @@ def test_a_sequence_that_leaves_drops_its_growth() -> None:
     assert pol.handle(pe.Released(t, 2)) == []  # paused, say: it asks again when it is back
     u = growing("a", 256, 768, 256)
     assert pol.handle(pe.Submitted(u, 3)) == [pe.Grant(u, RUNNER)]
+
+
+def pausable(model: str, priority: int) -> pe.Ticket:
+    return pe.Ticket(model, prompt=(1,) * 10, max_tokens=100, priority=priority, reserve=100)
+
+
+def test_an_interactive_request_waiting_for_a_slot_pauses_the_newest_background_one() -> None:
+    pol = policy(a=spec(kv_per_token=KV, max_concurrency=2))
+    old, new = pausable("a", pe.BACKGROUND), pausable("a", pe.BACKGROUND)
+    pol.handle(pe.Submitted(old, 0))
+    pol.handle(pe.Loaded("a", RUNNER, 0))
+    assert pol.handle(pe.Submitted(new, 1)) == [pe.Grant(new, RUNNER)]
+    editor, again = pausable("a", pe.INTERACTIVE), pausable("a", pe.INTERACTIVE)
+    assert pol.handle(pe.Submitted(editor, 2)) == [pe.Pause(new)]
+    assert pol.handle(pe.Submitted(again, 3)) == []  # one at a time
+    assert pol.handle(pe.Released(new, 4)) == [pe.Grant(editor, RUNNER), pe.Pause(old)]
+    back = pausable("a", pe.BACKGROUND)  # the paused one, for the rest of its tokens
+    assert pol.handle(pe.Submitted(back, 5)) == []
+    assert pol.handle(pe.Released(old, 6)) == [pe.Grant(again, RUNNER)]
+    assert pol.handle(pe.Released(editor, 7)) == [pe.Grant(back, RUNNER)]
+
+
+def test_an_interactive_request_waiting_for_memory_pauses_a_background_one_elsewhere() -> None:
+    step = 256 * KV
+    pol = policy(
+        budget=8 * GB + 3 * step,
+        a=spec(4 * GB, kv_per_token=KV),
+        b=spec(4 * GB, kv_per_token=KV, max_concurrency=4),
+    )
+    serve_once(pol, "a", 0)
+    batch = pausable("b", pe.BACKGROUND)
+    pol.handle(pe.Submitted(batch, 1))
+    pol.handle(pe.Loaded("b", RUNNER, 1))
+    assert batch in pol.models["b"].running
+    hog = request("b", 256, 200)  # 2 steps; can't go on later (a grammar, say): never paused
+    hog.priority = pe.BACKGROUND
+    assert pol.handle(pe.Submitted(hog, 2)) == [pe.Grant(hog, RUNNER)]
+    normal = pausable("a", pe.NORMAL)  # waits for memory, but is not interactive
+    assert pol.handle(pe.Submitted(normal, 3)) == []
+    assert pol.handle(pe.Withdrawn(normal, 4)) == []
+    editor = pausable("a", pe.INTERACTIVE)
+    assert pol.handle(pe.Submitted(editor, 5)) == [pe.Pause(batch)]
+    assert pol.handle(pe.Released(batch, 6)) == [pe.Grant(editor, RUNNER)]
 
 
 def test_max_concurrency_is_a_cap_not_a_charge() -> None:
@@ -910,8 +969,10 @@ def test_no_sequence_of_events_charges_more_than_the_budget(
         m = pol.models[name]
         if kind == 0:
             event: pe.Event = pe.Submitted(request(name, 300 * size + 1, 500 * size), now)
-        elif kind == 1:  # a sequence that reserves a first step and grows
-            event = pe.Submitted(growing(name, 300 * size + 1, 5000, 256), now)
+        elif kind == 1:  # a sequence that reserves a first step and grows (or pauses)
+            t = growing(name, 300 * size + 1, 5000, 256)
+            t.priority = size % 3  # interactive, normal, background
+            event = pe.Submitted(t, now)
         elif kind == 8 and m.running:
             t = max(m.running, key=lambda t: t.id)
             event = pe.Grow(t, t.reserved + 256 * (size + 1), now)
@@ -933,7 +994,15 @@ def test_no_sequence_of_events_charges_more_than_the_budget(
             event = pe.SpareHeld(0, now)  # it died (or a load took it)
         else:
             event = pe.Tick(now + 60 * size)
-        pol.handle(event)
+        for effect in pol.handle(event):
+            if isinstance(effect, pe.Pause):  # only a running sequence that can go on later
+                t = effect.ticket
+                assert t.reserve is not None and t in pol.models[t.model].running
+                waiting = [g for m in pol.models.values() for g in m.growing]
+                # for an interactive request (it is background then), or a sequence above it
+                assert t.priority == pe.BACKGROUND or any(
+                    (g.priority, g.granted) < (t.priority, t.granted) for g in waiting
+                ), (t, waiting)
         assert pol.used <= pol.budget, (event, pol.models)
         for m in pol.models.values():
             assert len(m.running) <= m.spec.max_concurrency

@@ -164,7 +164,8 @@ function drawModels(models) {
     ];
     const dl = el("dl", {}, ...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
     const clients = (m.clients || []).map((c) =>
-      el("li", {}, `${c.client || "anonymous"} (${c.priority}): ${c.running} running, ${c.queued} queued`));
+      el("li", {}, `${c.client || "anonymous"} (${c.priority}): ${c.running} running, ${c.queued} queued` +
+        (c.paused ? ` (${c.paused} paused)` : "")));
     const buttons = [];
     const button = (action, label) => buttons.push(el("button", {
       type: "button", "data-action": action, "data-model": m.model, textContent: label,
