@@ -64,6 +64,7 @@ SLOWEST_FIRST = (
     "test_agents.py",
     "test_prefix_api.py",
     "test_hostile.py",
+    "test_clients.py",
     "test_daemon.py",
     "test_spares.py",
     "test_runner.py",

@@ -3,6 +3,7 @@ next (``api/clients.py``, ``scheduler/order.py``), through a real daemon."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -76,6 +77,48 @@ async def test_an_interactive_request_passes_a_background_backlog(
     assert f'mlxd_requests_total{{client="indexer",{done} 3.0' in metrics
     assert f'mlxd_requests_total{{client="editor",{done} 1.0' in metrics
     assert 'mlxd_generation_tokens_total{client="other",model="slow"} 0.0' in metrics
+
+
+async def test_a_flood_of_background_requests_does_not_hold_up_the_editor(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """A background client queues 40 long requests on a model that runs two
+    at a time; a second background client that comes later is served beside
+    it, not after its backlog; the editor's requests start at once, the
+    backlog still queued, each pausing a background sequence."""
+    slow = talking_model(tiny_dir, tmp_path / "slow", step_s=0.05)
+    model = ModelConfig("slow", str(slow), max_concurrency=2, queue_limit=64)
+    clients = (*CLIENTS[:2], ClientConfig("eval", priority="background"))
+    settings = settings_for(tmp_path, model, clients=clients)
+    finished: list[str] = []
+    async with running(settings) as daemon, httpx.AsyncClient(timeout=300, verify=TLS) as http:
+        url = f"{daemon.url}/v1/chat/completions"
+
+        async def ask(name: str, client: str, tokens: int) -> None:
+            reply = await http.post(url, json=chat(tokens), headers={"X-Mlxd-Client": client})
+            assert reply.status_code == 200, reply.text
+            finished.append(name)
+
+        async def queued() -> int:
+            (m,) = (await http.get(f"{daemon.url}/api/ps")).json()["models"]
+            return int(m["queued"])
+
+        async with trio.open_nursery() as nursery:
+            for i in range(40):
+                nursery.start_soon(ask, f"indexer {i}", "indexer", 16)
+            await eventually(partial(_at_least, queued, 38), what="the flood queued")
+            nursery.start_soon(ask, "eval", "eval", 16)
+            for i in range(3):
+                await ask(f"editor {i}", "editor", 2)
+                assert await queued() >= 25  # at once: the backlog is still there
+        assert finished[:3] == ["editor 0", "editor 1", "editor 2"]
+        assert finished.index("eval") < 10  # beside the indexer, not after its 40
+        (m,) = (await http.get(f"{daemon.url}/api/ps")).json()["models"]
+        assert m["running"] == m["queued"] == 0
+
+
+async def _at_least(count: Callable[[], Awaitable[int]], n: int) -> bool:
+    return await count() >= n
 
 
 async def _is(http: httpx.AsyncClient, daemon: Daemon, running: int, queued: int) -> bool:
