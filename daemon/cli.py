@@ -13,6 +13,7 @@ import time
 import types
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,22 +172,15 @@ def cmd_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_unload(args: argparse.Namespace) -> int:
-    _call(args, "POST", "/api/unload", {"model": args.name})
-    print(f"{args.name}: unloading once its requests are done")
-    return 0
+def model_action(path: str, done: str) -> Callable[[argparse.Namespace], int]:
+    """A command that posts ``{"model": NAME}`` to ``path`` and says ``done``."""
 
+    def run(args: argparse.Namespace) -> int:
+        _call(args, "POST", path, {"model": args.name})
+        print(f"{args.name}: {done}")
+        return 0
 
-def cmd_pin(args: argparse.Namespace) -> int:
-    _call(args, "POST", "/api/pin", {"model": args.name})
-    print(f"{args.name}: loaded and pinned")
-    return 0
-
-
-def cmd_unpin(args: argparse.Namespace) -> int:
-    _call(args, "POST", "/api/unpin", {"model": args.name})
-    print(f"{args.name}: unpinned (it goes by its keep-alive)")
-    return 0
+    return run
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -324,13 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     load.set_defaults(func=cmd_load)
     unload = client("unload", "unload a model once its requests are done")
     unload.add_argument("name")
-    unload.set_defaults(func=cmd_unload)
+    unload.set_defaults(func=model_action("/api/unload", "unloading once its requests are done"))
     pin = client("pin", "load a model and keep it loaded whatever its keep-alive")
     pin.add_argument("name")
-    pin.set_defaults(func=cmd_pin)
+    pin.set_defaults(func=model_action("/api/pin", "loaded and pinned"))
     unpin = client("unpin", "let a pinned model go by its keep-alive again")
     unpin.add_argument("name")
-    unpin.set_defaults(func=cmd_unpin)
+    unpin.set_defaults(func=model_action("/api/unpin", "unpinned (it goes by its keep-alive)"))
 
     client(
         "doctor", "print versions, device, config and the daemon's state for a bug report"

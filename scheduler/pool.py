@@ -131,6 +131,11 @@ class Claim(Generic[R]):
         return self._ticket.reserved
 
     @property
+    def since(self) -> float:
+        """When its request first arrived (the scheduler's clock)."""
+        return self._ticket.since
+
+    @property
     def pause_asked(self) -> bool:
         """Whether the pool asks the sequence to pause (an interactive
         request waits for what it holds): it lets go, and comes back."""
@@ -248,7 +253,7 @@ class Scheduler(Generic[R]):
         (``Claim.grow`` asks for more as the sequence generates); ``resumes``:
         the paused claim this is the rest of, whose place in the order it
         keeps (``/api/ps`` counts those waiting as paused)."""
-        since = resumes._ticket.since if resumes is not None else None
+        since = resumes.since if resumes is not None else None
         async with self._held(
             model, keep_alive_s, prompt, max_tokens, client, reserve, since
         ) as ticket:
