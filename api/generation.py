@@ -294,8 +294,8 @@ class Generation:
         sequence must pause: it has come to the end of what it holds without
         it, or the pool asks it to."""
         claim, step = self._claim, self._job.step
-        if claim is None:
-            return False
+        if claim is None or len(self._out) >= self._job.request.max_tokens:
+            return False  # (its last token's finish is on its way)
         if claim.pause_asked:  # an interactive request waits for what it holds
             return True
         made, reserved, most = len(self._out) - self._base, claim.reserved, claim.most
@@ -319,8 +319,11 @@ class Generation:
             prompt=(*first.prompt, *self._out),
             max_tokens=first.max_tokens - len(self._out),
         )
-        runner = await self._lease(rest, resumes=claim)
-        self._chunks = await self._held.enter_async_context(runner.generate(rest))
+        try:
+            runner = await self._lease(rest, resumes=claim)
+            self._chunks = await self._held.enter_async_context(runner.generate(rest))
+        except RunnerError as e:
+            raise _crashed(e) from e
         record.paused(time.monotonic() - paused)
 
     async def cached(self) -> None:
