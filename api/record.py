@@ -159,7 +159,11 @@ class Record:
             m.prefix_tokens.labels(self.model).inc(tokens.cached)
         if self.activity is not None and self.intake is not None:
             self.activity.finished(self._row(status, duration))
-        log.info(
+        # A GET that went well (the status page's polling, Prometheus's
+        # scrapes) is logged only at debug: every few seconds, all day.
+        quiet = self.intake is None and status < 400
+        log.log(
+            logging.DEBUG if quiet else logging.INFO,
             "request id=%s model=%s client=%s priority=%s endpoint=%s status=%d prompt_tokens=%d "
             "cached_tokens=%s generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s "
             "duration_s=%.3f%s%s",
