@@ -120,12 +120,12 @@ def prompts(n: int, length: int, seed: int) -> list[list[int]]:
 
 
 async def editor_ttfts(
-    server: Server, args: argparse.Namespace, client: str | None
+    server: Server, args: argparse.Namespace, client: str | None, seed: int
 ) -> tuple[list[float], int]:
     """The editor's requests one after another: their times to first token,
     and the fewest requests queued when one was sent (the backlog it met)."""
     out, backlog = [], 10**9
-    for p in prompts(args.editor, 32, seed=len(server.url) + int(time.time())):
+    for p in prompts(args.editor, 32, seed):
         backlog = min(backlog, (await server.pool())["queued"])
         ttft, _ = await server.stream(p, 8, client)
         out.append(ttft)
@@ -134,7 +134,8 @@ async def editor_ttfts(
 
 async def flood(server: Server, args: argparse.Namespace, fair: bool) -> dict[str, Any]:
     """The flood, and the editor's requests once it is queued."""
-    alone, _ = await editor_ttfts(server, args, "editor" if fair else None)
+    editor = "editor" if fair else None
+    alone, _ = await editor_ttfts(server, args, editor, seed=3)
     made: list[int] = []
     result: dict[str, Any] = {"editor_alone_ttft_s": statistics.mean(alone)}
 
@@ -147,7 +148,7 @@ async def flood(server: Server, args: argparse.Namespace, fair: bool) -> dict[st
         for p in prompts(args.flood, args.flood_prompt, seed=1):
             nursery.start_soon(one, p)
         await queued(server, args.flood - args.slots)
-        during, backlog = await editor_ttfts(server, args, "editor" if fair else None)
+        during, backlog = await editor_ttfts(server, args, editor, seed=4)
         result["editor_flood_ttft_s"] = statistics.mean(during)
         result["backlog_met"] = backlog
     result["flood_tok_s"] = sum(made) / (time.perf_counter() - began)

@@ -79,26 +79,29 @@ class Shutdown:
 
 
 Command = Load | Generate | Embed | Cancel | PrefixLimit | Ping | AskStats | Shutdown
-_NAMES: dict[type[Command], str] = {
-    Load: "load",
-    Generate: "generate",
-    Embed: "embed",
-    Cancel: "cancel",
-    PrefixLimit: "prefix_limit",
-    Ping: "ping",
-    AskStats: "stats",
-    Shutdown: "shutdown",
-}
-_KINDS = {name: kind for kind, name in _NAMES.items()}
+WIRE = protocol.Wire[Command](
+    "op",
+    "command",
+    {
+        Load: "load",
+        Generate: "generate",
+        Embed: "embed",
+        Cancel: "cancel",
+        PrefixLimit: "prefix_limit",
+        Ping: "ping",
+        AskStats: "stats",
+        Shutdown: "shutdown",
+    },
+)
 
 
 def line(command: Command) -> bytes:
     """The command as a line of the wire."""
     if isinstance(command, Generate):
         return protocol.encode(command.to_message())
-    return protocol.tagged("op", _NAMES[type(command)], command)
+    return WIRE.line(command)
 
 
 def read(msg: dict[str, Any]) -> Command:
     """The command a decoded line holds; ``ValueError`` if it is none."""
-    return protocol.untagged(_KINDS, "op", msg, "command")
+    return WIRE.read(msg)

@@ -143,27 +143,21 @@ class Pong:
 Event = (
     Spare | Ready | Cached | Tokens | Embeddings | Failed | Stats | Saving | Saved | Fatal | Pong
 )
-_NAMES: dict[type[Event], str] = {
-    Spare: "spare",
-    Ready: "ready",
-    Cached: "cached",
-    Tokens: "tokens",
-    Embeddings: "embeddings",
-    Failed: "error",
-    Stats: "stats",
-    Saving: "saving",
-    Saved: "saved",
-    Fatal: "fatal",
-    Pong: "pong",
-}
-_KINDS = {name: kind for kind, name in _NAMES.items()}
-
-
-def line(event: Event) -> bytes:
-    """The event as a line of the wire."""
-    return protocol.tagged("ev", _NAMES[type(event)], event)
-
-
-def read(msg: dict[str, Any]) -> Event:
-    """The event a decoded line holds; ``ValueError`` if it is none."""
-    return protocol.untagged(_KINDS, "ev", msg, "event")
+WIRE = protocol.Wire[Event](
+    "ev",
+    "event",
+    {
+        Spare: "spare",
+        Ready: "ready",
+        Cached: "cached",
+        Tokens: "tokens",
+        Embeddings: "embeddings",
+        Failed: "error",
+        Stats: "stats",
+        Saving: "saving",
+        Saved: "saved",
+        Fatal: "fatal",
+        Pong: "pong",
+    },
+)
+line, read = WIRE.line, WIRE.read  # an event as a line of the wire; the event a line holds

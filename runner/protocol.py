@@ -115,7 +115,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 
@@ -201,25 +201,35 @@ def encode(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode() + b"\n"
 
 
-def tagged(tag: str, name: str, value: Any) -> bytes:
-    """``value`` (attrs) as a line, its kind ``name`` under ``tag`` ("op", "ev")."""
-    return encode({tag: name, **attrs.asdict(value, recurse=False)})
+class Wire(Generic[T]):
+    """One direction of the wire: its kinds of value (attrs classes), each
+    named under ``tag`` ("op" for commands, "ev" for events)."""
 
+    def __init__(self, tag: str, what: str, names: Mapping[type[T], str]) -> None:
+        self.tag, self.what = tag, what
+        self._names = dict(names)
+        self._kinds = {name: kind for kind, name in names.items()}
 
-def untagged(kinds: Mapping[str, type[T]], tag: str, msg: dict[str, Any], what: str) -> T:
-    """The value a decoded line holds: the kind ``msg[tag]`` names, built
-    from its fields (others ignored; a kind with a ``from_message`` builds
-    itself); ``ValueError`` if no kind has that name or the fields do not fit."""
-    kind = kinds.get(msg.get(tag))  # type: ignore[arg-type]
-    if kind is None:
-        raise ValueError(f"not a runner {what}: {str(msg)[:80]}")
-    try:
-        if (build := getattr(kind, "from_message", None)) is not None:
-            return build(msg)
-        names = _field_names(kind)  # type: ignore[arg-type]
-        return kind(**{k: v for k, v in msg.items() if k in names})
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"a malformed {msg.get(tag)!r} {what}: {e!r}") from None
+    def line(self, value: T) -> bytes:
+        """``value`` as a line, its kind's name under the tag."""
+        fields = attrs.asdict(value, recurse=False)  # type: ignore[arg-type]
+        return encode({self.tag: self._names[type(value)], **fields})
+
+    def read(self, msg: dict[str, Any]) -> T:
+        """The value a decoded line holds: the kind ``msg[tag]`` names, built
+        from its fields (others ignored; a kind with a ``from_message``
+        builds itself); ``ValueError`` if no kind has that name or the
+        fields do not fit."""
+        kind = self._kinds.get(msg.get(self.tag))  # type: ignore[arg-type]
+        if kind is None:
+            raise ValueError(f"not a runner {self.what}: {str(msg)[:80]}")
+        try:
+            if (build := getattr(kind, "from_message", None)) is not None:
+                return build(msg)
+            names = _field_names(kind)  # type: ignore[arg-type]
+            return kind(**{k: v for k, v in msg.items() if k in names})
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"a malformed {msg.get(self.tag)!r} {self.what}: {e!r}") from None
 
 
 @functools.cache

@@ -235,7 +235,8 @@ class Scheduler(Generic[R]):
         ``keep_alive_s`` overrides the model's keep-alive from this request on;
         a load for this request reads the cached prefix of ``prompt`` early;
         ``client``: who asks, at what priority and weight (``scheduler/order.py``)."""
-        async with self._held(model, keep_alive_s, prompt, max_tokens, client, None) as ticket:
+        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens, *client)
+        async with self._held(ticket):
             yield cast("R", ticket.runner)
 
     @asynccontextmanager
@@ -253,31 +254,21 @@ class Scheduler(Generic[R]):
         (``Claim.grow`` asks for more as the sequence generates); ``resumes``:
         the paused claim this is the rest of, whose place in the order it
         keeps (``/api/ps`` counts those waiting as paused)."""
-        since = resumes.since if resumes is not None else None
-        async with self._held(
-            model, keep_alive_s, prompt, max_tokens, client, reserve, since
-        ) as ticket:
+        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens, *client)
+        ticket.reserve = reserve
+        if resumes is not None:  # a paused sequence's rest: it keeps its arrival
+            ticket.since, ticket.resumes = resumes.since, True
+        async with self._held(ticket):
             yield Claim(self, ticket)
 
     @asynccontextmanager
-    async def _held(
-        self,
-        model: str,
-        keep_alive_s: float | None,
-        prompt: Sequence[int],
-        max_tokens: int,
-        client: tuple[str, int, float],
-        reserve: int | None,
-        since: float | None = None,
-    ) -> AsyncIterator[_LeaseTicket]:
+    async def _held(self, ticket: _LeaseTicket) -> AsyncIterator[None]:
+        """Submit ``ticket``, wait for its grant, and hold it."""
+        model = ticket.model
         known = self._policy.models.get(model)  # (the policy answers for an unknown one)
         if self._size_model is not None and known is not None and known.state is p.State.ABSENT:
             size = await self._size_model(model)
             self._post(pe.Sized(model, size.bytes, size.kv_per_token, trio.current_time()))
-        ticket = _LeaseTicket(model, keep_alive_s, tuple(prompt), max_tokens, *client)
-        ticket.reserve = reserve
-        if since is not None:  # a paused sequence's rest: it keeps its arrival
-            ticket.since, ticket.resumes = since, True
         if not self._post(pe.Submitted(ticket, trio.current_time())):
             raise ShuttingDown("the server is shutting down")
         try:
@@ -288,7 +279,7 @@ class Scheduler(Generic[R]):
         if ticket.error is not None:
             raise ticket.error
         try:
-            yield ticket
+            yield
         finally:
             self._post(pe.Released(ticket, trio.current_time()))
 
@@ -549,7 +540,7 @@ def _by_client(m: p.ModelState) -> list[dict[str, Any]]:
                 {"client": t.client, "priority": name, "running": 0, "queued": 0, "paused": 0},
             )
             row[where] += 1
-            row["paused"] += where == "queued" and t.resumes
+            row["paused"] += int(where == "queued" and t.resumes)
     return sorted(rows.values(), key=lambda r: (r["client"], r["priority"]))
 
 

@@ -3,7 +3,7 @@
 "use strict";
 
 const POLL_MS = 2000;
-const TIMEOUT_MS = 5000;
+const TIMEOUT_MS = 10000; // a poll unanswered this long: the daemon is not answering
 const KEY = "mlxd-key"; // sessionStorage: this tab only, never a URL or a cookie
 const COLORS = ["#2463d1", "#d1632a", "#1f8a3b", "#8a3bb8", "#b8a21f", "#1fa3b8", "#b81f5e"];
 
