@@ -2,9 +2,9 @@
 
 A lone request decodes on mlx-lm's single-stream path (``generate_step``),
 which is markedly faster than a batch of one. When a second request arrives the
-lone sequence moves into a ``BatchGenerator`` together with the newcomers
-(continuous batching); when the batch is down to one sequence again it moves
-back. A move keeps the KV cache: both paths leave the cache holding every
+lone sequence moves into a batch (``runner/batch.py``) together with the
+newcomers (continuous batching); when the batch is down to one sequence again
+it moves back. A move keeps the KV cache: both paths leave the cache holding every
 token they have returned, so the cache is trimmed by one token and that token
 is fed again on the other path, costing one step.
 
@@ -14,8 +14,8 @@ step has a budget of prompt tokens to read: while streams decode, one chunk
 (so none waits more than about a chunk for its next token); with nothing
 decoding, mlx-lm's own prefill step (``FULL_STEP``: a prompt alone is read
 at full speed). Each step the waiting prompts share it, oldest first: every
-one whose rest fits is read whole, together with the others, by the batch's
-prompt processing, and starts decoding; the oldest that does not fit (a long
+one whose rest fits is read whole, together with the others, in the batch's
+one prompt pass for newcomers, and starts decoding; the oldest that does not fit (a long
 prompt) is read a part at a time on a cache of its own, with what the others
 leave of the budget (a quarter at least), until its rest fits too. So
 requests that arrive while others run start within a step or two of their
@@ -39,13 +39,13 @@ import functools
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Generator, Iterable
 from typing import Any
 
 import attrs
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.generate import BatchGenerator, StopSequences, generate_step, generation_stream
+from mlx_lm.generate import generate_step, generation_stream
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (
@@ -56,14 +56,12 @@ from mlx_lm.sample_utils import (
     make_sampler,
 )
 
+from runner.batch import Batch, Newcomer, Processor, Sampler
 from runner.budget import ReasoningBudget
 from runner.grammar import Constraint, Grammars
 from runner.prefix import PrefixCache, trimmable
 from runner.protocol import Generate, Sampling
 from runner.steps import Hit, Logprobs, Output, Stats
-
-Sampler = Callable[[mx.array], mx.array]
-Processor = Callable[[mx.array, mx.array], mx.array]  # (tokens, logits) -> logits
 
 LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
 PREFILL_GAP_S = 0.2  # what an automatic chunk aims to take
@@ -109,7 +107,7 @@ def _generate_with_one_layer(heads: int) -> None:
 
 @functools.lru_cache(maxsize=64)
 def _shared_sampler(temperature: float, top_p: float, top_k: int, min_p: float) -> Sampler:
-    # One object per parameter set lets BatchGenerator sample a batch whose
+    # One object per parameter set lets the batch sample a batch whose
     # rows share parameters in a single call.
     return make_sampler(temperature, top_p=top_p, min_p=min_p, top_k=top_k)
 
@@ -159,7 +157,7 @@ class Sequence:
     processors: list[Processor]  # each called with the generated tokens only
     constraint: Constraint | None = None
     generated: int = 0
-    cache: list[Any] | None = None  # its KV, while no BatchGenerator holds it
+    cache: list[Any] | None = None  # its KV, while no batch holds it
     in_cache: int = 0  # how many of ``tokens`` that cache holds
 
     @property
@@ -217,9 +215,8 @@ class Engine:
         self._pending: deque[Sequence] = deque()
         self._single: Sequence | None = None
         self._single_gen: Generator[tuple[Any, mx.array], None, None] | None = None
-        self._batch: BatchGenerator | None = None
-        self._in_batch: dict[int, Sequence] = {}  # BatchGenerator uid -> sequence
-        self._uid: dict[int, int] = {}  # request id -> uid
+        self._batch: Batch | None = None
+        self._in_batch: dict[int, Sequence] = {}  # request id -> sequence
 
     # -- commands ----------------------------------------------------------
 
@@ -263,8 +260,8 @@ class Engine:
                 return
         if self._single is not None and self._single.req.id == req_id:
             self._end_single()
-        elif req_id in self._uid:
-            self._leave_batch(self._uid[req_id])
+        elif req_id in self._in_batch:
+            self._leave_batch([req_id])
 
     @property
     def active(self) -> int:
@@ -283,7 +280,6 @@ class Engine:
         self._single = None
         self._single_gen = None
         self._in_batch.clear()
-        self._uid.clear()
         self._batch = None
 
     def recover(self) -> None:
@@ -358,7 +354,7 @@ class Engine:
     def _start(self, ready: list[Sequence]) -> None:
         """Start decoding the sequences whose rest of prompt fits this step
         (alone: on the single path; else in the batch, which reads them all
-        in this step's one prompt pass)."""
+        in one prompt pass)."""
         if not ready:
             if len(self._in_batch) == 1 and self._single is None:
                 self._to_single()
@@ -367,11 +363,13 @@ class Engine:
         if alone and len(ready) == 1:
             self._single = ready[0]
             return
-        if self._single is not None and not self._to_batch():
-            self._pending.extendleft(reversed(ready))  # cannot move it: they wait for it
-            return
-        for seq in ready:
-            self._insert(seq)
+        if self._single is not None:
+            if not self._off_single():
+                self._pending.extendleft(reversed(ready))  # cannot move it: they wait for it
+                return
+            ready.insert(0, self._single)
+            self._single = None
+        self._join(ready)
         self.stats.max_batch = max(self.stats.max_batch, len(self._in_batch))
 
     # -- the single path -----------------------------------------------------
@@ -443,93 +441,78 @@ class Engine:
 
     # -- moving between paths ------------------------------------------------
 
-    def _to_batch(self) -> bool:
+    def _off_single(self) -> bool:
+        """Ready the lone sequence to join the batch: a decoding one's cache
+        gives back its last token, which the batch feeds again."""
         seq = self._single
         assert seq is not None
-        if self._single_gen is not None:  # decoding: its last token is fed again
+        if self._single_gen is not None:  # decoding
             if not self.can_trim or seq.cache is None:
                 return False
             trim_prompt_cache(seq.cache, 1)
             seq.in_cache -= 1
             self._single_gen = None  # the generator is abandoned, its cache kept
             self.stats.migrations += 1
-        self._single = None
-        self._insert(seq)
         return True
 
     def _to_single(self) -> None:
-        ((uid, seq),) = self._in_batch.items()
+        ((req_id, seq),) = self._in_batch.items()
         if seq.generated == 0 or not self.can_trim:
             return  # still reading its prompt in the batch, or its cache cannot move
         assert self._batch is not None
-        cache, _ = self._batch.remove([uid], return_prompt_caches=True)[uid]
-        self._pop(uid)
+        ((cache, held),) = self._batch.leave([req_id]).values()
+        del self._in_batch[req_id]
         trim_prompt_cache(cache, 1)
-        seq.cache, seq.in_cache = cache, len(seq.tokens) - 1
+        seq.cache, seq.in_cache = cache, held - 1
         self._single = seq
         self.stats.migrations += 1
 
     # -- the batch -----------------------------------------------------------
 
-    def _insert(self, seq: Sequence) -> None:
-        """Into the batch, whose next step reads the rest of its prompt (it
-        fits this step's budget: ``_read``) together with the others'."""
+    def _join(self, seqs: list[Sequence]) -> None:
+        """Into the batch, which reads the rest of their prompts (it fits this
+        step's budget: ``_read``) in one pass, and starts them decoding."""
         if self._batch is None:
-            self._batch = BatchGenerator(
-                self.model,
-                completion_batch_size=self.max_batch,
-                prefill_batch_size=self.max_batch,
+            self._batch = Batch(self.model)
+        newcomers = []
+        for seq in seqs:
+            cache, seq.cache = seq.cache, None
+            newcomers.append(
+                Newcomer(
+                    seq.req.id,
+                    seq.tokens,
+                    seq.in_cache,
+                    cache,
+                    seq.sampler,
+                    seq.processors_seeing(0),  # it passes the whole history
+                    seq.req.logprobs is not None,
+                )
             )
-        self._batch.prefill_step_size = max(self.full_step, self.chunk)  # whole, in one pass
-        stops = [[t] for t in seq.req.stop_ids]
-        cache, seq.cache = seq.cache, None
-        (uid,) = self._batch.insert(
-            [seq.tokens[seq.in_cache :]],
-            max_tokens=[seq.remaining],
-            caches=[cache] if cache is not None else None,
-            all_tokens=[seq.tokens[: seq.in_cache]] if cache is not None else None,
-            samplers=[seq.sampler],
-            logits_processors=[seq.processors_seeing(0)],  # it passes the whole history
-            stop_sequences=[StopSequences(stops or None)],
-        )
-        self._in_batch[uid] = seq
-        self._uid[seq.req.id] = uid
+            self._in_batch[seq.req.id] = seq
+        started = time.perf_counter()
+        read = self._batch.join(newcomers)
+        self._measured(read, time.perf_counter() - started)
 
-    def _pop(self, uid: int) -> Sequence:
-        seq = self._in_batch.pop(uid)
-        del self._uid[seq.req.id]
-        return seq
-
-    def _leave_batch(self, uid: int) -> None:
-        """Take a sequence out of the batch, keeping its cache for reuse."""
+    def _leave_batch(self, req_ids: list[int]) -> None:
+        """Take sequences out of the batch, keeping their caches for reuse."""
         assert self._batch is not None
-        self._pop(uid)
-        cache, tokens = self._batch.remove([uid], return_prompt_caches=True)[uid]
-        self._keep(tokens, cache)
+        for req_id, (cache, held) in self._batch.leave(req_ids).items():
+            seq = self._in_batch.pop(req_id)
+            self._keep(seq.tokens[:held], cache)
 
     def _step_batch(self) -> list[Output]:
         assert self._batch is not None
-        if any(s.generated == 0 for s in self._in_batch.values()):
-            with self._batch.stats() as done:  # measure while prompts are read
-                _, responses = self._batch.next()
-            self._measured(done.prompt_tokens, done.prompt_time)
-        else:
-            _, responses = self._batch.next()
         out = []
-        for r in responses:
-            seq = self._in_batch.get(r.uid)
-            if seq is None:
-                continue
-            finish = self._record(seq, r.token)
-            if finish is None and r.finish_reason is not None:
-                finish = r.finish_reason
+        done = []
+        for req_id, token, logprobs in self._batch.step():
+            seq = self._in_batch[req_id]
+            finish = self._record(seq, token)
             if finish is not None:
-                if r.finish_reason is None:
-                    self._leave_batch(r.uid)
-                else:  # the batch has let it go already
-                    self._pop(r.uid)
-                    self._keep(r.all_tokens, r.prompt_cache)
-            out.append((seq.req.id, r.token, finish, self._logprobs(seq, r.token, r.logprobs)))
+                done.append(req_id)
+            lp = None if logprobs is None else self._logprobs(seq, token, logprobs)
+            out.append((req_id, token, finish, lp))
+        if done:
+            self._leave_batch(done)
         return out
 
     # -- shared --------------------------------------------------------------

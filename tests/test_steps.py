@@ -32,8 +32,10 @@ class Counting:
     def __init__(self, model: Any) -> None:
         self._model = model
         self.read = 0
+        self.calls = 0
 
     def __call__(self, tokens: mx.array, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
         if tokens.shape[1] > 1:
             self.read += tokens.shape[0] * tokens.shape[1]
         return self._model(tokens, *args, **kwargs)
@@ -78,11 +80,33 @@ def test_newcomers_start_within_two_steps_however_they_arrive(model: Any, togeth
         arrivals.setdefault(5 if together else 5 + i, []).append(r)
     firsts = first_tokens(engine, arrivals)
     waits = [firsts[r.id] - step for step, rs in arrivals.items() for r in rs if r is not running]
-    # Read in the step they arrive, split off to decode in the next, their
-    # first token in the one after: never a step more for others arriving.
-    assert waits == [2] * len(newcomers)
+    # Read in the step they arrive, which samples their first token; the
+    # next step hands it out: never a step more for others arriving.
+    assert waits == [1] * len(newcomers)
     if together:
         assert len({firsts[r.id] for r in newcomers}) == 1  # one step for all of them
+
+
+def test_newcomers_cost_one_prompt_pass_and_decode_in_the_batchs_own_step(model: Any) -> None:
+    counting = Counting(model)
+    engine = Engine(counting, 8, chunk=4 * CHUNK)
+    running = [request(30) for _ in range(2)]
+    for r in running:
+        engine.add(r)
+    for _ in range(3):
+        engine.step()  # the two decode in a batch now
+    calls = []
+    for step in range(4):
+        if step == 1:
+            for _ in range(6):
+                engine.add(request(40))
+        before = counting.calls
+        engine.step()
+        calls.append(counting.calls - before)
+    # The step they arrive in reads all six prompts in one pass and feeds
+    # their last tokens in the batch's one decoding pass: no pass of their
+    # own for a first token, and none later.
+    assert calls == [1, 2, 1, 1]
 
 
 def test_a_long_prompt_takes_at_most_two_chunks_from_between_two_tokens(model: Any) -> None:
