@@ -77,28 +77,51 @@ class Batch:
         return [row.id for row in self._rows]
 
     def join(self, newcomers: list[Newcomer]) -> int:
-        """Read the newcomers' prompts (all but their last tokens) in one
-        pass and add them as rows; returns how many tokens that read."""
-        heads = [n.tokens[n.cached : -1] for n in newcomers]
-        with mx.stream(generation_stream):
-            caches = [n.cache or make_prompt_cache(self.model) for n in newcomers]
-            merged = [layer[0].merge(list(layer)) for layer in zip(*caches, strict=True)]
-            read = sum(map(len, heads))
-            if read:
-                self._read(heads, merged)
-            if self._cache:
-                for mine, theirs in zip(self._cache, merged, strict=True):
-                    mine.extend(theirs)
-            else:
-                self._cache = merged
-            last = mx.array([n.tokens[-1] for n in newcomers])
-            self._next = last if self._next is None else mx.concatenate([self._next, last])
-        self._next_logprobs += [None] * len(newcomers)
+        """Read the newcomers' prompts (all but their last tokens) and add
+        them as rows; returns how many tokens that read.
+
+        Those whose caches hold as many tokens (all that start cold, among
+        them) are read in one pass. A batched cache keeps its rows' lengths
+        apart by padding them on the left, so newcomers with caches of other
+        lengths read together would each be padded twice, for the others'
+        caches and for the others' prompts: every later step would attend
+        to the padding, and it is memory the ledger never charged."""
+        groups: dict[int, list[Newcomer]] = {}
         for n in newcomers:
-            context = TokenBuffer(n.tokens[:-1]) if n.processors else None
-            held = len(n.tokens) - 1
-            self._rows.append(_Row(n.id, n.sampler, n.processors, context, n.logprobs, held))
+            groups.setdefault(n.cached, []).append(n)
+        read = 0
+        with mx.stream(generation_stream):
+            for group in groups.values():
+                caches = [n.cache or make_prompt_cache(self.model) for n in group]
+                merged = [layer[0].merge(list(layer)) for layer in zip(*caches, strict=True)]
+                heads = [n.tokens[n.cached : -1] for n in group]
+                if any(heads):
+                    self._read(heads, merged)
+                    read += sum(map(len, heads))
+                self._extend(merged, [n.tokens[-1] for n in group])
+                for n in group:
+                    context = TokenBuffer(n.tokens[:-1]) if n.processors else None
+                    held = len(n.tokens) - 1
+                    self._rows.append(
+                        _Row(n.id, n.sampler, n.processors, context, n.logprobs, held)
+                    )
+        self._next_logprobs += [None] * len(newcomers)
         return read
+
+    def _extend(self, cache: list[Any], last: list[int]) -> None:
+        """Add rows whose caches are ``cache`` and who feed ``last`` next."""
+        if self._cache:
+            for mine, theirs in zip(self._cache, cache, strict=True):
+                mine.extend(theirs)  # right-aligned: the shorter side is padded
+        else:
+            self._cache = cache
+        tokens = mx.array(last)
+        self._next = tokens if self._next is None else mx.concatenate([self._next, tokens])
+
+    @property
+    def positions(self) -> int:
+        """The positions each row's cache takes (its tokens and its padding)."""
+        return self._cache[0].size() if self._cache else 0
 
     def _read(self, heads: list[list[int]], cache: list[Any]) -> None:
         lengths = [len(h) for h in heads]

@@ -18,7 +18,8 @@ import mlx.core as mx  # noqa: E402
 import pytest  # noqa: E402
 from mlx_lm.utils import load_model  # noqa: E402
 
-from runner.engine import Engine  # noqa: E402
+from runner.batch import Batch, Newcomer  # noqa: E402
+from runner.engine import Engine, make_request_sampler  # noqa: E402
 from runner.protocol import Generate, Sampling  # noqa: E402
 
 CHUNK = 64
@@ -141,3 +142,26 @@ def test_a_prompt_alone_is_read_in_full_steps(model: Any) -> None:
     # the rest and makes the first token.
     assert firsts[alone.id] == 2
     assert counting.read >= len(alone.prompt) - 1
+
+
+def test_rows_with_caches_of_other_lengths_are_padded_only_to_the_longest(model: Any) -> None:
+    # A batched cache pads each row on the left up to its longest row: that
+    # padding is attended to at every step, and memory no ledger charges.
+    greedy = make_request_sampler(Sampling(temperature=0.0))
+    batch = Batch(model)
+    first = request(30)
+    batch.join([Newcomer(first.id, list(first.prompt), 0, None, greedy, [])])
+    tokens = list(first.prompt)
+    for _ in range(6):
+        tokens += [token for _, token, _ in batch.step()]
+    ((cache, held),) = batch.leave([first.id]).values()
+    assert held == len(tokens)  # the prompt and the five tokens reported
+    cold = [request(40), request(12)]
+    batch.join(
+        [
+            Newcomer(first.id, [*tokens, 7], held, cache, greedy, []),
+            *(Newcomer(r.id, list(r.prompt), 0, None, greedy, []) for r in cold),
+        ]
+    )
+    batch.step()  # each row has fed its last token: its cache holds all of its tokens
+    assert batch.positions == max(len(tokens) + 1, 40)
