@@ -2,6 +2,9 @@
 
     python -m bench.random_model SHAPE TOKENIZER_DIR OUT [--bits 4] [--dtype bfloat16] [--seed 0]
 
+The vision-language shapes (``tiny-vl``, ``tiny-gemma3-vl``) are mlx-vlm's
+layout instead: ``bench/random_vlm.py``.
+
 The tokenizer files come from TOKENIZER_DIR (the converted SmolLM2), so the
 model speaks that vocabulary and chat template. Its text is gibberish, but it
 loads and decodes exactly as fast as a trained model of the same shape, which
@@ -18,6 +21,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
+
+from bench import random_vlm
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -106,13 +111,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("shape", choices=sorted(SHAPES) + list(random_vlm.SHAPES))
     parser.add_argument("tokenizer_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--bits", type=int, choices=[4, 8])
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.shape in random_vlm.SHAPES:
+        random_vlm.write(args.shape, args.tokenizer_dir, args.out, args.seed)
+        return
     write(args.shape, args.tokenizer_dir, args.out, args.bits, args.seed, args.dtype)
 
 
