@@ -136,6 +136,7 @@ def _qwen(src: Path, out: Path) -> None:
         "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # half a 16-wide head
         "vocab_size": 49152 + 64,
         "tie_word_embeddings": True,
+        "bos_token_id": ids["<|im_start|>"],
         "eos_token_id": ids["<|im_end|>"],
         "vision_start_token_id": ids["<|vision_start|>"],
         "vision_end_token_id": ids["<|vision_end|>"],

@@ -154,13 +154,17 @@ def load_engine(model_dir: Path, load: cmd.Load) -> Engine | Embedder:
 
         return Embedder.load(model_dir)
     import mlx.core as mx
+    import mlx.nn as nn
     from mlx_lm.utils import load_model
 
     from runner.engine import Engine
     from runner.grammar import Grammars
     from runner.prefix import Disk, PrefixCache
+    from runner.vision import Vision, is_vision
 
-    model, _ = load_model(model_dir, lazy=True)
+    model: nn.Module | Vision = (
+        Vision.load(model_dir) if is_vision(model_dir) else load_model(model_dir, lazy=True)[0]
+    )
     disk = None
     if load.prefix_dir and load.prefix_disk > 0:
         try:

@@ -48,6 +48,7 @@ class Newcomer:
     sampler: Sampler
     processors: list[Processor]  # called with all of ``tokens`` and what follows
     logprobs: bool = False  # whether its log-probabilities are reported
+    delta: int = 0  # its positions, less its tokens' indices (``runner/vision.py``)
 
 
 @attrs.define
@@ -58,12 +59,14 @@ class _Row:
     context: TokenBuffer | None  # what its processors see, when it has any
     logprobs: bool
     held: int  # tokens its cache holds
+    delta: int
     reports: bool = False  # False while the token it feeds next is its prompt's last
 
 
 class Batch:
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, placed: bool = False) -> None:
         self.model = model
+        self.placed = placed  # the model takes each row's ``deltas`` (``runner/vision.py``)
         self._rows: list[_Row] = []
         self._cache: list[Any] = []  # one batched cache per layer
         self._next: mx.array | None = None  # the token each row feeds next
@@ -103,7 +106,7 @@ class Batch:
                     context = TokenBuffer(n.tokens[:-1]) if n.processors else None
                     held = len(n.tokens) - 1
                     self._rows.append(
-                        _Row(n.id, n.sampler, n.processors, context, n.logprobs, held)
+                        _Row(n.id, n.sampler, n.processors, context, n.logprobs, held, n.delta)
                     )
         self._next_logprobs += [None] * len(newcomers)
         return read
@@ -144,7 +147,8 @@ class Batch:
         fed = self._next
         assert fed is not None, "a step with no rows"
         with mx.stream(generation_stream):
-            logits = self.model(fed[:, None], cache=self._cache)[:, -1, :]
+            placing = {"deltas": mx.array([r.delta for r in self._rows])} if self.placed else {}
+            logits = self.model(fed[:, None], cache=self._cache, **placing)[:, -1, :]
             contexts = []
             if any(row.processors for row in self._rows):
                 rows = []

@@ -40,7 +40,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Generator, Iterable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import mlx.core as mx
@@ -62,6 +62,7 @@ from runner.grammar import Constraint, Grammars
 from runner.prefix import PrefixCache, trimmable
 from runner.protocol import Generate, Sampling
 from runner.steps import Hit, Logprobs, Output, Stats
+from runner.vision import Seen, Vision, keyed
 
 LOGPROB_FLOOR = -9999.0  # what a forbidden token (-inf) reports
 PREFILL_GAP_S = 0.2  # what an automatic chunk aims to take
@@ -159,6 +160,12 @@ class Sequence:
     generated: int = 0
     cache: list[Any] | None = None  # its KV, while no batch holds it
     in_cache: int = 0  # how many of ``tokens`` that cache holds
+    seen: Seen | None = None  # a prompt with images: what the model reads for it
+
+    @property
+    def delta(self) -> int:
+        """Where its positions stand from its tokens' indices (``runner/vision.py``)."""
+        return self.seen.delta if self.seen is not None else 0
 
     @property
     def remaining(self) -> int:
@@ -246,6 +253,11 @@ class Engine:
             processors.append(constraint)  # last: nothing may lift its -inf
         sampler = make_request_sampler(req.sampling)
         seq = Sequence(req, sampler, list(req.prompt), processors, constraint)
+        if req.images:
+            if not isinstance(self.model, Vision):
+                raise ValueError("this model takes no images")
+            seq.seen = self.model.see(req.prompt, req.images)
+            seq.tokens = keyed(req.prompt, req.images)  # its images, keyed by their bytes
         hit = self.prefixes.lookup(seq.tokens) if self.prefixes is not None else Hit()
         seq.cache, seq.in_cache = hit.cache, hit.tokens
         self.stats.prompt_tokens += len(req.prompt)
@@ -340,14 +352,17 @@ class Engine:
         ready: list[Sequence] = []
         left = budget - kept  # what fits whole; the oldest long prompt keeps a part
         for seq in list(self._pending):
-            if len(ready) < room and seq.unread <= left:
+            # A prompt with images is read on its own cache (``_prefill``): it
+            # starts with its last token left.
+            fits = seq.unread <= left and (seq.seen is None or seq.unread == 1)
+            if len(ready) < room and fits:
                 ready.append(seq)
                 self._pending.remove(seq)
                 left -= seq.unread
         if self._pending and room > len(ready):
             oldest = self._pending[0]
             part = min(left + kept, oldest.unread - 1)  # its last token starts its decoding
-            if part > 0 and oldest.unread > left + kept:
+            if part > 0 and (oldest.unread > left + kept or oldest.seen is not None):
                 self._prefill(oldest, part)
         return ready
 
@@ -385,7 +400,9 @@ class Engine:
                 seq.cache = make_prompt_cache(self.model)
             self._single_gen = generate_step(
                 mx.array(seq.tokens[seq.in_cache :]),
-                self.model,
+                cast("nn.Module", functools.partial(self.model, deltas=seq.delta))
+                if seq.delta
+                else self.model,
                 max_tokens=seq.remaining,
                 sampler=seq.sampler,
                 logits_processors=seq.processors_seeing(seq.in_cache),
@@ -407,9 +424,18 @@ class Engine:
         if seq.cache is None:
             seq.cache = make_prompt_cache(self.model)
         started = time.perf_counter()
+        start, end = seq.in_cache, seq.in_cache + n
         with mx.stream(generation_stream):
-            tokens = seq.tokens[seq.in_cache : seq.in_cache + n]
-            self.model(mx.array(tokens)[None], cache=seq.cache)
+            if seq.seen is None:
+                self.model(mx.array(seq.tokens[start:end])[None], cache=seq.cache)
+            else:  # its embeddings (its tokens are its images' keys)
+                positions = seq.seen.positions
+                self.model(
+                    mx.zeros((1, n), mx.int32),
+                    cache=seq.cache,
+                    input_embeddings=seq.seen.embeddings[:, start:end],
+                    positions=None if positions is None else positions[..., start:end],
+                )
             mx.eval([c.state for c in seq.cache])
         self._measured(n, time.perf_counter() - started)
         seq.in_cache += n
@@ -473,7 +499,7 @@ class Engine:
         """Into the batch, which reads the rest of their prompts (it fits this
         step's budget: ``_read``) in one pass, and starts them decoding."""
         if self._batch is None:
-            self._batch = Batch(self.model)
+            self._batch = Batch(self.model, placed=isinstance(self.model, Vision))
         newcomers = []
         for seq in seqs:
             cache, seq.cache = seq.cache, None
@@ -486,6 +512,7 @@ class Engine:
                     seq.sampler,
                     seq.processors_seeing(0),  # it passes the whole history
                     seq.req.logprobs is not None,
+                    seq.delta,
                 )
             )
             self._in_batch[seq.req.id] = seq

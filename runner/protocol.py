@@ -103,6 +103,10 @@ Generate options (each off by default):
   "open": true}``: once the model has written ``tokens`` tokens of reasoning
   (after ``start``, or from the first token when the prompt opened the
   block), the tokens of ``end`` are forced, closing its reasoning.
+- ``images`` (a vision-language model's runner): ``[{"data": "base64 of the
+  image file", "at": 12, "tokens": 154}]``: the prompt's tokens ``at`` ..
+  ``at + tokens - 1`` are the model's image token, and the image's features
+  take their place.
 
 ``memory`` is MLX's view: ``{"active": bytes, "peak": bytes, "cache": bytes}``,
 and ``"device"``: all the GPU memory the process holds, where the driver
@@ -112,6 +116,7 @@ Stdin reaching EOF means the daemon is gone: the runner exits.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 from collections.abc import Iterable, Mapping
@@ -138,6 +143,24 @@ def _token_ids(ids: Iterable[int]) -> tuple[int, ...]:
 
 
 @attrs.frozen
+class Picture:
+    """An image in a prompt: its file's bytes, and the prompt's tokens it
+    takes (``tokens`` of them from index ``at``, each the model's image
+    token, whose embeddings its features replace)."""
+
+    data: bytes
+    at: int
+    tokens: int
+
+    def to_message(self) -> dict[str, Any]:
+        return {"data": base64.b64encode(self.data).decode(), "at": self.at, "tokens": self.tokens}
+
+    @classmethod
+    def from_message(cls, msg: dict[str, Any]) -> Picture:
+        return cls(base64.b64decode(msg["data"]), int(msg["at"]), int(msg["tokens"]))
+
+
+@attrs.frozen
 class Generate:
     """A request to generate. The API builds it once, when the request has
     been read; the runner's client stamps it with its ``id`` on that runner
@@ -159,6 +182,7 @@ class Generate:
     grammar: dict[str, Any] | None = None
     reasoning_budget: dict[str, Any] | None = None
     more: bool = False
+    images: tuple[Picture, ...] = ()
     id: int = attrs.field(default=0, kw_only=True)
 
     def to_message(self) -> dict[str, Any]:
@@ -176,6 +200,7 @@ class Generate:
             "grammar": self.grammar,
             "reasoning_budget": self.reasoning_budget,
             "more": self.more,
+            **({"images": [p.to_message() for p in self.images]} if self.images else {}),
         }
 
     @classmethod
@@ -194,6 +219,7 @@ class Generate:
             grammar=msg.get("grammar"),
             reasoning_budget=msg.get("reasoning_budget"),
             more=bool(msg.get("more", False)),
+            images=tuple(Picture.from_message(p) for p in msg.get("images", ())),
         )
 
 
