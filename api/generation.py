@@ -21,6 +21,7 @@ import trio
 from api.catalog import Catalog
 from api.decoder import Decoder
 from api.delta import Delta
+from api.images import check
 from api.offload import INLINE_BYTES, off_loop
 from api.openai.custom_calls import call_grammar
 from api.pool import ModelRunner, Pool
@@ -30,7 +31,7 @@ from api.schemas import ChatRequest, CompletionRequest, GenerationParams, check_
 from api.texts import Texts
 from api.tools import forced_call
 from runner.errors import RunnerError
-from runner.protocol import Chunk, Generate
+from runner.protocol import Chunk, Generate, Picture
 from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
 from scheduler.pool import Claim
 
@@ -79,8 +80,10 @@ async def prepare(
                 param="tools",
             )
     _too_long_to_read(texts, req, model.name)
+    if chat is not None and chat.images and texts.sizing is None:
+        raise InvalidRequest(f"model {model.name!r} does not take images", param="messages")
     small = record.body_bytes is not None and record.body_bytes <= INLINE_BYTES
-    prompt, reasoning, marked = await _prompt(texts, req, small)
+    prompt, reasoning, marked, pictures = await _prompt(texts, req, small)
     grammar = req.params.grammar
     if chat is not None:
         grammar = grammar or forced_call(texts.markers, chat.tools, chat.tool_choice)
@@ -106,7 +109,7 @@ async def prepare(
     budget = None
     if chat is not None and chat.reasoning_budget is not None and texts.markers.think:
         budget = _budget(texts, chat.reasoning_budget, reasoning)
-    request = _request(texts, req.params, prompt, max_tokens, grammar, budget)
+    request = _request(texts, req.params, prompt, max_tokens, grammar, budget, pictures)
     step = catalog.settings.kv_step_tokens if _resumable(request) else 0
     return Prepared(model.name, req.params, request, texts, record, chat, reasoning, step)
 
@@ -157,32 +160,40 @@ async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
     name = catalog.get(req.params.model).name
     await catalog.require(name, "chat")
     texts = await catalog.texts(name)
-    prompt, _, _ = await _prompt(texts, req)
+    prompt, _, _, _ = await _prompt(texts, req)
     return len(prompt)
+
+
+Prompt = tuple[list[int], bool, int, tuple[Picture, ...]]
 
 
 async def _prompt(
     texts: Texts, req: ChatRequest | CompletionRequest, small: bool = False
-) -> tuple[list[int], bool, int]:
-    """The prompt's tokens, whether it opened a reasoning block, and how many
-    of its tokens come before the request's last cache mark; ``small``: the
-    request is small enough to do it in place."""
+) -> Prompt:
+    """The prompt's tokens, whether it opened a reasoning block, how many of
+    its tokens come before the request's last cache mark, and its images;
+    ``small``: the request is small enough to do it in place (never one with
+    images: their files are decoded)."""
     if isinstance(req, ChatRequest):
-        return await off_loop(small, _chat_prompt, texts, req)
+        return await off_loop(small and not req.images, _chat_prompt, texts, req)
     if isinstance(req.prompt, str):
-        return await off_loop(small, texts.encode, req.prompt), False, 0
+        return await off_loop(small, texts.encode, req.prompt), False, 0, ()
     prompt = list(req.prompt)
     if max(prompt) >= len(texts.tokenizer):
         raise InvalidRequest(f"token id {max(prompt)} is outside the vocabulary", "prompt")
-    return prompt, False, 0
+    return prompt, False, 0, ()
 
 
-def _chat_prompt(texts: Texts, req: ChatRequest) -> tuple[list[int], bool, int]:
+def _chat_prompt(texts: Texts, req: ChatRequest) -> Prompt:
     tools = req.tools if req.tool_choice.mode != "none" else ()
+    images = [check(data, n) for n, data in enumerate(req.images)]
     text = texts.render(list(req.messages), tools, req.thinking, req.effort)
     prompt = texts.prompts.encode(text)
     marked = texts.marked(text, req.cache_marks) if req.cache_marks else 0
-    return prompt, texts.opens_reasoning(prompt), marked
+    pictures: tuple[Picture, ...] = ()
+    if texts.sizing is not None and images:
+        prompt, pictures = texts.sizing.expand(prompt, images)
+    return prompt, texts.opens_reasoning(prompt), marked, pictures
 
 
 def _check(texts: Texts, params: GenerationParams, model: str) -> None:
@@ -206,6 +217,7 @@ def _request(
     max_tokens: int,
     grammar: dict[str, Any] | None,
     budget: dict[str, Any] | None,
+    pictures: tuple[Picture, ...] = (),
 ) -> Generate:
     # What the request leaves out of temperature, top_p, top_k and min_p is
     # the model's own (its generation_config.json), as in transformers.
@@ -221,6 +233,7 @@ def _request(
         logit_bias=dict(p.logit_bias),
         grammar=grammar,
         reasoning_budget=budget,
+        images=pictures,
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from api.images import MAX_IMAGES, from_url
 from api.tools import ToolChoice, tool_choice_field, tools_field
 from config.units import parse_duration
 from runner.protocol import Sampling, to_llguidance
@@ -237,6 +238,7 @@ class ChatRequest:
     effort: str | None = None  # the template's ``reasoning_effort``, where it takes one
     reasoning_budget: int | None = None  # at most this many tokens of reasoning
     cache_marks: tuple[str, ...] = ()  # texts that end what the request asks to cache
+    images: tuple[bytes, ...] = ()  # the files of its images, in the order of the messages
     # custom tools (Responses) whose input has a grammar: (offered name, {"syntax", "definition"})
     custom_grammars: tuple[tuple[str, dict[str, Any]], ...] = ()
 
@@ -250,7 +252,8 @@ class ChatRequest:
         if len(raw) > MAX_MESSAGES:
             raise InvalidRequest(f"'messages' may hold at most {MAX_MESSAGES}", param="messages")
         names: dict[str, str] = {}  # tool call id -> function name, for tool results
-        messages = tuple(_message(m, i, names) for i, m in enumerate(raw))
+        images: list[bytes] = []
+        messages = tuple(_message(m, i, names, images) for i, m in enumerate(raw))
         tools = tools_field(body)
         choice = tool_choice_field(body, tools)
         if choice.mode in ("required", "function") and params.grammar is not None:
@@ -268,6 +271,7 @@ class ChatRequest:
             _thinking(body),
             parallel is not False,
             effort=effort if effort != "none" else None,
+            images=tuple(images),
         )
 
 
@@ -361,7 +365,9 @@ def json_object(body: Any) -> Mapping[str, Any]:
     return body
 
 
-def _message(raw: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
+def _message(
+    raw: Any, i: int, names: dict[str, str], images: list[bytes] | None = None
+) -> dict[str, Any]:
     """A message as chat templates take it; tool calls' arguments become
     objects. An assistant's reasoning (``reasoning_content``) goes to the
     template, which decides whether to write it (Qwen3's writes it back in
@@ -389,9 +395,10 @@ def _message(raw: Any, i: int, names: dict[str, str]) -> dict[str, Any]:
             ],
         }
     else:
+        takes = images if role in ("user", "tool") else None  # images come from them
         message = {
             "role": "system" if role == "developer" else role,
-            "content": _content(raw.get("content"), where),
+            "content": _content(raw.get("content"), where, takes),
         }
     if role == "assistant":
         reasoning = raw.get("reasoning_content")
@@ -426,24 +433,36 @@ def _call(raw: Any, where: str, names: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _content(content: Any, where: str) -> str:
+def _content(content: Any, where: str, images: list[bytes] | None = None) -> Any:
+    """A message's content: its text, or, where it has images (which only
+    ``images`` takes: its files are added to it), its parts as chat
+    templates take them, an image as ``{"type": "image"}``."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        parts = []
+        parts: list[dict[str, Any]] = []
         for j, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url" and images is not None:
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                images.append(from_url(url, f"{where}.content[{j}].image_url.url"))
+                if len(images) > MAX_IMAGES:
+                    raise InvalidRequest(f"a request may hold at most {MAX_IMAGES} images")
+                parts.append({"type": "image"})
+            else:
+                allowed = "text and image_url" if images is not None else "text"
                 raise InvalidRequest(
-                    "only text content parts are supported", param=f"{where}.content[{j}]"
+                    f"only {allowed} content parts are supported here",
+                    param=f"{where}.content[{j}]",
                 )
-            parts.append(part["text"])
-        return "".join(parts)
+        if any(p["type"] == "image" for p in parts):
+            return parts
+        return "".join(p["text"] for p in parts)
     raise InvalidRequest(
-        f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content"
+        f"'{where}.content' must be a string or a list of content parts", param=f"{where}.content"
     )
 
 

@@ -20,6 +20,7 @@ import attrs
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from api.images import Sizing
 from api.prompt_tokens import PromptTokens
 from scheduler.errors import InvalidRequest
 
@@ -85,6 +86,7 @@ class Texts:
         # spell a byte a character): a text has at least len // this tokens.
         self.longest_token = max((len(t) for t in self.backend.get_vocab()), default=1) or 1
         self.places_system = self._places_system()
+        self.sizing = Sizing.of(model_dir)  # None: the model takes no images
 
     @property
     def backend(self) -> Tokenizer:

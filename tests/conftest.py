@@ -182,6 +182,22 @@ def tiny_dir(smollm2_tokenizer: Path, model_cache: Path) -> Path:
     return made_once(out, make)
 
 
+@pytest.fixture(scope="session")
+def tiny_vl_dir(smollm2_tokenizer: Path, model_cache: Path) -> Path:
+    """The tiny random Qwen2.5-VL (``bench/random_vlm.py``), made once per
+    cache, and again when that script changes."""
+    script = TESTS.parent / "bench" / "random_vlm.py"
+    out = model_cache / f"tiny-vl-{hashlib.sha256(script.read_bytes()).hexdigest()[:16]}"
+
+    def make(part: Path) -> None:
+        args = ["tiny-vl", str(smollm2_tokenizer), str(part)]
+        subprocess.run(
+            [sys.executable, "-m", "bench.random_model", *args], check=True, cwd=TESTS.parent
+        )
+
+    return made_once(out, make)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

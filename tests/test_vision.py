@@ -41,13 +41,8 @@ def make(shape: str, tokenizer: Path, tmp: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen_dir(smollm2_tokenizer: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make("tiny-vl", smollm2_tokenizer, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def qwen(qwen_dir: Path) -> Vision:
-    return Vision.load(qwen_dir)
+def qwen(tiny_vl_dir: Path) -> Vision:
+    return Vision.load(tiny_vl_dir)
 
 
 @pytest.fixture(scope="module", params=["tiny-vl", "tiny-gemma3-vl"])
@@ -157,9 +152,9 @@ def test_the_same_image_again_is_read_from_the_prefix_cache_and_another_is_not(
 
 
 async def test_a_vision_models_directory_serves_text_requests(
-    qwen_dir: Path, tmp_path: Path
+    tiny_vl_dir: Path, tmp_path: Path
 ) -> None:
-    settings = settings_for(tmp_path, ModelConfig("tiny-vl", str(qwen_dir)))
+    settings = settings_for(tmp_path, ModelConfig("tiny-vl", str(tiny_vl_dir)))
     async with running(settings) as daemon, daemon.client() as client:
         answers = [
             await client.chat.completions.create(

@@ -1,0 +1,149 @@
+"""Images through chat completions, with the official client (real MLX, the
+tiny Qwen2.5-VL): an image_url part is answered as mlx-vlm answers the same
+image, its tokens are counted as the model's processor makes them, the next
+turn with the same image reads it from the prefix cache; a bad image, a URL
+to fetch or an image for a text model is the sender's 400, and the model
+keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from runner.__main__ import preload_blas
+
+preload_blas()  # before MLX is imported
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from config.settings import ModelConfig  # noqa: E402
+from tests.conftest import Daemon, running, settings_for  # noqa: E402
+
+TOKENS = 10
+ASK = "What is in the picture?"
+
+
+def png(seed: int, size: tuple[int, int] = (120, 90)) -> bytes:
+    pixels = np.random.default_rng(seed).random((size[1], size[0], 3)) * 255
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def user(data_url: str, text: str = ASK) -> dict[str, Any]:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": data_url, "detail": "auto"}},
+            {"type": "text", "text": text},
+        ],
+    }
+
+
+def expected(model_dir: Path, data: bytes) -> tuple[int, str]:
+    """The prompt's tokens as mlx-vlm's processor makes them, and its greedy
+    answer's text."""
+    from mlx_vlm import stream_generate
+    from mlx_vlm.utils import load
+
+    model, loaded = load(str(model_dir))
+    processor: Any = loaded
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ASK}]}]
+    prompt = processor.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    image: Any = Image.open(io.BytesIO(data))
+    ids = processor(text=[prompt], images=[image], return_tensors="np")["input_ids"][0]
+    made = stream_generate(model, processor, prompt, image=[image], max_tokens=TOKENS)
+    tokens = [r.token for r in made if r.token is not None][:TOKENS]
+    return len(ids), processor.tokenizer.decode(tokens)
+
+
+@pytest.fixture
+async def vl(tiny_vl_dir: Path, tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    settings = settings_for(
+        tmp_path, ModelConfig("tiny-vl", str(tiny_vl_dir)), ModelConfig("tiny", str(tiny_dir))
+    )
+    async with running(settings) as daemon:
+        yield daemon
+
+
+async def ask(
+    client: openai.AsyncOpenAI, messages: list[dict[str, Any]], model: str = "tiny-vl"
+) -> Any:
+    return await client.chat.completions.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+
+
+async def test_an_image_is_answered_counted_and_cached(vl: Daemon, tiny_vl_dir: Path) -> None:
+    picture = png(0)
+    prompt_tokens, text = expected(tiny_vl_dir, picture)
+    async with vl.client() as client:
+        first = await ask(client, [user(data_uri(picture))])
+        assert first.usage.prompt_tokens == prompt_tokens
+        assert first.choices[0].message.content == text
+
+        turn = [user(data_uri(picture)), {"role": "assistant", "content": text}]
+        second = await ask(client, [*turn, {"role": "user", "content": "And the colours?"}])
+        # The image's tokens (12, after 15 of the template's) come from the cache.
+        assert second.usage.prompt_tokens_details.cached_tokens >= 15 + 12
+
+        again = await ask(client, [user(data_uri(picture))])
+        assert again.choices[0].message.content == text
+
+        other = await ask(client, [user(data_uri(png(1)))])
+        assert other.choices[0].message.content != text
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (data_uri(b"these bytes are no image"), "could not be read as an image"),
+        ("https://example.com/cat.png", "does not fetch image URLs"),
+        ("data:image/png;base64,@@@", "base64 does not decode"),
+        ("file:///etc/passwd", "must be a data: URI"),
+        (data_uri(b"GIF89a" + b"\x00" * 20, "image/gif"), "could not be read as an image"),
+    ],
+    ids=["not-an-image", "http", "bad-base64", "file", "truncated"],
+)
+async def test_a_bad_image_is_the_senders_400_and_the_model_keeps_serving(
+    vl: Daemon, url: str, says: str
+) -> None:
+    async with vl.client() as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await ask(client, [user(url)])
+        assert says in caught.value.message
+        assert (await ask(client, [user(data_uri(png(0)))])).usage.completion_tokens == TOKENS
+
+
+async def test_an_image_for_a_text_model_is_a_400_naming_it(vl: Daemon) -> None:
+    async with vl.client() as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await ask(client, [user(data_uri(png(0)))], model="tiny")
+        assert "model 'tiny' does not take images" in caught.value.message
+
+
+async def test_a_bomb_is_refused_before_it_is_decoded(vl: Daemon) -> None:
+    # A 6000x6000 PNG of one colour: a few kilobytes that would decode to 108 MB.
+    out = io.BytesIO()
+    Image.new("RGB", (6000, 6000), "white").save(out, format="PNG")
+    async with vl.client() as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await ask(client, [user(data_uri(out.getvalue()))])
+        assert "6000x6000 pixels" in caught.value.message
