@@ -1,9 +1,10 @@
-"""Images through chat completions, with the official client (real MLX, the
-tiny Qwen2.5-VL): an image_url part is answered as mlx-vlm answers the same
-image, its tokens are counted as the model's processor makes them, the next
-turn with the same image reads it from the prefix cache; a bad image, a URL
-to fetch or an image for a text model is the sender's 400, and the model
-keeps serving."""
+"""Images through every endpoint, with the official clients (real MLX, the
+tiny Qwen2.5-VL): an image is answered as mlx-vlm answers the same image,
+its tokens are counted as the model's processor makes them, the next turn
+with the same image reads it from the prefix cache; a bad image, a URL to
+fetch or an image for a text model is the sender's 400, and the model keeps
+serving. Chat's image_url parts, Responses' input_image, and Anthropic's
+image blocks, in a turn and inside a tool result."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import base64
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import anthropic
 import openai
 import pytest
 
@@ -84,7 +86,7 @@ async def ask(
 ) -> Any:
     return await client.chat.completions.create(
         model=model,
-        messages=messages,  # type: ignore[arg-type]
+        messages=cast(Any, messages),
         max_tokens=TOKENS,
         temperature=0,
         extra_body={"ignore_eos": True},
@@ -147,3 +149,90 @@ async def test_a_bomb_is_refused_before_it_is_decoded(vl: Daemon) -> None:
         with pytest.raises(openai.BadRequestError) as caught:
             await ask(client, [user(data_uri(out.getvalue()))])
         assert "6000x6000 pixels" in caught.value.message
+
+
+async def test_an_input_image_through_responses(vl: Daemon, tiny_vl_dir: Path) -> None:
+    picture = png(0)
+    prompt_tokens, text = expected(tiny_vl_dir, picture)
+    content = [
+        {"type": "input_image", "image_url": data_uri(picture), "detail": "auto"},
+        {"type": "input_text", "text": ASK},
+    ]
+    async with vl.client() as client:
+        answer = await client.responses.create(
+            model="tiny-vl",
+            input=cast(Any, [{"role": "user", "content": content}]),
+            max_output_tokens=TOKENS,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+    assert answer.usage and answer.usage.input_tokens == prompt_tokens
+    assert answer.output_text == text
+
+
+async def test_image_blocks_through_messages_in_a_turn_and_in_a_tool_result(
+    vl: Daemon, tiny_vl_dir: Path
+) -> None:
+    picture = png(0)
+    prompt_tokens, text = expected(tiny_vl_dir, picture)
+    image = {
+        "type": "image",
+        "source": {
+            "type": "base64",
+            "media_type": "image/png",
+            "data": base64.b64encode(picture).decode(),
+        },
+    }
+    client = anthropic.AsyncAnthropic(base_url=vl.url, api_key="unused", max_retries=0, timeout=120)
+    async with client:
+        answer = await client.messages.create(
+            model="tiny-vl",
+            max_tokens=TOKENS,
+            extra_body={"temperature": 0},  # (this client's create() takes no temperature)
+            messages=cast(
+                Any, [{"role": "user", "content": [image, {"type": "text", "text": ASK}]}]
+            ),
+        )
+        assert answer.usage.input_tokens == prompt_tokens
+        assert "".join(b.text for b in answer.content if b.type == "text") == text
+
+        # Claude Code's Read tool hands back a picture inside a tool_result.
+        reading: Any = [
+            {"role": "user", "content": "Look at shot.png."},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "tool_use", "id": "t1", "name": "Read", "input": {"path": "shot.png"}}
+                ],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}],
+            },
+        ]
+        looked = await client.messages.create(model="tiny-vl", max_tokens=TOKENS, messages=reading)
+        without = await client.messages.count_tokens(
+            model="tiny-vl",
+            messages=[
+                *reading[:2],
+                {
+                    "role": "user",
+                    "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "x"}],
+                },
+            ],
+        )
+        usage = looked.usage  # (Anthropic's input_tokens leave out what the cache read)
+        read = usage.input_tokens + (usage.cache_read_input_tokens or 0)
+        read += usage.cache_creation_input_tokens or 0
+        assert read >= without.input_tokens + 12  # the image's 12 tokens
+
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            url = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+            await client.messages.create(
+                model="tiny-vl",
+                max_tokens=TOKENS,
+                messages=cast(
+                    Any, [{"role": "user", "content": [url, {"type": "text", "text": ASK}]}]
+                ),
+            )
+        assert "does not fetch image URLs" in caught.value.message

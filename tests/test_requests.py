@@ -185,7 +185,7 @@ RESPONSES_CASES: list[tuple[dict[str, Any], str, str]] = [
     (
         {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
         "input",
-        "only text content",
+        "needs its 'image_url'",
     ),
     ({"input": "x", "tools": [{"type": "namespace", "tools": []}]}, "tools[0]", "needs a 'name'"),
     (

@@ -9,8 +9,10 @@ blocks become its tool calls, a user's ``tool_result`` blocks become tool
 messages (before the user's own text, as Anthropic orders them), a
 ``system`` turn inside ``messages`` (Claude Code sends one after the first
 user turn) stays where it stands, and ``thinking`` blocks are left out of
-the prompt (as chat templates leave out earlier reasoning). Images and
-documents are refused: mlxd serves text models.
+the prompt (as chat templates leave out earlier reasoning). ``image``
+blocks (a base64 source; a URL source is refused, as mlxd fetches nothing),
+in a user's turn or a tool result, become the chat's image parts in their
+places; documents are refused.
 
 ``thinking`` is ``enabled`` (with ``budget_tokens``, a cap on the reasoning
 of a model that reasons), ``adaptive`` (the model's own default, as its
@@ -172,10 +174,9 @@ def _blocks(content: Any, where: str, marks: list[str]) -> list[dict[str, Any]]:
         )
     for j, block in enumerate(content):
         kind = block.get("type")
-        if kind not in ("text", "tool_use", "tool_result", *_DROPPED):
+        if kind not in ("text", "image", "tool_use", "tool_result", *_DROPPED):
             raise InvalidRequest(
-                f"'{where}.content[{j}]': blocks of type {kind!r} are not supported "
-                "(mlxd serves text models)",
+                f"'{where}.content[{j}]': blocks of type {kind!r} are not supported",
                 param=f"{where}.content",
             )
         if block.get("cache_control") is not None:
@@ -235,12 +236,46 @@ def _user(blocks: list[dict[str, Any]], where: str, marks: list[str]) -> list[di
             )
         if block["type"] == "tool_result":
             content = block.get("content", "")
-            text = content if isinstance(content, str) else _text(content, f"{where}.content")
-            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
-    texts = [b for b in blocks if b["type"] == "text"]
-    if texts or not out:
-        out.append({"role": "user", "content": _text(texts, f"{where}.content")})
+            if not isinstance(content, str):
+                content = _parts(content, f"{where}.content")
+            out.append(
+                {"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": content}
+            )
+    own = [b for b in blocks if b["type"] in ("text", "image")]
+    if own or not out:
+        out.append({"role": "user", "content": _parts(own, f"{where}.content")})
     return out
+
+
+def _parts(value: Any, param: str) -> Any:
+    """Text and image blocks as chat content: the text joined, or, with
+    images, the chat's parts in their order."""
+    if not isinstance(value, list) or not any(
+        isinstance(b, dict) and b.get("type") == "image" for b in value
+    ):
+        return _text(value, param)
+    parts: list[dict[str, Any]] = []
+    for block in value:
+        if isinstance(block, dict) and block.get("type") == "image":
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(block, param)}})
+        else:
+            parts.append({"type": "text", "text": _text([block], param)})
+    return parts
+
+
+def _image_url(block: dict[str, Any], param: str) -> Any:
+    """An image block's source as a chat image's URL (a data: URI)."""
+    source = block.get("source")
+    if not isinstance(source, dict):
+        raise InvalidRequest(f"'{param}': an image block needs a 'source'", param)
+    if source.get("type") == "url":
+        return source.get("url")  # refused where image URLs are read, with the reason
+    data, media = source.get("data"), source.get("media_type")
+    if source.get("type") != "base64" or not isinstance(data, str) or not isinstance(media, str):
+        raise InvalidRequest(
+            f"'{param}': an image's source must be base64 data with its 'media_type'", param
+        )
+    return f"data:{media};base64,{data}"
 
 
 def _text(value: Any, param: str, marks: list[str] | None = None) -> str:

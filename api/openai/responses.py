@@ -166,16 +166,29 @@ def _reasoning(item: dict[str, Any], sealer: Sealer | None) -> str:
 
 
 def _text(content: Any, i: int) -> Any:
+    """An item's content as a chat message's: its text joined, or, with
+    images (``input_image``, a data: URI), the chat's parts in their order."""
     if not isinstance(content, list):
         return content  # a string, or refused by the chat check
-    texts: list[str] = []
+    parts: list[dict[str, Any]] = []
     for part in content:
-        if not isinstance(part, dict) or part.get("type") not in _TEXT_PARTS:
-            raise InvalidRequest(f"input[{i}]: only text content is supported", "input")
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "input_image":
+            url = part.get("image_url")
+            if url is None:
+                raise InvalidRequest(
+                    f"input[{i}]: an input_image needs its 'image_url' (a data: URI)", "input"
+                )
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+            continue
+        if kind not in _TEXT_PARTS:
+            raise InvalidRequest(f"input[{i}]: only text and image content is supported", "input")
         if not isinstance(part.get("text"), str):
             raise InvalidRequest(f"input[{i}]: a text part needs 'text'", param="input")
-        texts.append(part["text"])
-    return "".join(texts)
+        parts.append({"type": "text", "text": part["text"]})
+    if any(p["type"] == "image_url" for p in parts):
+        return parts
+    return "".join(p["text"] for p in parts)
 
 
 class ResponseShaper:
