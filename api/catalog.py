@@ -18,6 +18,7 @@ from typing import TypeVar
 import trio
 
 from api.encoder import Encoder
+from api.images import Sizing
 from api.texts import Texts, texts_of
 from config.settings import ModelConfig, Settings
 from scheduler.errors import InvalidRequest, ModelLoadFailed, ModelNotFound
@@ -42,6 +43,7 @@ class Catalog:
         self._texts: dict[ModelConfig, Texts] = {}  # a changed config is a new key
         self._encoders: dict[ModelConfig, Encoder] = {}
         self._kinds: dict[ModelConfig, str] = {}
+        self._sees: dict[ModelConfig, bool] = {}  # whether it takes images
         self._locks: collections.defaultdict[str, trio.Lock] = collections.defaultdict(trio.Lock)
 
     def reconfigure(self, settings: Settings) -> tuple[set[str], set[str], set[str]]:
@@ -55,6 +57,7 @@ class Catalog:
             self._texts.pop(old[name], None)
             self._encoders.pop(old[name], None)
             self._kinds.pop(old[name], None)
+            self._sees.pop(old[name], None)
         self.settings, self.models = settings, new
         self._by_name = {n: m for m in settings.models for n in m.names}
         return set(added), set(removed), changed
@@ -78,6 +81,16 @@ class Catalog:
             model_dir = await self._model_dir(model)
             self._kinds[model] = await trio.to_thread.run_sync(kind_of, model, model_dir)
         return self._kinds[model]
+
+    async def sees(self, name: str) -> bool:
+        """Whether the model takes images (a vision-language model that mlxd
+        can size images for: ``api/images.py``), from its files."""
+        model = self.get(name)
+        if model not in self._sees:
+            model_dir = await self._model_dir(model)
+            sizing = await trio.to_thread.run_sync(Sizing.of, model_dir)
+            self._sees[model] = sizing is not None
+        return self._sees[model]
 
     async def require(self, name: str, kind: str) -> None:
         """Refuse a request that asks ``name`` for what it does not do."""

@@ -100,6 +100,7 @@ async def prepare(
             param="messages" if chat is not None else "prompt",
         )
     record.tokens.prompt = len(prompt)
+    record.images = len(pictures)
     record.tokens.marked = marked
     record.tokens.caching = model.prefix_cache_bytes > 0
     # Agents ask for more than the context leaves (Claude Code: 32,000 on

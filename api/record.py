@@ -89,6 +89,7 @@ class Record:
     ttft_s: float | None = None
     paused_s: float = 0.0  # paused to wait for memory to grow its KV (``api/generation.py``)
     pauses: int = 0
+    images: int = 0  # in its prompt
     streaming: bool = False  # then the stream's end finishes the record
     error: str | None = None  # a failure after a stream had started
     failed: int | None = None  # its HTTP status, which the stream could no longer send
@@ -150,6 +151,7 @@ class Record:
         if self.model and self.queue_s is not None:
             m.prompt_tokens.labels(self.model, client).inc(tokens.prompt)
             m.generation_tokens.labels(self.model, client).inc(tokens.generated)
+            m.images.labels(self.model).inc(self.images)
             if self.ttft_s is not None:
                 m.ttft.labels(self.model, client).observe(self.ttft_s)
                 m.e2e.labels(self.model).observe(duration)
@@ -166,7 +168,7 @@ class Record:
             logging.DEBUG if quiet else logging.INFO,
             "request id=%s model=%s client=%s priority=%s endpoint=%s status=%d prompt_tokens=%d "
             "cached_tokens=%s generated_tokens=%d kv_reserved=%s queue_s=%s ttft_s=%s "
-            "duration_s=%.3f%s%s",
+            "duration_s=%.3f%s%s%s",
             self.id,
             self.model or "-",
             self.client.name or "-",
@@ -180,6 +182,7 @@ class Record:
             _seconds(self.queue_s),
             _seconds(self.ttft_s),
             duration,
+            f" images={self.images}" if self.images else "",
             f" pauses={self.pauses} paused_s={self.paused_s:.3f}" if self.pauses else "",
             f" error={self.error!r}" if self.error else "",
         )
@@ -203,6 +206,7 @@ class Record:
             "duration_s": round(duration, 3),
             "pauses": self.pauses,
             "paused_s": round(self.paused_s, 3),
+            "images": self.images,
             "error": self.error,
         }
 

@@ -50,6 +50,7 @@ class Metrics:
         self.generation_tokens = counter(
             "mlxd_generation_tokens", "Tokens generated", "model", "client"
         )
+        self.images = counter("mlxd_prompt_images", "Images in prompts (each its tokens too)")
         self.queue_time = histogram(
             "mlxd_request_queue_time_seconds",
             "Wait for a model slot (queue and load)",
@@ -125,6 +126,7 @@ class Metrics:
                 self.prompt_tokens.labels(name, client)
                 self.generation_tokens.labels(name, client)
             for counter in (
+                self.images,
                 self.loads,
                 self.load_failures,
                 self.runner_crashes,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -26,7 +27,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from config.settings import ModelConfig  # noqa: E402
-from tests.conftest import Daemon, running, settings_for  # noqa: E402
+from tests.conftest import TLS, Daemon, running, settings_for  # noqa: E402
+from tests.test_prefix_api import sample  # noqa: E402
 
 TOKENS = 10
 ASK = "What is in the picture?"
@@ -111,6 +113,9 @@ async def test_an_image_is_answered_counted_and_cached(vl: Daemon, tiny_vl_dir: 
 
         other = await ask(client, [user(data_uri(png(1)))])
         assert other.choices[0].message.content != text
+    async with httpx.AsyncClient(base_url=vl.url, timeout=60, verify=TLS) as http:
+        metrics = (await http.get("/metrics")).text
+    assert sample(metrics, 'mlxd_prompt_images_total{model="tiny-vl"}') == 4
 
 
 @pytest.mark.parametrize(
@@ -134,8 +139,12 @@ async def test_a_bad_image_is_the_senders_400_and_the_model_keeps_serving(
         assert (await ask(client, [user(data_uri(png(0)))])).usage.completion_tokens == TOKENS
 
 
-async def test_an_image_for_a_text_model_is_a_400_naming_it(vl: Daemon) -> None:
+async def test_models_say_which_take_images_and_a_text_model_refuses_them(vl: Daemon) -> None:
     async with vl.client() as client:
+        cards = {m.id: m.model_dump() for m in (await client.models.list()).data}
+        assert cards["tiny-vl"]["type"] == "vlm"
+        assert cards["tiny-vl"]["capabilities"] == ["completion", "vision"]
+        assert cards["tiny"]["type"] == "llm" and cards["tiny"]["capabilities"] == ["completion"]
         with pytest.raises(openai.BadRequestError) as caught:
             await ask(client, [user(data_uri(png(0)))], model="tiny")
         assert "model 'tiny' does not take images" in caught.value.message

@@ -33,13 +33,21 @@ def blueprint(
 
     async def model_card(name: str) -> dict[str, Any]:
         """OpenAI's model object, with ``type`` (as LM Studio names them):
-        "llm" for a chat model, "embeddings" for an embedding model."""
+        "llm" for a chat model, "vlm" for one that takes images too,
+        "embeddings" for an embedding model; and ``capabilities`` (as Ollama
+        names them): "completion", "vision", "embedding"."""
         try:
             kind = await catalog.kind(name)
+            sees = kind == "chat" and await catalog.sees(name)
         except ModelLoadFailed:  # its files are missing: its requests will say so
-            kind = "chat"
-        kind_name = "embeddings" if kind == "embed" else "llm"
-        return {"id": name, "object": "model", "created": 0, "owned_by": "mlxd", "type": kind_name}
+            kind, sees = "chat", False
+        if kind == "embed":
+            kind_name, capabilities = "embeddings", ["embedding"]
+        else:
+            kind_name = "vlm" if sees else "llm"
+            capabilities = ["completion", "vision"] if sees else ["completion"]
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}
+        return card | {"type": kind_name, "capabilities": capabilities}
 
     @bp.get("/v1/models")
     async def list_models() -> dict[str, Any]:
