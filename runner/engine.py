@@ -256,9 +256,12 @@ class Engine:
         if req.images:
             if not isinstance(self.model, Vision):
                 raise ValueError("this model takes no images")
-            seq.seen = self.model.see(req.prompt, req.images)
             seq.tokens = keyed(req.prompt, req.images)  # its images, keyed by their bytes
         hit = self.prefixes.lookup(seq.tokens) if self.prefixes is not None else Hit()
+        if req.images:
+            assert isinstance(self.model, Vision)
+            last = max(p.at + p.tokens for p in req.images)
+            seq.seen = self.model.see(req.prompt, req.images, tower=hit.tokens < last)
         seq.cache, seq.in_cache = hit.cache, hit.tokens
         self.stats.prompt_tokens += len(req.prompt)
         self._pending.append(seq)

@@ -77,6 +77,7 @@ class Vision:
         self.language = model.language_model
         self.processor = processor
         self.mrope = hasattr(self.language, "get_rope_index")
+        self.encoded = 0  # images run through the vision tower
 
     @classmethod
     def load(cls, model_dir: Path) -> Vision:
@@ -137,17 +138,25 @@ class Vision:
         index = (start + mx.arange(length)[None]).astype(mx.int32)
         return mx.broadcast_to(index[None], (3, batch, length))
 
-    def see(self, prompt: Sequence[int], pictures: Sequence[Picture]) -> Seen:
+    def see(self, prompt: Sequence[int], pictures: Sequence[Picture], tower: bool = True) -> Seen:
         """The embeddings (and positions) of a prompt whose pictures' tokens
-        are where ``pictures`` say."""
+        are where ``pictures`` say. Without the ``tower`` (every picture's
+        tokens are cached already, so only the text after them is read), a
+        Qwen's images are only measured, for the positions of what follows."""
         from PIL import Image
 
         images = [Image.open(io.BytesIO(p.data)).convert("RGB") for p in pictures]
         pixels = self.processor.image_processor(images=images, return_tensors="np")
         ids = mx.array([list(prompt)])
-        extra = {}
-        if "image_grid_thw" in pixels:
-            extra["image_grid_thw"] = mx.array(np.asarray(pixels["image_grid_thw"]))
+        grid = (
+            mx.array(np.asarray(pixels["image_grid_thw"])) if "image_grid_thw" in pixels else None
+        )
+        if not tower and self.mrope:
+            positions, deltas = self.language.get_rope_index(ids, grid, None, mx.ones_like(ids))
+            embeddings = self.language.model.embed_tokens(ids)  # the text's; images' unread
+            return Seen(embeddings, positions, int(deltas.reshape(-1)[0]))
+        self.encoded += len(pictures)
+        extra = {"image_grid_thw": grid} if grid is not None else {}
         seen = self.vlm.get_input_embeddings(
             ids, mx.array(np.asarray(pixels["pixel_values"])), mask=mx.ones_like(ids), **extra
         )

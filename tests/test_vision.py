@@ -141,9 +141,11 @@ def test_the_same_image_again_is_read_from_the_prefix_cache_and_another_is_not(
     first = request(vision, "What is in the picture?", picture(0))
     answer = run(engine, first)[first.id]
     again = request(vision, "What is in the picture?", picture(0))
+    encoded = vision.encoded
     hit = engine.add(again)
     assert hit.tokens == len(again.prompt) - 1  # all but the token that starts decoding
     assert finish(engine)[again.id] == answer
+    assert vision.encoded == encoded  # its image's tokens were cached: no tower
 
     other = request(vision, "What is in the picture?", picture(2))
     (image,) = other.images
