@@ -189,6 +189,8 @@ def _chat_prompt(texts: Texts, req: ChatRequest) -> Prompt:
     tools = req.tools if req.tool_choice.mode != "none" else ()
     images = [check(data, n) for n, data in enumerate(req.images)]
     text = texts.render(list(req.messages), tools, req.thinking, req.effort)
+    if texts.sizing is not None and images:
+        text = texts.sizing.expand_text(text)
     prompt = texts.prompts.encode(text)
     marked = texts.marked(text, req.cache_marks) if req.cache_marks else 0
     pictures: tuple[Picture, ...] = ()

@@ -93,38 +93,14 @@ def check(data: bytes, n: int) -> Checked:
 
 
 @attrs.frozen
-class Sizing:
-    """How a model's processor turns an image into tokens (Qwen's vision
-    models: a dynamic grid of merged patches)."""
+class Grid:
+    """Qwen's vision models: an image resized to whole merged patches within
+    the processor's pixel bounds, a token for each."""
 
-    image_token: int
     patch: int = 14
     merge: int = 2
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
-
-    @classmethod
-    def of(cls, model_dir: Path) -> Sizing | None:
-        """The sizing of a vision-language model's directory; None for a
-        text model (or a family mlxd cannot size)."""
-        try:
-            config = json.loads((model_dir / "config.json").read_text())
-            processor = json.loads((model_dir / "preprocessor_config.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(config, dict) or "vision_config" not in config:
-            return None
-        token = config.get("image_token_id")
-        if not isinstance(token, int) or processor.get("merge_size") is None:
-            return None
-        size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
-        return cls(
-            token,
-            int(processor.get("patch_size", 14)),
-            int(processor["merge_size"]),
-            int(processor.get("min_pixels", size.get("shortest_edge", 56 * 56))),
-            int(processor.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))),
-        )
 
     def tokens(self, width: int, height: int) -> int:
         """An image's tokens: its size rounded to whole merged patches,
@@ -142,24 +118,91 @@ class Sizing:
             w = math.ceil(width * beta / factor) * factor
         return (h // self.patch) * (w // self.patch) // (self.merge * self.merge)
 
+
+@attrs.frozen
+class Sizing:
+    """How a model's processor turns the image token its chat template
+    writes into an image's tokens: Qwen's (``grid``) makes the one token as
+    many as the image's size is worth; Gemma 3's writes, in place of the
+    ``marker`` text, a fixed run of them between its begin and end markers
+    (``expansion``), whatever the size."""
+
+    image_token: int
+    grid: Grid | None = None
+    marker: str = ""
+    expansion: str = ""
+
+    @classmethod
+    def of(cls, model_dir: Path) -> Sizing | None:
+        """The sizing of a vision-language model's directory; None for a
+        text model (or a family mlxd cannot size)."""
+        try:
+            config = json.loads((model_dir / "config.json").read_text())
+            processor = json.loads((model_dir / "preprocessor_config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict) or "vision_config" not in config:
+            return None
+        if isinstance(config.get("image_token_id"), int) and "merge_size" in processor:
+            size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
+            grid = Grid(
+                int(processor.get("patch_size", 14)),
+                int(processor["merge_size"]),
+                int(processor.get("min_pixels", size.get("shortest_edge", 56 * 56))),
+                int(processor.get("max_pixels", size.get("longest_edge", 28 * 28 * 1280))),
+            )
+            return cls(config["image_token_id"], grid)
+        if config.get("model_type") == "gemma3":
+            return _gemma(model_dir, config)
+        return None
+
+    def expand_text(self, text: str) -> str:
+        """The rendered prompt with each image's marker written out (Gemma's)."""
+        return text.replace(self.marker, self.expansion) if self.marker else text
+
     def expand(
         self, prompt: list[int], images: Sequence[Checked]
     ) -> tuple[list[int], tuple[Picture, ...]]:
-        """The prompt with each image token the template wrote (one an image,
-        in order) made as many as its image is worth."""
-        places = [i for i, t in enumerate(prompt) if t == self.image_token]
-        if len(places) != len(images):
-            raise InvalidRequest(
-                f"the chat template placed {len(places)} images for the request's {len(images)}"
-            )
+        """The tokenized prompt with each image's tokens as many as the
+        processor makes them (one an image, in order), and where they are."""
         out: list[int] = []
-        pictures = []
-        start = 0
-        for place, image in zip(places, images, strict=True):
-            out += prompt[start:place]
-            n = self.tokens(image.width, image.height)
-            pictures.append(Picture(image.data, len(out), n))
-            out += [self.image_token] * n
-            start = place + 1
-        out += prompt[start:]
-        return out, tuple(pictures)
+        runs: list[tuple[int, int]] = []  # (start, tokens) of each image in ``out``
+        for i, token in enumerate(prompt):
+            if token != self.image_token:
+                out.append(token)
+                continue
+            if self.grid is not None or not (i and prompt[i - 1] == token):
+                runs.append((len(out), 0))
+            if self.grid is not None:
+                image = images[len(runs) - 1] if len(runs) <= len(images) else None
+                n = self.grid.tokens(image.width, image.height) if image is not None else 1
+            else:
+                n = 1
+            out += [token] * n
+            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        if len(runs) != len(images):
+            raise InvalidRequest(
+                f"the chat template placed {len(runs)} images for the request's {len(images)}"
+            )
+        pictures = tuple(
+            Picture(image.data, at, n) for (at, n), image in zip(runs, images, strict=True)
+        )
+        return out, pictures
+
+
+def _gemma(model_dir: Path, config: dict[str, Any]) -> Sizing | None:
+    from tokenizers import Tokenizer
+
+    ids = [config.get(k) for k in ("image_token_index", "boi_token_index", "eoi_token_index")]
+    count = config.get("mm_tokens_per_image")
+    known = [i for i in ids if isinstance(i, int)]
+    if len(known) != 3 or not isinstance(count, int):
+        return None
+    try:
+        tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    except Exception:  # the tokenizers library raises its own kind
+        return None
+    image, begin, end = (tokenizer.id_to_token(i) for i in known)
+    if not (image and begin and end):
+        return None
+    return Sizing(known[0], marker=begin, expansion=f"\n\n{begin}{image * count}{end}\n\n")

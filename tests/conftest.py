@@ -184,13 +184,24 @@ def tiny_dir(smollm2_tokenizer: Path, model_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vl_dir(smollm2_tokenizer: Path, model_cache: Path) -> Path:
-    """The tiny random Qwen2.5-VL (``bench/random_vlm.py``), made once per
-    cache, and again when that script changes."""
+    """The tiny random Qwen2.5-VL (``bench/random_vlm.py``)."""
+    return _vision_model("tiny-vl", smollm2_tokenizer, model_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_vl_dir(smollm2_tokenizer: Path, model_cache: Path) -> Path:
+    """The tiny random Gemma 3 (``bench/random_vlm.py``)."""
+    return _vision_model("tiny-gemma3-vl", smollm2_tokenizer, model_cache)
+
+
+def _vision_model(shape: str, tokenizer: Path, model_cache: Path) -> Path:
+    """A tiny vision-language model, made once per cache, and again when the
+    script that makes it changes."""
     script = TESTS.parent / "bench" / "random_vlm.py"
-    out = model_cache / f"tiny-vl-{hashlib.sha256(script.read_bytes()).hexdigest()[:16]}"
+    out = model_cache / f"{shape}-{hashlib.sha256(script.read_bytes()).hexdigest()[:16]}"
 
     def make(part: Path) -> None:
-        args = ["tiny-vl", str(smollm2_tokenizer), str(part)]
+        args = [shape, str(tokenizer), str(part)]
         subprocess.run(
             [sys.executable, "-m", "bench.random_model", *args], check=True, cwd=TESTS.parent
         )

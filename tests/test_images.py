@@ -118,6 +118,18 @@ async def test_an_image_is_answered_counted_and_cached(vl: Daemon, tiny_vl_dir: 
     assert sample(metrics, 'mlxd_prompt_images_total{model="tiny-vl"}') == 4
 
 
+async def test_an_image_to_gemma_3(tiny_gemma_vl_dir: Path, tmp_path: Path) -> None:
+    picture = png(3, (300, 200))
+    prompt_tokens, text = expected(tiny_gemma_vl_dir, picture)
+    settings = settings_for(tmp_path, ModelConfig("gemma", str(tiny_gemma_vl_dir)))
+    async with running(settings) as daemon, daemon.client() as client:
+        cards = {m.id: m.model_dump() for m in (await client.models.list()).data}
+        assert cards["gemma"]["type"] == "vlm"
+        answer = await ask(client, [user(data_uri(picture))], model="gemma")
+    assert answer.usage.prompt_tokens == prompt_tokens  # 4 for the image, whatever its size
+    assert answer.choices[0].message.content == text
+
+
 @pytest.mark.parametrize(
     ("url", "says"),
     [
