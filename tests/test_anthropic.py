@@ -168,7 +168,7 @@ def test_cache_marks_are_the_texts_that_end_marked_blocks() -> None:
         (
             {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
             "messages[0].content",
-            "text models",
+            "must be base64 data with its 'media_type'",
         ),
         ({"system": 5}, "system", "string or a list"),
         ({"stop_sequences": "END"}, "stop_sequences", "list"),
