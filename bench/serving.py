@@ -310,7 +310,13 @@ async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[
                 spec = RunnerSpec("bench", model_dir, max(args.streams, 8))
                 runner = await nursery.start(RunnerProcess(spec).run)
                 await raw.ready()
-                await trio.to_thread.run_sync(wait_ready, f"http://127.0.0.1:{args.port}")
+                await trio.to_thread.run_sync(
+                    wait_ready,
+                    f"http://127.0.0.1:{args.port}",
+                    300,
+                    "bench",
+                    mlxd_log(Path(tmp), args.port),
+                )
                 port, tokens = args.port, args.tokens
                 columns: dict[str, Column] = {
                     "raw mlx-lm": (raw.single, raw.batch),
@@ -322,7 +328,13 @@ async def run_all(model_dir: Path, args: argparse.Namespace) -> tuple[str, dict[
                         lambda p: stream_httpx(http, port, p, tokens), ps, offsets
                     )
                 if args.base:
-                    await trio.to_thread.run_sync(wait_ready, f"http://127.0.0.1:{base_port}")
+                    await trio.to_thread.run_sync(
+                        wait_ready,
+                        f"http://127.0.0.1:{base_port}",
+                        300,
+                        "bench",
+                        mlxd_log(Path(tmp), base_port),
+                    )
                     columns["mlxd@base"] = streamed(
                         lambda p: stream_h11(base_port, p, tokens), ps, offsets
                     )
@@ -364,7 +376,8 @@ def start_floor(port: int) -> subprocess.Popen[bytes]:
 def start_mlxd(
     model_dir: Path, streams: int, port: int, workdir: Path, root: Path = ROOT
 ) -> subprocess.Popen[bytes]:
-    """``mlxd serve`` from the checkout at ``root`` (this one, or ``--base``'s)."""
+    """``mlxd serve`` from the checkout at ``root`` (this one, or ``--base``'s),
+    logging at info to ``mlxd_log(workdir, port)``."""
     config = workdir / f"bench-{port}.toml"
     config.write_text(
         f'port = {port}\ncache_dir = "{workdir}"\n[[models]]\nname = "bench"\n'
@@ -373,28 +386,58 @@ def start_mlxd(
         # would read them from memory while raw mlx-lm reads them afresh.
         "prefix_cache = 0\n"
     )
-    log = (workdir / f"mlxd-{port}.log").open("wb")
+    log = mlxd_log(workdir, port).open("wb")
     cmd = [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)]
-    return subprocess.Popen([*cmd, "--log-level", "warning"], cwd=root, stderr=log)
+    return subprocess.Popen([*cmd, "--log-level", "info"], cwd=root, stderr=log)
 
 
-def wait_ready(url: str, timeout: float = 900, model: str = "bench") -> None:
+def mlxd_log(workdir: Path, port: int) -> Path:
+    return workdir / f"mlxd-{port}.log"
+
+
+def wait_ready(
+    url: str, timeout: float = 900, model: str = "bench", log: Path | None = None
+) -> None:
+    """Wait until ``url`` answers a one-token completion. Every 30 s it says
+    it is still waiting, with the last line of the server's ``log``; if the
+    wait ends without an answer, it prints the log's last lines (on a lent
+    machine, a silent hang cost a whole call's time and told nothing)."""
     progress(f"waiting for {url}")
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline, said = started + timeout, started
     body: dict[str, Any] = {"prompt": "hi", "max_tokens": 1}
     if model:
         body["model"] = model
     while time.monotonic() < deadline:
         try:
-            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=600)
+            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        except httpx.TimeoutException:
+            reply = None  # listening, but no answer yet (a load, or a hang)
         except httpx.TransportError:
             time.sleep(0.2)  # not listening yet
-            continue
-        if reply.status_code == 200:
-            progress(f"{url} is ready")
-            return
-        raise RuntimeError(f"mlxd answered {reply.status_code}: {reply.text}")
-    raise TimeoutError("mlxd did not become ready")
+            reply = None
+        if reply is not None:
+            if reply.status_code == 200:
+                progress(f"{url} is ready")
+                return
+            raise RuntimeError(f"{url} answered {reply.status_code}: {reply.text}")
+        if time.monotonic() - said >= 30:
+            said = time.monotonic()
+            last = _tail(log, 1)
+            progress(
+                f"still waiting for {url} ({said - started:.0f} s){': ' + last if last else ''}"
+            )
+    if log is not None:
+        print(f"--- the last lines of {log}:\n{_tail(log, 40)}", file=sys.stderr, flush=True)
+    raise TimeoutError(f"{url} did not answer within {timeout:g} s")
+
+
+def _tail(log: Path | None, lines: int) -> str:
+    try:
+        text = log.read_text(errors="replace") if log is not None else ""
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def report(
