@@ -29,6 +29,7 @@ from PIL import Image  # noqa: E402
 from config.settings import ModelConfig  # noqa: E402
 from tests.conftest import TLS, Daemon, running, settings_for  # noqa: E402
 from tests.test_prefix_api import sample  # noqa: E402
+from tests.waiting import eventually  # noqa: E402
 
 TOKENS = 10
 ASK = "What is in the picture?"
@@ -114,8 +115,14 @@ async def test_an_image_is_answered_counted_and_cached(vl: Daemon, tiny_vl_dir: 
         other = await ask(client, [user(data_uri(png(1)))])
         assert other.choices[0].message.content != text
     async with httpx.AsyncClient(base_url=vl.url, timeout=60, verify=TLS) as http:
-        metrics = (await http.get("/metrics")).text
-    assert sample(metrics, 'mlxd_prompt_images_total{model="tiny-vl"}') == 4
+
+        async def counted() -> bool:  # (a request is counted once its answer has gone)
+            metrics = (await http.get("/metrics")).text
+            images = sample(metrics, 'mlxd_prompt_images_total{model="tiny-vl"}')
+            latest = (await http.get("/api/activity")).json()["latest"]
+            return images == 4 and [r["images"] for r in latest] == [1, 1, 1, 1]
+
+        await eventually(counted, what="four images in the metrics and the latest requests")
 
 
 async def test_an_image_to_gemma_3(tiny_gemma_vl_dir: Path, tmp_path: Path) -> None:

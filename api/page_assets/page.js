@@ -193,7 +193,7 @@ function drawRequests(latest) {
     el("td", {}, r.endpoint),
     el("td", { class: r.status >= 400 ? "bad" : "", title: r.error || "" }, String(r.status)),
     el("td", {}, seconds(r.ttft_s)),
-    el("td", {}, count(r.prompt_tokens)),
+    el("td", {}, count(r.prompt_tokens) + (r.images ? ` (${r.images} image${r.images > 1 ? "s" : ""})` : "")),
     el("td", {}, count(r.cached_tokens)),
     el("td", {}, count(r.generated_tokens)),
     el("td", {}, seconds(r.duration_s)),
