@@ -21,7 +21,7 @@ import trio
 from api.catalog import Catalog
 from api.decoder import Decoder
 from api.delta import Delta
-from api.images import check
+from api.images import Limits, check
 from api.offload import INLINE_BYTES, off_loop
 from api.openai.custom_calls import call_grammar
 from api.pool import ModelRunner, Pool
@@ -80,10 +80,18 @@ async def prepare(
                 param="tools",
             )
     _too_long_to_read(texts, req, model.name)
-    if chat is not None and chat.images and texts.sizing is None:
-        raise InvalidRequest(f"model {model.name!r} does not take images", param="messages")
+    limits = _limits(catalog)
+    if chat is not None and chat.images:
+        if texts.sizing is None:
+            raise InvalidRequest(f"model {model.name!r} does not take images", param="messages")
+        if len(chat.images) > limits.images:
+            raise InvalidRequest(
+                f"the request has {len(chat.images)} images; at most {limits.images} are read "
+                "(max_images)",
+                param="messages",
+            )
     small = record.body_bytes is not None and record.body_bytes <= INLINE_BYTES
-    prompt, reasoning, marked, pictures = await _prompt(texts, req, small)
+    prompt, reasoning, marked, pictures = await _prompt(texts, req, limits, small)
     grammar = req.params.grammar
     if chat is not None:
         grammar = grammar or forced_call(texts.markers, chat.tools, chat.tool_choice)
@@ -161,22 +169,32 @@ async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
     name = catalog.get(req.params.model).name
     await catalog.require(name, "chat")
     texts = await catalog.texts(name)
-    prompt, _, _, _ = await _prompt(texts, req)
+    if req.images and texts.sizing is None:
+        raise InvalidRequest(f"model {name!r} does not take images", param="messages")
+    prompt, _, _, _ = await _prompt(texts, req, _limits(catalog))
     return len(prompt)
+
+
+def _limits(catalog: Catalog) -> Limits:
+    s = catalog.settings
+    return Limits(s.max_images, s.max_image_bytes, s.max_image_pixels)
 
 
 Prompt = tuple[list[int], bool, int, tuple[Picture, ...]]
 
 
 async def _prompt(
-    texts: Texts, req: ChatRequest | CompletionRequest, small: bool = False
+    texts: Texts,
+    req: ChatRequest | CompletionRequest,
+    limits: Limits,
+    small: bool = False,
 ) -> Prompt:
     """The prompt's tokens, whether it opened a reasoning block, how many of
     its tokens come before the request's last cache mark, and its images;
     ``small``: the request is small enough to do it in place (never one with
     images: their files are decoded)."""
     if isinstance(req, ChatRequest):
-        return await off_loop(small and not req.images, _chat_prompt, texts, req)
+        return await off_loop(small and not req.images, _chat_prompt, texts, req, limits)
     if isinstance(req.prompt, str):
         return await off_loop(small, texts.encode, req.prompt), False, 0, ()
     prompt = list(req.prompt)
@@ -185,9 +203,9 @@ async def _prompt(
     return prompt, False, 0, ()
 
 
-def _chat_prompt(texts: Texts, req: ChatRequest) -> Prompt:
+def _chat_prompt(texts: Texts, req: ChatRequest, limits: Limits) -> Prompt:
     tools = req.tools if req.tool_choice.mode != "none" else ()
-    images = [check(data, n) for n, data in enumerate(req.images)]
+    images = [check(data, n, limits) for n, data in enumerate(req.images)]
     text = texts.render(list(req.messages), tools, req.thinking, req.effort)
     if texts.sizing is not None and images:
         text = texts.sizing.expand_text(text)

@@ -4,9 +4,9 @@ the prompt tokens a vision-language model reads them as.
 An image comes inline, as a ``data:`` URI of its file in base64; mlxd never
 fetches a URL. Its file is opened off the event loop (``check``, in a worker
 thread) and refused, as the sender's 400, if it is not a PNG, JPEG, WebP, GIF
-or BMP, if it does not decode, or if it has more pixels than ``MAX_PIXELS``
-(a small file can claim a huge size: decoding is bounded by refusing those
-before any pixel is read).
+or BMP, if it does not decode, or if it is over the configured ``Limits``:
+bytes, or pixels (a small file can claim a huge size: decoding is bounded by
+refusing those before any pixel is read).
 
 The chat template writes one image token where each image goes; the model's
 processor makes it as many as the image is worth, and so does ``Sizing``
@@ -32,10 +32,17 @@ import attrs
 from runner.protocol import Picture
 from scheduler.errors import InvalidRequest
 
-MAX_IMAGE_BYTES = 20 << 20  # an image file, decoded from base64
-MAX_IMAGES = 16  # in one request
-MAX_PIXELS = 25_000_000  # width x height, checked before decoding
 FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP"})
+
+
+@attrs.frozen
+class Limits:
+    """What a request's images may be (the settings ``max_images``,
+    ``max_image_size``, ``max_image_pixels``)."""
+
+    images: int = 16
+    bytes: int = 20 << 20  # an image's file
+    pixels: int = 25_000_000  # width x height
 
 
 def from_url(url: Any, param: str) -> bytes:
@@ -54,8 +61,6 @@ def from_url(url: Any, param: str) -> bytes:
             "an image must be a data: URI of its file in base64 (data:image/png;base64,...)",
             param=param,
         )
-    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise InvalidRequest(f"an image may be at most {MAX_IMAGE_BYTES >> 20} MiB", param=param)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -69,11 +74,15 @@ class Checked:
     height: int
 
 
-def check(data: bytes, n: int) -> Checked:
+def check(data: bytes, n: int, limits: Limits) -> Checked:
     """Open image ``n``'s file and decode it (blocking: a worker thread's)."""
     from PIL import Image, UnidentifiedImageError
 
     what = f"image {n + 1} of the request"
+    if len(data) > limits.bytes:
+        raise InvalidRequest(
+            f"{what} is {len(data):,} bytes; at most {limits.bytes:,} are read (max_image_size)"
+        )
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in FORMATS:
@@ -82,9 +91,10 @@ def check(data: bytes, n: int) -> Checked:
                     f"{', '.join(sorted(FORMATS))}"
                 )
             width, height = image.size
-            if width * height > MAX_PIXELS:
+            if width * height > limits.pixels:
                 raise InvalidRequest(
-                    f"{what} has {width}x{height} pixels; at most {MAX_PIXELS:,} are read"
+                    f"{what} has {width}x{height} pixels; at most {limits.pixels:,} are read "
+                    "(max_image_pixels)"
                 )
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -147,6 +147,9 @@ class Settings:
     response_store_bytes: int = DEFAULT_RESPONSE_STORE
     persist_responses: bool = False  # keep stored Responses across restarts (in cache_dir)
     spare_runner: bool = True  # keep a runner process started ahead of the next load
+    max_images: int = 16  # in one request
+    max_image_bytes: int = 20 * 1024 * 1024  # an image's file (the body limit bounds it too)
+    max_image_pixels: int = 25_000_000  # width x height, refused before decoding
 
     def max_tokens_for(self, model: ModelConfig) -> int:
         """What a request to ``model`` that gives no ``max_tokens`` may generate."""
@@ -208,6 +211,11 @@ class Settings:
         kwargs["response_store_bytes"] = _size(t, "response_store_size")
         kwargs["persist_responses"] = t.take("persist_responses", bool, "true or false")
         kwargs["spare_runner"] = t.take("spare_runner", bool, "true or false")
+        kwargs["max_images"] = t.take("max_images", int, "an integer >= 0", lambda n: n >= 0)
+        kwargs["max_image_bytes"] = _size(t, "max_image_size")
+        kwargs["max_image_pixels"] = t.take(
+            "max_image_pixels", int, "a positive integer", _positive
+        )
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()

@@ -187,6 +187,14 @@ def test_response_store_settings(tmp_path: Path) -> None:
         Settings.from_toml(write(tmp_path, "persist_responses = 'yes'\n"))
 
 
+def test_image_limits(tmp_path: Path) -> None:
+    text = "max_images = 2\nmax_image_size = '1MiB'\nmax_image_pixels = 4000000\n"
+    s = Settings.from_toml(write(tmp_path, text))
+    assert (s.max_images, s.max_image_bytes, s.max_image_pixels) == (2, 1024**2, 4_000_000)
+    with pytest.raises(ConfigError, match="max_image_pixels: expected a positive integer"):
+        Settings.from_toml(write(tmp_path, "max_image_pixels = 0\n"))
+
+
 def test_the_spare_runner_can_be_turned_off(tmp_path: Path) -> None:
     assert Settings().spare_runner and "spare runner: on" in Settings().describe()
     s = Settings.from_toml(write(tmp_path, "spare_runner = false\n"))

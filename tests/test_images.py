@@ -169,6 +169,28 @@ async def test_models_say_which_take_images_and_a_text_model_refuses_them(vl: Da
         assert "model 'tiny' does not take images" in caught.value.message
 
 
+async def test_the_configured_image_limits_are_the_senders_400s(
+    tiny_vl_dir: Path, tmp_path: Path
+) -> None:
+    big = png(0, (400, 300))  # 120,000 pixels, a few hundred KB of noise
+    model = ModelConfig("tiny-vl", str(tiny_vl_dir))
+    limits = {"max_images": 2, "max_image_bytes": len(big) - 1, "max_image_pixels": 100_000}
+    async with running(settings_for(tmp_path, model, **limits)) as daemon:
+        async with daemon.client() as client:
+            three = user(data_uri(png(1)))
+            three["content"] += [three["content"][0]] * 2
+            cases = [
+                ([three], "the request has 3 images; at most 2 are read (max_images)"),
+                ([user(data_uri(big))], "(max_image_size)"),
+                ([user(data_uri(png(2, (400, 260))))], "400x260 pixels; at most 100,000"),
+            ]
+            for messages, says in cases:
+                with pytest.raises(openai.BadRequestError) as caught:
+                    await ask(client, messages)
+                assert says in caught.value.message
+            assert (await ask(client, [user(data_uri(png(1)))])).usage.completion_tokens == TOKENS
+
+
 async def test_a_bomb_is_refused_before_it_is_decoded(vl: Daemon) -> None:
     # A 6000x6000 PNG of one colour: a few kilobytes that would decode to 108 MB.
     out = io.BytesIO()
