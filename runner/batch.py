@@ -72,13 +72,6 @@ class Batch:
         self._next: mx.array | None = None  # the token each row feeds next
         self._next_logprobs: list[mx.array | None] = []  # what those were sampled from
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    @property
-    def ids(self) -> list[int]:
-        return [row.id for row in self._rows]
-
     def join(self, newcomers: list[Newcomer]) -> int:
         """Read the newcomers' prompts (all but their last tokens) and add
         them as rows; returns how many tokens that read.
