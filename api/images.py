@@ -174,30 +174,34 @@ class Sizing:
         self, prompt: list[int], images: Sequence[Checked]
     ) -> tuple[list[int], tuple[Picture, ...]]:
         """The tokenized prompt with each image's tokens as many as the
-        processor makes them (one an image, in order), and where they are."""
-        out: list[int] = []
-        runs: list[tuple[int, int]] = []  # (start, tokens) of each image in ``out``
-        for i, token in enumerate(prompt):
-            if token != self.image_token:
-                out.append(token)
-                continue
-            if self.grid is not None or not (i and prompt[i - 1] == token):
-                runs.append((len(out), 0))
-            if self.grid is not None:
-                image = images[len(runs) - 1] if len(runs) <= len(images) else None
-                n = self.grid.tokens(image.width, image.height) if image is not None else 1
-            else:
-                n = 1
-            out += [token] * n
-            runs[-1] = (runs[-1][0], runs[-1][1] + n)
+        processor makes them (Qwen's: the template wrote one an image), and
+        where each image's run of them is."""
+        if self.grid is not None:
+            sizes = iter([self.grid.tokens(i.width, i.height) for i in images])
+            grown: list[int] = []
+            for token in prompt:
+                grown += [token] * next(sizes, 1) if token == self.image_token else [token]
+            prompt = grown
+        runs = _runs(prompt, self.image_token)
         if len(runs) != len(images):
             raise InvalidRequest(
                 f"the chat template placed {len(runs)} images for the request's {len(images)}"
             )
-        pictures = tuple(
-            Picture(image.data, at, n) for (at, n), image in zip(runs, images, strict=True)
-        )
-        return out, pictures
+        pictures = (Picture(image.data, at, n) for (at, n), image in zip(runs, images, strict=True))
+        return prompt, tuple(pictures)
+
+
+def _runs(prompt: list[int], token: int) -> list[tuple[int, int]]:
+    """Where each run of ``token`` starts in ``prompt``, and how long it is."""
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(prompt):
+        if t != token:
+            continue
+        if i and prompt[i - 1] == token:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
 
 
 def _gemma(model_dir: Path, config: dict[str, Any]) -> Sizing | None:

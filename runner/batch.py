@@ -64,9 +64,8 @@ class _Row:
 
 
 class Batch:
-    def __init__(self, model: Any, placed: bool = False) -> None:
+    def __init__(self, model: Any) -> None:
         self.model = model
-        self.placed = placed  # the model takes each row's ``deltas`` (``runner/vision.py``)
         self._rows: list[_Row] = []
         self._cache: list[Any] = []  # one batched cache per layer
         self._next: mx.array | None = None  # the token each row feeds next
@@ -140,7 +139,10 @@ class Batch:
         fed = self._next
         assert fed is not None, "a step with no rows"
         with mx.stream(generation_stream):
-            placing = {"deltas": mx.array([r.delta for r in self._rows])} if self.placed else {}
+            # Rows after an image are placed apart from their tokens' indices
+            # (``runner/vision.py``); a model is told only where some row is.
+            deltas = [row.delta for row in self._rows]
+            placing = {"deltas": mx.array(deltas)} if any(deltas) else {}
             logits = self.model(fed[:, None], cache=self._cache, **placing)[:, -1, :]
             contexts = []
             if any(row.processors for row in self._rows):

@@ -253,15 +253,15 @@ class Engine:
             processors.append(constraint)  # last: nothing may lift its -inf
         sampler = make_request_sampler(req.sampling)
         seq = Sequence(req, sampler, list(req.prompt), processors, constraint)
-        if req.images:
-            if not isinstance(self.model, Vision):
-                raise ValueError("this model takes no images")
+        vision = self.model if req.images and isinstance(self.model, Vision) else None
+        if req.images and vision is None:
+            raise ValueError("this model takes no images")
+        if vision is not None:
             seq.tokens = keyed(req.prompt, req.images)  # its images, keyed by their bytes
         hit = self.prefixes.lookup(seq.tokens) if self.prefixes is not None else Hit()
-        if req.images:
-            assert isinstance(self.model, Vision)
+        if vision is not None:
             last = max(p.at + p.tokens for p in req.images)
-            seq.seen = self.model.see(req.prompt, req.images, tower=hit.tokens < last)
+            seq.seen = vision.see(req.prompt, req.images, tower=hit.tokens < last)
         seq.cache, seq.in_cache = hit.cache, hit.tokens
         self.stats.prompt_tokens += len(req.prompt)
         self._pending.append(seq)
@@ -502,7 +502,7 @@ class Engine:
         """Into the batch, which reads the rest of their prompts (it fits this
         step's budget: ``_read``) in one pass, and starts them decoding."""
         if self._batch is None:
-            self._batch = Batch(self.model, placed=isinstance(self.model, Vision))
+            self._batch = Batch(self.model)
         newcomers = []
         for seq in seqs:
             cache, seq.cache = seq.cache, None

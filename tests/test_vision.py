@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +26,8 @@ from runner.protocol import Generate, Picture, Sampling  # noqa: E402
 from runner.vision import Vision  # noqa: E402
 from tests.conftest import running, settings_for  # noqa: E402
 
-ROOT = Path(__file__).parent.parent
 TOKENS = 12
 _ids = itertools.count(1)
-
-
-def make(shape: str, tokenizer: Path, tmp: pytest.TempPathFactory) -> Path:
-    out = tmp.mktemp(shape) / "model"
-    args = [shape, str(tokenizer), str(out)]
-    subprocess.run([sys.executable, "-m", "bench.random_model", *args], check=True, cwd=ROOT)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +35,9 @@ def qwen(tiny_vl_dir: Path) -> Vision:
     return Vision.load(tiny_vl_dir)
 
 
-@pytest.fixture(scope="module", params=["tiny-vl", "tiny-gemma3-vl"])
-def vision(
-    request: pytest.FixtureRequest,
-    smollm2_tokenizer: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Vision:
-    return Vision.load(make(request.param, smollm2_tokenizer, tmp_path_factory))
+@pytest.fixture(scope="module", params=["tiny_vl_dir", "tiny_gemma_vl_dir"])
+def vision(request: pytest.FixtureRequest) -> Vision:
+    return Vision.load(request.getfixturevalue(request.param))
 
 
 def picture(seed: int, size: tuple[int, int] = (120, 90)) -> Image.Image:

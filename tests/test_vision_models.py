@@ -6,8 +6,6 @@ image test pass)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +18,14 @@ preload_blas()  # before MLX is imported
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-ROOT = Path(__file__).parent.parent
 ASK = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
 
 
-@pytest.fixture(scope="module", params=["tiny-vl", "tiny-gemma3-vl"])
-def vlm(
-    request: pytest.FixtureRequest,
-    smollm2_tokenizer: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[str, Path]:
-    out = tmp_path_factory.mktemp(request.param) / "model"
-    args = [request.param, str(smollm2_tokenizer), str(out)]
-    subprocess.run([sys.executable, "-m", "bench.random_model", *args], check=True, cwd=ROOT)
-    return request.param, out
+@pytest.fixture(params=[("tiny-vl", "tiny_vl_dir"), ("tiny-gemma3-vl", "tiny_gemma_vl_dir")])
+def vlm(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """A shape, and its model as ``bench.random_model`` makes it (``conftest``)."""
+    shape, fixture = request.param
+    return shape, request.getfixturevalue(fixture)
 
 
 def test_a_tiny_vision_model_sees_its_image(vlm: tuple[str, Path]) -> None:
