@@ -55,6 +55,7 @@ class Activity:
     def snapshot(self) -> dict[str, Any]:
         return {
             "sample_s": SAMPLE_S,
+            "kept": self.samples.maxlen,  # the samples a chart spans
             "samples": [
                 {"time": t, "tokens_per_s": tps, "requests_per_s": rps}
                 for t, tps, rps in self.samples

@@ -17,12 +17,12 @@ from quart import Request
 from api.guard import presented_key
 from config.settings import PRIORITIES, ClientConfig, Settings
 from scheduler.errors import InvalidRequest
-from scheduler.events import NORMAL, PRIORITY_NAMES
+from scheduler.events import NORMAL
 
 CLIENT_HEADER = "X-Mlxd-Client"
 PRIORITY_HEADER = "X-Mlxd-Priority"
 MAX_NAME = 64
-LEVELS = {name: level for level, name in enumerate(PRIORITY_NAMES)}
+LEVELS = {name: level for level, name in enumerate(PRIORITIES)}
 
 
 @attrs.frozen

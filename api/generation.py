@@ -80,16 +80,7 @@ async def prepare(
                 param="tools",
             )
     _too_long_to_read(texts, req, model.name)
-    limits = _limits(catalog)
-    if chat is not None and chat.images:
-        if texts.sizing is None:
-            raise InvalidRequest(f"model {model.name!r} does not take images", param="messages")
-        if len(chat.images) > limits.images:
-            raise InvalidRequest(
-                f"the request has {len(chat.images)} images; at most {limits.images} are read "
-                "(max_images)",
-                param="messages",
-            )
+    limits = _image_limits(catalog, texts, req, model.name)
     small = record.body_bytes is not None and record.body_bytes <= INLINE_BYTES
     prompt, reasoning, marked, pictures = await _prompt(texts, req, limits, small)
     grammar = req.params.grammar
@@ -169,15 +160,26 @@ async def count_prompt(catalog: Catalog, req: ChatRequest) -> int:
     name = catalog.get(req.params.model).name
     await catalog.require(name, "chat")
     texts = await catalog.texts(name)
-    if req.images and texts.sizing is None:
-        raise InvalidRequest(f"model {name!r} does not take images", param="messages")
-    prompt, _, _, _ = await _prompt(texts, req, _limits(catalog))
+    prompt, _, _, _ = await _prompt(texts, req, _image_limits(catalog, texts, req, name))
     return len(prompt)
 
 
-def _limits(catalog: Catalog) -> Limits:
+def _image_limits(
+    catalog: Catalog, texts: Texts, req: ChatRequest | CompletionRequest, model: str
+) -> Limits:
+    """The settings' limits on a request's images, after refusing images
+    for a model that takes none, or more of them than the limit."""
     s = catalog.settings
-    return Limits(s.max_images, s.max_image_bytes, s.max_image_pixels)
+    limits = Limits(s.max_images, s.max_image_bytes, s.max_image_pixels)
+    images = req.images if isinstance(req, ChatRequest) else ()
+    if images and texts.sizing is None:
+        raise InvalidRequest(f"model {model!r} does not take images", param="messages")
+    if len(images) > limits.images:
+        raise InvalidRequest(
+            f"the request has {len(images)} images; at most {limits.images} are read (max_images)",
+            param="messages",
+        )
+    return limits
 
 
 Prompt = tuple[list[int], bool, int, tuple[Picture, ...]]
@@ -206,14 +208,15 @@ async def _prompt(
 def _chat_prompt(texts: Texts, req: ChatRequest, limits: Limits) -> Prompt:
     tools = req.tools if req.tool_choice.mode != "none" else ()
     images = [check(data, n, limits) for n, data in enumerate(req.images)]
+    sizing = texts.sizing if images else None  # (one with none was refused: _image_limits)
     text = texts.render(list(req.messages), tools, req.thinking, req.effort)
-    if texts.sizing is not None and images:
-        text = texts.sizing.expand_text(text)
+    if sizing is not None:
+        text = sizing.expand_text(text)
     prompt = texts.prompts.encode(text)
     marked = texts.marked(text, req.cache_marks) if req.cache_marks else 0
     pictures: tuple[Picture, ...] = ()
-    if texts.sizing is not None and images:
-        prompt, pictures = texts.sizing.expand(prompt, images)
+    if sizing is not None:
+        prompt, pictures = sizing.expand(prompt, images)
     return prompt, texts.opens_reasoning(prompt), marked, pictures
 
 

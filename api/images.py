@@ -187,7 +187,10 @@ class Sizing:
             raise InvalidRequest(
                 f"the chat template placed {len(runs)} images for the request's {len(images)}"
             )
-        pictures = (Picture(image.data, at, n) for (at, n), image in zip(runs, images, strict=True))
+        pictures = (
+            Picture(image.data, at, n, base64.b64encode(image.data).decode())
+            for (at, n), image in zip(runs, images, strict=True)
+        )
         return prompt, tuple(pictures)
 
 

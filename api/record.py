@@ -13,8 +13,8 @@ import attrs
 from api.activity import Activity
 from api.clients import Client
 from api.errors import describe
+from config.settings import PRIORITIES
 from scheduler.errors import MlxdError
-from scheduler.events import PRIORITY_NAMES
 from scheduler.metrics import Metrics
 
 log = logging.getLogger("mlxd.request")
@@ -172,7 +172,7 @@ class Record:
             self.id,
             self.model or "-",
             self.client.name or "-",
-            PRIORITY_NAMES[self.client.priority],
+            PRIORITIES[self.client.priority],
             self.endpoint,
             status,
             tokens.prompt,
@@ -196,7 +196,7 @@ class Record:
             "endpoint": self.endpoint,
             "model": self.model or None,
             "client": self.client.name or None,
-            "priority": PRIORITY_NAMES[self.client.priority],
+            "priority": PRIORITIES[self.client.priority],
             "status": status,
             "prompt_tokens": t.prompt,
             "cached_tokens": t.cached,

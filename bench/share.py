@@ -35,6 +35,7 @@ shape (``bench.random_model llama-8b``); on a CPU run it small, e.g.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -50,7 +51,7 @@ import httpx
 import trio
 
 from bench.peers import ROOT, stop
-from bench.serving import progress, wait_ready
+from bench.serving import mlxd_log, progress, wait_ready
 from config.settings import BUNDLED, default_cache_dir
 from config.units import parse_bytes
 from runner import sources
@@ -73,7 +74,7 @@ def start(
         "queue_limit = 256\nmax_context = 65536\n"
     )
     cmd = [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)]
-    log = (work / f"mlxd-{port}.log").open("wb")
+    log = mlxd_log(work, port).open("wb")
     return subprocess.Popen([*cmd, "--log-level", "warning"], cwd=ROOT, stderr=log)
 
 
@@ -199,11 +200,13 @@ async def measure(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(exited, proc, nursery.cancel_scope)
             url = f"http://127.0.0.1:{args.port}"
-            await trio.to_thread.run_sync(wait_ready, url, abandon_on_cancel=True)
+            log = mlxd_log(work, args.port)
+            wait = functools.partial(wait_ready, url, 900, "bench", log)
+            await trio.to_thread.run_sync(wait, abandon_on_cancel=True)
             nursery.cancel_scope.cancel()
         if proc.poll() is not None:
-            log = await trio.Path(work / f"mlxd-{args.port}.log").read_text(errors="replace")
-            raise RuntimeError(f"mlxd exited ({proc.returncode}):\n{log[-2000:]}")
+            text = await trio.Path(log).read_text(errors="replace")
+            raise RuntimeError(f"mlxd exited ({proc.returncode}):\n{text[-2000:]}")
         async with httpx.AsyncClient(timeout=args.timeout) as http:
             server = Server(http, args.port)
             with trio.fail_after(args.timeout):

@@ -9,8 +9,6 @@ and matches on its type. Like the protocol, no MLX and no trio here.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 from runner import protocol
@@ -95,13 +93,4 @@ WIRE = protocol.Wire[Command](
 )
 
 
-def line(command: Command) -> bytes:
-    """The command as a line of the wire."""
-    if isinstance(command, Generate):
-        return protocol.encode(command.to_message())
-    return WIRE.line(command)
-
-
-def read(msg: dict[str, Any]) -> Command:
-    """The command a decoded line holds; ``ValueError`` if it is none."""
-    return WIRE.read(msg)
+line, read = WIRE.line, WIRE.read  # a command as a line of the wire; the command a line holds

@@ -148,12 +148,17 @@ class Picture:
     takes (``tokens`` of them from index ``at``, each the model's image
     token, whose embeddings its features replace)."""
 
-    data: bytes
+    data: bytes = attrs.field(repr=False)
     at: int
     tokens: int
+    # ``data`` in base64, made once where the picture is made (the API's
+    # worker thread): a request is written to its runner on the event loop,
+    # again at each resume, and an image may be megabytes.
+    encoded: str | None = attrs.field(default=None, eq=False, repr=False)
 
     def to_message(self) -> dict[str, Any]:
-        return {"data": base64.b64encode(self.data).decode(), "at": self.at, "tokens": self.tokens}
+        data = self.encoded if self.encoded is not None else base64.b64encode(self.data).decode()
+        return {"data": data, "at": self.at, "tokens": self.tokens}
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> Picture:
@@ -237,7 +242,10 @@ class Wire(Generic[T]):
         self._kinds = {name: kind for kind, name in names.items()}
 
     def line(self, value: T) -> bytes:
-        """``value`` as a line, its kind's name under the tag."""
+        """``value`` as a line, its kind's name under the tag (a kind with a
+        ``to_message`` writes itself, tag included)."""
+        if (write := getattr(value, "to_message", None)) is not None:
+            return encode(write())
         fields = attrs.asdict(value, recurse=False)  # type: ignore[arg-type]
         return encode({self.tag: self._names[type(value)], **fields})
 

@@ -32,8 +32,7 @@ class ModelSpec:
     prefix_cache: int = 0  # bytes its prefix cache may take, when the budget allows
 
 
-INTERACTIVE, NORMAL, BACKGROUND = 0, 1, 2  # a request's priority, most urgent first
-PRIORITY_NAMES = ("interactive", "normal", "background")  # by level
+INTERACTIVE, NORMAL, BACKGROUND = 0, 1, 2  # a priority: its index in config.settings.PRIORITIES
 
 
 @attrs.define(eq=False)

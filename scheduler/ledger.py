@@ -104,6 +104,10 @@ class ModelState:
         (and ``extra``) reserve, never below what its runner measures."""
         return max(self.base + self.reserved + extra, self.measured)
 
+    def growth(self, extra: int) -> int:
+        """How much more a ready model is charged once ``extra`` KV is reserved."""
+        return self.charge(extra) - self.bytes
+
     @property
     def expires(self) -> float:
         """When an idle model may be unloaded (``FOREVER`` if never)."""
@@ -182,7 +186,7 @@ class Ledger:
         kv = m.kv(ticket)
         if m.state is State.ABSENT:  # its load takes the spare runner, and its bytes
             return m.base + kv - self.spare
-        return m.charge(kv) - m.bytes
+        return m.growth(kv)
 
     def room(self) -> tuple[int, int]:
         """Free bytes now, and bytes to come: what runners already stopping

@@ -397,7 +397,7 @@ class Policy:
         effects: list[Effect] = []
         for m in self.models.values():
             for t, reserve in sorted(m.growing.items(), key=lambda tr: tr[0].since):
-                need = m.charge(m.kv(t, reserve) - m.kv(t)) - m.bytes
+                need = m.growth(m.kv(t, reserve) - m.kv(t))
                 if need > self.ledger.free:
                     more, _ = self.ledger.make_room(need - self.ledger.free)
                     effects += more
@@ -421,7 +421,7 @@ class Policy:
                 ((m, self.order.first(m.queue, now)) for m in ready),
                 key=lambda mt: self.order.rank(mt[1], now),
             )
-            if m.charge(m.kv(t)) - m.bytes > self.ledger.free:
+            if m.growth(m.kv(t)) > self.ledger.free:
                 break
             m.queue.remove(t)
             m.running.add(t)

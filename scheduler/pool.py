@@ -22,11 +22,11 @@ from typing import Any, Generic, Protocol, TypeVar, cast
 
 import trio
 
-from config.settings import ModelConfig
+from config.settings import PRIORITIES, ModelConfig
 from scheduler import events as pe
 from scheduler import policy as p
 from scheduler.errors import MlxdError, ModelLoadFailed, ShuttingDown
-from scheduler.events import NORMAL, PRIORITY_NAMES
+from scheduler.events import NORMAL
 from scheduler.memory import Size
 from scheduler.metrics import Metrics
 from scheduler.order import Order
@@ -534,7 +534,7 @@ def _by_client(m: p.ModelState) -> list[dict[str, Any]]:
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for where, tickets in (("running", m.running), ("queued", m.queue)):
         for t in tickets:
-            name = PRIORITY_NAMES[t.priority]
+            name = PRIORITIES[t.priority]
             row = rows.setdefault(
                 (t.client, t.priority),
                 {"client": t.client, "priority": name, "running": 0, "queued": 0, "paused": 0},

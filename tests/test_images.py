@@ -28,6 +28,7 @@ from PIL import Image  # noqa: E402
 
 from config.settings import ModelConfig  # noqa: E402
 from tests.conftest import TLS, Daemon, running, settings_for  # noqa: E402
+from tests.test_messages import client as anthropic_client  # noqa: E402
 from tests.test_prefix_api import sample  # noqa: E402
 from tests.waiting import eventually  # noqa: E402
 
@@ -233,8 +234,7 @@ async def test_image_blocks_through_messages_in_a_turn_and_in_a_tool_result(
             "data": base64.b64encode(picture).decode(),
         },
     }
-    client = anthropic.AsyncAnthropic(base_url=vl.url, api_key="unused", max_retries=0, timeout=120)
-    async with client:
+    async with anthropic_client(vl) as client:
         answer = await client.messages.create(
             model="tiny-vl",
             max_tokens=TOKENS,

@@ -101,7 +101,7 @@ async function poll() {
 
 function draw(ps, activity, errors) {
   const state = JSON.stringify([ps, activity.latest, errors]);
-  drawCharts(activity.samples);
+  drawCharts(activity.samples, activity.kept);
   if (state === lastDrawn) return; // keep the page still (and the focus) when nothing changed
   lastDrawn = state;
   const focused = document.activeElement;
@@ -206,11 +206,10 @@ function drawErrors(errors) {
     el("li", { class: e.level }, `${e.time} ${e.level} ${e.message}`)));
 }
 
-function drawCharts(samples) {
+function drawCharts(samples, n) {
   const line = (id, field, nowId) => {
     const values = samples.map((s) => s[field]);
     const top = Math.max(1, ...values);
-    const n = 300; // samples kept: ten minutes at one every two seconds
     const points = values.map((v, i) => `${((n - values.length + i) / (n - 1)) * 300},${58 - (v / top) * 56}`);
     const svg = $(id);
     const poly = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
