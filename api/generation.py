@@ -11,6 +11,7 @@ once the model has taken the request) until ``aclose``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,7 @@ import trio
 from api.catalog import Catalog
 from api.decoder import Decoder
 from api.delta import Delta
+from api.image_urls import fetched
 from api.images import Limits, check
 from api.offload import INLINE_BYTES, off_loop
 from api.openai.custom_calls import call_grammar
@@ -170,7 +172,13 @@ def _image_limits(
     """The settings' limits on a request's images, after refusing images
     for a model that takes none, or more of them than the limit."""
     s = catalog.settings
-    limits = Limits(s.max_images, s.max_image_bytes, s.max_image_pixels)
+    limits = Limits(
+        s.max_images,
+        s.max_image_bytes,
+        s.max_image_pixels,
+        s.image_url_hosts,
+        s.image_url_timeout_s,
+    )
     images = req.images if isinstance(req, ChatRequest) else ()
     if images and texts.sizing is None:
         raise InvalidRequest(f"model {model!r} does not take images", param="messages")
@@ -196,7 +204,8 @@ async def _prompt(
     ``small``: the request is small enough to do it in place (never one with
     images: their files are decoded)."""
     if isinstance(req, ChatRequest):
-        return await off_loop(small and not req.images, _chat_prompt, texts, req, limits)
+        files = await fetched(req.images, limits) if req.images else ()
+        return await off_loop(small and not files, _chat_prompt, texts, req, files, limits)
     if isinstance(req.prompt, str):
         return await off_loop(small, texts.encode, req.prompt), False, 0, ()
     prompt = list(req.prompt)
@@ -205,9 +214,9 @@ async def _prompt(
     return prompt, False, 0, ()
 
 
-def _chat_prompt(texts: Texts, req: ChatRequest, limits: Limits) -> Prompt:
+def _chat_prompt(texts: Texts, req: ChatRequest, files: Sequence[bytes], limits: Limits) -> Prompt:
     tools = req.tools if req.tool_choice.mode != "none" else ()
-    images = [check(data, n, limits) for n, data in enumerate(req.images)]
+    images = [check(data, n, limits) for n, data in enumerate(files)]
     sizing = texts.sizing if images else None  # (one with none was refused: _image_limits)
     text = texts.render(list(req.messages), tools, req.thinking, req.effort)
     if sizing is not None:

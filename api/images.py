@@ -1,8 +1,9 @@
 """Images in chat requests: read from the request, checked, and turned into
 the prompt tokens a vision-language model reads them as.
 
-An image comes inline, as a ``data:`` URI of its file in base64; mlxd never
-fetches a URL. Its file is opened off the event loop (``check``, in a worker
+An image comes inline, as a ``data:`` URI of its file in base64, or as an
+``http(s)`` URL that ``api/image_urls.py`` fetches where the config allows
+it; no other scheme is read. Its file is opened off the event loop (``check``, in a worker
 thread) and refused, as the sender's 400, if it is not a PNG, JPEG, WebP, GIF
 or BMP, if it does not decode, or if it is over the configured ``Limits``:
 bytes, or pixels (a small file can claim a huge size: decoding is bounded by
@@ -43,22 +44,31 @@ class Limits:
     images: int = 16
     bytes: int = 20 << 20  # an image's file
     pixels: int = 25_000_000  # width x height
+    url_hosts: tuple[str, ...] = ()  # hosts image URLs are fetched from (none: no URL)
+    url_timeout_s: float = 10.0  # a fetch's time, redirects included
 
 
-def from_url(url: Any, param: str) -> bytes:
-    """The file an ``image_url``'s URL holds (a ``data:`` URI, base64)."""
+@attrs.frozen
+class Remote:
+    """An image the request names by URL (``api/image_urls.py`` fetches
+    it), and where in the request it is."""
+
+    url: str
+    param: str
+
+
+def from_url(url: Any, param: str) -> bytes | Remote:
+    """The file an ``image_url``'s URL holds (a ``data:`` URI, base64), or
+    the URL to fetch it from (``http(s)``)."""
     if not isinstance(url, str):
         raise InvalidRequest(f"'{param}' must be a string", param=param)
-    if url.startswith(("http://", "https://")):
-        raise InvalidRequest(
-            "mlxd does not fetch image URLs: send the image in the request, "
-            "as a data: URI (data:image/png;base64,...)",
-            param=param,
-        )
+    if url[:8].lower().startswith(("http://", "https://")):
+        return Remote(url, param)
     head, comma, payload = url.partition(",")
     if not (head.startswith("data:") and head.endswith(";base64") and comma):
         raise InvalidRequest(
-            "an image must be a data: URI of its file in base64 (data:image/png;base64,...)",
+            "an image must be a data: URI of its file in base64 (data:image/png;base64,...) "
+            "or an http(s) URL",
             param=param,
         )
     try:

@@ -150,6 +150,8 @@ class Settings:
     max_images: int = 16  # in one request
     max_image_bytes: int = 20 * 1024 * 1024  # an image's file (the body limit bounds it too)
     max_image_pixels: int = 25_000_000  # width x height, refused before decoding
+    image_url_hosts: tuple[str, ...] = ()  # hosts image URLs are fetched from ("*": any)
+    image_url_timeout_s: float = 10.0  # a fetch's time, redirects included
 
     def max_tokens_for(self, model: ModelConfig) -> int:
         """What a request to ``model`` that gives no ``max_tokens`` may generate."""
@@ -216,6 +218,10 @@ class Settings:
         kwargs["max_image_pixels"] = t.take(
             "max_image_pixels", int, "a positive integer", _positive
         )
+        kwargs["image_url_hosts"] = t.take_list(
+            "image_url_hosts", str, "a list of host names ('*' for any, '*.example.com')"
+        )
+        kwargs["image_url_timeout_s"] = _duration(t, "image_url_timeout")
         cache = t.take("cache_dir", str, "a directory path")
         if cache is not None:
             kwargs["cache_dir"] = (base / Path(cache).expanduser()).resolve()
@@ -240,7 +246,7 @@ class Settings:
             _check_unique_names(models)
             kwargs["models"] = models
         t.reject_unknown()
-        for key in ("api_keys", "allowed_hosts", "cors_origins"):
+        for key in ("api_keys", "allowed_hosts", "cors_origins", "image_url_hosts"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
         return cls(**{k: v for k, v in kwargs.items() if v is not None})
@@ -266,6 +272,7 @@ class Settings:
             f"{format_bytes(self.response_store_bytes)}"
             + (" (kept across restarts)" if self.persist_responses else ""),
             f"spare runner: {'on' if self.spare_runner else 'off'}",
+            "image URLs fetched from: " + (", ".join(self.image_url_hosts) or "no host"),
         ]
         for m in self.models:
             alias = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""

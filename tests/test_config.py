@@ -195,6 +195,17 @@ def test_image_limits(tmp_path: Path) -> None:
         Settings.from_toml(write(tmp_path, "max_image_pixels = 0\n"))
 
 
+def test_image_urls_are_fetched_only_from_listed_hosts(tmp_path: Path) -> None:
+    assert Settings().image_url_hosts == ()
+    assert "image URLs fetched from: no host" in Settings().describe()
+    text = "image_url_hosts = ['*.example.com', 'images.lan']\nimage_url_timeout = '30s'\n"
+    s = Settings.from_toml(write(tmp_path, text))
+    assert s.image_url_hosts == ("*.example.com", "images.lan") and s.image_url_timeout_s == 30
+    assert "image URLs fetched from: *.example.com, images.lan" in s.describe()
+    with pytest.raises(ConfigError, match="image_url_hosts: expected a list of host names"):
+        Settings.from_toml(write(tmp_path, "image_url_hosts = '*'\n"))
+
+
 def test_the_spare_runner_can_be_turned_off(tmp_path: Path) -> None:
     assert Settings().spare_runner and "spare runner: on" in Settings().describe()
     s = Settings.from_toml(write(tmp_path, "spare_runner = false\n"))

@@ -1,16 +1,19 @@
 """Images through every endpoint, with the official clients (real MLX, the
 tiny Qwen2.5-VL): an image is answered as mlx-vlm answers the same image,
 its tokens are counted as the model's processor makes them, the next turn
-with the same image reads it from the prefix cache; a bad image, a URL to
-fetch or an image for a text model is the sender's 400, and the model keeps
-serving. Chat's image_url parts, Responses' input_image, and Anthropic's
-image blocks, in a turn and inside a tool result."""
+with the same image reads it from the prefix cache; a bad image, a URL
+from a host the config does not list or an image for a text model is the
+sender's 400, and the model keeps serving. Chat's image_url parts,
+Responses' input_image, and Anthropic's image blocks, in a turn and inside
+a tool result; image URLs from listed hosts, within their limits."""
 
 from __future__ import annotations
 
 import base64
 import io
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
 
@@ -78,6 +81,11 @@ def expected(model_dir: Path, data: bytes) -> tuple[int, str]:
 
 @pytest.fixture
 async def vl(tiny_vl_dir: Path, tiny_dir: Path, tmp_path: Path) -> AsyncIterator[Daemon]:
+    # mlx-vlm (for ``expected``) is imported before the daemon's worker threads
+    # import transformers: two threads importing from its lazy module at once
+    # can fail ("cannot import name 'AutoProcessor'").
+    import mlx_vlm  # noqa: F401
+
     settings = settings_for(
         tmp_path, ModelConfig("tiny-vl", str(tiny_vl_dir)), ModelConfig("tiny", str(tiny_dir))
     )
@@ -142,7 +150,7 @@ async def test_an_image_to_gemma_3(tiny_gemma_vl_dir: Path, tmp_path: Path) -> N
     ("url", "says"),
     [
         (data_uri(b"these bytes are no image"), "could not be read as an image"),
-        ("https://example.com/cat.png", "does not fetch image URLs"),
+        ("https://example.com/cat.png", "(image_url_hosts): send the image in the request"),
         ("data:image/png;base64,@@@", "base64 does not decode"),
         ("file:///etc/passwd", "must be a data: URI"),
         (data_uri(b"GIF89a" + b"\x00" * 20, "image/gif"), "could not be read as an image"),
@@ -285,4 +293,90 @@ async def test_image_blocks_through_messages_in_a_turn_and_in_a_tool_result(
                     Any, [{"role": "user", "content": [url, {"type": "text", "text": ASK}]}]
                 ),
             )
-        assert "does not fetch image URLs" in caught.value.message
+        assert "fetches no image URLs unless its config lists their hosts" in caught.value.message
+
+
+class Site(BaseHTTPRequestHandler):
+    """A web server with a picture (``/shot.png``), a redirect to it on the
+    same host (``/moved``) and on another (``/away``), a 404, a picture too
+    large, and one that never comes (``/stall``, until the test ends)."""
+
+    picture = png(5)
+    released = threading.Event()
+
+    def do_GET(self) -> None:
+        port = self.server.server_address[1]
+        moves = {"/moved": "/shot.png", "/away": f"http://localhost:{port}/shot.png"}
+        if self.path in moves:
+            self.send_response(302)
+            self.send_header("Location", moves[self.path])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path in ("/shot.png", "/big.png"):
+            body = self.picture if self.path == "/shot.png" else png(6, (400, 300))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self.path == "/stall":
+            self.released.wait(60)
+        else:
+            self.send_error(404)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def site() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        Site.released.set()
+        server.shutdown()
+        server.server_close()
+        Site.released.clear()
+
+
+async def test_image_urls_from_listed_hosts_are_fetched_within_limits(
+    tiny_vl_dir: Path, tmp_path: Path, site: str
+) -> None:
+    _, text = expected(tiny_vl_dir, Site.picture)
+    settings = settings_for(
+        tmp_path,
+        ModelConfig("tiny-vl", str(tiny_vl_dir)),
+        image_url_hosts=("127.0.0.1",),
+        image_url_timeout_s=1.0,
+        max_image_bytes=len(Site.picture) + 1000,
+    )
+    async with running(settings) as daemon:
+        async with daemon.client() as client:
+            for path in ("/shot.png", "/moved"):
+                answer = await ask(client, [user(f"{site}{path}")])
+                assert answer.choices[0].message.content == text
+            cases = [
+                ("/away", "'localhost' is not one of them"),
+                ("/missing", "its server answered 404"),
+                ("/big.png", "(max_image_size)"),
+                ("/stall", "was not fetched within 1 s (image_url_timeout)"),
+            ]
+            for path, says in cases:
+                with pytest.raises(openai.BadRequestError) as caught:
+                    await ask(client, [user(f"{site}{path}")])
+                assert says in caught.value.message
+        async with anthropic_client(daemon) as claude:
+            url = {"type": "image", "source": {"type": "url", "url": f"{site}/shot.png"}}
+            answer = await claude.messages.create(
+                model="tiny-vl",
+                max_tokens=TOKENS,
+                extra_body={"temperature": 0, "ignore_eos": True},
+                messages=cast(
+                    Any, [{"role": "user", "content": [url, {"type": "text", "text": ASK}]}]
+                ),
+            )
+            assert "".join(b.text for b in answer.content if b.type == "text") == text
