@@ -92,6 +92,28 @@ class Catalog:
             self._sees[model] = sizing is not None
         return self._sees[model]
 
+    async def capabilities(self, name: str) -> list[str]:
+        """What the model takes and does, as Ollama names it: "completion"
+        and, for a model that takes images, "vision"; or "embedding"."""
+        if await self.kind(name) == "embed":
+            return ["embedding"]
+        return ["completion", "vision"] if await self.sees(name) else ["completion"]
+
+    def known_capabilities(self, name: str) -> list[str] | None:
+        """``capabilities`` where what they rest on is already known (found
+        by a request, a model card or a load); None where finding out would
+        mean resolving the model's source (a download, or a conversion)."""
+        model = self.get(name)
+        kind = model.known_kind or self._kinds.get(model)
+        if kind == "embed":
+            return ["embedding"]
+        sees, texts = self._sees.get(model), self._texts.get(model)
+        if sees is None and texts is not None:
+            sees = texts.sizing is not None
+        if sees is None:
+            return None
+        return ["completion", "vision"] if sees else ["completion"]
+
     async def require(self, name: str, kind: str) -> None:
         """Refuse a request that asks ``name`` for what it does not do."""
         does = await self.kind(name)

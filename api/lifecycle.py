@@ -45,9 +45,12 @@ def blueprint(
         requests running and queued, last use and expiry, runner counters (as
         the pool last measured them, every 2 s: a busy runner never holds this
         up), and the spare runner process ("none", "starting" or "ready"; its
-        bytes are ``spare_bytes``)."""
+        bytes are ``spare_bytes``); and what each model takes, where that is
+        known without resolving its source ("completion", "vision",
+        "embedding"; null before its first use)."""
         pool = scheduler.status() | {"spare": spares()}
         for m in pool["models"]:
+            m["capabilities"] = catalog.known_capabilities(m["model"])
             runner = scheduler.runner(m["model"]) if m["state"] == "ready" else None
             # never waits on a busy runner: what it last said
             m["runner"] = runner.last_stats if runner is not None else None

@@ -145,8 +145,9 @@ def ps_text(pool: dict[str, Any]) -> str:
         prefixes, sizes = m["prefix_cache"], [m["bytes"], m["weights"], m["kv_reserved"]]
         sizes += [prefixes["bytes"], m["measured"], prefixes["disk_bytes"]]
         cells = " ".join(f"{format_bytes(b) if b is not None else '-':>10}" for b in sizes)
+        name = m["model"] + (" (vision)" if "vision" in (m.get("capabilities") or ()) else "")
         lines.append(
-            f"{m['model']:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}"
+            f"{name:28} {m['state']:9} {cells} {m['running']:>4} {m['queued']:>5}  {until}"
         )
         for c in m.get("clients", []):
             who = f"  {c['client'] or '(anonymous)'} ({c['priority']})"

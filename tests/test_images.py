@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from config.settings import ModelConfig  # noqa: E402
+from daemon.cli import ps_text  # noqa: E402
 from tests.conftest import TLS, Daemon, running, settings_for  # noqa: E402
 from tests.test_messages import client as anthropic_client  # noqa: E402
 from tests.test_prefix_api import sample  # noqa: E402
@@ -168,11 +169,22 @@ async def test_a_bad_image_is_the_senders_400_and_the_model_keeps_serving(
 
 
 async def test_models_say_which_take_images_and_a_text_model_refuses_them(vl: Daemon) -> None:
+    async def takes() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=vl.url, timeout=60, verify=TLS) as http:
+            pool = (await http.get("/api/ps")).json()
+        listed = ps_text(pool)  # as `mlxd ps` prints it
+        sees = {m["model"] for m in pool["models"] if f"{m['model']} (vision)" in listed}
+        assert sees == {m["model"] for m in pool["models"] if "vision" in (m["capabilities"] or ())}
+        return {m["model"]: m["capabilities"] for m in pool["models"]}
+
+    # unknown until something looks (a model's source may be a download)
+    assert await takes() == {"tiny-vl": None, "tiny": None}
     async with vl.client() as client:
         cards = {m.id: m.model_dump() for m in (await client.models.list()).data}
         assert cards["tiny-vl"]["type"] == "vlm"
         assert cards["tiny-vl"]["capabilities"] == ["completion", "vision"]
         assert cards["tiny"]["type"] == "llm" and cards["tiny"]["capabilities"] == ["completion"]
+        assert await takes() == {"tiny-vl": ["completion", "vision"], "tiny": ["completion"]}
         with pytest.raises(openai.BadRequestError) as caught:
             await ask(client, [user(data_uri(png(0)))], model="tiny")
         assert "model 'tiny' does not take images" in caught.value.message
@@ -305,7 +317,7 @@ class Site(BaseHTTPRequestHandler):
     released = threading.Event()
 
     def do_GET(self) -> None:
-        port = self.server.server_address[1]
+        port = self.headers["Host"].rpartition(":")[2]
         moves = {"/moved": "/shot.png", "/away": f"http://localhost:{port}/shot.png"}
         if self.path in moves:
             self.send_response(302)

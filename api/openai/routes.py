@@ -37,17 +37,13 @@ def blueprint(
         "embeddings" for an embedding model; and ``capabilities`` (as Ollama
         names them): "completion", "vision", "embedding"."""
         try:
-            kind = await catalog.kind(name)
-            sees = kind == "chat" and await catalog.sees(name)
+            capabilities = await catalog.capabilities(name)
         except ModelLoadFailed:  # its files are missing: its requests will say so
-            kind, sees = "chat", False
-        if kind == "embed":
-            kind_name, capabilities = "embeddings", ["embedding"]
-        else:
-            kind_name = "vlm" if sees else "llm"
-            capabilities = ["completion", "vision"] if sees else ["completion"]
+            capabilities = ["completion"]
+        kind = "embeddings" if "embedding" in capabilities else "llm"
+        kind = "vlm" if "vision" in capabilities else kind
         card = {"id": name, "object": "model", "created": 0, "owned_by": "mlxd"}
-        return card | {"type": kind_name, "capabilities": capabilities}
+        return card | {"type": kind, "capabilities": capabilities}
 
     @bp.get("/v1/models")
     async def list_models() -> dict[str, Any]:
