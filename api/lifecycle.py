@@ -47,7 +47,7 @@ def blueprint(
         up), and the spare runner process ("none", "starting" or "ready"; its
         bytes are ``spare_bytes``); and what each model takes, where that is
         known without resolving its source ("completion", "vision",
-        "embedding"; null before its first use)."""
+        "embedding"; null until its files were looked at)."""
         pool = scheduler.status() | {"spare": spares()}
         for m in pool["models"]:
             m["capabilities"] = catalog.known_capabilities(m["model"])
