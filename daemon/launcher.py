@@ -118,6 +118,7 @@ class Launcher:
         """A runner process for ``start``: the spare if there is one, loading
         the model with what the policy gave it (prefix-cache bytes, the prompt
         whose cached prefix it may read ahead)."""
+        size = await self.size(model)
         spec = RunnerSpec(
             model.name,
             await self.model_dir(model),
@@ -127,8 +128,9 @@ class Launcher:
             prefix_dir=await self.prefix_dir(model),
             prefix_disk=self.settings.prefix_disk_bytes,
             prefix_disk_writes=self.settings.prefix_disk_writes,
-            cache_limit=(await self.size(model)).working,
+            cache_limit=size.working,
             prompt=start.prompt,
             kind=await self.kind(model),
+            image_features=size.images,
         )
         return RunnerProcess(spec, stop_grace_s=self.settings.shutdown_grace_s, spares=self.spares)

@@ -163,7 +163,9 @@ def load_engine(model_dir: Path, load: cmd.Load) -> Engine | Embedder:
     from runner.vision import Vision, is_vision
 
     model: nn.Module | Vision = (
-        Vision.load(model_dir) if is_vision(model_dir) else load_model(model_dir, lazy=True)[0]
+        Vision.load(model_dir, load.image_features)
+        if is_vision(model_dir)
+        else load_model(model_dir, lazy=True)[0]
     )
     disk = None
     if load.prefix_dir and load.prefix_disk > 0:
@@ -305,7 +307,8 @@ def _command(
                 engine.prefixes.set_limit(nbytes)
         case cmd.AskStats():
             prefix = None if engine.prefixes is None else engine.prefixes.summary()
-            counters = attrs.asdict(engine.stats)
+            images: dict[str, int] = getattr(engine, "image_counters", dict)()  # (not embedders)
+            counters = attrs.asdict(engine.stats) | images
             send(ev.Stats(engine.active, memory(), counters, engine.chunk, prefix))
         case _:
             log.warning("a runner with a model ignores %r", command)

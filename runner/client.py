@@ -58,6 +58,7 @@ class RunnerSpec:
     prompt: tuple[int, ...] = ()  # the first request's: its cached prefix is read ahead
     cache_limit: int | None = None  # bytes of freed buffers MLX may keep (None: its default)
     kind: str = "chat"  # or "embed": the runner loads an embedding engine
+    image_features: int = 0  # bytes of a vision model's cache of image features
 
     def load(self) -> cmd.Load:
         return cmd.Load(
@@ -71,6 +72,7 @@ class RunnerSpec:
             list(self.prompt),
             self.cache_limit,
             self.kind,
+            self.image_features,
         )
 
 

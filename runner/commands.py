@@ -23,7 +23,8 @@ class Load:
     ``prefix_disk_writes`` bytes all write per hour; ``prompt``: the first
     request's, whose cached prefix is read while the weights load;
     ``cache_limit``: bytes of freed buffers MLX may keep; ``kind``: "chat", or
-    "embed" for an embedding model."""
+    "embed" for an embedding model; ``image_features``: bytes a vision
+    model's cache of image features may hold."""
 
     model_dir: str
     max_batch: int = 8
@@ -35,6 +36,7 @@ class Load:
     prompt: list[int] = attrs.field(factory=list)
     cache_limit: int | None = None
     kind: str = "chat"
+    image_features: int = 0
 
 
 @attrs.frozen

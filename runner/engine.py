@@ -267,6 +267,17 @@ class Engine:
         self._pending.append(seq)
         return hit
 
+    def image_counters(self) -> dict[str, int]:
+        """A vision model's: images encoded, images whose features came from
+        its cache instead, and the cache's bytes (none for a text model)."""
+        if not isinstance(self.model, Vision):
+            return {}
+        return {
+            "images_encoded": self.model.encoded,
+            "image_features_reused": self.model.reused,
+            "image_feature_bytes": self.model.features.bytes,
+        }
+
     def cancel(self, req_id: int) -> None:
         self.stats.cancelled += 1
         for seq in self._pending:

@@ -11,7 +11,7 @@ Commands (daemon → runner)::
     {"op": "load", "model_dir": "/models/x", "max_batch": 8, "prefill_chunk": 512,
      "prefix_cache": 0, "prefix_dir": "/cache/prefixes/3fa2...", "prefix_disk": 17179869184,
      "prefix_disk_writes": 4294967296, "prompt": [1, 2], "cache_limit": 268435456,
-     "kind": "chat"}
+     "kind": "chat", "image_features": 134217728}
                                       first line to a runner started without a
                                       model (a spare); it then loads and says
                                       "ready". prefix_cache: bytes its prefix
@@ -24,7 +24,9 @@ Commands (daemon → runner)::
                                       working memory the pool charges beyond weights);
                                       kind: "chat", or "embed" for an embedding
                                       model (``runner/embedder.py``), which
-                                      answers "embed" and refuses "generate"
+                                      answers "embed" and refuses "generate";
+                                      image_features: bytes a vision model keeps
+                                      of its images' features
     {"op": "generate", "id": 7, "prompt": [1, 2, 3], "max_tokens": 64,
      "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
      "seed": null, "stop_ids": [2], "logprobs": null, "presence_penalty": 0.0,

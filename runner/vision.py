@@ -21,6 +21,13 @@ Image tokens are keyed by the image's content (``keyed``): the prefix cache
 sees ids derived from the image's bytes where the prompt has the one image
 token repeated, so two different images never share a cached prefix and the
 same image, sent again on a later turn, does.
+
+The families mlxd knows (Qwen2-VL and 2.5-VL, Gemma 3) have their images
+encoded one at a time, each image's features kept in a small cache keyed by
+its bytes (``Features``, within the bytes the pool charges for it): the same
+screenshot in another conversation, or after its prefix left the cache, is
+not encoded again, and the vision tower's working memory is one image's.
+Other families hand all of a prompt's images to mlx-vlm at once, uncached.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,20 +79,63 @@ class Seen:
     delta: int  # the positions of the tokens after the prompt: index + delta
 
 
+@attrs.frozen
+class Encoded:
+    """One image as its language model reads it: its ``features`` (None
+    where only its size was needed) and, for Qwen, its patch grid (t, h, w)."""
+
+    features: mx.array | None
+    grid: np.ndarray | None
+
+
+class Features:
+    """Images' features by the digest of their files, the least recently
+    used dropped beyond ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._kept: OrderedDict[bytes, Encoded] = OrderedDict()
+
+    def get(self, key: bytes) -> Encoded | None:
+        found = self._kept.get(key)
+        if found is not None:
+            self._kept.move_to_end(key)
+        return found
+
+    def put(self, key: bytes, image: Encoded) -> None:
+        size = image.features.nbytes if image.features is not None else 0
+        if size > self.limit or key in self._kept:
+            return
+        self._kept[key] = image
+        self.bytes += size
+        while self.bytes > self.limit:
+            _, old = self._kept.popitem(last=False)
+            self.bytes -= old.features.nbytes if old.features is not None else 0
+
+
 class Vision:
-    def __init__(self, model: Any, processor: Any) -> None:
+    def __init__(self, model: Any, processor: Any, feature_bytes: int = 0) -> None:
         self.vlm = model
         self.language = model.language_model
         self.processor = processor
         self.mrope = hasattr(self.language, "get_rope_index")
         self.encoded = 0  # images run through the vision tower
+        self.reused = 0  # images whose features came from ``features`` instead
+        self.features = Features(feature_bytes)
+        family = getattr(model.config, "model_type", "")
+        self._encode = {
+            "qwen2_vl": self._qwen,
+            "qwen2_5_vl": self._qwen,
+            "gemma3": self._gemma,
+        }.get(family)
 
     @classmethod
-    def load(cls, model_dir: Path) -> Vision:
+    def load(cls, model_dir: Path, feature_bytes: int = 0) -> Vision:
         from mlx_vlm.utils import load
 
         model, processor = load(str(model_dir), lazy=True)
-        return cls(model, processor)
+        return cls(model, processor, feature_bytes)
 
     @property
     def layers(self) -> Any:
@@ -143,11 +194,13 @@ class Vision:
         are where ``pictures`` say. Without the ``tower`` (every picture's
         tokens are cached already, so only the text after them is read), a
         Qwen's images are only measured, for the positions of what follows."""
+        ids = mx.array([list(prompt)])
+        if self._encode is not None:
+            return self._see_each(ids, pictures, tower)
         from PIL import Image
 
         images = [Image.open(io.BytesIO(p.data)).convert("RGB") for p in pictures]
         pixels = self.processor.image_processor(images=images, return_tensors="np")
-        ids = mx.array([list(prompt)])
         grid = (
             mx.array(np.asarray(pixels["image_grid_thw"])) if "image_grid_thw" in pixels else None
         )
@@ -163,3 +216,61 @@ class Vision:
         if not self.mrope:
             return Seen(seen.inputs_embeds, None, 0)
         return Seen(seen.inputs_embeds, seen.position_ids, int(seen.rope_deltas.reshape(-1)[0]))
+
+    def _see_each(self, ids: mx.array, pictures: Sequence[Picture], tower: bool) -> Seen:
+        """``see`` for a family whose images are encoded one at a time."""
+        images = [self._image(p, tower) for p in pictures]
+        grid = None
+        if images[0].grid is not None:
+            grid = mx.array(np.concatenate([i.grid for i in images if i.grid is not None]))
+        if not tower:
+            if not self.mrope:
+                return Seen(self.language.model.embed_tokens(ids), None, 0)
+            positions, deltas = self.language.get_rope_index(ids, grid, None, mx.ones_like(ids))
+            embeddings = self.language.model.embed_tokens(ids)  # the text's; images' unread
+            return Seen(embeddings, positions, int(deltas.reshape(-1)[0]))
+        features = mx.concatenate([i.features for i in images if i.features is not None])
+        extra = {"image_grid_thw": grid} if grid is not None else {}
+        seen = self.vlm.get_input_embeddings(
+            ids, mx.zeros((1,)), mask=mx.ones_like(ids), cached_image_features=features, **extra
+        )
+        if not self.mrope:
+            return Seen(seen.inputs_embeds, None, 0)
+        return Seen(seen.inputs_embeds, seen.position_ids, int(seen.rope_deltas.reshape(-1)[0]))
+
+    def _image(self, picture: Picture, tower: bool) -> Encoded:
+        """One picture's features (from the cache, or encoded and kept), or,
+        without the ``tower``, its grid alone."""
+        from PIL import Image
+
+        key = hashlib.sha256(picture.data).digest()
+        if (found := self.features.get(key)) is not None:
+            self.reused += tower
+            return found
+        image = Image.open(io.BytesIO(picture.data)).convert("RGB")
+        pixels = self.processor.image_processor(images=[image], return_tensors="np")
+        grid = np.asarray(pixels["image_grid_thw"]) if "image_grid_thw" in pixels else None
+        if not tower:
+            return Encoded(None, grid)
+        assert self._encode is not None
+        features = self._encode(mx.array(np.asarray(pixels["pixel_values"])), grid)
+        mx.eval(features)
+        self.encoded += 1
+        encoded = Encoded(features, grid)
+        self.features.put(key, encoded)
+        return encoded
+
+    def _qwen(self, pixels: mx.array, grid: np.ndarray | None) -> mx.array:
+        tower = self.vlm.vision_tower
+        dtype = tower.patch_embed.proj.weight.dtype
+        assert grid is not None  # Qwen's processor gives every image its grid
+        features: mx.array = tower(pixels.astype(dtype), mx.array(grid), output_hidden_states=False)
+        return features
+
+    def _gemma(self, pixels: mx.array, grid: np.ndarray | None) -> mx.array:
+        dtype = self.language.model.embed_tokens.weight.dtype
+        hidden, _, _ = self.vlm.vision_tower(
+            pixels.transpose(0, 2, 3, 1).astype(dtype), output_hidden_states=True
+        )
+        features: mx.array = self.vlm.multi_modal_projector(hidden)
+        return features

@@ -25,6 +25,7 @@ from scheduler.kinds import kind_of
 RAM_FRACTION = 0.75  # default budget where Metal gives no figure
 PREFILL_CHUNK = 2048  # mlx-lm's prefill step: the activations held at once
 EMBED_BATCH_TOKENS = 4096  # padded tokens an embedding runner reads at once (runner/embedder.py)
+IMAGE_FEATURES = 128 * 1024 * 1024  # a vision model's cache of image features (runner/vision.py)
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
@@ -60,13 +61,15 @@ class Size:
 
     bytes: int
     kv_per_token: int
-    weights: int = 0  # of ``bytes``: the rest is working memory
+    weights: int = 0  # of ``bytes``
+    images: int = 0  # of ``bytes``: its cache of image features (a vision model's)
 
     @property
     def working(self) -> int:
-        """What it may use beyond its weights (and the KV cache its requests
-        reserve): its runner keeps MLX's cache of freed buffers within this."""
-        return self.bytes - self.weights
+        """What it may use beyond its weights and image features (and the KV
+        cache its requests reserve): its runner keeps MLX's cache of freed
+        buffers within this."""
+        return self.bytes - self.weights - self.images
 
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's limit on a header
@@ -79,8 +82,8 @@ def estimate(model_dir: Path, model: ModelConfig) -> Size:
     KV is charged as it runs (``scheduler/policy.py``), not here."""
     files = sorted(model_dir.glob("*.safetensors"))
     weights = sum(f.stat().st_size for f in files)
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config", config)
+    whole = json.loads((model_dir / "config.json").read_text())
+    config = whole.get("text_config", whole)
     act = _activation_bytes(files[0]) if files else 2
     heads = config.get("num_attention_heads", 1)
     kv_heads = config.get("num_key_value_heads", heads)
@@ -95,7 +98,29 @@ def estimate(model_dir: Path, model: ModelConfig) -> Size:
         return Size(int(weights + rows + weights // 10), 0, weights)
     work = model.max_concurrency * vocab * 4 + PREFILL_CHUNK * (4 * hidden + 3 * inter) * act
     kv = 2 * layers * kv_heads * head_dim * act
-    return Size(int(weights + work + weights // 10), kv, weights)
+    if "vision_config" not in whole:
+        return Size(int(weights + work + weights // 10), kv, weights)
+    work += _tower_bytes(whole["vision_config"], model_dir)
+    return Size(int(weights + work + weights // 10 + IMAGE_FEATURES), kv, weights, IMAGE_FEATURES)
+
+
+def _tower_bytes(vision: dict[str, Any], model_dir: Path) -> int:
+    """A vision tower's working memory for the largest image its processor
+    makes (Qwen's: ``max_pixels``; a fixed-size tower's: its ``image_size``),
+    read one image at a time (``runner/vision.py``): each patch's
+    activations through one layer, in float32."""
+    try:
+        processor = json.loads((model_dir / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        processor = {}
+    patch = vision.get("patch_size", 14)
+    size = processor.get("size") if isinstance(processor.get("size"), dict) else {}
+    pixels = processor.get("max_pixels") or size.get("longest_edge")
+    if not isinstance(pixels, int):
+        pixels = vision.get("image_size", 896) ** 2
+    hidden = vision.get("hidden_size", 1024)
+    inter = vision.get("intermediate_size", 4 * hidden)
+    return int(pixels // (patch * patch) * (6 * hidden + 3 * inter) * 4)
 
 
 def _activation_bytes(path: Path) -> int:

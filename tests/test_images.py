@@ -124,15 +124,21 @@ async def test_an_image_is_answered_counted_and_cached(vl: Daemon, tiny_vl_dir: 
 
         other = await ask(client, [user(data_uri(png(1)))])
         assert other.choices[0].message.content != text
+
+        # After another system prompt no cached prefix covers the image, but
+        # its features are kept: the vision tower ran once for each image.
+        await ask(client, [{"role": "system", "content": "Be brief."}, user(data_uri(picture))])
     async with httpx.AsyncClient(base_url=vl.url, timeout=60, verify=TLS) as http:
 
         async def counted() -> bool:  # (a request is counted once its answer has gone)
             metrics = (await http.get("/metrics")).text
             images = sample(metrics, 'mlxd_prompt_images_total{model="tiny-vl"}')
             latest = (await http.get("/api/activity")).json()["latest"]
-            return images == 4 and [r["images"] for r in latest] == [1, 1, 1, 1]
+            runner = (await http.get("/api/ps")).json()["models"][0]["runner"] or {}
+            encoded = (runner.get("images_encoded"), runner.get("image_features_reused"))
+            return images == 5 and [r["images"] for r in latest] == [1] * 5 and encoded == (2, 1)
 
-        await eventually(counted, what="four images in the metrics and the latest requests")
+        await eventually(counted, what="five images counted, two encoded, one from the cache")
 
 
 async def test_an_image_to_gemma_3(tiny_gemma_vl_dir: Path, tmp_path: Path) -> None:

@@ -122,6 +122,41 @@ def test_an_embedding_model_is_charged_weights_and_one_batch_no_kv(
     assert weights + 200 * 2**20 < size.bytes < weights + 600 * 2**20
 
 
+def test_a_vision_model_is_charged_its_image_work_and_its_feature_cache(
+    tiny_vl_dir: Path, tmp_path: Path
+) -> None:
+    """Its tower's working memory for the largest image its processor makes
+    (more, the larger that is) and the features it keeps; a text model has
+    neither."""
+    model = ModelConfig("vl", str(tiny_vl_dir))
+    size = memory.estimate(tiny_vl_dir, model)
+    assert size.images == memory.IMAGE_FEATURES and size.working > 0
+    assert size.bytes == size.weights + size.working + size.images
+
+    larger = tmp_path / "larger"
+    larger.mkdir()
+    for f in tiny_vl_dir.iterdir():
+        (larger / f.name).symlink_to(f)
+    processor = json.loads((tiny_vl_dir / "preprocessor_config.json").read_text())
+    (larger / "preprocessor_config.json").unlink()
+    (larger / "preprocessor_config.json").write_text(
+        json.dumps(processor | {"max_pixels": processor["max_pixels"] * 4})
+    )
+    bigger = memory.estimate(larger, model)
+    assert bigger.working > size.working and bigger.images == size.images
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for f in tiny_vl_dir.iterdir():
+        if f.name != "config.json":
+            (text / f.name).symlink_to(f)
+    config = json.loads((tiny_vl_dir / "config.json").read_text())
+    del config["vision_config"]
+    (text / "config.json").write_text(json.dumps(config))
+    plain = memory.estimate(text, model)
+    assert plain.images == 0 and plain.working < size.working
+
+
 async def test_sequences_grow_their_kv_and_one_that_cannot_pauses_and_says_the_same(
     long_context: Path, tmp_path: Path
 ) -> None:

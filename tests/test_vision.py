@@ -1,7 +1,8 @@
 """Images in the runner's engine (real MLX, the tiny Qwen2.5-VL and Gemma 3
 of ``bench/random_vlm.py``): a prompt with an image is answered as mlx-vlm
 answers it, alone and beside other requests in a batch, and again from the
-prefix cache; a different image never reuses another's cached tokens."""
+prefix cache; a different image never reuses another's cached tokens; an
+image seen before is not encoded again."""
 
 from __future__ import annotations
 
@@ -158,3 +159,27 @@ async def test_a_vision_models_directory_serves_text_requests(
     assert answers[0].choices[0].message.content == answers[1].choices[0].message.content
     assert answers[1].usage and answers[1].usage.prompt_tokens_details
     assert answers[1].usage.prompt_tokens_details.cached_tokens  # the prefix cache works
+
+
+def test_an_image_seen_before_is_not_encoded_again_and_answers_the_same(
+    vision: Vision,
+) -> None:
+    """The same image after other text (so no cached prefix covers it) takes
+    its features from the cache; a cache too small for two images keeps the
+    latest."""
+    one = request(vision, "What is in the picture?", picture(0))
+    cached = Vision(vision.vlm, vision.processor, 1 << 30)
+    run(Engine(cached, 4), one)
+    assert cached.encoded == 1 and cached.features.bytes > 0
+    size = cached.features.bytes  # one image's features
+
+    other_text = request(vision, "Describe it, please, in one short sentence.", picture(0))
+    assert run(Engine(cached, 4), other_text)[other_text.id] == reference(
+        vision, "Describe it, please, in one short sentence.", picture(0)
+    )
+    assert (cached.encoded, cached.reused) == (1, 1)
+
+    small = Vision(vision.vlm, vision.processor, size)  # room for one image
+    for seed in (0, 1, 0):
+        run(Engine(small, 4), request(vision, "What is in the picture?", picture(seed)))
+    assert small.encoded == 3 and small.features.bytes == size
