@@ -119,7 +119,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.shape in random_vlm.SHAPES:
-        random_vlm.write(args.shape, args.tokenizer_dir, args.out, args.seed)
+        dtype = args.dtype if args.dtype != "float32" else ""
+        random_vlm.write(args.shape, args.tokenizer_dir, args.out, args.seed, dtype)
         return
     write(args.shape, args.tokenizer_dir, args.out, args.bits, args.seed, args.dtype)
 

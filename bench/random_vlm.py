@@ -2,6 +2,8 @@
 
     python -m bench.random_model tiny-vl TOKENIZER_DIR OUT         (Qwen2.5-VL)
     python -m bench.random_model tiny-gemma3-vl TOKENIZER_DIR OUT  (Gemma 3, SigLIP)
+    python -m bench.random_model qwen2.5-vl-3b TOKENIZER_DIR OUT --dtype bfloat16
+                                     (Qwen2.5-VL-3B's sizes, for the GPU: bench/vision.py)
 
 The text side speaks SmolLM2's vocabulary (TOKENIZER_DIR) with the family's
 image tokens added after it, and the family's chat template; the processor
@@ -76,18 +78,47 @@ TEXT = {
     "max_position_embeddings": 4096,
 }
 
-SHAPES = ("tiny-vl", "tiny-gemma3-vl")
+QWEN_VISION = {  # the tests' tower
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "fullatt_block_indexes": [1],
+}
+QWEN_3B: dict[str, dict[str, Any]] = {  # Qwen2.5-VL-3B's sizes
+    "text": {
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+    },
+    "vision": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+    },
+}
+
+SHAPES = ("tiny-vl", "tiny-gemma3-vl", "qwen2.5-vl-3b")
 
 
-def write(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+def write(shape: str, tokenizer_dir: Path, out: Path, seed: int = 0, dtype: str = "") -> Path:
+    """The model directory; ``dtype`` (a name in ``mlx.core``) for its
+    floating-point weights, or as drawn (float32)."""
     import mlx.core as mx
 
     mx.random.seed(seed)  # the models' initial weights are drawn from it
     out.mkdir(parents=True, exist_ok=True)
     if shape == "tiny-vl":
-        _qwen(tokenizer_dir, out)
+        _qwen(tokenizer_dir, out, TEXT, QWEN_VISION, spread=4.0, dtype=dtype)
+    elif shape == "qwen2.5-vl-3b":
+        _qwen(tokenizer_dir, out, QWEN_3B["text"], QWEN_3B["vision"], spread=1.0, dtype=dtype)
     elif shape == "tiny-gemma3-vl":
-        _gemma(tokenizer_dir, out)
+        _gemma(tokenizer_dir, out, dtype)
     else:
         raise ValueError(f"no vision shape {shape!r}")
     return out
@@ -107,7 +138,14 @@ def _tokenizer(src: Path, out: Path, added: list[str], config: dict[str, Any]) -
     return {t: i for t, i in ids.items() if i is not None}
 
 
-def _qwen(src: Path, out: Path) -> None:
+def _qwen(
+    src: Path,
+    out: Path,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    spread: float,
+    dtype: str,
+) -> None:
     from mlx_vlm.models import qwen2_5_vl
 
     ids = _tokenizer(
@@ -127,13 +165,15 @@ def _qwen(src: Path, out: Path) -> None:
             },
         },
     )
+    head = text["hidden_size"] // text["num_attention_heads"]
+    sections = [2, 3, 3] if head < 128 else [16, 24, 24]  # half a head's width
     config = {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
         "model_type": "qwen2_5_vl",
-        **TEXT,
+        **text,
         "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # half a 16-wide head
+        "rope_scaling": {"type": "mrope", "mrope_section": sections},
         "vocab_size": 49152 + 64,
         "tie_word_embeddings": True,
         "bos_token_id": ids["<|im_start|>"],
@@ -145,11 +185,8 @@ def _qwen(src: Path, out: Path) -> None:
         "video_token_id": ids["<|video_pad|>"],
         "vision_config": {
             "model_type": "qwen2_5_vl",
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": TEXT["hidden_size"],
+            **vision,
+            "out_hidden_size": text["hidden_size"],
             "in_channels": 3,
             "in_chans": 3,
             "patch_size": 14,
@@ -157,7 +194,6 @@ def _qwen(src: Path, out: Path) -> None:
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
             "window_size": 112,
-            "fullatt_block_indexes": [1],
             "tokens_per_second": 2,
         },
     }
@@ -180,10 +216,10 @@ def _qwen(src: Path, out: Path) -> None:
     model_config = qwen2_5_vl.ModelConfig.from_dict(json.loads(json.dumps(config)))
     model_config.text_config = qwen2_5_vl.TextConfig.from_dict(model_config.text_config)
     model_config.vision_config = qwen2_5_vl.VisionConfig.from_dict(config["vision_config"])
-    _save(qwen2_5_vl.Model(model_config), out, config, processor, spread=4.0)
+    _save(qwen2_5_vl.Model(model_config), out, config, processor, spread, dtype)
 
 
-def _gemma(src: Path, out: Path) -> None:
+def _gemma(src: Path, out: Path, dtype: str) -> None:
     from mlx_vlm.models import gemma3
 
     ids = _tokenizer(
@@ -258,15 +294,22 @@ def _gemma(src: Path, out: Path) -> None:
     model_config = gemma3.ModelConfig.from_dict(json.loads(json.dumps(config)))
     model_config.text_config = gemma3.TextConfig.from_dict(text)
     model_config.vision_config = gemma3.VisionConfig.from_dict(config["vision_config"])
-    _save(gemma3.Model(model_config), out, config, processor, spread=1.0)
+    _save(gemma3.Model(model_config), out, config, processor, 1.0, dtype)
 
 
 def _save(
-    model: Any, out: Path, config: dict[str, Any], processor: dict[str, Any], spread: float
+    model: Any,
+    out: Path,
+    config: dict[str, Any],
+    processor: dict[str, Any],
+    spread: float,
+    dtype: str,
 ) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    if dtype:
+        model.set_dtype(getattr(mx, dtype))
     weights: dict[str, mx.array] = {
         name: w * spread if name.startswith("language_model.") and w.ndim == 2 else w
         for name, w in cast("list[tuple[str, mx.array]]", tree_flatten(model.parameters()))

@@ -374,17 +374,22 @@ def start_floor(port: int) -> subprocess.Popen[bytes]:
 
 
 def start_mlxd(
-    model_dir: Path, streams: int, port: int, workdir: Path, root: Path = ROOT
+    model_dir: Path,
+    streams: int,
+    port: int,
+    workdir: Path,
+    root: Path = ROOT,
+    prefix_cache: bool = False,
 ) -> subprocess.Popen[bytes]:
     """``mlxd serve`` from the checkout at ``root`` (this one, or ``--base``'s),
-    logging at info to ``mlxd_log(workdir, port)``."""
+    logging at info to ``mlxd_log(workdir, port)``; its prefix cache off
+    unless asked for (every run sends the same prompts again: with its cache
+    mlxd would read them from memory while raw mlx-lm reads them afresh)."""
     config = workdir / f"bench-{port}.toml"
     config.write_text(
         f'port = {port}\ncache_dir = "{workdir}"\n[[models]]\nname = "bench"\n'
         f'path = "{model_dir}"\nmax_concurrency = {max(streams, 8)}\nmax_context = 8192\n'
-        # Every run sends the same prompts again: with its prefix cache mlxd
-        # would read them from memory while raw mlx-lm reads them afresh.
-        "prefix_cache = 0\n"
+        + ("" if prefix_cache else "prefix_cache = 0\n")
     )
     log = mlxd_log(workdir, port).open("wb")
     cmd = [sys.executable, "-m", "daemon.cli", "serve", "--config", str(config)]
@@ -396,9 +401,14 @@ def mlxd_log(workdir: Path, port: int) -> Path:
 
 
 def wait_ready(
-    url: str, timeout: float = 900, model: str = "bench", log: Path | None = None
+    url: str,
+    timeout: float = 900,
+    model: str = "bench",
+    log: Path | None = None,
+    path: str = "/v1/completions",
 ) -> None:
-    """Wait until ``url`` answers a one-token completion. Every 30 s it says
+    """Wait until ``url`` answers a one-token completion (``path``: a chat
+    completion, where that is ``/v1/chat/completions``). Every 30 s it says
     it is still waiting, with the last line of the server's ``log``; if the
     wait ends without an answer, it prints the log's last lines (on a lent
     machine, a silent hang cost a whole call's time and told nothing)."""
@@ -406,11 +416,13 @@ def wait_ready(
     started = time.monotonic()
     deadline, said = started + timeout, started
     body: dict[str, Any] = {"prompt": "hi", "max_tokens": 1}
+    if path.endswith("chat/completions"):
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     if model:
         body["model"] = model
     while time.monotonic() < deadline:
         try:
-            reply = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+            reply = httpx.post(f"{url}{path}", json=body, timeout=30)
         except httpx.TimeoutException:
             reply = None  # listening, but no answer yet (a load, or a hang)
         except httpx.TransportError:
