@@ -32,7 +32,7 @@ from api.record import Record
 from api.schemas import ChatRequest, CompletionRequest, GenerationParams, check_grammar
 from api.texts import Texts
 from api.tools import forced_call
-from runner.errors import RunnerError
+from runner.errors import Refused, RunnerError
 from runner.protocol import Chunk, Generate, Picture
 from scheduler.errors import ContextLengthExceeded, InvalidRequest, RunnerCrashed
 from scheduler.pool import Claim
@@ -214,7 +214,7 @@ async def _prompt(
     return prompt, False, 0, ()
 
 
-def _chat_prompt(texts: Texts, req: ChatRequest, files: Sequence[bytes], limits: Limits) -> Prompt:
+def _chat_prompt(texts: Texts, req: ChatRequest, files: Sequence[str], limits: Limits) -> Prompt:
     tools = req.tools if req.tool_choice.mode != "none" else ()
     images = [check(data, n, limits) for n, data in enumerate(files)]
     sizing = texts.sizing if images else None  # (one with none was refused: _image_limits)
@@ -376,7 +376,8 @@ class Generation:
         """Wait until the runner has said how much of the prompt it found in
         its prefix cache (its first word on a request, before the prefill),
         for an answer whose first event tells it (Anthropic's
-        ``message_start``)."""
+        ``message_start``), or for a request with images, which the runner
+        may refuse (one that does not decode) before a stream's headers go."""
         assert self._chunks is not None, "start() first"
         if self._job.record.tokens.cached is not None or self._first is not None:
             return
@@ -384,7 +385,10 @@ class Generation:
             chunk = await self._chunks.receive()
         except trio.EndOfChannel:
             return
-        if chunk.cached is not None and chunk.error is None:
+        if chunk.error is not None:
+            await self.aclose()
+            raise _crashed(chunk.error) from chunk.error
+        if chunk.cached is not None:
             self._job.record.tokens.cached = chunk.cached
         else:
             self._first = chunk
@@ -464,7 +468,10 @@ class Generation:
         return whole
 
 
-def _crashed(e: Exception) -> RunnerCrashed:
+def _crashed(e: Exception) -> RunnerCrashed | InvalidRequest:
     """A runner's failure (its process gone, or a step failed) is the
-    request's ``RunnerCrashed``."""
+    request's ``RunnerCrashed``; one for the request's own input (an image
+    that does not decode), the sender's ``InvalidRequest``."""
+    if isinstance(e, Refused):
+        return InvalidRequest(e.message, param="messages")
     return RunnerCrashed(e.message if isinstance(e, RunnerError) else str(e))

@@ -12,6 +12,7 @@ what went wrong and which setting governs it. No scheme but ``http`` and
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -34,9 +35,9 @@ def allows(hosts: Sequence[str], host: str) -> bool:
     return False
 
 
-async def fetched(images: Sequence[bytes | Remote], limits: Limits) -> tuple[bytes, ...]:
-    """``images`` with every URL replaced by the file it holds (fetched
-    one after another: a request seldom names more than one)."""
+async def fetched(images: Sequence[str | Remote], limits: Limits) -> tuple[str, ...]:
+    """``images`` with every URL replaced by the file it holds, in base64
+    (fetched one after another: a request seldom names more than one)."""
     if any(isinstance(i, Remote) for i in images) and not limits.url_hosts:
         raise InvalidRequest(
             "mlxd fetches no image URLs unless its config lists their hosts "
@@ -44,7 +45,8 @@ async def fetched(images: Sequence[bytes | Remote], limits: Limits) -> tuple[byt
             "(data:image/png;base64,...)",
             param=next(i.param for i in images if isinstance(i, Remote)),
         )
-    return tuple([i if isinstance(i, bytes) else await fetch(i, limits) for i in images])
+    files = [i if isinstance(i, str) else await fetch(i, limits) for i in images]
+    return tuple(f if isinstance(f, str) else base64.b64encode(f).decode() for f in files)
 
 
 async def fetch(image: Remote, limits: Limits) -> bytes:

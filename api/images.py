@@ -3,11 +3,13 @@ the prompt tokens a vision-language model reads them as.
 
 An image comes inline, as a ``data:`` URI of its file in base64, or as an
 ``http(s)`` URL that ``api/image_urls.py`` fetches where the config allows
-it; no other scheme is read. Its file is opened off the event loop (``check``, in a worker
-thread) and refused, as the sender's 400, if it is not a PNG, JPEG, WebP, GIF
-or BMP, if it does not decode, or if it is over the configured ``Limits``:
-bytes, or pixels (a small file can claim a huge size: decoding is bounded by
-refusing those before any pixel is read).
+it; no other scheme is read. Its header is read off the event loop
+(``check``, in a worker thread) and the image refused, as the sender's 400,
+if it is not a PNG, JPEG, WebP, GIF or BMP or if it is over the configured
+``Limits``: bytes, or pixels (a small file can claim a huge size: decoding is
+bounded by refusing those before any pixel is read). Its base64 goes to the
+runner as the request sent it, and its pixels are decoded there, once; one
+that does not decode is the sender's 400 too (``runner.errors.BadInput``).
 
 The chat template writes one image token where each image goes; the model's
 processor makes it as many as the image is worth, and so does ``Sizing``
@@ -57,9 +59,9 @@ class Remote:
     param: str
 
 
-def from_url(url: Any, param: str) -> bytes | Remote:
-    """The file an ``image_url``'s URL holds (a ``data:`` URI, base64), or
-    the URL to fetch it from (``http(s)``)."""
+def from_url(url: Any, param: str) -> str | Remote:
+    """The file an ``image_url``'s URL holds, in base64 (a ``data:`` URI's
+    payload, as sent), or the URL to fetch it from (``http(s)``)."""
     if not isinstance(url, str):
         raise InvalidRequest(f"'{param}' must be a string", param=param)
     if url[:8].lower().startswith(("http://", "https://")):
@@ -71,45 +73,57 @@ def from_url(url: Any, param: str) -> bytes | Remote:
             "or an http(s) URL",
             param=param,
         )
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest("the image's base64 does not decode", param=param) from None
+    return payload
+
+
+HEAD = 1 << 18  # base64 characters read for an image's header (192 KiB of its file)
 
 
 @attrs.frozen
 class Checked:
-    data: bytes
+    encoded: str  # the file, in base64
     width: int
     height: int
 
 
-def check(data: bytes, n: int, limits: Limits) -> Checked:
-    """Open image ``n``'s file and decode it (blocking: a worker thread's)."""
+def check(encoded: str, n: int, limits: Limits) -> Checked:
+    """Read image ``n``'s header (a worker thread's): its format, its size,
+    the bytes its file takes. Its pixels are decoded once, by the runner,
+    which refuses an image that does not decode as the sender's error too."""
     from PIL import Image, UnidentifiedImageError
 
     what = f"image {n + 1} of the request"
-    if len(data) > limits.bytes:
+    size = len(encoded) * 3 // 4 - encoded[-2:].count("=")
+    if size > limits.bytes:
         raise InvalidRequest(
-            f"{what} is {len(data):,} bytes; at most {limits.bytes:,} are read (max_image_size)"
+            f"{what} is {size:,} bytes; at most {limits.bytes:,} are read (max_image_size)"
         )
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in FORMATS:
-                raise InvalidRequest(
-                    f"{what} is {image.format or 'of no known format'}; mlxd reads "
-                    f"{', '.join(sorted(FORMATS))}"
-                )
-            width, height = image.size
-            if width * height > limits.pixels:
-                raise InvalidRequest(
-                    f"{what} has {width}x{height} pixels; at most {limits.pixels:,} are read "
-                    "(max_image_pixels)"
-                )
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        head = base64.b64decode(encoded[:HEAD], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"the base64 of {what} does not decode") from None
+    try:
+        try:
+            image = Image.open(io.BytesIO(head))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            if len(encoded) <= HEAD:
+                raise
+            # a header past the first HEAD characters (a JPEG's large metadata)
+            image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        with image:
+            kind, (width, height) = image.format, image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, binascii.Error) as e:
         raise InvalidRequest(f"{what} could not be read as an image ({e})") from None
-    return Checked(data, width, height)
+    if kind not in FORMATS:
+        raise InvalidRequest(
+            f"{what} is {kind or 'of no known format'}; mlxd reads {', '.join(sorted(FORMATS))}"
+        )
+    if width * height > limits.pixels:
+        raise InvalidRequest(
+            f"{what} has {width}x{height} pixels; at most {limits.pixels:,} are read "
+            "(max_image_pixels)"
+        )
+    return Checked(encoded, width, height)
 
 
 @attrs.frozen
@@ -198,8 +212,7 @@ class Sizing:
                 f"the chat template placed {len(runs)} images for the request's {len(images)}"
             )
         pictures = (
-            Picture(image.data, at, n, base64.b64encode(image.data).decode())
-            for (at, n), image in zip(runs, images, strict=True)
+            Picture(image.encoded, at, n) for (at, n), image in zip(runs, images, strict=True)
         )
         return prompt, tuple(pictures)
 

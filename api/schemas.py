@@ -238,8 +238,8 @@ class ChatRequest:
     effort: str | None = None  # the template's ``reasoning_effort``, where it takes one
     reasoning_budget: int | None = None  # at most this many tokens of reasoning
     cache_marks: tuple[str, ...] = ()  # texts that end what the request asks to cache
-    # its images, in the order of the messages: their files, or URLs to fetch them from
-    images: tuple[bytes | Remote, ...] = ()
+    # its images, in the order of the messages: their files in base64, or URLs to fetch
+    images: tuple[str | Remote, ...] = ()
     # custom tools (Responses) whose input has a grammar: (offered name, {"syntax", "definition"})
     custom_grammars: tuple[tuple[str, dict[str, Any]], ...] = ()
 
@@ -253,7 +253,7 @@ class ChatRequest:
         if len(raw) > MAX_MESSAGES:
             raise InvalidRequest(f"'messages' may hold at most {MAX_MESSAGES}", param="messages")
         names: dict[str, str] = {}  # tool call id -> function name, for tool results
-        images: list[bytes | Remote] = []
+        images: list[str | Remote] = []
         messages = tuple(_message(m, i, names, images) for i, m in enumerate(raw))
         tools = tools_field(body)
         choice = tool_choice_field(body, tools)
@@ -367,7 +367,7 @@ def json_object(body: Any) -> Mapping[str, Any]:
 
 
 def _message(
-    raw: Any, i: int, names: dict[str, str], images: list[bytes | Remote] | None = None
+    raw: Any, i: int, names: dict[str, str], images: list[str | Remote] | None = None
 ) -> dict[str, Any]:
     """A message as chat templates take it; tool calls' arguments become
     objects. An assistant's reasoning (``reasoning_content``) goes to the
@@ -434,7 +434,7 @@ def _call(raw: Any, where: str, names: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _content(content: Any, where: str, images: list[bytes | Remote] | None = None) -> Any:
+def _content(content: Any, where: str, images: list[str | Remote] | None = None) -> Any:
     """A message's content: its text, or, where it has images (which only
     ``images`` takes: its files are added to it), its parts as chat
     templates take them, an image as ``{"type": "image"}``."""

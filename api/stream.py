@@ -51,6 +51,8 @@ async def answer(generation: Generation, job: Prepared, shaper: Shaper, stalls: 
                 raise _cut()
         return json_response(shaper.final(whole))
     await generation.start()
+    if job.request.images:  # refused by the runner, if they do not decode, as a 400
+        await generation.cached()
     job.record.streaming = True  # then the stream's end accounts for the request
     return Response(
         stalls.body(_frames(generation, shaper, job.record, stalls), job.record),

@@ -33,6 +33,7 @@ import attrs
 from runner import commands as cmd
 from runner import events as ev
 from runner import protocol
+from runner.errors import BadInput
 
 log = logging.getLogger("mlxd.runner")
 
@@ -296,6 +297,8 @@ def _command(
         case protocol.Generate():
             try:
                 hit = engine.add(command)
+            except BadInput as e:  # the sender's: an image that does not decode
+                send(ev.Failed([command.id], str(e), refused=True))
             except Exception as e:  # a bad request fails alone
                 send(ev.Failed([command.id], _describe(e)))
             else:

@@ -29,7 +29,7 @@ import trio
 from runner import commands as cmd
 from runner import events as ev
 from runner import protocol
-from runner.errors import LoadFailed, RunnerGone
+from runner.errors import LoadFailed, Refused, RunnerError, RunnerGone
 from runner.protocol import Chunk
 from runner.spares import Spares, spawn
 
@@ -216,7 +216,13 @@ class RunnerProcess:
     async def _write(self, stdin: trio.abc.SendStream) -> None:
         try:
             async for command in self._outbox:
-                await stdin.send_all(cmd.line(command))
+                if isinstance(command, protocol.Generate) and command.images:
+                    # megabytes of base64 to write out: 13 ms a screenshot
+                    # here, not on the event loop every stream shares
+                    line = await trio.to_thread.run_sync(cmd.line, command)
+                else:
+                    line = cmd.line(command)
+                await stdin.send_all(line)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the process is gone; run() notices through stdout
 
@@ -329,9 +335,13 @@ class RunnerProcess:
             case ev.Embeddings(req_id):
                 self._first_output.set()
                 self._answer_embed(req_id, event)
-            case ev.Failed(ids, message):
+            case ev.Failed(ids, message, refused):
                 self._first_output.set()
-                err = RunnerGone(f"generation failed in the runner: {message}")
+                err: RunnerError = (
+                    Refused(message)
+                    if refused
+                    else RunnerGone(f"generation failed in the runner: {message}")
+                )
                 for failed in ids:
                     if failed is None:
                         continue

@@ -24,5 +24,14 @@ class RunnerGone(RunnerError):
     """The runner exited, or failed a step: the requests on it fail."""
 
 
+class BadInput(ValueError):
+    """A request's own input cannot be used (an image that does not decode):
+    the runner fails it as the sender's error."""
+
+
+class Refused(RunnerError):
+    """The runner failed the request for its own input (``BadInput``)."""
+
+
 class SourceError(RuntimeError):
     """A model's files cannot be found or prepared."""

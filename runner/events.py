@@ -83,10 +83,12 @@ class Embeddings:
 
 @attrs.frozen
 class Failed:
-    """Those requests failed (a bad request alone, or a whole step)."""
+    """Those requests failed (a bad request alone, or a whole step);
+    ``refused``: for their own input (``BadInput``), the sender's error."""
 
     ids: list[int | None]
     message: str
+    refused: bool = False
 
 
 @attrs.frozen

@@ -119,12 +119,16 @@ Stdin reaching EOF means the daemon is gone: the runner exits.
 from __future__ import annotations
 
 import base64
+import binascii
 import functools
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 import attrs
+
+from runner.errors import BadInput
 
 T = TypeVar("T")
 
@@ -146,25 +150,37 @@ def _token_ids(ids: Iterable[int]) -> tuple[int, ...]:
 
 @attrs.frozen
 class Picture:
-    """An image in a prompt: its file's bytes, and the prompt's tokens it
-    takes (``tokens`` of them from index ``at``, each the model's image
-    token, whose embeddings its features replace)."""
+    """An image in a prompt: its file in base64 (as the request sent it, so
+    that neither side encodes it again), and the prompt's tokens it takes
+    (``tokens`` of them from index ``at``, each the model's image token,
+    whose embeddings its features replace). ``digest`` keys it in the
+    runner's caches, made where the picture is made (the API's worker
+    thread, the runner's reader): an image may be megabytes."""
 
-    data: bytes = attrs.field(repr=False)
+    encoded: str = attrs.field(repr=False)
     at: int
     tokens: int
-    # ``data`` in base64, made once where the picture is made (the API's
-    # worker thread): a request is written to its runner on the event loop,
-    # again at each resume, and an image may be megabytes.
-    encoded: str | None = attrs.field(default=None, eq=False, repr=False)
+    digest: bytes = attrs.field(
+        default=attrs.Factory(lambda p: hashlib.sha256(p.encoded.encode()).digest(), True),
+        eq=False,
+        repr=False,
+    )
+
+    def data(self) -> bytes:
+        """The file; ``BadInput`` if its base64 does not decode."""
+        try:
+            return base64.b64decode(self.encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadInput("an image's base64 does not decode") from None
 
     def to_message(self) -> dict[str, Any]:
-        data = self.encoded if self.encoded is not None else base64.b64encode(self.data).decode()
-        return {"data": data, "at": self.at, "tokens": self.tokens}
+        return {"data": self.encoded, "at": self.at, "tokens": self.tokens}
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> Picture:
-        return cls(base64.b64decode(msg["data"]), int(msg["at"]), int(msg["tokens"]))
+        if not isinstance(msg["data"], str):
+            raise ValueError("an image's data must be base64 text")
+        return cls(msg["data"], int(msg["at"]), int(msg["tokens"]))
 
 
 @attrs.frozen

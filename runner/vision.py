@@ -32,7 +32,6 @@ Other families hand all of a prompt's images to mlx-vlm at once, uncached.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections import OrderedDict
@@ -44,6 +43,7 @@ import attrs
 import mlx.core as mx
 import numpy as np
 
+from runner.errors import BadInput
 from runner.protocol import Picture
 
 KEY_SPACE = 1 << 30  # keyed image tokens are -1 .. -KEY_SPACE: never a real id
@@ -64,7 +64,7 @@ def keyed(prompt: Sequence[int], pictures: Sequence[Picture]) -> list[int]:
     bytes: what the prefix cache keys it by."""
     tokens = list(prompt)
     for pic in pictures:
-        base = int.from_bytes(hashlib.sha256(pic.data).digest()[:8], "big")
+        base = int.from_bytes(pic.digest[:8], "big")
         for i in range(pic.tokens):
             tokens[pic.at + i] = -1 - (base + i) % KEY_SPACE
     return tokens
@@ -197,9 +197,8 @@ class Vision:
         ids = mx.array([list(prompt)])
         if self._encode is not None:
             return self._see_each(ids, pictures, tower)
-        from PIL import Image
 
-        images = [Image.open(io.BytesIO(p.data)).convert("RGB") for p in pictures]
+        images = [_opened(p, n) for n, p in enumerate(pictures)]
         pixels = self.processor.image_processor(images=images, return_tensors="np")
         grid = (
             mx.array(np.asarray(pixels["image_grid_thw"])) if "image_grid_thw" in pixels else None
@@ -219,7 +218,7 @@ class Vision:
 
     def _see_each(self, ids: mx.array, pictures: Sequence[Picture], tower: bool) -> Seen:
         """``see`` for a family whose images are encoded one at a time."""
-        images = [self._image(p, tower) for p in pictures]
+        images = [self._image(p, n, tower) for n, p in enumerate(pictures)]
         grid = None
         if images[0].grid is not None:
             grid = mx.array(np.concatenate([i.grid for i in images if i.grid is not None]))
@@ -238,16 +237,13 @@ class Vision:
             return Seen(seen.inputs_embeds, None, 0)
         return Seen(seen.inputs_embeds, seen.position_ids, int(seen.rope_deltas.reshape(-1)[0]))
 
-    def _image(self, picture: Picture, tower: bool) -> Encoded:
+    def _image(self, picture: Picture, n: int, tower: bool) -> Encoded:
         """One picture's features (from the cache, or encoded and kept), or,
         without the ``tower``, its grid alone."""
-        from PIL import Image
-
-        key = hashlib.sha256(picture.data).digest()
-        if (found := self.features.get(key)) is not None:
+        if (found := self.features.get(picture.digest)) is not None:
             self.reused += tower
             return found
-        image = Image.open(io.BytesIO(picture.data)).convert("RGB")
+        image = _opened(picture, n)
         pixels = self.processor.image_processor(images=[image], return_tensors="np")
         grid = np.asarray(pixels["image_grid_thw"]) if "image_grid_thw" in pixels else None
         if not tower:
@@ -257,7 +253,7 @@ class Vision:
         mx.eval(features)
         self.encoded += 1
         encoded = Encoded(features, grid)
-        self.features.put(key, encoded)
+        self.features.put(picture.digest, encoded)
         return encoded
 
     def _qwen(self, pixels: mx.array, grid: np.ndarray | None) -> mx.array:
@@ -274,3 +270,17 @@ class Vision:
         )
         features: mx.array = self.vlm.multi_modal_projector(hidden)
         return features
+
+
+def _opened(picture: Picture, n: int) -> Any:
+    """Picture ``n``'s image, decoded; ``BadInput`` if it does not decode
+    (the daemon read only its header)."""
+    from PIL import Image
+
+    data = picture.data()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        what = f"image {n + 1} of the request"
+        raise BadInput(f"{what} could not be read as an image ({e})") from None

@@ -158,11 +158,13 @@ async def test_an_image_to_gemma_3(tiny_gemma_vl_dir: Path, tmp_path: Path) -> N
     [
         (data_uri(b"these bytes are no image"), "could not be read as an image"),
         ("https://example.com/cat.png", "(image_url_hosts): send the image in the request"),
-        ("data:image/png;base64,@@@", "base64 does not decode"),
+        ("data:image/png;base64,@@@", "the base64 of image 1 of the request does not decode"),
         ("file:///etc/passwd", "must be a data: URI"),
         (data_uri(b"GIF89a" + b"\x00" * 20, "image/gif"), "could not be read as an image"),
+        # its header is whole: the runner finds it cut short, as it decodes it
+        (data_uri(png(4)[:20000]), "image 1 of the request could not be read as an image"),
     ],
-    ids=["not-an-image", "http", "bad-base64", "file", "truncated"],
+    ids=["not-an-image", "http", "bad-base64", "file", "truncated", "cut-short"],
 )
 async def test_a_bad_image_is_the_senders_400_and_the_model_keeps_serving(
     vl: Daemon, url: str, says: str
@@ -170,6 +172,11 @@ async def test_a_bad_image_is_the_senders_400_and_the_model_keeps_serving(
     async with vl.client() as client:
         with pytest.raises(openai.BadRequestError) as caught:
             await ask(client, [user(url)])
+        assert says in caught.value.message
+        with pytest.raises(openai.BadRequestError) as caught:  # streamed: before the stream
+            await client.chat.completions.create(
+                model="tiny-vl", messages=cast(Any, [user(url)]), max_tokens=TOKENS, stream=True
+            )
         assert says in caught.value.message
         assert (await ask(client, [user(data_uri(png(0)))])).usage.completion_tokens == TOKENS
 

@@ -6,6 +6,7 @@ image seen before is not encoded again."""
 
 from __future__ import annotations
 
+import base64
 import io
 import itertools
 from pathlib import Path
@@ -70,7 +71,7 @@ def request(vision: Vision, text: str, image: Image.Image | None) -> Generate:
         at = ids.index(token)
         png = io.BytesIO()
         image.save(png, format="PNG")
-        pictures = (Picture(png.getvalue(), at, ids.count(token)),)
+        pictures = (Picture(base64.b64encode(png.getvalue()).decode(), at, ids.count(token)),)
     return Generate(ids, TOKENS, Sampling(temperature=0.0), images=pictures, id=next(_ids))
 
 
