@@ -451,6 +451,12 @@ def _content(content: Any, where: str, images: list[str | Remote] | None = None)
                 url = url.get("url") if isinstance(url, dict) else url
                 images.append(from_url(url, f"{where}.content[{j}].image_url.url"))
                 parts.append({"type": "image"})
+            elif kind == "input_audio":
+                raise InvalidRequest(
+                    "mlxd's models take no audio: an input_audio part cannot be read "
+                    "(send its transcript as text)",
+                    param=f"{where}.content[{j}]",
+                )
             else:
                 allowed = "text and image_url" if images is not None else "text"
                 raise InvalidRequest(

@@ -199,6 +199,12 @@ async def test_models_say_which_take_images_and_a_text_model_refuses_them(vl: Da
         with pytest.raises(openai.BadRequestError) as caught:
             await ask(client, [user(data_uri(png(0)))], model="tiny")
         assert "model 'tiny' does not take images" in caught.value.message
+        wav = base64.b64encode(b"RIFF" + b"\x00" * 40).decode()
+        sound = {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}
+        with pytest.raises(openai.BadRequestError) as caught:
+            await ask(client, [{"role": "user", "content": [sound]}])
+        assert "take no audio" in caught.value.message
+        assert caught.value.body and "content[0]" in str(caught.value.body)
 
 
 async def test_the_configured_image_limits_are_the_senders_400s(
