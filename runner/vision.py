@@ -204,17 +204,14 @@ class Vision:
             mx.array(np.asarray(pixels["image_grid_thw"])) if "image_grid_thw" in pixels else None
         )
         if not tower and self.mrope:
-            positions, deltas = self.language.get_rope_index(ids, grid, None, mx.ones_like(ids))
-            embeddings = self.language.model.embed_tokens(ids)  # the text's; images' unread
-            return Seen(embeddings, positions, int(deltas.reshape(-1)[0]))
+            return self._unread(ids, grid)
         self.encoded += len(pictures)
         extra = {"image_grid_thw": grid} if grid is not None else {}
-        seen = self.vlm.get_input_embeddings(
-            ids, mx.array(np.asarray(pixels["pixel_values"])), mask=mx.ones_like(ids), **extra
+        return self._seen(
+            self.vlm.get_input_embeddings(
+                ids, mx.array(np.asarray(pixels["pixel_values"])), mask=mx.ones_like(ids), **extra
+            )
         )
-        if not self.mrope:
-            return Seen(seen.inputs_embeds, None, 0)
-        return Seen(seen.inputs_embeds, seen.position_ids, int(seen.rope_deltas.reshape(-1)[0]))
 
     def _see_each(self, ids: mx.array, pictures: Sequence[Picture], tower: bool) -> Seen:
         """``see`` for a family whose images are encoded one at a time."""
@@ -223,16 +220,27 @@ class Vision:
         if images[0].grid is not None:
             grid = mx.array(np.concatenate([i.grid for i in images if i.grid is not None]))
         if not tower:
-            if not self.mrope:
-                return Seen(self.language.model.embed_tokens(ids), None, 0)
-            positions, deltas = self.language.get_rope_index(ids, grid, None, mx.ones_like(ids))
-            embeddings = self.language.model.embed_tokens(ids)  # the text's; images' unread
-            return Seen(embeddings, positions, int(deltas.reshape(-1)[0]))
+            return self._unread(ids, grid)
         features = mx.concatenate([i.features for i in images if i.features is not None])
         extra = {"image_grid_thw": grid} if grid is not None else {}
-        seen = self.vlm.get_input_embeddings(
-            ids, mx.zeros((1,)), mask=mx.ones_like(ids), cached_image_features=features, **extra
+        return self._seen(
+            self.vlm.get_input_embeddings(
+                ids, mx.zeros((1,)), mask=mx.ones_like(ids), cached_image_features=features, **extra
+            )
         )
+
+    def _unread(self, ids: mx.array, grid: mx.array | None) -> Seen:
+        """A prompt whose images' tokens are all cached (only the text after
+        them is read): the text's embeddings and, for Qwen, the positions
+        its images give what follows."""
+        embeddings = self.language.model.embed_tokens(ids)
+        if not self.mrope:
+            return Seen(embeddings, None, 0)
+        positions, deltas = self.language.get_rope_index(ids, grid, None, mx.ones_like(ids))
+        return Seen(embeddings, positions, int(deltas.reshape(-1)[0]))
+
+    def _seen(self, seen: Any) -> Seen:
+        """mlx-vlm's input embeddings as the engine takes them."""
         if not self.mrope:
             return Seen(seen.inputs_embeds, None, 0)
         return Seen(seen.inputs_embeds, seen.position_ids, int(seen.rope_deltas.reshape(-1)[0]))
