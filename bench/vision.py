@@ -12,7 +12,8 @@ For each server, interleaved and repeated (``--repeat``; medians):
 - ``next turn``: the same conversation's next request (the image, the
   answer, a new question), which either server may answer from its caches;
 - ``1 stream`` and ``N streams``: tokens a second over all streams, each
-  request with an image of its own (``--streams`` at once).
+  request with an image of its own (``--streams`` at once); and N streams of
+  text alone (a vision model's text requests, which should be no slower).
 
 Prints a table and the targets of issue 28: first turn within 1.1x of
 ``mlx_vlm.server``'s, next turn at most 0.2x of mlxd's first. Both servers
@@ -110,18 +111,22 @@ async def turns(server: Server, size: tuple[int, int], tokens: int) -> dict[str,
     return {"first_turn_s": first["ttft"], "next_turn_s": nxt["ttft"]}
 
 
-async def streams(server: Server, size: tuple[int, int], tokens: int, n: int) -> float:
-    """Tokens a second over ``n`` streams at once, each with a new image."""
-    urls = [picture(*size) for _ in range(n)]
+async def streams(server: Server, size: tuple[int, int] | None, tokens: int, n: int) -> float:
+    """Tokens a second over ``n`` streams at once, each with a new image
+    (``size``), or text alone (each its own, so that no cache helps)."""
+    asks = [
+        user(picture(*size)) if size else {"role": "user", "content": f"{i}: {ASK}"}
+        for i in range(n)
+    ]
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
-    async def one(url: str) -> None:
-        runs.append(await server.chat([user(url)], tokens))
+    async def one(message: dict[str, Any]) -> None:
+        runs.append(await server.chat([message], tokens))
 
     async with trio.open_nursery() as nursery:
-        for url in urls:
-            nursery.start_soon(one, url)
+        for message in asks:
+            nursery.start_soon(one, message)
     return sum(r["tokens"] for r in runs) / (max(r["end"] for r in runs) - t0)
 
 
@@ -132,12 +137,14 @@ async def measure(servers: list[Server], args: argparse.Namespace) -> dict[str, 
         await turns(s, size, args.tokens)
         await streams(s, size, args.tokens, 1)
         await streams(s, size, args.tokens, args.streams)
+        await streams(s, None, args.tokens, args.streams)
     runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
     for i in range(args.repeat):
         for s in servers:
             run = await turns(s, size, args.tokens)
             run["one_stream_tok_s"] = await streams(s, size, args.tokens, 1)
             run["streams_tok_s"] = await streams(s, size, args.tokens, args.streams)
+            run["text_streams_tok_s"] = await streams(s, None, args.tokens, args.streams)
             runs[s.name].append(run)
             progress(f"{s.name}, round {i + 1}: {run}")
     return {
@@ -152,6 +159,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         ("next_turn_s", "next turn, same image: time to first token (s)"),
         ("one_stream_tok_s", "1 stream: tok/s"),
         ("streams_tok_s", f"{args.streams} streams: tok/s"),
+        ("text_streams_tok_s", f"{args.streams} streams of text alone: tok/s"),
     ]
     names = list(results)
     lines = [
@@ -170,7 +178,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"next turn against mlxd's first: {m['next_turn_s'] / m['first_turn_s']:.2f}x "
             f"(target <= 0.2; mlx_vlm.server's own: {v['next_turn_s'] / v['first_turn_s']:.2f}x)",
             f"{args.streams} streams against mlx_vlm.server: "
-            f"{m['streams_tok_s'] / v['streams_tok_s']:.2f}x",
+            f"{m['streams_tok_s'] / v['streams_tok_s']:.2f}x "
+            f"(text alone: {m['text_streams_tok_s'] / v['text_streams_tok_s']:.2f}x)",
         ]
     return "\n".join(lines)
 
