@@ -53,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -408,40 +409,62 @@ def wait_ready(
     path: str = "/v1/completions",
 ) -> None:
     """Wait until ``url`` answers a one-token completion (``path``: a chat
-    completion, where that is ``/v1/chat/completions``). Every 30 s it says
-    it is still waiting, with the last line of the server's ``log``; if the
-    wait ends without an answer, it prints the log's last lines (on a lent
-    machine, a silent hang cost a whole call's time and told nothing)."""
+    completion, where that is ``/v1/chat/completions``), one request held
+    open until the deadline. Meanwhile, every 30 s, it says it is still
+    waiting, with the last line of the server's ``log`` and, from mlxd, what
+    ``/api/ps`` says of its models and spare; if the wait ends unanswered, it
+    prints the log's last lines (on a lent machine, a silent hang cost a whole
+    call's time and told nothing)."""
     progress(f"waiting for {url}")
     started = time.monotonic()
-    deadline, said = started + timeout, started
+    deadline = started + timeout
     body: dict[str, Any] = {"prompt": "hi", "max_tokens": 1}
     if path.endswith("chat/completions"):
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     if model:
         body["model"] = model
-    while time.monotonic() < deadline:
-        try:
-            reply = httpx.post(f"{url}{path}", json=body, timeout=30)
-        except httpx.TimeoutException:
-            reply = None  # listening, but no answer yet (a load, or a hang)
-        except httpx.TransportError:
-            time.sleep(0.2)  # not listening yet
-            reply = None
-        if reply is not None:
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(30):
+            last = _tail(log, 1)
+            said = f"still waiting for {url} ({time.monotonic() - started:.0f} s)"
+            progress(said + (f": {last}" if last else "") + _pool(url))
+
+    threading.Thread(target=report, daemon=True).start()
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                reply = httpx.post(f"{url}{path}", json=body, timeout=left)
+            except httpx.TimeoutException:
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)  # not listening yet
+                continue
             if reply.status_code == 200:
                 progress(f"{url} is ready")
                 return
             raise RuntimeError(f"{url} answered {reply.status_code}: {reply.text}")
-        if time.monotonic() - said >= 30:
-            said = time.monotonic()
-            last = _tail(log, 1)
-            progress(
-                f"still waiting for {url} ({said - started:.0f} s){': ' + last if last else ''}"
-            )
+    finally:
+        done.set()
     if log is not None:
         print(f"--- the last lines of {log}:\n{_tail(log, 40)}", file=sys.stderr, flush=True)
     raise TimeoutError(f"{url} did not answer within {timeout:g} s")
+
+
+def _pool(url: str) -> str:
+    """What mlxd's ``/api/ps`` says of its models and its spare, in a line
+    (nothing from a server that has no such page)."""
+    try:
+        pool = httpx.get(f"{url}/api/ps", timeout=5).json()
+        models = ", ".join(
+            f"{m['model']} {m['state']} running {m['running']} queued {m['queued']}"
+            f" waiting for memory {m['waiting_for_memory']}"
+            for m in pool["models"]
+        )
+        return f" [pool: {models}; spare {pool['spare']['state']}; used {pool['used']:,}]"
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def _tail(log: Path | None, lines: int) -> str:
