@@ -202,7 +202,7 @@ async def _prompt(
     """The prompt's tokens, whether it opened a reasoning block, how many of
     its tokens come before the request's last cache mark, and its images;
     ``small``: the request is small enough to do it in place (never one with
-    images: their files are decoded)."""
+    images: their headers are read, and the URLs among them fetched)."""
     if isinstance(req, ChatRequest):
         files = await fetched(req.images, limits) if req.images else ()
         return await off_loop(small and not files, _chat_prompt, texts, req, files, limits)

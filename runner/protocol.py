@@ -153,18 +153,17 @@ class Picture:
     """An image in a prompt: its file in base64 (as the request sent it, so
     that neither side encodes it again), and the prompt's tokens it takes
     (``tokens`` of them from index ``at``, each the model's image token,
-    whose embeddings its features replace). ``digest`` keys it in the
-    runner's caches, made where the picture is made (the API's worker
-    thread, the runner's reader): an image may be megabytes."""
+    whose embeddings its features replace)."""
 
     encoded: str = attrs.field(repr=False)
     at: int
     tokens: int
-    digest: bytes = attrs.field(
-        default=attrs.Factory(lambda p: hashlib.sha256(p.encoded.encode()).digest(), True),
-        eq=False,
-        repr=False,
-    )
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """What the runner's caches key it by (made once, where first asked:
+        an image may be megabytes, and the daemon never asks)."""
+        return hashlib.sha256(self.encoded.encode()).digest()
 
     def data(self) -> bytes:
         """The file; ``BadInput`` if its base64 does not decode."""

@@ -215,6 +215,8 @@ class Vision:
 
     def _see_each(self, ids: mx.array, pictures: Sequence[Picture], tower: bool) -> Seen:
         """``see`` for a family whose images are encoded one at a time."""
+        if not tower and not self.mrope:  # nothing of its images is needed
+            return self._unread(ids, None)
         images = [self._image(p, n, tower) for n, p in enumerate(pictures)]
         grid = None
         if images[0].grid is not None:

@@ -10,9 +10,9 @@ messages (before the user's own text, as Anthropic orders them), a
 ``system`` turn inside ``messages`` (Claude Code sends one after the first
 user turn) stays where it stands, and ``thinking`` blocks are left out of
 the prompt (as chat templates leave out earlier reasoning). ``image``
-blocks (a base64 source; a URL source is refused, as mlxd fetches nothing),
-in a user's turn or a tool result, become the chat's image parts in their
-places; documents are refused.
+blocks (a base64 source, or a URL source, fetched only from the hosts the
+config lists: ``api/image_urls.py``), in a user's turn or a tool result,
+become the chat's image parts in their places; documents are refused.
 
 ``thinking`` is ``enabled`` (with ``budget_tokens``, a cap on the reasoning
 of a model that reasons), ``adaptive`` (the model's own default, as its
@@ -264,12 +264,13 @@ def _parts(value: Any, param: str) -> Any:
 
 
 def _image_url(block: dict[str, Any], param: str) -> Any:
-    """An image block's source as a chat image's URL (a data: URI)."""
+    """An image block's source as a chat image's URL (a data: URI, or the
+    source's own URL)."""
     source = block.get("source")
     if not isinstance(source, dict):
         raise InvalidRequest(f"'{param}': an image block needs a 'source'", param)
     if source.get("type") == "url":
-        return source.get("url")  # refused where image URLs are read, with the reason
+        return source.get("url")  # fetched, or refused with the reason, where URLs are read
     data, media = source.get("data"), source.get("media_type")
     if source.get("type") != "base64" or not isinstance(data, str) or not isinstance(media, str):
         raise InvalidRequest(

@@ -167,7 +167,8 @@ def _reasoning(item: dict[str, Any], sealer: Sealer | None) -> str:
 
 def _text(content: Any, i: int) -> Any:
     """An item's content as a chat message's: its text joined, or, with
-    images (``input_image``, a data: URI), the chat's parts in their order."""
+    images (``input_image``: a data: URI, or an http(s) URL), the chat's
+    parts in their order."""
     if not isinstance(content, list):
         return content  # a string, or refused by the chat check
     parts: list[dict[str, Any]] = []
